@@ -1,0 +1,48 @@
+package driver
+
+import (
+	"context"
+	"errors"
+
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+)
+
+// LibraryStore turns library references into immutable, content-addressed directories that
+// can serve as overlayfs lower dirs. It is implemented by nodeplugin/librarycache; the driver
+// only composes what it returns into mounts, so its logic is testable with a fake store.
+type LibraryStore interface {
+	// Layer returns an immutable directory whose content is lib.Source of lib.Image placed at
+	// lib.Target (the directory itself is the root of the volume view). It downloads the image
+	// if needed. If ctx expires before a download finishes, the download goes on in the
+	// background and Layer returns an error wrapping ErrDownloadInProgress.
+	Layer(ctx context.Context, lib volumeattrs.Library) (Layer, error)
+
+	// GeneratedFiles returns an immutable directory holding exactly the given files
+	// (relative path -> content), created once per distinct content. Used for the
+	// ld.so.preload file, both as an extra lower dir and as a bind-mount source.
+	GeneratedFiles(files map[string]string) (string, error)
+}
+
+// Layer is one lower dir of a library volume.
+type Layer struct {
+	// Dir is the absolute path of the immutable directory.
+	Dir string
+	// Digest is the manifest digest of the image it came from ("sha256:...").
+	Digest string
+}
+
+// Errors a LibraryStore wraps, so the driver can choose the gRPC code kubelet acts on.
+var (
+	// ErrDownloadInProgress: a first download outlived the publish budget; it continues in
+	// the background. Mapped to codes.Unavailable (non-final: kubelet retries).
+	ErrDownloadInProgress = errors.New("library download in progress")
+	// ErrRegistryUnavailable: the registry could not be reached and the library is not cached.
+	// Mapped to codes.Unavailable.
+	ErrRegistryUnavailable = errors.New("registry unavailable")
+	// ErrImageNotFound: the registry answered that the image or tag does not exist.
+	// Mapped to codes.NotFound.
+	ErrImageNotFound = errors.New("image not found")
+	// ErrImageRejected: the image is unusable (hostile archive, too large, no such source
+	// directory). Mapped to codes.FailedPrecondition.
+	ErrImageRejected = errors.New("image rejected")
+)
