@@ -100,7 +100,8 @@ type Library struct {
 	// libref.LibrarySource ("/datadog-init/package").
 	Source string
 	// Target is the clean, relative directory inside the volume where Source appears; "" is
-	// the volume root.
+	// the volume root. Several libraries may share a target: their trees merge, as they did
+	// when init containers copied them into one emptyDir, and the first listed wins a conflict.
 	Target string
 }
 
@@ -274,7 +275,6 @@ func parseLibraries(attrs map[string]string) ([]Library, []string, error) {
 	}
 	var libs []Library
 	var keys []string
-	targets := map[string]int{}
 	for i := 0; i <= maxIndex; i++ {
 		ik, sk, tk := LibraryKey(i, fieldImage), LibraryKey(i, fieldSource), LibraryKey(i, fieldTarget)
 		keys = append(keys, ik, sk, tk)
@@ -300,20 +300,9 @@ func parseLibraries(attrs map[string]string) ([]Library, []string, error) {
 			}
 			lib.Target = tgt
 		}
-		if j, dup := targets[lib.Target]; dup {
-			return nil, nil, errorf(tk, lib.Target, "libraries %d and %d are both placed at %q; each library needs its own target", j, i, displayTarget(lib.Target))
-		}
-		targets[lib.Target] = i
 		libs = append(libs, lib)
 	}
 	return libs, keys, nil
-}
-
-func displayTarget(t string) string {
-	if t == "" {
-		return "the volume root"
-	}
-	return t
 }
 
 func parseDatadogLibrary(attrs map[string]string) (Library, error) {

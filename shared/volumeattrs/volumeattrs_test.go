@@ -76,9 +76,10 @@ func TestParse(t *testing.T) {
 		{name: "library target colon", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "library.0.target": "a:b"}, wantErr: "':'"},
 		{name: "library target comma", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "library.0.target": "a,upperdir=/x"}, wantErr: "','"},
 		{
-			name:    "library same target",
-			attrs:   map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "library.1.image": "r.local/b:v1"},
-			wantErr: "both placed at \"the volume root\"",
+			name:  "libraries merged at the root (direct layout, several languages)",
+			attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "library.1.image": "r.local/b:v1"},
+			want: &Spec{Kind: KindLibrary, Type: "library", Libraries: []Library{
+				{Image: "r.local/a:v1", Source: libref.LibrarySource}, {Image: "r.local/b:v1", Source: libref.LibrarySource}}},
 		},
 		{name: "library bad preload", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "preload": "lib.so"}, wantErr: "absolute"},
 		{
