@@ -9,7 +9,7 @@ LDFLAGS := -s -w -X github.com/apm-csi/apm-csi/shared/version.Version=$(VERSION)
 BIN     := bin
 
 # Fuzz targets run briefly by `make fuzz` (and so by CI): <package dir>:<FuzzName>.
-FUZZ_TARGETS := shared/volumeattrs:FuzzParse
+FUZZ_TARGETS := shared/volumeattrs:FuzzParse nodeplugin/hostdir:FuzzParseEntry nodeplugin/hostdir:FuzzParseConfig
 FUZZ_TIME    ?= 15s
 
 ##@ General
@@ -63,3 +63,37 @@ test-integration: deps ## Root-only tests under test/: real mounts, registry, cs
 .PHONY: clean
 clean: ## Remove build output.
 	rm -rf $(BIN) _output
+
+##@ Local cluster
+
+# Image tarballs for the local cluster; project images are tagged localhost/apm-csi/<name>:$(IMAGE_TAG).
+IMAGES_DIR ?= _output/images
+IMAGE_TAG  ?= local
+# State directory of the local cluster (certificates, etcd, containerd, kubelet dir, logs).
+CLUSTER_ROOT ?= /var/lib/apm-csi-localcluster
+
+.PHONY: images
+images: ## Build image tarballs into IMAGES_DIR: pause, busybox, and one per static binary in ./bin (run `make build` first).
+	@mkdir -p $(BIN) $(IMAGES_DIR)
+	go build -o $(BIN)/build-images ./test/images/cmd/build-images
+	$(BIN)/build-images base -out $(IMAGES_DIR)
+	@for b in apm-csi-node apm-csi-webhook; do \
+		if [[ -x $(BIN)/$$b ]]; then \
+			$(BIN)/build-images binary -ref localhost/apm-csi/$$b:$(IMAGE_TAG) -out $(IMAGES_DIR)/$$b.tar \
+				-bin $(BIN)/$$b:/usr/local/bin/$$b -label org.opencontainers.image.version=$(VERSION); \
+		fi; \
+	done
+
+.PHONY: cluster-up
+cluster-up: ## Start the local single-node cluster (root) and import the tarballs in IMAGES_DIR.
+	@mkdir -p $(BIN)
+	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
+	$(BIN)/localcluster up -root $(CLUSTER_ROOT)
+	@shopt -s nullglob; tarballs=($(IMAGES_DIR)/*.tar); \
+		if (($${#tarballs[@]})); then $(BIN)/localcluster import -root $(CLUSTER_ROOT) "$${tarballs[@]}"; fi
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local cluster and remove everything it started: processes, mounts, bridge, iptables rules (root).
+	@mkdir -p $(BIN)
+	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
+	$(BIN)/localcluster down -root $(CLUSTER_ROOT)
