@@ -1,0 +1,159 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/shared/names"
+)
+
+// envPrefix: every flag can also be set as APM_CSI_<FLAG_NAME> (dashes become underscores).
+// Repeatable flags take several values separated by ';' or newlines. A flag given on the
+// command line wins over its variable.
+const envPrefix = "APM_CSI_"
+
+type options struct {
+	endpoint              string
+	nodeID                string
+	driverName            string
+	stateDir              string
+	kubeletDir            string
+	hostDirs              []hostdir.Entry
+	datadogSockets        map[string]string
+	configFile            string
+	metricsAddr           string
+	healthAddr            string
+	publishDownloadBudget time.Duration
+	kubeletRegistration   bool
+	drainTimeout          time.Duration
+	logLevel              slog.Level
+}
+
+// repeatable is a flag.Value that collects every occurrence.
+type repeatable struct{ values []string }
+
+func (r *repeatable) String() string { return strings.Join(r.values, ";") }
+func (r *repeatable) Set(v string) error {
+	r.values = append(r.values, v)
+	return nil
+}
+
+// setFromEnv is how a variable feeds a repeatable flag: one variable, several values.
+func (r *repeatable) setFromEnv(v string) {
+	for _, part := range strings.FieldsFunc(v, func(c rune) bool { return c == ';' || c == '\n' }) {
+		if part = strings.TrimSpace(part); part != "" {
+			r.values = append(r.values, part)
+		}
+	}
+}
+
+func envName(flagName string) string {
+	return envPrefix + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parseFlags reads args, then the environment for flags not given, then the config file.
+func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet(names.NodeBinary, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var hostDirs, sockets repeatable
+	var logLevel string
+	fs.StringVar(&o.endpoint, "endpoint", "", "CSI endpoint, unix:///path.sock (default unix://<kubelet-dir>/plugins/<driver-name>/csi.sock)")
+	fs.StringVar(&o.nodeID, "node-id", "", "node id reported to kubelet (default: the host name); set it from spec.nodeName")
+	fs.StringVar(&o.driverName, "driver-name", names.DriverName, "CSI driver name")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state (records, overlay upper/work dirs); not on an overlayfs")
+	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
+	fs.Var(&hostDirs, "hostdir", "allowlisted host path NAME=PATH[,ro][,create]; repeatable")
+	fs.Var(&sockets, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
+	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs and datadogSockets, in addition to the flags")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9809", "address of the Prometheus /metrics endpoint; empty disables it")
+	fs.StringVar(&o.healthAddr, "health-addr", ":9808", "address of /healthz (calls Probe over the CSI socket) and /readyz; empty disables it")
+	fs.DurationVar(&o.publishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on)")
+	fs.BoolVar(&o.kubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket; set false when a node-driver-registrar sidecar does it")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
+	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		v := getenv(envName(f.Name))
+		if given[f.Name] || v == "" || envErr != nil {
+			return
+		}
+		if r, ok := f.Value.(*repeatable); ok {
+			r.setFromEnv(v)
+			return
+		}
+		if err := f.Value.Set(v); err != nil {
+			envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), v, err)
+		}
+	})
+	if envErr != nil {
+		return nil, envErr
+	}
+
+	if err := o.logLevel.UnmarshalText([]byte(logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	for _, dir := range []*string{&o.stateDir, &o.kubeletDir} {
+		if !filepath.IsAbs(*dir) {
+			return nil, fmt.Errorf("%q must be an absolute path", *dir)
+		}
+	}
+	if o.publishDownloadBudget <= 0 {
+		return nil, fmt.Errorf("--publish-download-budget must be positive")
+	}
+	if o.endpoint == "" {
+		o.endpoint = "unix://" + filepath.Join(o.kubeletDir, "plugins", o.driverName, "csi.sock")
+	}
+	if o.nodeID == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("--node-id not set and no host name: %w", err)
+		}
+		o.nodeID = host
+	}
+
+	o.datadogSockets = map[string]string{}
+	if o.configFile != "" {
+		c, err := hostdir.LoadConfig(o.configFile)
+		if err != nil {
+			return nil, fmt.Errorf("--config %s: %w", o.configFile, err)
+		}
+		o.hostDirs = append(o.hostDirs, c.HostDirs...)
+		for typ, entry := range c.DatadogSockets {
+			o.datadogSockets[typ] = entry
+		}
+	}
+	for _, v := range hostDirs.values {
+		e, err := hostdir.ParseEntry(v)
+		if err != nil {
+			return nil, fmt.Errorf("--hostdir: %w", err)
+		}
+		o.hostDirs = append(o.hostDirs, e)
+	}
+	// Flags override the config file's socket mapping.
+	for _, v := range sockets.values {
+		typ, entry, err := hostdir.ParseSocketMapping(v)
+		if err != nil {
+			return nil, fmt.Errorf("--datadog-socket-entry: %w", err)
+		}
+		o.datadogSockets[typ] = entry
+	}
+	return o, nil
+}

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+)
+
+func TestParseFlags(t *testing.T) {
+	dir := t.TempDir()
+	config := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(config, []byte("hostdirs:\n- name: from-file\n  path: /srv/file\ndatadogSockets:\n  APMSocket: from-file\n  DSDSocket: from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		check   func(t *testing.T, o *options)
+		wantErr string
+	}{
+		{
+			name: "defaults",
+			args: []string{"--node-id", "n1"},
+			check: func(t *testing.T, o *options) {
+				if o.endpoint != "unix:///var/lib/kubelet/plugins/csi.apm-csi.io/csi.sock" || o.stateDir != "/var/lib/apm-csi" ||
+					o.kubeletDir != "/var/lib/kubelet" || !o.kubeletRegistration || o.publishDownloadBudget != time.Minute || o.logLevel != slog.LevelInfo {
+					t.Fatalf("defaults: %+v", o)
+				}
+			},
+		},
+		{
+			name: "endpoint follows kubelet dir and driver name",
+			args: []string{"--node-id", "n1", "--kubelet-dir", "/var/snap/microk8s/common/var/lib/kubelet", "--driver-name", "csi.example.io"},
+			check: func(t *testing.T, o *options) {
+				if o.endpoint != "unix:///var/snap/microk8s/common/var/lib/kubelet/plugins/csi.example.io/csi.sock" {
+					t.Fatalf("endpoint %s", o.endpoint)
+				}
+			},
+		},
+		{
+			name: "environment",
+			env: map[string]string{
+				"APM_CSI_NODE_ID":                 "from-env",
+				"APM_CSI_STATE_DIR":               "/state",
+				"APM_CSI_HOSTDIR":                 "a=/a;b=/b,ro\nc=/c,create",
+				"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "30s",
+				"APM_CSI_KUBELET_REGISTRATION":    "false",
+				"APM_CSI_DATADOG_SOCKET_ENTRY":    "APMSocket=a",
+			},
+			check: func(t *testing.T, o *options) {
+				want := []hostdir.Entry{{Name: "a", Path: "/a"}, {Name: "b", Path: "/b", ReadOnly: true}, {Name: "c", Path: "/c", Create: true}}
+				if o.nodeID != "from-env" || o.stateDir != "/state" || !reflect.DeepEqual(o.hostDirs, want) ||
+					o.publishDownloadBudget != 30*time.Second || o.kubeletRegistration || o.datadogSockets["APMSocket"] != "a" {
+					t.Fatalf("from env: %+v", o)
+				}
+			},
+		},
+		{
+			name: "command line wins over environment",
+			args: []string{"--node-id", "from-flag", "--hostdir", "x=/x"},
+			env:  map[string]string{"APM_CSI_NODE_ID": "from-env", "APM_CSI_HOSTDIR": "a=/a"},
+			check: func(t *testing.T, o *options) {
+				if o.nodeID != "from-flag" || len(o.hostDirs) != 1 || o.hostDirs[0].Name != "x" {
+					t.Fatalf("precedence: %+v", o)
+				}
+			},
+		},
+		{
+			name: "config file plus flags",
+			args: []string{"--node-id", "n", "--config", config, "--hostdir", "flag=/f", "--datadog-socket-entry", "DSDSocket=flag"},
+			check: func(t *testing.T, o *options) {
+				if len(o.hostDirs) != 2 || o.hostDirs[0].Name != "from-file" || o.hostDirs[1].Name != "flag" {
+					t.Fatalf("hostdirs %+v", o.hostDirs)
+				}
+				if o.datadogSockets["APMSocket"] != "from-file" || o.datadogSockets["DSDSocket"] != "flag" {
+					t.Fatalf("flags must override the file's socket mapping: %v", o.datadogSockets)
+				}
+			},
+		},
+		{name: "bad hostdir", args: []string{"--node-id", "n", "--hostdir", "x=relative"}, wantErr: "absolute"},
+		{name: "bad env value", args: []string{"--node-id", "n"}, env: map[string]string{"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "soon"}, wantErr: "APM_CSI_PUBLISH_DOWNLOAD_BUDGET"},
+		{name: "bad socket mapping", args: []string{"--node-id", "n", "--datadog-socket-entry", "Foo=x"}, wantErr: "use one of"},
+		{name: "relative state dir", args: []string{"--node-id", "n", "--state-dir", "state"}, wantErr: "absolute"},
+		{name: "zero budget", args: []string{"--node-id", "n", "--publish-download-budget", "0s"}, wantErr: "positive"},
+		{name: "missing config", args: []string{"--node-id", "n", "--config", filepath.Join(dir, "nope")}, wantErr: "--config"},
+		{name: "bad log level", args: []string{"--node-id", "n", "--log-level", "loud"}, wantErr: "--log-level"},
+		{name: "stray argument", args: []string{"--node-id", "n", "extra"}, wantErr: "unexpected"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			getenv := func(k string) string { return tt.env[k] }
+			o, err := parseFlags(tt.args, getenv, io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error = %v, want one containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.check(t, o)
+		})
+	}
+}

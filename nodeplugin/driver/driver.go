@@ -1,0 +1,281 @@
+// Package driver is the CSI node service of apm-csi: Identity and Node (publish/unpublish of
+// hostdir, library and preload volumes), the per-target state that survives restarts, and the
+// startup reconcile against the mount table.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/shared/names"
+)
+
+// DefaultPublishDownloadBudget bounds how long NodePublishVolume waits for a library download.
+// kubelet's own deadline is about two minutes and cannot be configured; returning a non-final
+// code well before it lets kubelet retry while the download goes on in the background.
+const DefaultPublishDownloadBudget = 60 * time.Second
+
+// Config is everything the driver needs; main fills it from flags.
+type Config struct {
+	// DriverName defaults to names.DriverName.
+	DriverName string
+	NodeID     string
+	// KubeletDir is kubelet's root dir; targets must lie under <KubeletDir>/pods/.
+	KubeletDir string
+	// StateDir is the host directory for records and overlay upper/work dirs. It must not be
+	// on an overlayfs (a container's root filesystem): overlayfs refuses such an upper dir.
+	StateDir string
+	// HostDirs is the administrator's allowlist; nil means none.
+	HostDirs *hostdir.Set
+	// DatadogSockets maps Datadog socket volume types to hostdir entry names; missing types
+	// get hostdir.DefaultDatadogSockets.
+	DatadogSockets map[string]string
+	Mounter        mounter.Interface
+	// Libraries serves library layers and generated files. Nil: library and preload volumes
+	// fail with FailedPrecondition, hostdir volumes work.
+	Libraries LibraryStore
+	// PublishDownloadBudget defaults to DefaultPublishDownloadBudget.
+	PublishDownloadBudget time.Duration
+	Logger                *slog.Logger
+	// Metrics defaults to an unregistered set (for tests).
+	Metrics *Metrics
+}
+
+// Driver implements csi.IdentityServer and csi.NodeServer.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedNodeServer
+
+	cfg         Config
+	log         *slog.Logger
+	mounter     mounter.Interface
+	store       *state.Store
+	podsDir     string
+	overlaysDir string
+	metrics     *Metrics
+	locks       keyedLocks
+	ready       atomic.Bool
+
+	mu sync.Mutex
+	// byTarget mirrors the records on disk, keyed by target path.
+	byTarget map[string]*state.Record
+	// inFlight counts, per layer dir and digest, the publishes that hold it before their record
+	// exists, so the cache's garbage collector does not remove a layer about to be mounted.
+	inFlight map[string]int
+}
+
+// New validates cfg and opens the state dir. The driver answers Probe with ready=false and
+// refuses publishes until Reconcile has run.
+func New(cfg Config) (*Driver, error) {
+	if cfg.DriverName == "" {
+		cfg.DriverName = names.DriverName
+	}
+	if cfg.NodeID == "" {
+		return nil, errors.New("node id is empty: set --node-id (usually from spec.nodeName)")
+	}
+	if cfg.Mounter == nil {
+		return nil, errors.New("no mounter configured")
+	}
+	for _, dir := range []*string{&cfg.KubeletDir, &cfg.StateDir} {
+		if !filepath.IsAbs(*dir) {
+			return nil, fmt.Errorf("%q must be an absolute path", *dir)
+		}
+		*dir = filepath.Clean(*dir)
+	}
+	if cfg.HostDirs == nil {
+		cfg.HostDirs, _ = hostdir.NewSet(nil)
+	}
+	sockets := hostdir.DefaultDatadogSockets()
+	for typ, entry := range cfg.DatadogSockets {
+		sockets[typ] = entry
+	}
+	cfg.DatadogSockets = sockets
+	if cfg.PublishDownloadBudget <= 0 {
+		cfg.PublishDownloadBudget = DefaultPublishDownloadBudget
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	store, err := state.Open(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	overlays := filepath.Join(cfg.StateDir, "overlays")
+	if err := os.MkdirAll(overlays, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	return &Driver{
+		cfg:         cfg,
+		log:         cfg.Logger,
+		mounter:     cfg.Mounter,
+		store:       store,
+		podsDir:     filepath.Join(cfg.KubeletDir, "pods"),
+		overlaysDir: overlays,
+		metrics:     cfg.Metrics,
+		locks:       keyedLocks{held: map[string]*keyedLock{}},
+		byTarget:    map[string]*state.Record{},
+		inFlight:    map[string]int{},
+	}, nil
+}
+
+// Name returns the CSI driver name.
+func (d *Driver) Name() string { return d.cfg.DriverName }
+
+// Ready reports whether the startup reconcile has completed.
+func (d *Driver) Ready() bool { return d.ready.Load() }
+
+// record returns the record of target, if any.
+func (d *Driver) record(target string) *state.Record {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.byTarget[target]
+}
+
+// putRecord writes rec to disk, then to the index.
+func (d *Driver) putRecord(rec *state.Record) error {
+	if err := d.store.Put(rec); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.byTarget[rec.TargetPath] = rec
+	d.metrics.published.WithLabelValues(rec.Kind).Set(float64(d.countKind(rec.Kind)))
+	return nil
+}
+
+// deleteRecord removes rec from disk, then from the index.
+func (d *Driver) deleteRecord(rec *state.Record) error {
+	if err := d.store.Delete(rec.Key()); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if cur := d.byTarget[rec.TargetPath]; cur != nil && cur.VolumeID == rec.VolumeID {
+		delete(d.byTarget, rec.TargetPath)
+	}
+	d.metrics.published.WithLabelValues(rec.Kind).Set(float64(d.countKind(rec.Kind)))
+	return nil
+}
+
+// countKind must be called with d.mu held.
+func (d *Driver) countKind(kind string) int {
+	n := 0
+	for _, r := range d.byTarget {
+		if r.Kind == kind {
+			n++
+		}
+	}
+	return n
+}
+
+// holdLayers marks layers as about to be mounted until the returned release is called.
+func (d *Driver) holdLayers(layers []state.Layer) (release func()) {
+	keys := layerKeys(layers)
+	d.mu.Lock()
+	for _, k := range keys {
+		d.inFlight[k]++
+	}
+	d.mu.Unlock()
+	return func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		for _, k := range keys {
+			if d.inFlight[k]--; d.inFlight[k] <= 0 {
+				delete(d.inFlight, k)
+			}
+		}
+	}
+}
+
+func layerKeys(layers []state.Layer) []string {
+	var keys []string
+	for _, l := range layers {
+		keys = append(keys, l.Dir)
+		if l.Digest != "" {
+			keys = append(keys, l.Digest)
+		}
+	}
+	return keys
+}
+
+// keyedLocks serialises calls per key (volume id, target path) while letting different keys run
+// in parallel. Unlike k8s.io/utils/keymutex, which hashes keys onto a fixed set of mutexes (so
+// unrelated volumes can wait on each other) and cannot give up, a waiter here returns when its
+// request's context ends, so a call that kubelet abandoned does not queue forever.
+type keyedLocks struct {
+	mu   sync.Mutex
+	held map[string]*keyedLock
+}
+
+type keyedLock struct {
+	token chan struct{}
+	refs  int
+}
+
+// lock takes the locks of keys in order; callers always pass them in the same order (volume
+// id, then target), so two calls cannot deadlock.
+func (l *keyedLocks) lock(ctx context.Context, keys ...string) (unlock func(), err error) {
+	var taken []string
+	release := func() {
+		for i := len(taken) - 1; i >= 0; i-- {
+			l.unlockOne(taken[i])
+		}
+	}
+	for _, k := range keys {
+		if err := l.lockOne(ctx, k); err != nil {
+			release()
+			return nil, err
+		}
+		taken = append(taken, k)
+	}
+	return release, nil
+}
+
+func (l *keyedLocks) lockOne(ctx context.Context, key string) error {
+	l.mu.Lock()
+	e := l.held[key]
+	if e == nil {
+		e = &keyedLock{token: make(chan struct{}, 1)}
+		l.held[key] = e
+	}
+	e.refs++
+	l.mu.Unlock()
+	select {
+	case e.token <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		l.drop(key, e)
+		return ctx.Err()
+	}
+}
+
+func (l *keyedLocks) unlockOne(key string) {
+	l.mu.Lock()
+	e := l.held[key]
+	l.mu.Unlock()
+	<-e.token
+	l.drop(key, e)
+}
+
+func (l *keyedLocks) drop(key string, e *keyedLock) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e.refs--; e.refs == 0 {
+		delete(l.held, key)
+	}
+}

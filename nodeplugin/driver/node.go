@@ -1,0 +1,406 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+)
+
+// Attributes kubelet adds when the CSIDriver object has podInfoOnMount: true.
+const (
+	attrPodName      = "csi.storage.k8s.io/pod.name"
+	attrPodNamespace = "csi.storage.k8s.io/pod.namespace"
+	attrPodUID       = "csi.storage.k8s.io/pod.uid"
+	attrEphemeral    = "csi.storage.k8s.io/ephemeral"
+	attrTokens       = "csi.storage.k8s.io/serviceAccount.tokens"
+)
+
+// maxStackedMounts bounds how many mounts unpublish peels off one target. Only a buggy older
+// publish could stack more than one; the bound keeps a pathological target from looping forever.
+const maxStackedMounts = 1024
+
+// NodeGetInfo implements csi.NodeServer.
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{NodeId: d.cfg.NodeID}, nil
+}
+
+// NodeGetCapabilities implements csi.NodeServer. Volumes are published directly: there is no
+// device to stage, no capacity to report and nothing to expand.
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	return &csi.NodeGetCapabilitiesResponse{}, nil
+}
+
+// publishRequest is a validated NodePublishVolume request.
+type publishRequest struct {
+	volumeID string
+	target   string
+	spec     *volumeattrs.Spec
+	attrs    map[string]string
+	readOnly bool
+	log      *slog.Logger
+}
+
+// NodePublishVolume implements csi.NodeServer. It is idempotent: a repeated call for a target
+// that already holds this volume returns OK without mounting again (kubelet repeats every
+// publish after it restarts).
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (_ *csi.NodePublishVolumeResponse, err error) {
+	start := time.Now()
+	kind := kindUnknown
+	defer func() { d.metrics.observe(opPublish, kind, start, err) }()
+
+	r, err := d.validatePublish(req)
+	if err != nil {
+		return nil, err
+	}
+	kind = string(r.spec.Kind)
+	if !d.Ready() {
+		return nil, status.Error(codes.Unavailable, "the node plugin is starting (reconciling its state with the mount table); kubelet will retry")
+	}
+	unlock, err := d.locks.lock(ctx, "volume/"+r.volumeID, "target/"+r.target)
+	if err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
+	defer unlock()
+
+	done, err := d.checkExisting(r)
+	if err != nil || done {
+		return &csi.NodePublishVolumeResponse{}, err
+	}
+
+	switch r.spec.Kind {
+	case volumeattrs.KindHostDir:
+		err = d.publishHostDir(r)
+	case volumeattrs.KindLibrary:
+		err = d.publishLibrary(ctx, r)
+	case volumeattrs.KindPreload:
+		err = d.publishPreload(r)
+	default:
+		err = status.Errorf(codes.InvalidArgument, "volume kind %q is not served by this node plugin", r.spec.Kind)
+	}
+	if err != nil {
+		r.log.Warn("publish failed", "code", status.Code(err).String(), "error", err)
+		return nil, err
+	}
+	r.log.Info("published", "readOnly", r.readOnly)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (*publishRequest, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume_id is missing")
+	}
+	target, err := d.checkTarget(req.GetTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	vc := req.GetVolumeCapability()
+	if vc == nil {
+		return nil, status.Error(codes.InvalidArgument, "volume_capability is missing")
+	}
+	if vc.GetBlock() != nil {
+		return nil, status.Error(codes.InvalidArgument, "block volumes are not supported: apm-csi serves filesystem volumes only (volumeMode: Filesystem)")
+	}
+	if vc.GetMount() == nil {
+		return nil, status.Error(codes.InvalidArgument, "volume_capability needs access_type mount")
+	}
+	attrs := req.GetVolumeContext()
+	spec, err := volumeattrs.Parse(attrs)
+	if err != nil {
+		msg := err.Error()
+		if ae := (*volumeattrs.Error)(nil); errors.As(err, &ae) && ae.Key == volumeattrs.KeyName {
+			msg += "; " + d.describeEntries()
+		}
+		return nil, status.Error(codes.InvalidArgument, msg)
+	}
+	mode := vc.GetAccessMode().GetMode()
+	readOnly := req.GetReadonly() || spec.ReadOnly ||
+		mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY ||
+		mode == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
+	log := d.log.With("volume", req.GetVolumeId(), "target", target, "type", spec.Type)
+	if ns, name := attrs[attrPodNamespace], attrs[attrPodName]; name != "" {
+		log = log.With("pod", ns+"/"+name)
+	}
+	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, log: log}, nil
+}
+
+// checkTarget cleans a target path and refuses any outside <kubelet-dir>/pods/: publish and
+// unpublish create, mount and remove things there and nowhere else.
+func (d *Driver) checkTarget(p string) (string, error) {
+	if p == "" {
+		return "", status.Error(codes.InvalidArgument, "target_path is missing")
+	}
+	clean := filepath.Clean(p)
+	if !filepath.IsAbs(p) || strings.Contains(p, "\x00") || !strings.HasPrefix(clean, d.podsDir+string(filepath.Separator)) {
+		return "", status.Errorf(codes.InvalidArgument, "target_path %q is not under %s/: this plugin only mounts into kubelet's pod directories (is --kubelet-dir right?)", p, d.podsDir)
+	}
+	return clean, nil
+}
+
+// checkExisting handles a target that already has a record or a mount. done means the volume is
+// already published there and nothing is left to do.
+func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
+	mounted, err := d.isMounted(r.target)
+	if err != nil {
+		return false, status.Errorf(codes.Internal, "checking whether %s is mounted: %v", r.target, err)
+	}
+	rec := d.record(r.target)
+	switch {
+	case rec == nil && mounted:
+		return false, status.Errorf(codes.AlreadyExists, "target %s is already a mount point that this plugin has no record of; unmount it or let kubelet unpublish it first", r.target)
+	case rec == nil:
+		return false, nil
+	case rec.VolumeID != r.volumeID && mounted:
+		return false, status.Errorf(codes.AlreadyExists, "target %s already holds volume %q, not %q", r.target, rec.VolumeID, r.volumeID)
+	case mounted && r.readOnly && !rec.ReadOnly:
+		// The reverse (writable asked, read-only mounted) is how read-only hostdir entries
+		// and preload files are always served, so only this direction is a conflict.
+		return false, status.Errorf(codes.AlreadyExists, "volume %q is already published writable at %s; this request asks for a read-only mount", r.volumeID, r.target)
+	case mounted:
+		r.log.Info("already published: nothing to do")
+		return true, nil
+	}
+	// A record without a mount: a publish that crashed half-way, or a mount someone removed.
+	// Free what it held and publish afresh.
+	r.log.Info("dropping the stale record of an unmounted target", "staleVolume", rec.VolumeID)
+	if err := d.release(rec); err != nil {
+		return false, status.Errorf(codes.Internal, "cleaning up a stale publish of %s: %v", r.target, err)
+	}
+	return false, nil
+}
+
+// isMounted is IsMountPoint with a missing path meaning "not mounted".
+func (d *Driver) isMounted(p string) (bool, error) {
+	mounted, err := d.mounter.IsMountPoint(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return mounted, err
+}
+
+// newRecord starts the record of a publish.
+func (r *publishRequest) newRecord() *state.Record {
+	return &state.Record{
+		VolumeID:   r.volumeID,
+		TargetPath: r.target,
+		Kind:       string(r.spec.Kind),
+		Type:       r.spec.Type,
+		Attributes: redactAttributes(r.attrs),
+		Pod:        state.Pod{Namespace: r.attrs[attrPodNamespace], Name: r.attrs[attrPodName], UID: r.attrs[attrPodUID]},
+		Ephemeral:  r.attrs[attrEphemeral] == "true",
+		ReadOnly:   r.readOnly,
+		Created:    time.Now().UTC(),
+	}
+}
+
+// mountWithRecord is the common tail of every publish: write the record, create the target,
+// mount, and on any failure undo all of it, so that nothing leaks when kubelet never calls
+// again.
+func (d *Driver) mountWithRecord(r *publishRequest, rec *state.Record, mount func() error) error {
+	if err := d.putRecord(rec); err != nil {
+		return status.Errorf(codes.Internal, "recording the publish of %s: %v", r.target, err)
+	}
+	err := prepareTarget(rec.TargetPath, rec.TargetIsFile)
+	if err == nil {
+		err = mount()
+	}
+	if err == nil {
+		return nil
+	}
+	if cleanupErr := d.release(rec); cleanupErr != nil {
+		r.log.Error("cleaning up after a failed publish", "error", cleanupErr)
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	return status.Errorf(codes.Internal, "mounting volume %q at %s: %v", r.volumeID, r.target, err)
+}
+
+// release undoes a publish: unmounts the target if it is still mounted, removes the target, the
+// overlay dirs and the record. Each step tolerates having been done already.
+func (d *Driver) release(rec *state.Record) error {
+	if err := d.unmountAll(rec.TargetPath); err != nil {
+		return err
+	}
+	if err := removeTarget(rec.TargetPath); err != nil {
+		return err
+	}
+	if err := d.removeOverlayDir(rec.OverlayDir); err != nil {
+		return err
+	}
+	return d.deleteRecord(rec)
+}
+
+// removeOverlayDir removes a record's private upper/work dirs. Only paths inside the plugin's
+// overlays dir are ever removed.
+func (d *Driver) removeOverlayDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	if filepath.Dir(dir) != d.overlaysDir {
+		return fmt.Errorf("refusing to remove %s: not an overlay dir of this plugin", dir)
+	}
+	return os.RemoveAll(dir)
+}
+
+// unmountAll peels every mount off target.
+func (d *Driver) unmountAll(target string) error {
+	for range maxStackedMounts {
+		mounted, err := d.isMounted(target)
+		if err != nil {
+			return fmt.Errorf("checking whether %s is mounted: %w", target, err)
+		}
+		if !mounted {
+			return nil
+		}
+		if err := d.mounter.Unmount(target); err != nil && !errors.Is(err, mounter.ErrNotMounted) {
+			return err
+		}
+	}
+	return fmt.Errorf("%s still has mounts after %d unmounts", target, maxStackedMounts)
+}
+
+// prepareTarget creates the target as a directory or an empty file. kubelet creates only its
+// parent. An existing target of the right kind is reused; an empty one of the wrong kind is
+// replaced.
+func prepareTarget(target string, isFile bool) error {
+	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+		return fmt.Errorf("creating the parent of %s: %w", target, err)
+	}
+	fi, err := os.Lstat(target)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return err
+	case isFile && fi.Mode().IsRegular(), !isFile && fi.IsDir():
+		return nil
+	default:
+		if err := os.Remove(target); err != nil {
+			return status.Errorf(codes.FailedPrecondition, "target %s exists as a %s and is not empty; the volume needs a %s there: %v", target, kindName(fi.Mode()), kindName(wantMode(isFile)), err)
+		}
+	}
+	if !isFile {
+		return os.Mkdir(target, 0o750)
+	}
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+func wantMode(isFile bool) fs.FileMode {
+	if isFile {
+		return 0
+	}
+	return fs.ModeDir
+}
+
+func kindName(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m.IsRegular():
+		return "file"
+	case m&fs.ModeSymlink != 0:
+		return "symlink"
+	default:
+		return "special file"
+	}
+}
+
+// removeTarget removes a target that is no longer mounted: an empty directory, or an empty file
+// (what publish created). Anything else is left in place and reported: it holds data that did
+// not come from this plugin.
+func removeTarget(target string) error {
+	fi, err := os.Lstat(target)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode().IsRegular() && fi.Size() != 0 {
+		return fmt.Errorf("target %s is a non-empty file after unmount; left in place", target)
+	}
+	err = os.Remove(target)
+	if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("target %s is a non-empty directory after unmount; left in place", target)
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// NodeUnpublishVolume implements csi.NodeServer: unmount, remove the target, free the overlay
+// dirs and the record. A target that was never published, or is already gone, is OK.
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (_ *csi.NodeUnpublishVolumeResponse, err error) {
+	start := time.Now()
+	kind := kindUnknown
+	defer func() { d.metrics.observe(opUnpublish, kind, start, err) }()
+
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume_id is missing")
+	}
+	target, err := d.checkTarget(req.GetTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.locks.lock(ctx, "volume/"+req.GetVolumeId(), "target/"+target)
+	if err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
+	defer unlock()
+
+	log := d.log.With("volume", req.GetVolumeId(), "target", target)
+	rec := d.record(target)
+	if rec != nil {
+		kind = rec.Kind
+		log = log.With("type", rec.Type)
+		if rec.Pod.Name != "" {
+			log = log.With("pod", rec.Pod.Namespace+"/"+rec.Pod.Name)
+		}
+		if rec.VolumeID != req.GetVolumeId() {
+			// The target holds another volume: unmounting it would break that one.
+			log.Warn("unpublish of a volume that is not the one published at this target; nothing done", "publishedVolume", rec.VolumeID)
+			return &csi.NodeUnpublishVolumeResponse{}, nil
+		}
+		err = d.release(rec)
+	} else {
+		// No record (never published, already unpublished, or state lost): the target is still
+		// kubelet's to clean, so unmount whatever is there and remove it.
+		err = d.unmountAll(target)
+		if err == nil {
+			err = removeTarget(target)
+		}
+	}
+	if err != nil {
+		log.Warn("unpublish failed", "error", err)
+		return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", target, err)
+	}
+	log.Info("unpublished")
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// redactAttributes drops kubelet's service account tokens and masks anything else that looks
+// like a secret, for logs and state records.
+func redactAttributes(attrs map[string]string) map[string]string {
+	out := volumeattrs.Redact(attrs)
+	delete(out, attrTokens)
+	return out
+}

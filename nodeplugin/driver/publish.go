@@ -1,0 +1,205 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+)
+
+// errNoLibraryStore is what library and preload volumes get on a node plugin started without
+// its library cache.
+var errNoLibraryStore = status.Error(codes.FailedPrecondition, "library cache not configured: this node plugin serves hostdir volumes only, so library and preload volumes cannot be published on this node")
+
+// publishHostDir bind-mounts an allowlisted host directory or file.
+func (d *Driver) publishHostDir(r *publishRequest) error {
+	name, via := r.spec.HostDir, ""
+	if name == "" {
+		// A Datadog socket type: the administrator maps it to an entry.
+		name = d.cfg.DatadogSockets[r.spec.Type]
+		via = fmt.Sprintf("volume type %s maps to hostdir entry %q (set with --datadog-socket-entry): ", r.spec.Type, name)
+	}
+	entry, err := d.cfg.HostDirs.Lookup(name)
+	if err != nil {
+		return status.Error(codes.InvalidArgument, via+err.Error())
+	}
+	if entry.ReadOnly && r.attrs[volumeattrs.KeyReadOnly] == "false" {
+		return status.Errorf(codes.InvalidArgument, "%shostdir entry %q is read-only on this node and the volume asks for readOnly: \"false\"; drop that attribute or use a writable entry (%s)", via, name, d.describeEntries())
+	}
+	readOnly := r.readOnly || entry.ReadOnly
+
+	mode, err := entry.Source()
+	switch {
+	case errors.Is(err, hostdir.ErrSourceMissing):
+		return status.Errorf(codes.FailedPrecondition, "%s%v", via, err)
+	case err != nil:
+		return status.Errorf(codes.Internal, "%s%v", via, err)
+	case mode&(fs.ModeDevice|fs.ModeCharDevice|fs.ModeNamedPipe|fs.ModeIrregular) != 0:
+		return status.Errorf(codes.FailedPrecondition, "%shostdir %q: %s is not a directory, regular file or socket", via, name, entry.Path)
+	}
+	rec := r.newRecord()
+	rec.HostDir = name
+	rec.Source = entry.Path
+	rec.TargetIsFile = !mode.IsDir()
+	rec.ReadOnly = readOnly
+	return d.mountWithRecord(r, rec, func() error {
+		return d.mounter.Bind(entry.Path, r.target, readOnly)
+	})
+}
+
+// describeEntries lists the declared entries with their modes, for error messages.
+func (d *Driver) describeEntries() string {
+	names := d.cfg.HostDirs.Names()
+	if len(names) == 0 {
+		return "no hostdir entries are declared on this node"
+	}
+	var parts []string
+	for _, n := range names {
+		e, _ := d.cfg.HostDirs.Lookup(n)
+		mode := "writable"
+		if e.ReadOnly {
+			mode = "read-only"
+		}
+		parts = append(parts, n+" ("+mode+")")
+	}
+	return "declared entries: " + strings.Join(parts, ", ")
+}
+
+// publishLibrary composes the volume's layers into one mount: a writable overlay with a private
+// upper dir by default, a read-only overlay without one, or a read-only bind mount of the only
+// layer (overlayfs needs two lower dirs when it has no upper dir).
+func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
+	if d.cfg.Libraries == nil {
+		return errNoLibraryStore
+	}
+	var images []string
+	for _, l := range r.spec.Libraries {
+		images = append(images, l.Image)
+	}
+	r.log = r.log.With("libraries", images)
+
+	layers, err := d.resolveLayers(ctx, r.spec)
+	if err != nil {
+		return err
+	}
+	release := d.holdLayers(layers)
+	defer release()
+
+	rec := r.newRecord()
+	rec.Layers = layers
+	var lower []string
+	for _, l := range layers {
+		lower = append(lower, l.Dir)
+	}
+	switch {
+	case r.readOnly && len(lower) == 1:
+		rec.Source = lower[0]
+		return d.mountWithRecord(r, rec, func() error {
+			return d.mounter.Bind(lower[0], r.target, true)
+		})
+	case r.readOnly:
+		return d.mountWithRecord(r, rec, func() error {
+			return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower})
+		})
+	}
+	rec.OverlayDir = filepath.Join(d.overlaysDir, rec.Key())
+	rec.UpperDir = filepath.Join(rec.OverlayDir, "upper")
+	rec.WorkDir = filepath.Join(rec.OverlayDir, "work")
+	return d.mountWithRecord(r, rec, func() error {
+		if err := os.Mkdir(rec.OverlayDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		// The upper dir's root becomes the volume's root directory: world-writable like an
+		// emptyDir, so a tracer running as any user can write its logs next to the library.
+		if err := os.Mkdir(rec.UpperDir, 0o755); err != nil {
+			return err
+		}
+		if err := os.Chmod(rec.UpperDir, 0o777); err != nil {
+			return err
+		}
+		if err := os.Mkdir(rec.WorkDir, 0o700); err != nil {
+			return err
+		}
+		return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
+	})
+}
+
+// resolveLayers asks the library store for every layer, top first, within the publish budget.
+func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec) ([]state.Layer, error) {
+	var layers []state.Layer
+	if spec.Preload != "" {
+		dir, err := d.cfg.Libraries.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: spec.Preload + "\n"})
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "generating the ld.so.preload file: %v", err)
+		}
+		layers = append(layers, state.Layer{Dir: dir})
+	}
+	budget, cancel := context.WithTimeout(ctx, d.cfg.PublishDownloadBudget)
+	defer cancel()
+	for _, lib := range spec.Libraries {
+		l, err := d.cfg.Libraries.Layer(budget, lib)
+		if err != nil {
+			return nil, d.libraryError(ctx, lib.Image, err)
+		}
+		if !filepath.IsAbs(l.Dir) {
+			return nil, status.Errorf(codes.Internal, "library cache returned a relative layer dir %q for %s", l.Dir, lib.Image)
+		}
+		layers = append(layers, state.Layer{Dir: l.Dir, Digest: l.Digest})
+	}
+	return layers, nil
+}
+
+// libraryError maps a LibraryStore error to the gRPC code kubelet acts on. Unavailable is
+// non-final: kubelet retries the publish, by which time a background download may be done.
+func (d *Driver) libraryError(ctx context.Context, image string, err error) error {
+	switch {
+	case errors.Is(err, ErrDownloadInProgress):
+		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node; kubelet retries the mount: %v", image, err)
+	case errors.Is(err, ErrRegistryUnavailable):
+		return status.Errorf(codes.Unavailable, "library image %s is not cached on this node and its registry cannot be reached: %v", image, err)
+	case errors.Is(err, ErrImageNotFound):
+		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry; check the repository and tag or digest: %v", image, err)
+	case errors.Is(err, ErrImageRejected):
+		return status.Errorf(codes.FailedPrecondition, "library image %s cannot be served: %v", image, err)
+	case ctx.Err() != nil:
+		return status.FromContextError(ctx.Err()).Err()
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Errorf(codes.Unavailable, "library image %s was not ready within the publish budget of %s; kubelet retries the mount", image, d.cfg.PublishDownloadBudget)
+	}
+	return status.Errorf(codes.Internal, "library image %s: %v", image, err)
+}
+
+// publishPreload bind-mounts the generated ld.so.preload file read-only onto a file target (the
+// pod mounts the volume at /etc/ld.so.preload, as with Datadog's DatadogInjectorPreload).
+func (d *Driver) publishPreload(r *publishRequest) error {
+	if d.cfg.Libraries == nil {
+		return errNoLibraryStore
+	}
+	dir, err := d.cfg.Libraries.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: r.spec.Preload + "\n"})
+	if err != nil {
+		return status.Errorf(codes.Internal, "generating the ld.so.preload file: %v", err)
+	}
+	layers := []state.Layer{{Dir: dir}}
+	release := d.holdLayers(layers)
+	defer release()
+
+	rec := r.newRecord()
+	rec.Layers = layers
+	rec.Source = filepath.Join(dir, volumeattrs.PreloadFile)
+	rec.TargetIsFile = true
+	rec.ReadOnly = true
+	return d.mountWithRecord(r, rec, func() error {
+		return d.mounter.Bind(rec.Source, r.target, true)
+	})
+}

@@ -1,0 +1,159 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
+)
+
+// Reconcile brings the state dir in line with the mount table, once at startup, and then marks
+// the driver ready:
+//   - a record whose target is still mounted is kept: nothing that is mounted is forgotten;
+//   - a record whose target is no longer mounted (node reboot, crash between record and mount,
+//     a mount removed by hand) is dropped, with its overlay dirs and its empty target;
+//   - an overlay dir that no record references and no mounted overlay uses is removed.
+func (d *Driver) Reconcile(ctx context.Context) error {
+	records, listErr := d.store.List()
+	if listErr != nil {
+		// Unreadable records are left on disk for a person; everything else proceeds.
+		d.log.Error("some state records cannot be read; they are left in place", "error", listErr)
+	}
+	var kept, dropped int
+	referenced := map[string]bool{}
+	for _, rec := range records {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		log := d.log.With("volume", rec.VolumeID, "target", rec.TargetPath, "type", rec.Type)
+		if !strings.HasPrefix(rec.TargetPath, d.podsDir+string(filepath.Separator)) {
+			log.Error("state record names a target outside the kubelet pods dir; left alone (was --kubelet-dir changed?)")
+			if rec.OverlayDir != "" {
+				referenced[rec.OverlayDir] = true
+			}
+			continue
+		}
+		mounted, err := d.isMounted(rec.TargetPath)
+		if err != nil {
+			// Unknown is treated as mounted: forgetting a live mount is worse than keeping a
+			// record that a later unpublish removes.
+			log.Error("cannot tell whether the target is mounted; keeping its record", "error", err)
+			mounted = true
+		}
+		if mounted {
+			d.mu.Lock()
+			d.byTarget[rec.TargetPath] = rec
+			d.mu.Unlock()
+			if rec.OverlayDir != "" {
+				referenced[rec.OverlayDir] = true
+			}
+			kept++
+			continue
+		}
+		if err := d.release(rec); err != nil {
+			log.Error("cannot drop the record of an unmounted target; keeping it", "error", err)
+			if rec.OverlayDir != "" {
+				referenced[rec.OverlayDir] = true
+			}
+			continue
+		}
+		log.Info("dropped the record of a volume that is no longer mounted")
+		dropped++
+	}
+	removed, err := d.removeOrphanOverlayDirs(referenced)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	for _, kind := range []string{"hostdir", "library", "preload"} {
+		d.metrics.published.WithLabelValues(kind).Set(float64(d.countKind(kind)))
+	}
+	d.mu.Unlock()
+	d.ready.Store(true)
+	d.log.Info("reconciled state with the mount table", "kept", kept, "dropped", dropped, "orphanOverlayDirsRemoved", removed)
+	return nil
+}
+
+// removeOrphanOverlayDirs removes overlay dirs that no kept record references, unless a mounted
+// overlay still uses one as its upper or work dir (its record was lost; removing the dir under
+// a live mount would corrupt it).
+func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error) {
+	table, err := d.mounter.MountTable()
+	if err != nil {
+		return 0, fmt.Errorf("reconcile: %w", err)
+	}
+	for _, e := range table {
+		for _, key := range []string{"upperdir", "workdir"} {
+			if v, ok := e.Option(key); ok && filepath.Dir(filepath.Dir(v)) == d.overlaysDir {
+				referenced[filepath.Dir(v)] = true
+			}
+		}
+	}
+	entries, err := os.ReadDir(d.overlaysDir)
+	if err != nil {
+		return 0, fmt.Errorf("reconcile: %w", err)
+	}
+	removed := 0
+	var errs []error
+	for _, e := range entries {
+		dir := filepath.Join(d.overlaysDir, e.Name())
+		if referenced[dir] {
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed++
+	}
+	return removed, errors.Join(errs...)
+}
+
+// LibrariesInUse returns what the library cache's garbage collector must keep: every layer dir
+// (absolute path) and image digest ("sha256:...") referenced by a state record, by a publish in
+// progress, or by an overlay mount in the mount table. The mount table is the truth for
+// overlays; records add what it cannot show (a single layer bind-mounted read-only, the
+// generated ld.so.preload file). It fails until the startup reconcile has run, so that a
+// collector never acts on a partial view.
+func (d *Driver) LibrariesInUse() (map[string]struct{}, error) {
+	if !d.Ready() {
+		return nil, errors.New("the node plugin has not reconciled its state yet")
+	}
+	inUse := map[string]struct{}{}
+	d.mu.Lock()
+	for _, rec := range d.byTarget {
+		for _, k := range layerKeys(rec.Layers) {
+			inUse[k] = struct{}{}
+		}
+	}
+	for k := range d.inFlight {
+		inUse[k] = struct{}{}
+	}
+	d.mu.Unlock()
+
+	table, err := d.mounter.MountTable()
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range table {
+		for _, dir := range e.LowerDirs() {
+			inUse[dir] = struct{}{}
+		}
+	}
+	return inUse, nil
+}
+
+// Records returns a copy of the published targets' records, for diagnostics and tests.
+func (d *Driver) Records() []state.Record {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]state.Record, 0, len(d.byTarget))
+	for _, r := range d.byTarget {
+		out = append(out, *r)
+	}
+	return out
+}

@@ -1,0 +1,148 @@
+// Package mounter is the narrow set of mount operations the node plugin performs, behind an
+// interface so that the driver's logic is unit-tested with Fake and the real system calls are
+// tested once, as root, under test/.
+package mounter
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// Interface is every mount operation the driver needs.
+type Interface interface {
+	// IsMountPoint reports whether path is a mount point, including a bind mount of a directory
+	// of the same filesystem. It returns an error wrapping fs.ErrNotExist when path is missing.
+	IsMountPoint(path string) (bool, error)
+	// Bind bind-mounts source (a directory or a file) onto target, which must exist and be of
+	// the same kind. The mount is nosuid,nodev, and really read-only when readOnly is set.
+	Bind(source, target string, readOnly bool) error
+	// Overlay mounts an overlayfs on target.
+	Overlay(target string, o Overlay) error
+	// Unmount removes the top mount at target. It returns an error wrapping ErrNotMounted when
+	// target is not a mount point.
+	Unmount(target string) error
+	// MountTable lists the mounts of the plugin's mount namespace.
+	MountTable() ([]Entry, error)
+}
+
+// ErrNotMounted is wrapped by Unmount when there is nothing mounted at the target.
+var ErrNotMounted = errors.New("not mounted")
+
+// Overlay describes one overlayfs mount.
+type Overlay struct {
+	// Lower dirs, top first. At least one; at least two when there is no upper dir.
+	Lower []string
+	// Upper and Work are both set (a writable overlay) or both empty (a read-only one).
+	Upper string
+	Work  string
+}
+
+// Validate checks what the kernel would refuse with a less helpful error, and the characters
+// that would change the meaning of an option string.
+func (o Overlay) Validate() error {
+	if len(o.Lower) == 0 {
+		return errors.New("overlay needs at least one lower dir")
+	}
+	if (o.Upper == "") != (o.Work == "") {
+		return errors.New("overlay needs both an upper and a work dir, or neither")
+	}
+	if o.Upper == "" && len(o.Lower) < 2 {
+		return errors.New("a read-only overlay needs at least two lower dirs; bind-mount a single one read-only instead")
+	}
+	for _, p := range append(append([]string{}, o.Lower...), o.Upper, o.Work) {
+		if strings.ContainsAny(p, ",:\\\x00\n") {
+			return fmt.Errorf("overlay path %q contains a character reserved by overlayfs options", p)
+		}
+	}
+	return nil
+}
+
+// ReadOnly reports whether the overlay has no upper dir.
+func (o Overlay) ReadOnly() bool { return o.Upper == "" }
+
+// Entry is one line of the mount table (/proc/self/mountinfo).
+type Entry struct {
+	MountPoint string
+	FsType     string
+	Source     string
+	// Root is the directory of the source filesystem that is mounted (not "/" for bind mounts).
+	Root string
+	// MountOptions are the per-mount options (ro, nosuid, ...).
+	MountOptions []string
+	// SuperOptions are the filesystem's own options (lowerdir=..., upperdir=...).
+	SuperOptions []string
+}
+
+// Option returns the value of key in the superblock options, e.g. Option("upperdir").
+func (e Entry) Option(key string) (string, bool) {
+	for _, o := range e.SuperOptions {
+		if v, ok := strings.CutPrefix(o, key+"="); ok {
+			return unescape(v), true
+		}
+	}
+	return "", false
+}
+
+// LowerDirs returns the lower dirs of an overlay mount, top first, whether it was mounted with
+// the legacy "lowerdir=a:b" form or the "lowerdir+=a,lowerdir+=b" form of the new mount API.
+// Data-only lower dirs ("datadir+") are included: they are referenced too.
+func (e Entry) LowerDirs() []string {
+	if e.FsType != "overlay" {
+		return nil
+	}
+	var dirs []string
+	for _, o := range e.SuperOptions {
+		switch {
+		case strings.HasPrefix(o, "lowerdir="):
+			// The kernel escapes a ':' inside a path as "\:"; split only on bare colons.
+			dirs = append(dirs, splitUnescaped(strings.TrimPrefix(o, "lowerdir="), ':')...)
+		case strings.HasPrefix(o, "lowerdir+="):
+			dirs = append(dirs, unescape(strings.TrimPrefix(o, "lowerdir+=")))
+		case strings.HasPrefix(o, "datadir+="):
+			dirs = append(dirs, unescape(strings.TrimPrefix(o, "datadir+=")))
+		}
+	}
+	return dirs
+}
+
+// HasMountOption reports whether a per-mount option such as "ro" is set.
+func (e Entry) HasMountOption(opt string) bool {
+	for _, o := range e.MountOptions {
+		if o == opt {
+			return true
+		}
+	}
+	return false
+}
+
+func splitUnescaped(s string, sep byte) []string {
+	var out []string
+	var cur strings.Builder
+	for i := 0; i < len(s); i++ {
+		switch {
+		case s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]):
+			// mountinfo writes space, tab, newline and backslash as \ooo.
+			cur.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
+			i += 3
+		case s[i] == '\\' && i+1 < len(s):
+			i++
+			cur.WriteByte(s[i])
+		case s[i] == sep:
+			out = append(out, cur.String())
+			cur.Reset()
+		default:
+			cur.WriteByte(s[i])
+		}
+	}
+	return append(out, cur.String())
+}
+
+func isOctal(b byte) bool { return b >= '0' && b <= '7' }
+
+func unescape(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	return strings.Join(splitUnescaped(s, 0), "")
+}

@@ -1,0 +1,124 @@
+package state
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestStoreRoundTrip(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Record{
+		VolumeID:   "csi-abc",
+		TargetPath: "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/v/mount",
+		Kind:       "library",
+		Type:       "library",
+		Attributes: map[string]string{"type": "library"},
+		Layers:     []Layer{{Dir: "/cache/a", Digest: "sha256:aa"}},
+		OverlayDir: "/state/overlays/k",
+		UpperDir:   "/state/overlays/k/upper",
+		WorkDir:    "/state/overlays/k/work",
+		Pod:        Pod{Namespace: "ns", Name: "p", UID: "u"},
+		Ephemeral:  true,
+		Created:    time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC),
+	}
+	if err := s.Put(r); err != nil {
+		t.Fatal(err)
+	}
+	got, ok, err := s.Get(r.VolumeID, r.TargetPath)
+	if err != nil || !ok {
+		t.Fatalf("Get: %v %v", ok, err)
+	}
+	if !reflect.DeepEqual(got, r) {
+		t.Fatalf("Get = %+v, want %+v", got, r)
+	}
+	if _, ok, _ := s.Get(r.VolumeID, "/other"); ok {
+		t.Fatal("a record of another target was found")
+	}
+
+	// Overwrite: still one record.
+	r.ReadOnly = true
+	if err := s.Put(r); err != nil {
+		t.Fatal(err)
+	}
+	list, err := s.List()
+	if err != nil || len(list) != 1 || !list[0].ReadOnly {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+	if err := s.Delete(r.Key()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(r.Key()); err != nil {
+		t.Fatalf("deleting a missing record: %v", err)
+	}
+	if list, _ := s.List(); len(list) != 0 {
+		t.Fatalf("List after Delete = %+v", list)
+	}
+}
+
+func TestStoreKeepsNoTemporaryFiles(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if err := s.Put(&Record{VolumeID: "v", TargetPath: "/t", Created: time.Unix(int64(i), 0)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	entries, _ := os.ReadDir(s.Dir())
+	if len(entries) != 1 {
+		t.Fatalf("want exactly one file after repeated writes, got %d", len(entries))
+	}
+	// A crash between CreateTemp and Rename leaves a temporary file: Open removes it.
+	if err := os.WriteFile(filepath.Join(s.Dir(), tempPrefix+"123"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(s.Dir(), tempPrefix+"123")); !os.IsNotExist(err) {
+		t.Fatalf("interrupted write not cleaned up: %v", err)
+	}
+}
+
+func TestStoreListReportsCorruptRecords(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(&Record{VolumeID: "good", TargetPath: "/t"}); err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(s.Dir(), "deadbeef.json")
+	if err := os.WriteFile(bad, []byte("not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	moved := filepath.Join(s.Dir(), "cafe.json")
+	if err := os.WriteFile(moved, []byte(`{"volumeID":"x","targetPath":"/y"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	list, err := s.List()
+	if len(list) != 1 || list[0].VolumeID != "good" {
+		t.Fatalf("List = %+v, want the good record", list)
+	}
+	if err == nil || !strings.Contains(err.Error(), "corrupt") || !strings.Contains(err.Error(), "another file") {
+		t.Fatalf("List error = %v, want both bad files reported", err)
+	}
+	if _, statErr := os.Stat(bad); statErr != nil {
+		t.Fatal("a corrupt record must be left for inspection")
+	}
+}
+
+func TestKeyDistinguishesTargets(t *testing.T) {
+	if Key("v", "/a") == Key("v", "/b") || Key("v", "/a") == Key("w", "/a") {
+		t.Fatal("keys collide")
+	}
+}

@@ -1,0 +1,270 @@
+package nodeplugin
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"github.com/apm-csi/apm-csi/test/testenv"
+)
+
+// syncBuffer collects a process's stderr.
+type syncBuffer struct {
+	mu  chan struct{}
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu <- struct{}{}
+	defer func() { <-b.mu }()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu <- struct{}{}
+	defer func() { <-b.mu }()
+	return b.buf.String()
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func httpGet(url string) (int, string) {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// rssKiB reads VmRSS of a process.
+func rssKiB(t *testing.T, pid int) int {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kib int
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kib)
+			return kib
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
+}
+
+// TestBinary runs the built apm-csi-node: flags and environment, stale socket removal,
+// readiness, /healthz through the CSI socket, kubelet registration, metrics, a publish, SIGTERM
+// with the volume left mounted, and a restart that picks it up again.
+func TestBinary(t *testing.T) {
+	testenv.RequireRoot(t)
+	goBin := testenv.RequireBinary(t, "go")
+	root := t.TempDir()
+	t.Cleanup(func() { unmountUnder(t, root) })
+	bin := filepath.Join(root, "apm-csi-node")
+	build := exec.Command(goBin, "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/apm-csi/apm-csi/nodeplugin/cmd/apm-csi-node")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	fi, _ := os.Stat(bin)
+	t.Logf("static binary size: %d bytes (%.1f MiB)", fi.Size(), float64(fi.Size())/(1<<20))
+
+	kubelet := filepath.Join(root, "kubelet")
+	host := filepath.Join(root, "host")
+	sock := filepath.Join(kubelet, "plugins", "csi.apm-csi.io", "csi.sock")
+	if err := os.MkdirAll(filepath.Join(host, "data"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A socket left by a crashed predecessor.
+	if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	stale, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.(*net.UnixListener).SetUnlinkOnClose(false)
+	stale.Close()
+	config := filepath.Join(root, "config.yaml")
+	writeFile(t, config, "hostdirs:\n- name: demo\n  path: "+filepath.Join(host, "demo")+"\n  create: true\n")
+
+	health, metrics := freeAddr(t), freeAddr(t)
+	start := func() (*exec.Cmd, *syncBuffer) {
+		cmd := exec.Command(bin, "--kubelet-dir", kubelet, "--health-addr", health, "--metrics-addr", metrics, "--config", config)
+		cmd.Env = append(os.Environ(),
+			"APM_CSI_STATE_DIR="+filepath.Join(root, "state"),
+			"APM_CSI_NODE_ID=node-bin",
+			"APM_CSI_HOSTDIR=data="+filepath.Join(host, "data")+";shared="+filepath.Join(host, "data")+",ro",
+			"APM_CSI_LOG_LEVEL=debug",
+		)
+		logs := &syncBuffer{mu: make(chan struct{}, 1)}
+		cmd.Stderr = logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			if code, _ := httpGet("http://" + health + "/readyz"); code == http.StatusOK {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("not ready in time; logs:\n%s", logs.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		return cmd, logs
+	}
+	stop := func(cmd *exec.Cmd, logs *syncBuffer) {
+		t.Helper()
+		cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("exit after SIGTERM: %v\n%s", err, logs.String())
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no exit after SIGTERM\n%s", logs.String())
+		}
+	}
+
+	cmd, logs := start()
+	time.Sleep(time.Second)
+	idle := rssKiB(t, cmd.Process.Pid)
+	t.Logf("idle RSS after startup: %d KiB (%.1f MiB)", idle, float64(idle)/1024)
+
+	if code, body := httpGet("http://" + health + "/healthz"); code != http.StatusOK {
+		t.Fatalf("/healthz = %d %s", code, body)
+	}
+	regConn, err := grpc.NewClient("unix://"+filepath.Join(kubelet, "plugins_registry", "csi.apm-csi.io-reg.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer regConn.Close()
+	info, err := registerapi.NewRegistrationClient(regConn).GetInfo(context.Background(), &registerapi.InfoRequest{})
+	if err != nil || info.Name != "csi.apm-csi.io" || info.Endpoint != sock || info.Type != registerapi.CSIPlugin {
+		t.Fatalf("registration GetInfo = %+v, %v", info, err)
+	}
+
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	node := csi.NewNodeClient(conn)
+	ident := csi.NewIdentityClient(conn)
+	if ni, err := node.NodeGetInfo(context.Background(), &csi.NodeGetInfoRequest{}); err != nil || ni.NodeId != "node-bin" {
+		t.Fatalf("NodeGetInfo = %v, %v (APM_CSI_NODE_ID)", ni, err)
+	}
+	targetDir := filepath.Join(kubelet, "pods", "uid-1", "volumes", "kubernetes.io~csi", "data")
+	if err := os.MkdirAll(targetDir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(targetDir, "mount")
+	req := &csi.NodePublishVolumeRequest{
+		VolumeId:   "csi-bin",
+		TargetPath: target,
+		VolumeCapability: &csi.VolumeCapability{
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		},
+		VolumeContext: map[string]string{"type": "hostdir", "name": "demo", "csi.storage.k8s.io/pod.name": "web", "csi.storage.k8s.io/pod.namespace": "shop"},
+	}
+	if _, err := node.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(host, "demo")); err != nil {
+		t.Fatal("the --config entry with create was not created")
+	}
+	// Library volumes are refused until the library cache is wired in.
+	libReq := &csi.NodePublishVolumeRequest{VolumeId: "csi-lib", TargetPath: filepath.Join(targetDir, "lib"), VolumeCapability: req.VolumeCapability,
+		VolumeContext: map[string]string{"type": "library", "library.0.image": "r.local/a:v1"}}
+	if _, err := node.NodePublishVolume(context.Background(), libReq); err == nil || !strings.Contains(err.Error(), "library cache not configured") {
+		t.Fatalf("library publish without a cache: %v", err)
+	}
+	if code, body := httpGet("http://" + metrics + "/metrics"); code != http.StatusOK ||
+		!strings.Contains(body, `apm_csi_node_operations_total{grpc_code="OK",operation="publish",volume_type="hostdir"} 1`) ||
+		!strings.Contains(body, `apm_csi_node_operation_duration_seconds_bucket{grpc_code="FailedPrecondition",operation="publish",volume_type="library"`) ||
+		!strings.Contains(body, `apm_csi_node_published_volumes{volume_type="hostdir"} 1`) {
+		t.Fatalf("/metrics = %d\n%s", code, body)
+	}
+	busy := rssKiB(t, cmd.Process.Pid)
+	t.Logf("RSS after serving calls: %d KiB", busy)
+
+	stop(cmd, logs)
+	if _, err := os.Stat(filepath.Join(kubelet, "plugins_registry", "csi.apm-csi.io-reg.sock")); !os.IsNotExist(err) {
+		t.Fatal("registration socket left after SIGTERM: kubelet would keep the plugin registered")
+	}
+	if countMounts(t, target) != 1 {
+		t.Fatal("the volume must stay mounted while the plugin restarts")
+	}
+	// Every log line is JSON; the publish line carries pod and volume.
+	var sawPublish bool
+	sc := bufio.NewScanner(strings.NewReader(logs.String()))
+	for sc.Scan() {
+		var line map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
+			t.Fatalf("log line is not JSON: %s", sc.Text())
+		}
+		if line["msg"] == "published" && line["pod"] == "shop/web" && line["volume"] == "csi-bin" {
+			sawPublish = true
+		}
+	}
+	if !sawPublish {
+		t.Fatalf("no structured publish log line:\n%s", logs.String())
+	}
+
+	// Restart: the mounted volume is reconciled, kubelet's republish is a no-op.
+	cmd, logs = start()
+	if !strings.Contains(logs.String(), `"kept":1`) {
+		t.Fatalf("restart did not keep the mounted volume:\n%s", logs.String())
+	}
+	if _, err := node.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if countMounts(t, target) != 1 {
+		t.Fatal("republish after restart stacked a mount")
+	}
+	if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-bin", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if probe, err := ident.Probe(context.Background(), &csi.ProbeRequest{}); err != nil || !probe.GetReady().GetValue() {
+		t.Fatalf("Probe = %v, %v", probe, err)
+	}
+	stop(cmd, logs)
+	if left := mountsUnder(t, root); len(left) != 0 {
+		t.Fatalf("mounts left: %q", left)
+	}
+}

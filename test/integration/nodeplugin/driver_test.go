@@ -1,0 +1,319 @@
+package nodeplugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+)
+
+var hostdirData = map[string]string{"type": "hostdir", "name": "data"}
+
+// TestHostDirPersistsAcrossPods is the proof of concept's demo: a host directory mounted into a
+// pod without a hostPath volume, created if missing, whose data stays on the node when the pod
+// is deleted and re-created.
+func TestHostDirPersistsAcrossPods(t *testing.T) {
+	p := startPlugin(t)
+	demo := map[string]string{"type": "hostdir", "name": "demo"}
+	first := p.target("pod-1", "demo")
+	p.mustPublish("csi-1", first, ephemeral(demo, "web-1"), false)
+	if fi, err := os.Stat(filepath.Join(p.host, "demo")); err != nil || !fi.IsDir() {
+		t.Fatalf("the create entry was not created: %v", err)
+	}
+	writeFile(t, filepath.Join(first, "visits"), "1")
+	p.mustUnpublish("csi-1", first)
+	if _, err := os.Stat(first); !os.IsNotExist(err) {
+		t.Fatal("target not removed on unpublish")
+	}
+
+	second := p.target("pod-2", "demo")
+	p.mustPublish("csi-2", second, ephemeral(demo, "web-2"), false)
+	if got := readFile(t, filepath.Join(second, "visits")); got != "1" {
+		t.Fatalf("the re-created pod sees %q, want the data the first one wrote", got)
+	}
+	p.mustUnpublish("csi-2", second)
+}
+
+// TestHostDirSharedReadOnly is universal-csi-driver's case: a sidecar writes into a host
+// directory and application pods read it through a static PersistentVolume (one volume handle,
+// several pods on the node) with ReadOnlyMany.
+func TestHostDirSharedReadOnly(t *testing.T) {
+	p := startPlugin(t)
+	sidecar := p.target("agent", "shared-out")
+	p.mustPublish("csi-agent", sidecar, ephemeral(hostdirData, "agent"), false)
+	writeFile(t, filepath.Join(sidecar, "config.json"), `{"v":1}`)
+
+	var apps []string
+	for i := range 2 {
+		target := p.target(fmt.Sprintf("app-%d", i), "pv-shared")
+		_, err := p.node.NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{
+			VolumeId:   "pv-shared-data", // a static PV's volumeHandle: the same for every pod
+			TargetPath: target,
+			VolumeCapability: &csi.VolumeCapability{
+				AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY},
+			},
+			VolumeContext: map[string]string{"type": "hostdir", "name": "data", "csi.storage.k8s.io/pod.name": "app"},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		apps = append(apps, target)
+	}
+	for _, a := range apps {
+		if got := readFile(t, filepath.Join(a, "config.json")); got != `{"v":1}` {
+			t.Fatalf("app sees %q", got)
+		}
+		if err := os.WriteFile(filepath.Join(a, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
+			t.Fatalf("write through a ReadOnlyMany volume: %v, want EROFS", err)
+		}
+	}
+	writeFile(t, filepath.Join(sidecar, "config.json"), `{"v":2}`)
+	if got := readFile(t, filepath.Join(apps[1], "config.json")); got != `{"v":2}` {
+		t.Fatalf("the sidecar's update is not visible: %q", got)
+	}
+	// Unpublishing one pod leaves the other's mount alone.
+	p.mustUnpublish("pv-shared-data", apps[0])
+	if countMounts(t, apps[1]) != 1 {
+		t.Fatal("unpublishing one pod of a shared volume unmounted another")
+	}
+	p.mustUnpublish("pv-shared-data", apps[1])
+	p.mustUnpublish("csi-agent", sidecar)
+
+	// A read-only entry is always mounted read-only.
+	target := p.target("app-3", "shared")
+	p.mustPublish("csi-3", target, ephemeral(map[string]string{"type": "hostdir", "name": "shared"}, "app-3"), false)
+	if err := os.WriteFile(filepath.Join(target, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("write through a read-only entry: %v, want EROFS", err)
+	}
+	p.mustUnpublish("csi-3", target)
+}
+
+// TestDatadogAPMSocket: a pod written for the Datadog Cluster Agent's CSI socket mode gets the
+// agent's socket, through the default APMSocket -> apm-socket mapping.
+func TestDatadogAPMSocket(t *testing.T) {
+	p := startPlugin(t)
+	l, err := net.Listen("unix", filepath.Join(p.host, "apm.socket"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("agent"))
+			c.Close()
+		}
+	}()
+	target := p.target("app", "datadog-apm")
+	p.mustPublish("csi-dd", target, ephemeral(map[string]string{"type": "APMSocket"}, "app"), false)
+	if fi, err := os.Lstat(target); err != nil || fi.IsDir() {
+		t.Fatalf("the socket target must be a file: %v %v", fi, err)
+	}
+	c, err := net.Dial("unix", target)
+	if err != nil {
+		t.Fatalf("connect to the agent through the volume: %v", err)
+	}
+	buf := make([]byte, 5)
+	n, _ := c.Read(buf)
+	c.Close()
+	if string(buf[:n]) != "agent" {
+		t.Fatalf("got %q from the socket", buf[:n])
+	}
+	p.mustUnpublish("csi-dd", target)
+	if _, err := os.Lstat(target); !os.IsNotExist(err) {
+		t.Fatal("socket target not removed")
+	}
+	if _, err := os.Stat(filepath.Join(p.host, "apm.socket")); err != nil {
+		t.Fatal("unpublish touched the agent's socket")
+	}
+
+	// DSDSocket maps to dsd-socket, which this node does not declare.
+	err = p.publish("csi-dsd", p.target("app", "dsd"), map[string]string{"type": "DSDSocket"}, false)
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "apm-socket, data, demo, shared") {
+		t.Fatalf("DSDSocket without its entry: %v", err)
+	}
+}
+
+func injectorAttrs() map[string]string {
+	return map[string]string{
+		"type":                                     "library",
+		volumeattrs.LibraryKey(0, "image"):         "registry.local/apm-inject:0.52.0",
+		volumeattrs.LibraryKey(0, "source"):        libref.InjectorSource,
+		volumeattrs.LibraryKey(0, "target"):        libref.InjectorTarget,
+		volumeattrs.LibraryKey(1, "image"):         "registry.local/dd-lib-python-init:v3",
+		volumeattrs.LibraryKey(1, "target"):        libref.LanguageTarget("python"),
+		volumeattrs.KeyPreload:                     libref.LauncherPath,
+		"csi.storage.k8s.io/serviceAccount.tokens": `{"x":{"token":"t"}}`,
+	}
+}
+
+func TestLibraryVolumes(t *testing.T) {
+	p := startPlugin(t)
+	a, b := p.target("pod-a", "apm"), p.target("pod-b", "apm")
+	p.mustPublish("csi-a", a, ephemeral(injectorAttrs(), "a"), false)
+	p.mustPublish("csi-b", b, ephemeral(injectorAttrs(), "b"), false)
+
+	if got := readFile(t, filepath.Join(a, volumeattrs.PreloadFile)); got != libref.LauncherPath+"\n" {
+		t.Fatalf("ld.so.preload in the volume = %q", got)
+	}
+	if got := readFile(t, filepath.Join(a, "registry.local_apm-inject_0.52.0")); got != "registry.local/apm-inject:0.52.0\n" {
+		t.Fatalf("library layer content %q", got)
+	}
+	// Writable by default, and each pod's writes are its own.
+	writeFile(t, filepath.Join(a, "tracer.log"), "a")
+	if _, err := os.Stat(filepath.Join(b, "tracer.log")); !os.IsNotExist(err) {
+		t.Fatal("pod a's write is visible in pod b")
+	}
+	e := entryAt(t, a)
+	if e.FsType != "overlay" || len(e.LowerDirs()) != 3 {
+		t.Fatalf("library mount %+v", e)
+	}
+	inUse, err := p.drv.LibrariesInUse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range e.LowerDirs() {
+		if _, ok := inUse[dir]; !ok {
+			t.Fatalf("LibrariesInUse lacks %s", dir)
+		}
+	}
+
+	// Read-only: an overlay without an upper dir.
+	ro := p.target("pod-c", "apm")
+	p.mustPublish("csi-c", ro, ephemeral(injectorAttrs(), "c"), true)
+	if err := os.WriteFile(filepath.Join(ro, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("write to a read-only library volume: %v", err)
+	}
+	// Read-only with a single layer: a read-only bind mount.
+	single := p.target("pod-d", "apm")
+	p.mustPublish("csi-d", single, ephemeral(map[string]string{"type": "library", "library.0.image": "registry.local/dd-lib-java-init:v1"}, "d"), true)
+	if e := entryAt(t, single); e.FsType == "overlay" || !e.HasMountOption("ro") {
+		t.Fatalf("single read-only layer mount %+v", e)
+	}
+
+	// The ld.so.preload file on its own, as DatadogInjectorPreload.
+	preload := p.target("pod-e", "preload")
+	p.mustPublish("csi-e", preload, ephemeral(map[string]string{"type": "DatadogInjectorPreload"}, "e"), false)
+	if got := readFile(t, preload); got != libref.LauncherPath+"\n" {
+		t.Fatalf("preload file = %q", got)
+	}
+	if err := os.WriteFile(preload, []byte("x"), 0o644); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("the preload file must be read-only: %v", err)
+	}
+
+	for id, target := range map[string]string{"csi-a": a, "csi-b": b, "csi-c": ro, "csi-d": single, "csi-e": preload} {
+		p.mustUnpublish(id, target)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(p.state, "overlays")); len(entries) != 0 {
+		t.Fatalf("overlay dirs left after unpublish: %v", entries)
+	}
+	if left := mountsUnder(t, p.root); len(left) != 0 {
+		t.Fatalf("mounts left: %q", left)
+	}
+	// No record outlives its volume.
+	recs, _ := os.ReadDir(filepath.Join(p.state, "volumes"))
+	if len(recs) != 0 {
+		t.Fatalf("records left: %v", recs)
+	}
+}
+
+func TestLibraryFailureLeavesNothing(t *testing.T) {
+	p := startPlugin(t)
+	p.store.errs["registry.local/dd-lib-python-init:v3"] = fmt.Errorf("manifest unknown: %w", driver.ErrImageNotFound)
+	target := p.target("pod", "apm")
+	err := p.publish("csi-x", target, ephemeral(injectorAttrs(), "x"), false)
+	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "registry.local/dd-lib-python-init:v3") {
+		t.Fatalf("publish with a missing image: %v", err)
+	}
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatal("target left after a failed publish")
+	}
+	for _, sub := range []string{"volumes", "overlays"} {
+		if entries, _ := os.ReadDir(filepath.Join(p.state, sub)); len(entries) != 0 {
+			t.Fatalf("%s left after a failed publish: %v", sub, entries)
+		}
+	}
+}
+
+// TestRestartReconcile: volumes mounted before a restart are kept (and stay idempotent), a
+// volume that lost its mount while the plugin was down (reboot) is forgotten with its dirs.
+func TestRestartReconcile(t *testing.T) {
+	p := startPlugin(t)
+	hd, lib, lost := p.target("p1", "v"), p.target("p2", "v"), p.target("p3", "v")
+	p.mustPublish("csi-hd", hd, ephemeral(hostdirData, "p1"), false)
+	p.mustPublish("csi-lib", lib, ephemeral(injectorAttrs(), "p2"), false)
+	p.mustPublish("csi-lost", lost, ephemeral(injectorAttrs(), "p3"), false)
+	writeFile(t, filepath.Join(lib, "kept"), "upper data")
+
+	p.stop()
+	// While the plugin is down, the node loses one mount (as a reboot loses all).
+	if err := unix.Unmount(lost, 0); err != nil {
+		t.Fatal(err)
+	}
+	p.start()
+
+	got := map[string]bool{}
+	for _, r := range p.drv.Records() {
+		got[r.VolumeID] = true
+	}
+	if !got["csi-hd"] || !got["csi-lib"] || got["csi-lost"] || len(got) != 2 {
+		t.Fatalf("records after restart: %v", got)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(p.state, "overlays")); len(entries) != 1 {
+		t.Fatalf("overlay dirs after restart: %v, want only csi-lib's", entries)
+	}
+	// kubelet republishes everything after its own restart: no second mount.
+	p.mustPublish("csi-hd", hd, ephemeral(hostdirData, "p1"), false)
+	p.mustPublish("csi-lib", lib, ephemeral(injectorAttrs(), "p2"), false)
+	if countMounts(t, hd) != 1 || countMounts(t, lib) != 1 {
+		t.Fatal("republish after restart stacked mounts")
+	}
+	if got := readFile(t, filepath.Join(lib, "kept")); got != "upper data" {
+		t.Fatal("the writable layer did not survive the plugin restart")
+	}
+	// kubelet publishes the lost one again (the pod still exists): a fresh mount.
+	p.mustPublish("csi-lost", lost, ephemeral(injectorAttrs(), "p3"), false)
+	for id, target := range map[string]string{"csi-hd": hd, "csi-lib": lib, "csi-lost": lost} {
+		p.mustUnpublish(id, target)
+	}
+	if left := mountsUnder(t, p.root); len(left) != 0 {
+		t.Fatalf("mounts left: %q", left)
+	}
+}
+
+func TestTargetConfinement(t *testing.T) {
+	p := startPlugin(t)
+	outside := filepath.Join(p.root, "outside")
+	if err := os.MkdirAll(outside, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(outside, "keep"), "x")
+	for _, target := range []string{outside, filepath.Join(p.kubelet, "pods", "..", "..", "outside")} {
+		if err := p.publish("v", target, hostdirData, false); status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("publish at %s: %v", target, err)
+		}
+		if err := p.unpublish("v", target); status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("unpublish at %s: %v", target, err)
+		}
+	}
+	if got := readFile(t, filepath.Join(outside, "keep")); got != "x" {
+		t.Fatal("a refused call touched a directory outside the pods dir")
+	}
+}
