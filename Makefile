@@ -9,7 +9,7 @@ LDFLAGS := -s -w -X github.com/apm-csi/apm-csi/shared/version.Version=$(VERSION)
 BIN     := bin
 
 # Fuzz targets run briefly by `make fuzz` (and so by CI): <package dir>:<FuzzName>.
-FUZZ_TARGETS := shared/volumeattrs:FuzzParse nodeplugin/hostdir:FuzzParseEntry nodeplugin/hostdir:FuzzParseConfig
+FUZZ_TARGETS := shared/volumeattrs:FuzzParse nodeplugin/hostdir:FuzzParseEntry nodeplugin/hostdir:FuzzParseConfig webhook/annotations:FuzzParseVolume nodeplugin/librarycache/extract:FuzzExtractEntries
 FUZZ_TIME    ?= 15s
 
 ##@ General
@@ -97,3 +97,38 @@ cluster-down: ## Stop the local cluster and remove everything it started: proces
 	@mkdir -p $(BIN)
 	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
 	$(BIN)/localcluster down -root $(CLUSTER_ROOT)
+
+##@ Deploy
+
+MANIFESTS_DIR ?= _output/manifests
+CHART         := deploy/helm/apm-csi
+CHART_KUBE_VERSION ?= 1.34.2
+
+.PHONY: helm
+helm: ## Build helm through the Go module proxy (cached under ~/.cache/apm-csi/helm) and print its path.
+	@hack/helm.sh
+
+.PHONY: manifests
+manifests: ## Render every kustomize overlay and every chart values file (ci/*-values.yaml) into MANIFESTS_DIR.
+	@mkdir -p $(MANIFESTS_DIR)
+	@kubectl="$$(hack/k8s-binaries.sh)/kubectl"; helm="$$(hack/helm.sh)"; \
+		for o in deploy/overlays/*/; do \
+			o="$${o%/}"; echo "kustomize $$o -> $(MANIFESTS_DIR)/kustomize-$${o##*/}.yaml"; \
+			"$$kubectl" kustomize "$$o" >"$(MANIFESTS_DIR)/kustomize-$${o##*/}.yaml"; \
+		done; \
+		echo "helm $(CHART) -> $(MANIFESTS_DIR)/helm-defaults.yaml"; \
+		"$$helm" template apm-csi $(CHART) --namespace apm-csi-system --kube-version $(CHART_KUBE_VERSION) >"$(MANIFESTS_DIR)/helm-defaults.yaml"; \
+		for v in $(CHART)/ci/*-values.yaml; do \
+			n="$${v##*/}"; n="$${n%-values.yaml}"; echo "helm $(CHART) -f $$v -> $(MANIFESTS_DIR)/helm-$$n.yaml"; \
+			"$$helm" template apm-csi $(CHART) --namespace apm-csi-system --kube-version $(CHART_KUBE_VERSION) --values "$$v" >"$(MANIFESTS_DIR)/helm-$$n.yaml"; \
+		done
+
+.PHONY: helm-lint
+helm-lint: ## helm lint --strict the chart with its defaults and with every ci/*-values.yaml.
+	@helm="$$(hack/helm.sh)"; \
+		"$$helm" lint $(CHART) --strict --kube-version $(CHART_KUBE_VERSION); \
+		for v in $(CHART)/ci/*-values.yaml; do "$$helm" lint $(CHART) --strict --kube-version $(CHART_KUBE_VERSION) --values "$$v"; done
+
+.PHONY: test-deploy
+test-deploy: deps ## Deploy checks alone: render, dry-run on a real kube-apiserver, flags vs binaries, RBAC, chart schema.
+	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" HELM="$$(hack/helm.sh)" go test -count=1 -timeout 20m ./test/deploy/...

@@ -1,0 +1,240 @@
+package librarycache
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/apm-csi/apm-csi/shared/libref"
+)
+
+// Defaults applied by AddFlags, and by New to zero fields.
+const (
+	DefaultTagTTL               = 5 * time.Minute
+	DefaultMaxParallelDownloads = 2
+	DefaultMaxLibraryBytes      = 2 << 30
+	DefaultMaxLibraryFiles      = 200_000
+	DefaultGCGracePeriod        = time.Hour
+	DefaultDownloadTimeout      = 15 * time.Minute
+)
+
+// Config configures a Cache. Zero values take the defaults above, so a zero duration can
+// never mean "remove at once" by accident: use a tiny duration for that.
+type Config struct {
+	// StoreDir holds the cache: <state-dir>/store. It must be a host directory (not an
+	// overlayfs) on one filesystem, since entries are renamed into place and views are
+	// hardlink farms.
+	StoreDir string
+	// Mirrors are tried in order before the registry they mirror; the source is the fallback.
+	Mirrors []Mirror
+	// PullSecretDir holds mounted kubernetes.io/dockerconfigjson (or dockercfg) secrets, one
+	// per subdirectory or directly; read at every pull, so rotated secrets apply at once.
+	// Combined with the node's docker config (authn.DefaultKeychain).
+	PullSecretDir string
+	// InsecureRegistries (host:port) are reached over plain HTTP.
+	InsecureRegistries []string
+	// TagTTL is how long a tag's resolved digest is trusted before the registry is asked again.
+	TagTTL time.Duration
+	// MaxParallelDownloads bounds concurrent downloads of different images.
+	MaxParallelDownloads int
+	// MaxLibraryBytes and MaxLibraryFiles cap one image's extracted size and entry count.
+	MaxLibraryBytes int64
+	MaxLibraryFiles int
+	// GCGracePeriod is how long an entry no volume uses is kept.
+	GCGracePeriod time.Duration
+	// DiskBudget, if positive, makes GC evict least recently used unreferenced libraries
+	// until the cache fits.
+	DiskBudget int64
+	// Prefetch lists image references pulled at Start and kept while configured.
+	Prefetch []string
+	// DownloadTimeout bounds one background download, so a stalled connection cannot hold a
+	// library "in progress" forever.
+	DownloadTimeout time.Duration
+	Logger          *slog.Logger
+	// Registerer receives the metrics: the binary passes controller-runtime's
+	// metrics.Registry; nil leaves them unregistered (tests).
+	Registerer prometheus.Registerer
+	// Keychain replaces the keychain built from PullSecretDir and the node's docker config.
+	Keychain authn.Keychain
+	// Platform replaces the node's platform (linux/GOARCH).
+	Platform *v1.Platform
+}
+
+// Mirror redirects pulls of a registry or repository prefix to another location.
+type Mirror struct {
+	// Source is a registry ("docker.io") or repository prefix ("gcr.io/datadoghq").
+	Source string
+	// Mirror is where the same repositories live: "mirror.example:5000" or
+	// "mirror.example:5000/datadog".
+	Mirror string
+}
+
+// ParseMirror parses SRC=MIRROR.
+func ParseMirror(s string) (Mirror, error) {
+	src, mirror, ok := strings.Cut(s, "=")
+	if !ok || src == "" || mirror == "" {
+		return Mirror{}, fmt.Errorf("registry mirror %q: want SOURCE=MIRROR, e.g. gcr.io/datadoghq=mirror.example:5000/datadoghq", s)
+	}
+	m := Mirror{Source: normalizePrefix(src), Mirror: strings.TrimSuffix(mirror, "/")}
+	if m.Source == "" {
+		return Mirror{}, fmt.Errorf("registry mirror %q: invalid source %q: want a registry host (gcr.io) or repository prefix (gcr.io/datadoghq)", s, src)
+	}
+	if _, err := name.NewRepository(m.Mirror+"/x", name.WeakValidation); err != nil {
+		return Mirror{}, fmt.Errorf("registry mirror %q: invalid mirror %q: %v", s, mirror, err)
+	}
+	return m, nil
+}
+
+// normalizePrefix canonicalises a registry or repository prefix the way go-containerregistry
+// canonicalises repositories (docker.io becomes index.docker.io), so prefixes compare. The
+// first component must be a registry host; "" means invalid.
+func normalizePrefix(s string) string {
+	host, rest, _ := strings.Cut(strings.Trim(s, "/"), "/")
+	if !strings.ContainsAny(host, ".:") && host != "localhost" {
+		return ""
+	}
+	r, err := name.NewRegistry(host, name.WeakValidation)
+	if err != nil {
+		return ""
+	}
+	if rest == "" {
+		return r.Name()
+	}
+	if _, err := name.NewRepository(r.Name()+"/"+rest, name.WeakValidation); err != nil {
+		return ""
+	}
+	return r.Name() + "/" + rest
+}
+
+// rewrite returns repo served from the mirror, or false if the mirror does not cover repo.
+func (m Mirror) rewrite(repo string) (string, bool) {
+	rest, ok := strings.CutPrefix(repo, m.Source)
+	if !ok || rest != "" && !strings.HasPrefix(rest, "/") {
+		return "", false
+	}
+	return m.Mirror + rest, true
+}
+
+// AddFlags binds the cache's flags to c, with the defaults set. StoreDir, Logger and
+// Registerer are the caller's to fill.
+func (c *Config) AddFlags(fs *flag.FlagSet) {
+	fs.Func("registry-mirror", "SOURCE=MIRROR: pull images of the registry or repository prefix SOURCE from MIRROR first, falling back to SOURCE (repeatable), e.g. gcr.io/datadoghq=mirror.example:5000/datadoghq", func(s string) error {
+		m, err := ParseMirror(s)
+		if err != nil {
+			return err
+		}
+		c.Mirrors = append(c.Mirrors, m)
+		return nil
+	})
+	fs.StringVar(&c.PullSecretDir, "pull-secret-dir", c.PullSecretDir, "directory of mounted kubernetes.io/dockerconfigjson secrets used to pull library images, in addition to the node's docker config")
+	fs.Func("insecure-registry", "HOST:PORT of a registry reached over plain HTTP (repeatable)", func(s string) error {
+		if _, err := name.NewRegistry(s, name.StrictValidation); err != nil {
+			return fmt.Errorf("insecure registry %q: %v", s, err)
+		}
+		c.InsecureRegistries = append(c.InsecureRegistries, s)
+		return nil
+	})
+	c.TagTTL = orDefault(c.TagTTL, DefaultTagTTL)
+	fs.DurationVar(&c.TagTTL, "tag-ttl", c.TagTTL, "how long a tag's resolved digest is used before asking the registry again")
+	c.MaxParallelDownloads = orDefault(c.MaxParallelDownloads, DefaultMaxParallelDownloads)
+	fs.IntVar(&c.MaxParallelDownloads, "max-parallel-downloads", c.MaxParallelDownloads, "library images downloaded at the same time")
+	c.MaxLibraryBytes = orDefault(c.MaxLibraryBytes, DefaultMaxLibraryBytes)
+	fs.Var(quantityFlag{&c.MaxLibraryBytes}, "max-library-bytes", "largest extracted size of one library image (bytes, or a quantity such as 2Gi); larger images are rejected")
+	c.MaxLibraryFiles = orDefault(c.MaxLibraryFiles, DefaultMaxLibraryFiles)
+	fs.IntVar(&c.MaxLibraryFiles, "max-library-files", c.MaxLibraryFiles, "largest number of entries in one library image; larger images are rejected")
+	c.GCGracePeriod = orDefault(c.GCGracePeriod, DefaultGCGracePeriod)
+	fs.DurationVar(&c.GCGracePeriod, "gc-grace-period", c.GCGracePeriod, "how long a cached library that no volume uses is kept")
+	fs.Var(quantityFlag{&c.DiskBudget}, "cache-disk-budget", "if set (e.g. 20Gi), evict least recently used unreferenced libraries until the cache fits")
+	fs.Func("prefetch", "image reference pulled at start so the first pod on a new node does not wait (repeatable)", func(s string) error {
+		if _, err := libref.Parse(s); err != nil {
+			return err
+		}
+		c.Prefetch = append(c.Prefetch, s)
+		return nil
+	})
+	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
+	fs.DurationVar(&c.DownloadTimeout, "download-timeout", c.DownloadTimeout, "longest time one library download may take in the background")
+}
+
+// quantityFlag parses byte sizes as Kubernetes quantities ("500Mi", "2Gi", "1073741824").
+type quantityFlag struct{ v *int64 }
+
+func (q quantityFlag) String() string {
+	if q.v == nil || *q.v == 0 {
+		return "0"
+	}
+	return resource.NewQuantity(*q.v, resource.BinarySI).String()
+}
+
+func (q quantityFlag) Set(s string) error {
+	v, err := resource.ParseQuantity(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a size: use bytes or a quantity such as 500Mi or 2Gi", s)
+	}
+	if v.Sign() < 0 {
+		return fmt.Errorf("%q: size must not be negative", s)
+	}
+	*q.v = v.Value()
+	return nil
+}
+
+func orDefault[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+// withDefaults validates c and fills zero fields.
+func (c Config) withDefaults() (Config, error) {
+	if c.StoreDir == "" || !filepath.IsAbs(c.StoreDir) {
+		return c, fmt.Errorf("library cache store dir %q must be an absolute path (<state-dir>/store)", c.StoreDir)
+	}
+	c.StoreDir = filepath.Clean(c.StoreDir)
+	c.TagTTL = orDefault(c.TagTTL, DefaultTagTTL)
+	c.MaxParallelDownloads = orDefault(c.MaxParallelDownloads, DefaultMaxParallelDownloads)
+	c.MaxLibraryBytes = orDefault(c.MaxLibraryBytes, DefaultMaxLibraryBytes)
+	c.MaxLibraryFiles = orDefault(c.MaxLibraryFiles, DefaultMaxLibraryFiles)
+	c.GCGracePeriod = orDefault(c.GCGracePeriod, DefaultGCGracePeriod)
+	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	var errs []error
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"tag TTL", c.TagTTL}, {"GC grace period", c.GCGracePeriod}, {"download timeout", c.DownloadTimeout}} {
+		if d.v < 0 {
+			errs = append(errs, fmt.Errorf("%s %v must not be negative", d.name, d.v))
+		}
+	}
+	if c.MaxParallelDownloads < 0 || c.MaxLibraryBytes < 0 || c.MaxLibraryFiles < 0 || c.DiskBudget < 0 {
+		errs = append(errs, errors.New("download parallelism, library size and file limits and the disk budget must not be negative"))
+	}
+	c.Mirrors = slices.Clone(c.Mirrors)
+	for i, m := range c.Mirrors {
+		c.Mirrors[i].Source = normalizePrefix(m.Source)
+		if c.Mirrors[i].Source == "" || m.Mirror == "" {
+			errs = append(errs, fmt.Errorf("registry mirror %q=%q: want a registry host or repository prefix and a mirror location", m.Source, m.Mirror))
+		}
+	}
+	for _, p := range c.Prefetch {
+		if _, err := libref.Parse(p); err != nil {
+			errs = append(errs, fmt.Errorf("prefetch: %w", err))
+		}
+	}
+	return c, errors.Join(errs...)
+}

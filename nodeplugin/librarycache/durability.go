@@ -1,0 +1,123 @@
+package librarycache
+
+import (
+	"encoding/json"
+	"os"
+	"path"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Durability. An entry is renamed into place as soon as it is complete, so the first volume
+// does not wait for its data to reach the disk; a background worker then flushes the store's
+// filesystem once (syncfs covers every entry published meanwhile) and records each entry as
+// durable. A process crash loses nothing (the page cache survives it): Start flushes what the
+// previous process left unflushed. A power loss or kernel crash can tear files written
+// before the flush: entries of an earlier boot that were never marked durable are removed at
+// start. So after any crash an entry is complete or absent.
+
+const bootIDFile = "/proc/sys/kernel/random/boot_id"
+
+func readBootID() string {
+	b, err := os.ReadFile(bootIDFile)
+	if err != nil {
+		// Without a boot id every unflushed entry counts as from another boot: removed.
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// makeDurableLocked queues e for the durability worker. Guarded by c.mu.
+func (c *Cache) makeDurableLocked(e *entry) {
+	if e.meta.Durable {
+		return
+	}
+	c.pendingDurable = append(c.pendingDurable, e)
+	select {
+	case c.durableSignal <- struct{}{}:
+	default:
+	}
+}
+
+// durabilityWorker runs until the cache closes.
+func (c *Cache) durabilityWorker() {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.bg.Done():
+			return
+		case <-c.durableSignal:
+		}
+		c.mu.Lock()
+		pending := c.pendingDurable
+		c.pendingDurable = nil
+		c.mu.Unlock()
+		if len(pending) == 0 {
+			continue
+		}
+		if err := c.syncStore(); err != nil {
+			c.log.Error("cannot flush the library store to disk; entries stay unconfirmed and are removed after a reboot", "error", err)
+			continue
+		}
+		for _, e := range pending {
+			c.mu.Lock()
+			live := c.entries(e.kind)[e.key] == e && !e.removing
+			meta := e.meta
+			c.mu.Unlock()
+			if !live {
+				continue
+			}
+			meta.Durable = true
+			if err := c.rewriteMeta(e.rel(), meta); err != nil {
+				c.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
+				continue
+			}
+			c.mu.Lock()
+			e.meta.Durable = true
+			c.mu.Unlock()
+		}
+	}
+}
+
+func (c *Cache) syncStore() error {
+	f, err := c.root.Open(".")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Syncfs(int(f.Fd()))
+}
+
+// rewriteMeta replaces entry.json atomically and durably: written beside, synced, renamed,
+// and the directory synced.
+func (c *Cache) rewriteMeta(dirRel string, m entryMeta) error {
+	b, err := json.MarshalIndent(m, "", " ")
+	if err != nil {
+		return err
+	}
+	tmp := path.Join(dirRel, metaFile+".tmp")
+	f, err := c.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := c.root.Rename(tmp, path.Join(dirRel, metaFile)); err != nil {
+		return err
+	}
+	d, err := c.root.Open(dirRel)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

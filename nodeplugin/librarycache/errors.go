@@ -1,0 +1,137 @@
+package librarycache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"syscall"
+
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
+)
+
+// failure is what went wrong with one registry operation, in the terms the driver maps to
+// gRPC codes.
+type failure int
+
+const (
+	// failLocal: the node itself failed (disk full, permissions): no sentinel, the driver
+	// reports an internal error.
+	failLocal failure = iota
+	// failUnavailable: the registry could not be reached or answered with a server error.
+	failUnavailable
+	// failDenied: the registry refused our credentials.
+	failDenied
+	// failNotFound: the registry says the repository, tag or manifest does not exist.
+	failNotFound
+	// failRejected: the content is unusable whatever registry serves it.
+	failRejected
+)
+
+// classify decides what err from go-containerregistry or the extractor means.
+func classify(err error) failure {
+	if errors.Is(err, extract.ErrRejected) || errors.Is(err, driver.ErrImageRejected) {
+		return failRejected
+	}
+	var terr *transport.Error
+	if errors.As(err, &terr) {
+		for _, d := range terr.Errors {
+			switch d.Code {
+			case transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode:
+				return failNotFound
+			case transport.UnauthorizedErrorCode, transport.DeniedErrorCode:
+				return failDenied
+			}
+		}
+		switch terr.StatusCode {
+		case http.StatusNotFound:
+			return failNotFound
+		case http.StatusUnauthorized, http.StatusForbidden:
+			return failDenied
+		}
+		return failUnavailable
+	}
+	var perr *pathError
+	if errors.As(err, &perr) {
+		return failLocal
+	}
+	// Checked after local errors: a syscall.Errno also satisfies net.Error.
+	var nerr net.Error
+	if errors.As(err, &nerr) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return failUnavailable
+	}
+	var rerr *extract.ReadError
+	if errors.As(err, &rerr) {
+		// Not a network error below it: the archive itself is corrupt (bad gzip or tar
+		// framing, a path mutate.Extract refuses, a layer over the size cap, a digest
+		// mismatch). Another registry would serve the same bytes.
+		return failRejected
+	}
+	return failUnavailable
+}
+
+// pathError marks failures of the node's own filesystem, so they are never blamed on the
+// registry.
+type pathError struct{ err error }
+
+func (e *pathError) Error() string { return e.err.Error() }
+func (e *pathError) Unwrap() error { return e.err }
+
+func localErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &pathError{err: err}
+}
+
+// attempt is one registry location tried for an image, and how it failed.
+type attempt struct {
+	where string
+	err   error
+}
+
+// registryError turns the failures of every location tried into one error wrapping the
+// sentinel the driver maps to a gRPC code, with a message that says what to do.
+func registryError(image string, attempts []attempt) error {
+	worst := failNotFound
+	var parts []string
+	for _, a := range attempts {
+		f := classify(a.err)
+		switch {
+		case f == failRejected || f == failLocal:
+			// Content and local failures do not depend on where the image came from.
+			return wrapFailure(f, image, a.err)
+		case f != failNotFound:
+			// "Not found" is only believed when every location says so.
+			worst = min(worst, f)
+		}
+		parts = append(parts, fmt.Sprintf("%s: %v", a.where, a.err))
+	}
+	return wrapFailure(worst, image, errors.New(strings.Join(parts, "; ")))
+}
+
+// wrapFailure wraps both the sentinel and the cause, so errors.Is sees either.
+func wrapFailure(f failure, image string, cause error) error {
+	switch f {
+	case failNotFound:
+		return fmt.Errorf("%w: %s does not exist in the registry (%w); check the library image and version in the pod's annotations or volume attributes", driver.ErrImageNotFound, image, cause)
+	case failDenied:
+		return fmt.Errorf("%w: the registry refused access to %s (%w); give the node plugin a pull secret (--pull-secret-dir) or node docker credentials for it, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+	case failUnavailable:
+		return fmt.Errorf("%w: cannot pull %s and it is not cached on this node (%w); pods that use it wait until the registry or a --registry-mirror is reachable, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+	case failRejected:
+		if errors.Is(cause, driver.ErrImageRejected) {
+			return cause
+		}
+		return fmt.Errorf("%w: %s cannot be served as a library: %w", driver.ErrImageRejected, image, cause)
+	default:
+		return fmt.Errorf("storing %s in the library cache: %w", image, cause)
+	}
+}

@@ -1,0 +1,494 @@
+package librarycache
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/libimages"
+)
+
+func set(paths ...string) func() (map[string]struct{}, error) {
+	return func() (map[string]struct{}, error) {
+		m := map[string]struct{}{}
+		for _, p := range paths {
+			m[p] = struct{}{}
+		}
+		return m, nil
+	}
+}
+
+// gcFixture is a cache with two cached libraries and a mount table that the test writes.
+type gcFixture struct {
+	c          *Cache
+	reg        *libimages.Registry
+	java, ruby string
+	javaLayer  driver.Layer
+	rubyLayer  driver.Layer
+	javaView   driver.Layer
+	preload    string
+	mountInfo  string
+}
+
+func newGCFixture(t *testing.T, cfg Config) *gcFixture {
+	t.Helper()
+	f := &gcFixture{reg: libimages.Start(t)}
+	f.java, _ = pushLibrary(t, f.reg, "java", "v1")
+	f.ruby, _ = pushLibrary(t, f.reg, "ruby", "v1")
+	f.c = newCache(t, cfg)
+	f.mountInfo = filepath.Join(t.TempDir(), "mountinfo")
+	f.writeMounts(t)
+	f.c.mountInfo = f.mountInfo
+	var err error
+	if f.javaLayer, err = f.c.Layer(t.Context(), volumeattrs.Library{Image: f.java}); err != nil {
+		t.Fatal(err)
+	}
+	if f.javaView, err = f.c.Layer(t.Context(), volumeattrs.Library{Image: f.java, Target: libref.LanguageTarget("java")}); err != nil {
+		t.Fatal(err)
+	}
+	if f.rubyLayer, err = f.c.Layer(t.Context(), volumeattrs.Library{Image: f.ruby}); err != nil {
+		t.Fatal(err)
+	}
+	if f.preload, err = f.c.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: libref.LauncherPath}); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// writeMounts writes a mount table: the filesystem holding the store mounted at /, plus lines.
+func (f *gcFixture) writeMounts(t *testing.T, lines ...string) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(os.TempDir(), &st); err != nil {
+		t.Fatal(err)
+	}
+	dev := fmt.Sprintf("%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev))
+	all := []string{"22 1 " + dev + " / / rw,relatime shared:1 - ext4 /dev/vda rw"}
+	for _, l := range lines {
+		all = append(all, strings.ReplaceAll(l, "DEV", dev))
+	}
+	if err := os.WriteFile(f.mountInfo, []byte(strings.Join(all, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// age makes every entry look unused since d ago.
+func (f *gcFixture) age(d time.Duration) {
+	f.c.mu.Lock()
+	defer f.c.mu.Unlock()
+	for _, k := range kinds {
+		for _, e := range f.c.entries(k) {
+			e.lastUsed = time.Now().Add(-d)
+		}
+	}
+}
+
+func exists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
+}
+
+func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
+	f := newGCFixture(t, Config{GCGracePeriod: time.Hour})
+	// Within the grace period nothing goes, used or not.
+	if err := f.c.GC(t.Context(), set()); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{f.javaLayer.Dir, f.javaView.Dir, f.rubyLayer.Dir, f.preload} {
+		if !exists(d) {
+			t.Errorf("%s removed within the grace period", d)
+		}
+	}
+	f.age(2 * time.Hour)
+	// The java view is in use (so its image is too), ruby and the preload file are not.
+	if err := f.c.GC(t.Context(), set(f.javaView.Dir)); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{f.javaLayer.Dir, f.javaView.Dir} {
+		if !exists(d) {
+			t.Errorf("%s removed while in use", d)
+		}
+	}
+	for _, d := range []string{f.rubyLayer.Dir, f.preload} {
+		if exists(d) {
+			t.Errorf("%s kept past the grace period though unused", d)
+		}
+	}
+	if n := metricValue(t, f.c.metrics.libraries); n != 1 {
+		t.Errorf("libraries gauge = %v, want 1", n)
+	}
+	if n := metricValue(t, f.c.metrics.librariesInUse); n != 1 {
+		t.Errorf("libraries in use = %v, want 1", n)
+	}
+	if n := metricValue(t, f.c.metrics.evictions.WithLabelValues(evictUnused)); n != 2 {
+		t.Errorf("evictions{unused} = %v, want 2", n)
+	}
+	// Being in use counts as a use: after the view goes away, the grace period starts again.
+	if err := f.c.GC(t.Context(), set()); err != nil {
+		t.Fatal(err)
+	}
+	if !exists(f.javaLayer.Dir) || !exists(f.javaView.Dir) {
+		t.Errorf("java removed right after its last use")
+	}
+	// A removed library is downloaded again when asked for.
+	f.reg.ResetCounts()
+	layer, err := f.c.Layer(t.Context(), volumeattrs.Library{Image: f.ruby})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if layer.Dir != f.rubyLayer.Dir || len(readTree(t, layer.Dir)) == 0 {
+		t.Errorf("re-download = %v", layer)
+	}
+	if n := f.reg.Count(func(q libimages.Request) bool { return q.Kind == "blob" }); n == 0 {
+		t.Errorf("ruby was served without downloading it again")
+	}
+	if n := dirEntries(t, filepath.Join(f.c.Dir(), tmpDir)); n != 0 {
+		t.Errorf("GC left %d dirs in tmp/", n)
+	}
+}
+
+func TestGCTrustsTheMountTable(t *testing.T) {
+	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
+	upper := t.TempDir()
+	f.writeMounts(t,
+		// An overlay using the ruby library and the java view as lower dirs.
+		fmt.Sprintf("500 22 0:99 / /var/lib/kubelet/pods/x/volumes/v rw - overlay overlay rw,lowerdir=%s:%s,upperdir=%s/u,workdir=%s/w,index=off", f.javaView.Dir, f.rubyLayer.Dir, upper, upper),
+		// The preload file bind-mounted from the store's filesystem.
+		fmt.Sprintf("501 22 DEV %s /var/lib/kubelet/pods/x/volumes/p ro - ext4 /dev/vda rw", filepath.Join(f.preload, volumeattrs.PreloadFile)),
+	)
+	// The driver's records have lost track of everything: the mount table still protects.
+	if err := f.c.GC(t.Context(), set()); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{f.javaView.Dir, f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
+		if !exists(d) {
+			t.Errorf("%s removed while the mount table references it", d)
+		}
+	}
+	f.writeMounts(t)
+	if err := f.c.GC(t.Context(), set()); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{f.javaView.Dir, f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
+		if exists(d) {
+			t.Errorf("%s kept after its mounts went away", d)
+		}
+	}
+}
+
+func TestGCRemovesNothingWhenUnsure(t *testing.T) {
+	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
+	err := f.c.GC(t.Context(), func() (map[string]struct{}, error) { return nil, errors.New("records unreadable") })
+	if err == nil || !strings.Contains(err.Error(), "nothing removed") {
+		t.Errorf("GC with failing inUse = %v, want an error saying nothing was removed", err)
+	}
+	f.c.mountInfo = filepath.Join(t.TempDir(), "missing")
+	if err := f.c.GC(t.Context(), set()); err == nil {
+		t.Errorf("GC with an unreadable mount table succeeded")
+	}
+	for _, d := range []string{f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
+		if !exists(d) {
+			t.Errorf("%s removed although GC could not tell what is in use", d)
+		}
+	}
+}
+
+func TestGCKeepsBusyAndPrefetched(t *testing.T) {
+	reg := libimages.Start(t)
+	pre, _ := pushLibrary(t, reg, "js", "v1")
+	other, _ := pushLibrary(t, reg, "php", "v1")
+	c := newCache(t, Config{GCGracePeriod: time.Nanosecond, Prefetch: []string{pre}})
+	c.mountInfo = "/proc/self/mountinfo"
+	preLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: pre})
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A publish between lookup and hand-out holds the entry.
+	busy := c.acquireDigest(otherLayer.Digest)
+	if err := c.GC(t.Context(), set()); err != nil {
+		t.Fatal(err)
+	}
+	if !exists(otherLayer.Dir) {
+		t.Errorf("busy entry removed")
+	}
+	c.release(busy)
+	if err := c.GC(t.Context(), set()); err != nil {
+		t.Fatal(err)
+	}
+	if exists(otherLayer.Dir) {
+		t.Errorf("unused entry kept")
+	}
+	if !exists(preLayer.Dir) {
+		t.Errorf("prefetched library removed")
+	}
+}
+
+func TestGCDiskBudget(t *testing.T) {
+	reg := libimages.Start(t)
+	var refs []string
+	for _, lang := range []string{"java", "js", "python"} {
+		r, _ := pushLibrary(t, reg, lang, "v1")
+		refs = append(refs, r)
+	}
+	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour})
+	c.mountInfo = "/proc/self/mountinfo"
+	var layers []driver.Layer
+	for _, r := range refs {
+		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: r, Target: "x"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		layers = append(layers, l)
+	}
+	// Oldest first: java, js, python. Each image holds a few hundred bytes.
+	c.mu.Lock()
+	var total int64
+	for i, img := range []string{layers[0].Digest, layers[1].Digest, layers[2].Digest} {
+		e := c.images[strings.TrimPrefix(img, "sha256:")]
+		e.lastUsed = time.Now().Add(-time.Duration(10-i) * time.Hour)
+		total += e.meta.Bytes
+	}
+	for _, v := range c.views {
+		v.lastUsed = time.Now().Add(-time.Hour)
+	}
+	c.cfg.DiskBudget = total - 1
+	c.mu.Unlock()
+
+	// java is in use, so the least recently used unreferenced library is js.
+	if err := c.GC(t.Context(), set(layers[0].Dir)); err != nil {
+		t.Fatal(err)
+	}
+	if !exists(layers[0].Dir) {
+		t.Errorf("the in-use library was evicted for the budget")
+	}
+	if exists(layers[1].Dir) {
+		t.Errorf("the least recently used unreferenced library (and its view) was kept")
+	}
+	if !exists(layers[2].Dir) {
+		t.Errorf("more was evicted than the budget needs")
+	}
+	if n := metricValue(t, c.metrics.evictions.WithLabelValues(evictBudget)); n != 2 {
+		t.Errorf("evictions{budget} = %v, want 2 (the image and its view)", n)
+	}
+}
+
+func TestStartRemovesLeftovers(t *testing.T) {
+	reg := libimages.Start(t)
+	image, _ := pushLibrary(t, reg, "java", "v1")
+	store := filepath.Join(t.TempDir(), "store")
+	c := newCache(t, Config{StoreDir: store})
+	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// What a crash leaves: a half-extracted download, an entry dir without its metadata (a
+	// reboot before the data reached the disk), stray names.
+	leftovers := []string{
+		filepath.Join(store, tmpDir, "p1.2-pull-0123456789abcdef", "rootfs", "datadog-init"),
+		filepath.Join(store, "images", strings.Repeat("ab", 32), "rootfs"),
+		filepath.Join(store, "views", "not-a-key"),
+		filepath.Join(store, "generated", strings.Repeat("cd", 32)),
+	}
+	for _, d := range leftovers {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c2 := newCache(t, Config{StoreDir: store})
+	for _, d := range leftovers {
+		if exists(d) {
+			t.Errorf("leftover %s survived Start", d)
+		}
+	}
+	reg.ResetCounts()
+	again, err := c2.Layer(t.Context(), volumeattrs.Library{Image: image})
+	if err != nil || again != layer {
+		t.Errorf("after restart = %v, %v; want %v", again, err, layer)
+	}
+	if n := len(reg.Requests()); n != 0 {
+		t.Errorf("a complete entry was not reused after the restart (%d requests)", n)
+	}
+	if n := metricValue(t, c2.metrics.evictions.WithLabelValues(evictOrphan)); n != 3 {
+		t.Errorf("evictions{orphan} = %v, want 3", n)
+	}
+}
+
+func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
+	reg := libimages.Start(t)
+	large, err := libimages.Large(8<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Push("datadog/dd-lib-java-init", "large", large); err != nil {
+		t.Fatal(err)
+	}
+	image := reg.Repo("datadog/dd-lib-java-init") + ":large"
+	store := filepath.Join(t.TempDir(), "store")
+	c := newCache(t, Config{StoreDir: store})
+	release := reg.HoldBlobs(3 << 20)
+	defer release()
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := c.Layer(ctx, volumeattrs.Library{Image: image}); !errors.Is(err, driver.ErrDownloadInProgress) {
+		t.Fatalf("Layer = %v, want in progress", err)
+	}
+	// Wait until the extraction has written part of the library.
+	deadline := time.Now().Add(10 * time.Second)
+	for !partial(t, store) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !partial(t, store) {
+		t.Fatal("the download never wrote anything")
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := dirEntries(t, filepath.Join(store, "images")); n != 0 {
+		t.Errorf("an interrupted download left %d entries", n)
+	}
+	if n := dirEntries(t, filepath.Join(store, tmpDir)); n != 0 {
+		t.Errorf("an interrupted download left %d work dirs", n)
+	}
+	release()
+	c2 := newCache(t, Config{StoreDir: store})
+	layer, err := c2.Layer(t.Context(), volumeattrs.Library{Image: image})
+	if err != nil {
+		t.Fatalf("publish after the interruption: %v", err)
+	}
+	if got := len(readTree(t, layer.Dir)); got != 2 {
+		t.Errorf("library has %d files, want 2", got)
+	}
+}
+
+// partial reports whether a download has written a library file into tmp/.
+func partial(t *testing.T, store string) bool {
+	found := false
+	_ = filepath.WalkDir(filepath.Join(store, tmpDir), func(p string, d os.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(p, ".jar") {
+			found = true
+		}
+		return nil
+	})
+	return found
+}
+
+func TestStoreLocked(t *testing.T) {
+	store := filepath.Join(t.TempDir(), "store")
+	newCache(t, Config{StoreDir: store})
+	_, err := lockStore(store, 300*time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "locked by another apm-csi-node process (pid "+strconv.Itoa(os.Getpid())) {
+		t.Errorf("second lock = %v, want an error naming the holder", err)
+	}
+}
+
+func TestSplitLayers(t *testing.T) {
+	tests := []struct {
+		in   string
+		want []string
+	}{
+		{"/a:/b", []string{"/a", "/b"}},
+		{"/a", []string{"/a"}},
+		{`/with\:colon:/b`, []string{"/with:colon", "/b"}},
+		{`/sp\040ace:/b`, []string{"/sp ace", "/b"}},
+		{"/a::/data", []string{"/a", "/data"}},
+	}
+	for _, tt := range tests {
+		got := splitLayers(tt.in)
+		if strings.Join(got, "|") != strings.Join(tt.want, "|") {
+			t.Errorf("splitLayers(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+func readMeta(t *testing.T, dir string) entryMeta {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, metaFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m entryMeta
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func waitDurable(t *testing.T, dir string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !readMeta(t, dir).Durable {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never became durable", dir)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestDurabilityAcrossRestarts: entries are flushed in the background; an entry left
+// unflushed by a crashed process of this boot is flushed at the next start, one from an
+// earlier boot (a power loss may have torn it) is removed.
+func TestDurabilityAcrossRestarts(t *testing.T) {
+	reg := libimages.Start(t)
+	javaRef, _ := pushLibrary(t, reg, "java", "v1")
+	jsRef, _ := pushLibrary(t, reg, "js", "v1")
+	store := filepath.Join(t.TempDir(), "store")
+	c := newCache(t, Config{StoreDir: store})
+	java, err := c.Layer(t.Context(), volumeattrs.Library{Image: javaRef})
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := c.Layer(t.Context(), volumeattrs.Library{Image: jsRef})
+	if err != nil {
+		t.Fatal(err)
+	}
+	entryDir := func(l driver.Layer) string {
+		return filepath.Join(store, "images", strings.TrimPrefix(l.Digest, "sha256:"))
+	}
+	waitDurable(t, entryDir(java))
+	waitDurable(t, entryDir(js))
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	unflush := func(l driver.Layer, boot string) {
+		m := readMeta(t, entryDir(l))
+		m.Durable, m.BootID = false, boot
+		b, _ := json.Marshal(m)
+		if err := os.WriteFile(filepath.Join(entryDir(l), metaFile), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unflush(java, readBootID())
+	unflush(js, "an-earlier-boot")
+
+	c2 := newCache(t, Config{StoreDir: store})
+	if exists(entryDir(js)) {
+		t.Errorf("an unflushed entry from an earlier boot survived the start")
+	}
+	waitDurable(t, entryDir(java))
+	reg.ResetCounts()
+	if _, err := c2.Layer(t.Context(), volumeattrs.Library{Image: javaRef}); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(reg.Requests()); n != 0 {
+		t.Errorf("the flushed entry was downloaded again (%d requests)", n)
+	}
+}

@@ -1,0 +1,145 @@
+package librarycache
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"path"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// maxGeneratedBytes bounds GeneratedFiles: it holds one-line files such as ld.so.preload.
+const maxGeneratedBytes = 1 << 20
+
+// GeneratedFiles implements driver.LibraryStore: an immutable directory holding exactly
+// files, shared by every caller asking for the same content.
+func (c *Cache) GeneratedFiles(files map[string]string) (string, error) {
+	names, err := validateGenerated(files)
+	if err != nil {
+		return "", err
+	}
+	parts := []string{"generated-v1"}
+	for _, n := range names {
+		parts = append(parts, n, strconv.Itoa(len(files[n])), files[n])
+	}
+	key := contentKey(parts...)
+	if e := c.acquire(kindGenerated, key); e != nil {
+		c.release(e)
+		return c.contentDir(e), nil
+	}
+	val, err, _ := c.flights.Do("generated:"+key, func() (any, error) {
+		c.mu.Lock()
+		e := c.generated[key]
+		c.mu.Unlock()
+		if e != nil && !e.removing {
+			return e, nil
+		}
+		return c.buildGenerated(key, names, files)
+	})
+	if err != nil {
+		return "", err
+	}
+	e := c.acquireEntry(val.(*entry))
+	if e == nil {
+		return "", fmt.Errorf("generated files %s were evicted right after they were written; retry", key)
+	}
+	c.release(e)
+	return c.contentDir(e), nil
+}
+
+func validateGenerated(files map[string]string) ([]string, error) {
+	if len(files) == 0 {
+		return nil, errors.New("generated files: none given")
+	}
+	names := slices.Sorted(maps.Keys(files))
+	total := 0
+	for i, n := range names {
+		if n == "" || path.Clean(n) != n || !filepath.IsLocal(n) || strings.ContainsRune(n, 0) {
+			return nil, fmt.Errorf("generated file %q: want a clean relative path such as etc/ld.so.preload", n)
+		}
+		// Sorted order puts "a/b" right after "a" if both exist.
+		if i+1 < len(names) && strings.HasPrefix(names[i+1], n+"/") {
+			return nil, fmt.Errorf("generated files %q and %q: a file cannot also be a directory", n, names[i+1])
+		}
+		total += len(files[n])
+	}
+	if total > maxGeneratedBytes {
+		return nil, fmt.Errorf("generated files hold %d bytes, the limit is %d", total, maxGeneratedBytes)
+	}
+	return names, nil
+}
+
+func (c *Cache) buildGenerated(key string, names []string, files map[string]string) (*entry, error) {
+	tmp, err := c.mkTemp("generated")
+	if err != nil {
+		return nil, err
+	}
+	published := false
+	defer func() {
+		if !published {
+			_ = c.root.RemoveAll(tmp)
+		}
+	}()
+	rootRel := path.Join(tmp, kindGenerated.content())
+	if err := c.mkdirs(rootRel, rootRel); err != nil {
+		return nil, err
+	}
+	var bytes int64
+	for _, n := range names {
+		p := path.Join(rootRel, n)
+		if err := c.mkdirsBelow(rootRel, path.Dir(p)); err != nil {
+			return nil, err
+		}
+		if err := c.root.WriteFile(p, []byte(files[n]), 0o644); err != nil {
+			return nil, localErr(err)
+		}
+		if err := c.root.Chmod(p, 0o644); err != nil {
+			return nil, localErr(err)
+		}
+		bytes += int64(len(files[n]))
+	}
+	meta := entryMeta{Bytes: bytes, Files: len(names), Created: time.Now().UTC(), BootID: c.bootID}
+	if err := c.writeMeta(tmp, meta); err != nil {
+		return nil, err
+	}
+	err = c.publish(tmp, kindGenerated, key)
+	if errors.Is(err, fs.ErrExist) {
+		if e, ok := c.readEntry(kindGenerated, key); ok {
+			return c.add(e), nil
+		}
+		return nil, localErr(fmt.Errorf("generated files %s appeared in the store but cannot be read", key))
+	}
+	if err != nil {
+		return nil, err
+	}
+	published = true
+	return c.add(&entry{kind: kindGenerated, key: key, meta: meta}), nil
+}
+
+// mkdirsBelow creates the 0755 directories between root (which exists) and dir.
+func (c *Cache) mkdirsBelow(root, dir string) error {
+	rest, _ := strings.CutPrefix(dir, root)
+	p := root
+	for _, comp := range strings.Split(strings.TrimPrefix(rest, "/"), "/") {
+		if comp == "" {
+			continue
+		}
+		p = path.Join(p, comp)
+		err := c.root.Mkdir(p, 0o755)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return localErr(err)
+		}
+		if err := c.root.Chmod(p, 0o755); err != nil {
+			return localErr(err)
+		}
+	}
+	return nil
+}

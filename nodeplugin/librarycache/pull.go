@@ -1,0 +1,429 @@
+package librarycache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
+	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/shared/version"
+)
+
+// maxLayers bounds the layers of one image (Docker's own limit is 127).
+const maxLayers = 128
+
+// resolveAndPull resolves a tag (unless its record is fresh) and makes sure the image it
+// names is cached.
+func (c *Cache) resolveAndPull(bg context.Context, ref libref.Ref) (*entry, error) {
+	tag := tagKey(ref)
+	rec, ok := c.refs.tag(tag)
+	digest := rec.Digest
+	if !ok || time.Since(rec.Resolved) >= c.cfg.TagTTL {
+		d, err := c.resolveTag(bg, ref)
+		if err != nil {
+			return nil, err
+		}
+		digest = d
+		if err := c.refs.setTag(tag, d, time.Now()); err != nil {
+			c.log.Warn("cannot remember a tag resolution; it will be resolved again after a restart", "image", ref.String(), "error", err)
+		}
+		if ok && rec.Digest != d {
+			c.log.Info("tag moved to a new digest", "image", ref.String(), "old_digest", rec.Digest, "digest", d)
+		}
+	}
+	if e := c.peekDigest(digest); e != nil {
+		return e, nil
+	}
+	return c.pull(bg, ref, digest)
+}
+
+// resolveTag asks the mirrors, then the registry, which digest a tag names. HEAD is used
+// because registries do not count it against pull rate limits.
+func (c *Cache) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
+	ctx, cancel := context.WithTimeout(bg, resolveTimeout)
+	defer cancel()
+	var received atomic.Int64
+	defer func() { c.metrics.downloadedBytes.Add(float64(received.Load())) }()
+	var attempts []attempt
+	for _, repo := range c.candidates(ref.Repository) {
+		t, err := name.NewTag(repo+":"+ref.Tag, c.nameOptions(repo)...)
+		if err != nil {
+			attempts = append(attempts, attempt{where: repo, err: err})
+			continue
+		}
+		opts := c.remoteOptions(ctx, &received)
+		desc, err := remote.Head(t, opts...)
+		var terr *transport.Error
+		if errors.As(err, &terr) && terr.StatusCode == http.StatusMethodNotAllowed {
+			var d *remote.Descriptor
+			if d, err = remote.Get(t, opts...); err == nil {
+				desc = &d.Descriptor
+			}
+		}
+		if err != nil {
+			attempts = append(attempts, attempt{where: repo, err: err})
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		return desc.Digest.String(), nil
+	}
+	return "", registryError(ref.String(), attempts)
+}
+
+// pull makes sure the image with this manifest (or index) digest is cached: one download
+// per digest at a time, at most MaxParallelDownloads downloads overall.
+func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
+	v, err, _ := c.flights.Do("pull:"+digest, func() (any, error) {
+		if e := c.peekDigest(digest); e != nil {
+			return e, nil
+		}
+		if err := c.rejection(digest); err != nil {
+			return nil, err
+		}
+		select {
+		case c.downloadSlots <- struct{}{}:
+		case <-bg.Done():
+			return nil, fmt.Errorf("%w: download of %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+		}
+		defer func() { <-c.downloadSlots }()
+		if e := c.peekDigest(digest); e != nil {
+			return e, nil
+		}
+		return c.download(bg, ref, digest)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*entry), nil
+}
+
+func (c *Cache) rejection(digest string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r, ok := c.rejected[digest]
+	if !ok {
+		return nil
+	}
+	if time.Now().After(r.until) {
+		delete(c.rejected, digest)
+		return nil
+	}
+	return r.err
+}
+
+// download fetches and extracts one image, trying the mirrors then the source.
+func (c *Cache) download(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
+	ctx, cancel := context.WithTimeout(bg, c.cfg.DownloadTimeout)
+	defer cancel()
+	start := time.Now()
+	var received atomic.Int64
+	display := ref.String()
+	if !ref.Pinned() {
+		display += "@" + digest
+	}
+	c.log.Info("downloading library", "image", ref.String(), "digest", digest)
+
+	var attempts []attempt
+	var e *entry
+	for _, repo := range c.candidates(ref.Repository) {
+		var err error
+		e, err = c.downloadFrom(ctx, repo, ref, digest, &received)
+		if err == nil {
+			break
+		}
+		attempts = append(attempts, attempt{where: repo, err: err})
+		if f := classify(err); f == failRejected || f == failLocal || bg.Err() != nil {
+			break
+		}
+	}
+	seconds := time.Since(start).Seconds()
+	c.metrics.downloadedBytes.Add(float64(received.Load()))
+	if e != nil {
+		c.metrics.downloads.WithLabelValues(resultSuccess).Inc()
+		c.metrics.downloadSeconds.Observe(seconds)
+		c.log.Info("library downloaded", "image", ref.String(), "digest", e.meta.Digest, "bytes", e.meta.Bytes,
+			"files", e.meta.Files, "downloaded_bytes", received.Load(), "seconds", seconds)
+		return e, nil
+	}
+	err := registryError(display, attempts)
+	f := classify(attempts[len(attempts)-1].err)
+	if errors.Is(err, driver.ErrImageNotFound) {
+		f = failNotFound
+	}
+	c.metrics.downloads.WithLabelValues(downloadResult(f)).Inc()
+	c.log.Warn("library download failed", "image", ref.String(), "digest", digest, "seconds", seconds, "error", err)
+	if errors.Is(err, driver.ErrImageRejected) {
+		c.mu.Lock()
+		c.rejected[digest] = rejection{err: err, until: time.Now().Add(rejectionTTL)}
+		c.mu.Unlock()
+	}
+	return nil, err
+}
+
+// downloadFrom fetches the manifest of digest from repo (picking this node's platform from
+// an index) and extracts the image into the store.
+func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, digest string, received *atomic.Int64) (*entry, error) {
+	dref, err := name.NewDigest(repo+"@"+digest, c.nameOptions(repo)...)
+	if err != nil {
+		return nil, err
+	}
+	desc, err := remote.Get(dref, c.remoteOptions(ctx, received)...)
+	if err != nil {
+		return nil, err
+	}
+	var img v1.Image
+	switch {
+	case desc.MediaType.IsIndex():
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			return nil, err
+		}
+		child, err := c.platformManifest(idx, ref)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.refs.setIndex(digest, child.String()); err != nil {
+			c.log.Warn("cannot remember an index's platform image", "image", ref.String(), "error", err)
+		}
+		if e := c.peekDigest(child.String()); e != nil {
+			return e, nil
+		}
+		if img, err = idx.Image(child); err != nil {
+			return nil, err
+		}
+	case desc.MediaType.IsImage():
+		if img, err = desc.Image(); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("%w: %s is a %s, not a container image", driver.ErrImageRejected, ref, desc.MediaType)
+	}
+	return c.extractImage(ctx, img, ref)
+}
+
+// platformManifest picks this node's platform in an index.
+func (c *Cache) platformManifest(idx v1.ImageIndex, ref libref.Ref) (v1.Hash, error) {
+	im, err := idx.IndexManifest()
+	if err != nil {
+		return v1.Hash{}, err
+	}
+	var available []string
+	for _, m := range im.Manifests {
+		if m.Platform == nil {
+			continue
+		}
+		if m.Platform.Satisfies(c.platform) {
+			return m.Digest, nil
+		}
+		available = append(available, m.Platform.String())
+	}
+	return v1.Hash{}, fmt.Errorf("%w: %s has no image for this node's platform %s (it has: %s)", driver.ErrImageRejected, ref, c.platform.String(), strings.Join(available, ", "))
+}
+
+// extractImage flattens img into a work dir, then renames it into images/<hex>.
+func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) (*entry, error) {
+	d, err := img.Digest()
+	if err != nil {
+		return nil, err
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		return nil, err
+	}
+	if len(layers) > maxLayers {
+		return nil, fmt.Errorf("%w: %s has %d layers, the limit is %d", driver.ErrImageRejected, ref, len(layers), maxLayers)
+	}
+	tmp, err := c.mkTemp("pull")
+	if err != nil {
+		return nil, err
+	}
+	published := false
+	defer func() {
+		if !published {
+			if err := c.root.RemoveAll(tmp); err != nil {
+				c.log.Error("cannot remove an abandoned download; the next start removes it", "path", filepath.Join(c.dir, tmp), "error", err)
+			}
+		}
+	}()
+	rootfs := path.Join(tmp, kindImage.content())
+	if err := c.root.Mkdir(rootfs, 0o755); err != nil {
+		return nil, localErr(err)
+	}
+	rc := mutate.Extract(&limitedImage{Image: img, max: c.layerLimit()})
+	stats, err := extract.Extract(ctx, rc, filepath.Join(c.dir, rootfs), extract.Options{
+		MaxBytes:          c.cfg.MaxLibraryBytes,
+		MaxEntries:        c.cfg.MaxLibraryFiles,
+		PreserveOwnership: os.Geteuid() == 0,
+	})
+	// Closing the pipe ends mutate.Extract's goroutine and the layer download under it.
+	_ = rc.Close()
+	if err != nil {
+		var re *extract.ReadError
+		if errors.As(err, &re) || errors.Is(err, extract.ErrRejected) || ctx.Err() != nil {
+			return nil, err
+		}
+		return nil, localErr(err)
+	}
+	if stats.RewrittenSymlinks > 0 || stats.SetIDStripped > 0 || stats.Skipped > 0 {
+		c.log.Info("library image neutralised while extracting", "image", ref.String(), "digest", d.String(),
+			"absolute_symlinks_made_relative", stats.RewrittenSymlinks, "setid_bits_stripped", stats.SetIDStripped,
+			"entries_skipped", stats.Skipped, "skipped_sample", stats.SkippedSample)
+	}
+	meta := entryMeta{Digest: d.String(), Image: ref.String(), Bytes: stats.Bytes, Files: stats.Files, Created: time.Now().UTC(), BootID: c.bootID}
+	if err := c.writeMeta(tmp, meta); err != nil {
+		return nil, err
+	}
+	key := d.Hex
+	err = c.publish(tmp, kindImage, key)
+	if errors.Is(err, fs.ErrExist) {
+		// Reached through another index or reference meanwhile: same content.
+		if e := c.peekDigest(d.String()); e != nil {
+			return e, nil
+		}
+		return nil, localErr(fmt.Errorf("%s appeared in the store but cannot be read", path.Join(kindImage.dir(), key)))
+	}
+	if err != nil {
+		return nil, err
+	}
+	published = true
+	c.metrics.extractedBytes.Add(float64(stats.Bytes))
+	return c.add(&entry{kind: kindImage, key: key, meta: meta}), nil
+}
+
+// layerLimit bounds the decompressed size of one layer: the library cap plus generous tar
+// framing. mutate.Extract decompresses entries it drops (shadowed, whited out, trailing
+// data) without showing them to the extractor, so they need their own bound.
+func (c *Cache) layerLimit() int64 {
+	return c.cfg.MaxLibraryBytes + int64(c.cfg.MaxLibraryFiles)*2048 + 16<<20
+}
+
+// candidates lists where repo can be pulled from: matching mirrors in order, then repo.
+func (c *Cache) candidates(repo string) []string {
+	var out []string
+	for _, m := range c.cfg.Mirrors {
+		if r, ok := m.rewrite(repo); ok {
+			out = append(out, r)
+		}
+	}
+	return append(out, repo)
+}
+
+func (c *Cache) nameOptions(repo string) []name.Option {
+	host, _, _ := strings.Cut(repo, "/")
+	if c.insecure[host] {
+		return []name.Option{name.Insecure}
+	}
+	return nil
+}
+
+func (c *Cache) remoteOptions(ctx context.Context, received *atomic.Int64) []remote.Option {
+	return []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(c.keychain),
+		remote.WithPlatform(c.platform),
+		remote.WithTransport(&countingTransport{base: c.transport, n: received}),
+		remote.WithUserAgent(names.NodeBinary + "/" + version.Version),
+		// A down registry answers "connection refused" at once; retry briefly for flakes
+		// only, so a publish learns quickly that it must use the cache or fail.
+		remote.WithRetryBackoff(remote.Backoff{Duration: 250 * time.Millisecond, Factor: 2, Jitter: 0.1, Steps: 3}),
+	}
+}
+
+// countingTransport counts response body bytes: what the download cost the network.
+type countingTransport struct {
+	base http.RoundTripper
+	n    *atomic.Int64
+}
+
+func (t *countingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := t.base.RoundTrip(req)
+	if err != nil || resp.Body == nil {
+		return resp, err
+	}
+	resp.Body = &countingBody{ReadCloser: resp.Body, n: t.n}
+	return resp, nil
+}
+
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// limitedImage caps the decompressed size of each layer mutate.Extract reads.
+type limitedImage struct {
+	v1.Image
+	max int64
+}
+
+func (l *limitedImage) Layers() ([]v1.Layer, error) {
+	layers, err := l.Image.Layers()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]v1.Layer, len(layers))
+	for i, layer := range layers {
+		out[i] = &limitedLayer{Layer: layer, max: l.max}
+	}
+	return out, nil
+}
+
+type limitedLayer struct {
+	v1.Layer
+	max int64
+}
+
+func (l *limitedLayer) Uncompressed() (io.ReadCloser, error) {
+	rc, err := l.Layer.Uncompressed()
+	if err != nil {
+		return nil, err
+	}
+	return &limitedReader{ReadCloser: rc, left: l.max, max: l.max}, nil
+}
+
+type limitedReader struct {
+	io.ReadCloser
+	left, max int64
+}
+
+func (r *limitedReader) Read(p []byte) (int, error) {
+	if r.left <= 0 {
+		// Probe: a layer that ends exactly at the limit is fine.
+		var one [1]byte
+		if n, err := r.ReadCloser.Read(one[:]); n == 0 {
+			return 0, err
+		}
+		return 0, &extract.RejectedError{Reason: fmt.Sprintf("has a layer that decompresses to more than %d bytes", r.max)}
+	}
+	if int64(len(p)) > r.left {
+		p = p[:r.left]
+	}
+	n, err := r.ReadCloser.Read(p)
+	r.left -= int64(n)
+	return n, err
+}

@@ -1,0 +1,221 @@
+package librarycache
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/shared/libref"
+)
+
+// place returns the directory to hand out for the source directory of img placed at target
+// inside a volume. At the volume root the image's own directory serves; elsewhere a view
+// (a hardlink farm of the source below target) is built once and shared.
+func (c *Cache) place(img *entry, image, source, target string) (string, error) {
+	srcRel := path.Join(img.rel(), kindImage.content(), strings.TrimPrefix(source, "/"))
+	if err := c.checkSourceDir(img, image, source); err != nil {
+		return "", err
+	}
+	if target == "" {
+		return filepath.Join(c.dir, srcRel), nil
+	}
+	key := contentKey(img.meta.Digest, source, target)
+	if v := c.acquire(kindView, key); v != nil {
+		c.release(v)
+		return c.contentDir(v), nil
+	}
+	val, err, _ := c.flights.Do("view:"+key, func() (any, error) {
+		c.mu.Lock()
+		v := c.views[key]
+		c.mu.Unlock()
+		if v != nil && !v.removing {
+			return v, nil
+		}
+		return c.buildView(img, srcRel, key, source, target)
+	})
+	if err != nil {
+		return "", err
+	}
+	v := c.acquireEntry(val.(*entry))
+	if v == nil {
+		return "", fmt.Errorf("%w: the view of %s was evicted right after it was built; retry", driver.ErrDownloadInProgress, image)
+	}
+	c.release(v)
+	return c.contentDir(v), nil
+}
+
+func (c *Cache) contentDir(e *entry) string {
+	return filepath.Join(c.dir, e.rel(), e.kind.content())
+}
+
+// contentKey names derived entries: a hash of the parts, unambiguous thanks to the NUL
+// separators (none of the parts can hold one).
+func contentKey(parts ...string) string {
+	h := sha256.New()
+	for _, p := range parts {
+		h.Write([]byte(p))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// checkSourceDir verifies, one component at a time without following links, that source is
+// a real directory of the image: overlayfs resolves lowerdir on the host, so a symlinked
+// source must never be handed out.
+func (c *Cache) checkSourceDir(img *entry, image, source string) error {
+	p := path.Join(img.rel(), kindImage.content())
+	for _, comp := range strings.Split(strings.TrimPrefix(source, "/"), "/") {
+		if comp == "" {
+			continue
+		}
+		p = path.Join(p, comp)
+		fi, err := c.root.Lstat(p)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return fmt.Errorf("%w: %s (%s) has no directory %s; set the library source to a directory that exists in the image (Datadog images keep a tracer in %s and the injector in %s)",
+				driver.ErrImageRejected, image, img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
+		case err != nil:
+			return localErr(err)
+		case fi.Mode()&fs.ModeSymlink != 0:
+			return fmt.Errorf("%w: in %s (%s), %s is a symlink; a library source must be a real directory of the image", driver.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+		case !fi.IsDir():
+			return fmt.Errorf("%w: in %s (%s), %s is not a directory", driver.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+		}
+	}
+	return nil
+}
+
+// buildView creates views/<key>/root/<target> as a hardlink farm of srcRel: no file data is
+// copied, and the files are the image's own inodes (same modes, owners, times).
+func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entry, error) {
+	tmp, err := c.mkTemp("view")
+	if err != nil {
+		return nil, err
+	}
+	published := false
+	defer func() {
+		if !published {
+			_ = c.root.RemoveAll(tmp)
+		}
+	}()
+	rootRel := path.Join(tmp, kindView.content())
+	if err := c.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
+		return nil, err
+	}
+	if err := c.farm(srcRel, path.Join(rootRel, target)); err != nil {
+		return nil, localErr(fmt.Errorf("building the view of %s at %s: %w", source, target, err))
+	}
+	meta := entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Created: time.Now().UTC(), BootID: c.bootID}
+	if err := c.writeMeta(tmp, meta); err != nil {
+		return nil, err
+	}
+	err = c.publish(tmp, kindView, key)
+	if errors.Is(err, fs.ErrExist) {
+		if e, ok := c.readEntry(kindView, key); ok {
+			return c.add(e), nil
+		}
+		return nil, localErr(fmt.Errorf("view %s appeared in the store but cannot be read", key))
+	}
+	if err != nil {
+		return nil, err
+	}
+	published = true
+	return c.add(&entry{kind: kindView, key: key, meta: meta}), nil
+}
+
+// mkdirs creates root and the plain 0755 directories from root down to dir. Modes are set
+// explicitly: the umask must not make a view's parents unreadable to a pod's user.
+func (c *Cache) mkdirs(root, dir string) error {
+	if err := c.root.Mkdir(root, 0o755); err != nil {
+		return localErr(err)
+	}
+	if err := c.root.Chmod(root, 0o755); err != nil {
+		return localErr(err)
+	}
+	return c.mkdirsBelow(root, dir)
+}
+
+type dirAttrs struct {
+	rel      string
+	mode     fs.FileMode
+	uid, gid int
+	mtime    time.Time
+}
+
+// farm mirrors the tree at src into dst (which must not exist) with hardlinks.
+func (c *Cache) farm(src, dst string) error {
+	chown := os.Geteuid() == 0
+	var dirs []dirAttrs
+	err := fs.WalkDir(c.root.FS(), src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		out := dst + strings.TrimPrefix(p, src)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st, _ := info.Sys().(*syscall.Stat_t)
+		switch {
+		case d.IsDir():
+			if err := c.root.Mkdir(out, 0o700); err != nil {
+				return err
+			}
+			a := dirAttrs{rel: out, mode: info.Mode().Perm() | info.Mode()&fs.ModeSticky, mtime: info.ModTime()}
+			if st != nil {
+				a.uid, a.gid = int(st.Uid), int(st.Gid)
+			}
+			dirs = append(dirs, a)
+		case d.Type()&fs.ModeSymlink != 0:
+			target, err := c.root.Readlink(p)
+			if err != nil {
+				return err
+			}
+			if err := c.root.Symlink(target, out); err != nil {
+				return err
+			}
+			if chown && st != nil {
+				if err := c.root.Lchown(out, int(st.Uid), int(st.Gid)); err != nil {
+					return err
+				}
+			}
+		case d.Type().IsRegular():
+			if err := c.root.Link(p, out); err != nil {
+				return err
+			}
+		default:
+			// The extractor never creates anything else.
+			return fmt.Errorf("unexpected file type %v at %s", d.Type(), p)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	// Deepest first, so a read-only directory never blocks its children.
+	slices.SortFunc(dirs, func(a, b dirAttrs) int { return strings.Count(b.rel, "/") - strings.Count(a.rel, "/") })
+	for _, d := range dirs {
+		if chown {
+			if err := c.root.Lchown(d.rel, d.uid, d.gid); err != nil {
+				return err
+			}
+		}
+		if err := c.root.Chmod(d.rel, d.mode); err != nil {
+			return err
+		}
+		if err := c.root.Chtimes(d.rel, d.mtime, d.mtime); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,111 @@
+package librarycache_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/libimages"
+)
+
+// startChild runs this test binary as a plugin process publishing image from store.
+func startChild(t testing.TB, store, image, target string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	req, err := json.Marshal(childRequest{Store: store, Image: image, Target: target})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+string(req))
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, &out
+}
+
+// TestPluginKilledMidDownload kills the plugin process while it extracts a library: the
+// store must hold no partial entry, and the next process must publish it.
+func TestPluginKilledMidDownload(t *testing.T) {
+	reg := libimages.Start(t)
+	img, err := libimages.Large(32<<20, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Push("datadog/dd-lib-java-init", "big", img); err != nil {
+		t.Fatal(err)
+	}
+	image := reg.Repo("datadog/dd-lib-java-init") + ":big"
+	store := filepath.Join(t.TempDir(), "store")
+	release := reg.HoldBlobs(12 << 20)
+	defer release()
+
+	child, out := startChild(t, store, image, "")
+	deadline := time.Now().Add(30 * time.Second)
+	for extractedBytes(store) < 4<<20 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if extractedBytes(store) < 4<<20 {
+		_ = child.Process.Kill()
+		_ = child.Wait()
+		t.Fatalf("the plugin process never got half-way: %s", out)
+	}
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = child.Wait()
+	if n := entries(t, filepath.Join(store, "images")); n != 0 {
+		t.Fatalf("a killed download left %d entries in images/", n)
+	}
+	release()
+
+	c := newCache(t, librarycache.Config{StoreDir: store})
+	if n := entries(t, filepath.Join(store, "tmp")); n != 0 {
+		t.Errorf("Start left %d work dirs of the killed process", n)
+	}
+	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
+	if err != nil {
+		t.Fatalf("publish after the crash: %v", err)
+	}
+	files := readTree(t, layer.Dir)
+	var total int
+	for _, v := range files {
+		total += len(v)
+	}
+	if total != 32<<20 {
+		t.Errorf("library holds %d bytes, want %d", total, 32<<20)
+	}
+}
+
+// extractedBytes sums the library files written in the store's tmp/ so far.
+func extractedBytes(store string) int64 {
+	var n int64
+	_ = filepath.WalkDir(filepath.Join(store, "tmp"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(p, ".jar") {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+func entries(t *testing.T, dir string) int {
+	t.Helper()
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(des)
+}
