@@ -12,6 +12,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/shared/names"
 )
 
@@ -35,7 +36,13 @@ type options struct {
 	kubeletRegistration   bool
 	drainTimeout          time.Duration
 	logLevel              slog.Level
+	cache                 librarycache.Config
+	gcInterval            time.Duration
 }
+
+// repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
+// above, their variables take several values separated by ';' or newlines.
+var repeatableCacheFlags = map[string]bool{"registry-mirror": true, "insecure-registry": true, "prefetch": true}
 
 // repeatable is a flag.Value that collects every occurrence.
 type repeatable struct{ values []string }
@@ -80,6 +87,8 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	fs.BoolVar(&o.kubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket; set false when a node-driver-registrar sidecar does it")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
+	o.cache.AddFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -97,6 +106,17 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 		}
 		if r, ok := f.Value.(*repeatable); ok {
 			r.setFromEnv(v)
+			return
+		}
+		if repeatableCacheFlags[f.Name] {
+			for _, part := range strings.FieldsFunc(v, func(c rune) bool { return c == ';' || c == '\n' }) {
+				if part = strings.TrimSpace(part); part == "" {
+					continue
+				} else if err := f.Value.Set(part); err != nil {
+					envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), v, err)
+					return
+				}
+			}
 			return
 		}
 		if err := f.Value.Set(v); err != nil {
@@ -118,6 +138,10 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	if o.publishDownloadBudget <= 0 {
 		return nil, fmt.Errorf("--publish-download-budget must be positive")
 	}
+	if o.gcInterval <= 0 {
+		return nil, fmt.Errorf("--gc-interval must be positive")
+	}
+	o.cache.StoreDir = filepath.Join(o.stateDir, "store")
 	if o.endpoint == "" {
 		o.endpoint = "unix://" + filepath.Join(o.kubeletDir, "plugins", o.driverName, "csi.sock")
 	}

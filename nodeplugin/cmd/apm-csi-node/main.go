@@ -24,6 +24,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/registration"
 	"github.com/apm-csi/apm-csi/shared/version"
@@ -53,10 +54,19 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	// The library cache (nodeplugin/librarycache) is wired in here by its owner. Until then the
-	// driver serves hostdir volumes and answers library and preload volumes with
-	// FailedPrecondition "library cache not configured".
-	var libraries driver.LibraryStore
+	o.cache.Logger = log
+	o.cache.Registerer = ctrlmetrics.Registry
+	cache, err := librarycache.New(o.cache)
+	if err != nil {
+		return fmt.Errorf("library cache: %w", err)
+	}
+	defer cache.Close()
+	// Start removes what a crash left in the store and starts prefetching in the background,
+	// so the first pod on a new node finds its libraries ready.
+	if err := cache.Start(ctx); err != nil {
+		return fmt.Errorf("library cache: %w", err)
+	}
+	var libraries driver.LibraryStore = cache
 
 	d, err := driver.New(driver.Config{
 		DriverName:            o.driverName,
@@ -75,7 +85,7 @@ func run() error {
 		return err
 	}
 	log.Info("starting", "version", version.Version, "driver", o.driverName, "node", o.nodeID, "endpoint", o.endpoint,
-		"kubeletDir", o.kubeletDir, "stateDir", o.stateDir, "hostdirs", hostDirs.Names(), "libraryCache", libraries != nil)
+		"kubeletDir", o.kubeletDir, "stateDir", o.stateDir, "hostdirs", hostDirs.Names(), "libraryCache", cache.Dir(), "prefetch", o.cache.Prefetch)
 	for typ, entry := range o.datadogSockets {
 		if _, err := hostDirs.Lookup(entry); err != nil {
 			log.Warn("a Datadog socket type maps to an undeclared hostdir entry; its volumes will be refused", "type", typ, "entry", entry)
@@ -123,6 +133,11 @@ func run() error {
 	if err := d.Reconcile(ctx); err != nil {
 		return fmt.Errorf("startup reconcile: %w", err)
 	}
+
+	// Garbage-collect the library cache once now (what a crash or a reboot left behind) and
+	// then periodically. The driver's view of what is in use (records, publishes in flight,
+	// the mount table) guards every removal.
+	go collectGarbage(ctx, log, cache, d, o.gcInterval)
 
 	var regServer *grpc.Server
 	if o.kubeletRegistration {
@@ -183,4 +198,20 @@ func newHealthServer(addr, csiSocket string, d *driver.Driver) (*http.Server, er
 		fmt.Fprintln(w, "ok")
 	})
 	return &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}, nil
+}
+
+// collectGarbage runs the library cache's GC at start and every interval until ctx ends.
+func collectGarbage(ctx context.Context, log *slog.Logger, cache *librarycache.Cache, d *driver.Driver, interval time.Duration) {
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		if err := cache.GC(ctx, d.LibrariesInUse); err != nil && ctx.Err() == nil {
+			log.Warn("library cache garbage collection failed; nothing was removed, retrying later", "error", err, "retryIn", interval)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+	}
 }
