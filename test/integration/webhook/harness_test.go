@@ -1,0 +1,202 @@
+// Package webhook_test runs apm-csi-webhook against a real kube-apiserver and etcd
+// (controller-runtime envtest): the real MutatingWebhookConfiguration is installed, pods are
+// created through the API and the stored pods are checked.
+package webhook_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	dto "github.com/prometheus/client_model/go"
+	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/webhook"
+
+	"github.com/apm-csi/apm-csi/test/testenv"
+	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/server"
+)
+
+const driverName = "csi.apm-csi.io"
+
+// manifest is the canonical MutatingWebhookConfiguration, installed as shipped; envtest only
+// points its clientConfig at the local server and sets the caBundle.
+func manifest(tb testing.TB) string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..", "..", "deploy", "base", "webhook", "mutatingwebhookconfiguration.yaml")
+}
+
+// harness is a running API server with the webhook installed and served in-process.
+type harness struct {
+	cfg    *rest.Config
+	client client.Client
+	mgr    manager.Manager
+	stop   context.CancelFunc
+	done   chan error
+}
+
+func startHarness(tb testing.TB) *harness {
+	tb.Helper()
+	assets := testenv.KubebuilderAssets(tb)
+	log := slog.New(slog.NewTextHandler(tb.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ctrl.SetLogger(logr.FromSlogHandler(log.Handler()))
+
+	env := &envtest.Environment{
+		BinaryAssetsDirectory: assets,
+		WebhookInstallOptions: envtest.WebhookInstallOptions{
+			Paths:            []string{manifest(tb)},
+			LocalServingHost: "127.0.0.1",
+		},
+	}
+	cfg, err := env.Start()
+	if err != nil {
+		tb.Fatalf("start kube-apiserver and etcd: %v", err)
+	}
+	tb.Cleanup(func() {
+		if err := env.Stop(); err != nil {
+			tb.Errorf("stop envtest: %v", err)
+		}
+	})
+
+	scheme := k8sruntime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		tb.Fatal(err)
+	}
+	wcfg := config.Default()
+	wio := env.WebhookInstallOptions
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme:                 scheme,
+		Cache:                  cache.Options{ByObject: server.CacheByObject(wcfg)},
+		Metrics:                metricsserver.Options{BindAddress: "0"},
+		HealthProbeBindAddress: "0",
+		WebhookServer: webhook.NewServer(webhook.Options{
+			Host: wio.LocalServingHost, Port: wio.LocalServingPort, CertDir: wio.LocalServingCertDir,
+		}),
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	if _, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log}); err != nil {
+		tb.Fatal(err)
+	}
+	h := &harness{cfg: cfg, mgr: mgr, stop: cancel, done: make(chan error, 1)}
+	go func() { h.done <- mgr.Start(ctx) }()
+	tb.Cleanup(h.shutdown)
+
+	if h.client, err = client.New(cfg, client.Options{Scheme: scheme}); err != nil {
+		tb.Fatal(err)
+	}
+	started := mgr.GetWebhookServer().StartedChecker()
+	deadline := time.Now().Add(30 * time.Second)
+	for started(nil) != nil {
+		if time.Now().After(deadline) {
+			tb.Fatal("webhook server did not start")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !mgr.GetCache().WaitForCacheSync(ctx) {
+		tb.Fatal("informers did not sync")
+	}
+	return h
+}
+
+// shutdown stops the webhook (the API server keeps running).
+func (h *harness) shutdown() {
+	if h.stop == nil {
+		return
+	}
+	h.stop()
+	h.stop = nil
+	<-h.done
+}
+
+// namespace creates a namespace with labels and annotations.
+func (h *harness) namespace(tb testing.TB, name string, labels, annotations map[string]string) {
+	tb.Helper()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels, Annotations: annotations}}
+	if err := h.client.Create(context.Background(), ns); err != nil {
+		tb.Fatal(err)
+	}
+	// The webhook reads namespaces from its cache (or the API server for a brand-new one);
+	// wait for the cache so that the test exercises the normal path.
+	h.eventually(tb, "namespace in the webhook's cache", func() bool {
+		return h.mgr.GetClient().Get(context.Background(), client.ObjectKey{Name: name}, &corev1.Namespace{}) == nil
+	})
+}
+
+// setDriver installs or removes the CSIDriver and waits until the webhook sees it.
+func (h *harness) setDriver(tb testing.TB, installed bool) {
+	tb.Helper()
+	d := &storagev1.CSIDriver{
+		ObjectMeta: metav1.ObjectMeta{Name: driverName},
+		Spec: storagev1.CSIDriverSpec{
+			AttachRequired:       new(false),
+			PodInfoOnMount:       new(true),
+			VolumeLifecycleModes: []storagev1.VolumeLifecycleMode{storagev1.VolumeLifecycleEphemeral, storagev1.VolumeLifecyclePersistent},
+		},
+	}
+	var err error
+	if installed {
+		err = h.client.Create(context.Background(), d)
+	} else {
+		err = h.client.Delete(context.Background(), d)
+	}
+	if client.IgnoreNotFound(err) != nil && !apierrors.IsAlreadyExists(err) {
+		tb.Fatal(err)
+	}
+	h.eventually(tb, fmt.Sprintf("CSIDriver installed=%v in the webhook's cache", installed), func() bool {
+		err := h.mgr.GetClient().Get(context.Background(), client.ObjectKey{Name: driverName}, &storagev1.CSIDriver{})
+		return (err == nil) == installed
+	})
+}
+
+func (h *harness) eventually(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// admissions is how many admission requests the webhook has handled, from its metrics.
+func admissions(tb testing.TB) float64 {
+	tb.Helper()
+	families, err := metrics.Registry.Gather()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var total float64
+	for _, f := range families {
+		if f.GetName() != "apm_csi_webhook_mutations_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			total += counterValue(m)
+		}
+	}
+	return total
+}
+
+func counterValue(m *dto.Metric) float64 { return m.GetCounter().GetValue() }

@@ -1,0 +1,204 @@
+// Command apm-csi-webhook is the mutating admission webhook that gives pods their tracer
+// libraries through one apm-csi CSI inline volume. See docs/webhook.md.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/go-logr/logr"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/klog/v2"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/certwatcher"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/webhook"
+
+	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/shared/version"
+	"github.com/apm-csi/apm-csi/webhook/certs"
+	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/server"
+)
+
+// Certificate modes.
+const (
+	// certModeFiles serves whatever certificate is mounted in --cert-dir (cert-manager's
+	// Secret, typically) and reloads it when it changes.
+	certModeFiles = "cert-manager"
+	// certModeSelfManaged creates and renews the certificate itself (package certs).
+	certModeSelfManaged = "self-managed"
+)
+
+type flags struct {
+	configFile        string
+	namespace         string
+	host              string
+	port              int
+	certDir           string
+	certMode          string
+	secretName        string
+	serviceName       string
+	webhookConfigName string
+	metricsAddr       string
+	probeAddr         string
+	logLevel          string
+	shutdownTimeout   time.Duration
+	bootstrapTimeout  time.Duration
+}
+
+func parseFlags() flags {
+	var f flags
+	namespace := os.Getenv("POD_NAMESPACE")
+	if namespace == "" {
+		namespace = names.SystemNamespace
+	}
+	flag.StringVar(&f.configFile, "config", "", "Configuration file (YAML, see docs/webhook.md); empty uses the defaults.")
+	flag.StringVar(&f.namespace, "namespace", namespace, "Namespace the webhook runs in (never mutated; holds the self-managed Secret). Default $POD_NAMESPACE.")
+	flag.StringVar(&f.host, "webhook-host", "", "Address the webhook server listens on; empty is every address.")
+	flag.IntVar(&f.port, "webhook-port", 9443, "Port of the webhook server.")
+	flag.StringVar(&f.certDir, "cert-dir", filepath.Join(os.TempDir(), "k8s-webhook-server", "serving-certs"), "Directory holding tls.crt and tls.key; reloaded when they change.")
+	flag.StringVar(&f.certMode, "cert-mode", certModeFiles, "cert-manager: serve the certificate mounted in --cert-dir. self-managed: create a CA and serving certificate in --secret-name, write them to --cert-dir, set the caBundle and renew them.")
+	flag.StringVar(&f.secretName, "secret-name", "apm-csi-webhook-tls", "Secret of the self-managed certificate.")
+	flag.StringVar(&f.serviceName, "service-name", names.WebhookBinary, "Service in front of the webhook (names in the self-managed certificate).")
+	flag.StringVar(&f.webhookConfigName, "webhook-config-name", names.WebhookBinary, "MutatingWebhookConfiguration whose caBundle the self-managed mode sets.")
+	flag.StringVar(&f.metricsAddr, "metrics-bind-address", ":8080", "Address of the Prometheus metrics endpoint; 0 disables it.")
+	flag.StringVar(&f.probeAddr, "health-probe-bind-address", ":8081", "Address of /healthz and /readyz.")
+	flag.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error.")
+	flag.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "How long in-flight admission requests may take to finish on shutdown.")
+	flag.DurationVar(&f.bootstrapTimeout, "bootstrap-timeout", 2*time.Minute, "How long the self-managed mode retries creating the first certificate.")
+	flag.Parse()
+	return f
+}
+
+func main() {
+	f := parseFlags()
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
+		fmt.Fprintf(os.Stderr, "--log-level: %v\n", err)
+		os.Exit(2)
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(log)
+	ctrl.SetLogger(logr.FromSlogHandler(log.Handler()))
+	klog.SetLogger(logr.FromSlogHandler(log.Handler()))
+
+	if err := run(f, log); err != nil {
+		log.Error("apm-csi-webhook failed", "error", err)
+		os.Exit(1)
+	}
+}
+
+func run(f flags, log *slog.Logger) error {
+	cfg := config.Default()
+	if f.configFile != "" {
+		var err error
+		if cfg, err = config.Load(f.configFile); err != nil {
+			return err
+		}
+	}
+	log.Info("starting", "version", version.Version, "namespace", f.namespace, "mode", cfg.Mode,
+		"layout", cfg.EffectiveLayout(), "languages", cfg.LanguageNames(), "certMode", f.certMode)
+
+	ctx := ctrl.SetupSignalHandler()
+	restConfig, err := ctrl.GetConfig()
+	if err != nil {
+		return fmt.Errorf("kubernetes client configuration: %w", err)
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return err
+	}
+
+	byObject := server.CacheByObject(cfg)
+	var selfManaged *certs.SelfManaged
+	switch f.certMode {
+	case certModeFiles:
+	case certModeSelfManaged:
+		direct, err := client.New(restConfig, client.Options{Scheme: scheme})
+		if err != nil {
+			return err
+		}
+		selfManaged = &certs.SelfManaged{
+			Client: direct, Namespace: f.namespace, SecretName: f.secretName, ServiceName: f.serviceName,
+			WebhookConfigName: f.webhookConfigName, CertDir: f.certDir, Log: log,
+		}
+		// The server cannot start without a certificate on disk: make the first one now.
+		if err := bootstrap(ctx, selfManaged, f.bootstrapTimeout, log); err != nil {
+			return err
+		}
+		maps.Copy(byObject, selfManaged.CacheByObject())
+	default:
+		return fmt.Errorf("--cert-mode %q: use %s or %s", f.certMode, certModeFiles, certModeSelfManaged)
+	}
+
+	watcher, err := certwatcher.New(filepath.Join(f.certDir, certs.KeyCert), filepath.Join(f.certDir, certs.KeyKey))
+	if err != nil {
+		return fmt.Errorf("load the serving certificate from %s: %w", f.certDir, err)
+	}
+	if selfManaged != nil {
+		selfManaged.Reload = watcher.ReadCertificate
+	}
+
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme:                  scheme,
+		Cache:                   cache.Options{ByObject: byObject},
+		Metrics:                 metricsserver.Options{BindAddress: f.metricsAddr},
+		HealthProbeBindAddress:  f.probeAddr,
+		GracefulShutdownTimeout: &f.shutdownTimeout,
+		WebhookServer: webhook.NewServer(webhook.Options{
+			Host: f.host,
+			Port: f.port,
+			TLSOpts: []func(*tls.Config){func(c *tls.Config) {
+				c.MinVersion = tls.VersionTLS12
+				c.GetCertificate = watcher.GetCertificate
+			}},
+		}),
+	})
+	if err != nil {
+		return err
+	}
+	if err := mgr.Add(watcher); err != nil {
+		return err
+	}
+	if selfManaged != nil {
+		if err := selfManaged.SetupWithManager(mgr); err != nil {
+			return err
+		}
+	}
+	if _, err := server.Register(ctx, mgr, server.Options{Config: cfg, Namespace: f.namespace, Log: log}); err != nil {
+		return err
+	}
+	return mgr.Start(ctx)
+}
+
+// bootstrap retries the first certificate while the API server is unreachable or another
+// replica is creating the Secret at the same moment.
+func bootstrap(ctx context.Context, s *certs.SelfManaged, timeout time.Duration, log *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	delay := 500 * time.Millisecond
+	for {
+		_, err := s.Ensure(ctx)
+		if err == nil {
+			return nil
+		}
+		log.Warn("self-managed certificate not ready; retrying", "error", err, "retryIn", delay)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("self-managed certificate: %w (last error: %v)", ctx.Err(), err)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 10*time.Second)
+	}
+}

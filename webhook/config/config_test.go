@@ -1,0 +1,134 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/apm-csi/apm-csi/shared/libref"
+)
+
+func TestParse(t *testing.T) {
+	tests := []struct {
+		name  string
+		yaml  string
+		check func(t *testing.T, c *Config)
+		err   []string
+	}{
+		{name: "empty file is the defaults", yaml: "", check: func(t *testing.T, c *Config) {
+			if !slices.Equal(c.LanguageNames(), libref.Languages) {
+				t.Errorf("languages = %v", c.LanguageNames())
+			}
+			if c.Mode != ModeCSI || c.EffectiveLayout() != LayoutInjector || c.InjectorImage() != "gcr.io/datadoghq/apm-inject:0" {
+				t.Errorf("mode %s layout %s injector %s", c.Mode, c.EffectiveLayout(), c.InjectorImage())
+			}
+			if c.DefaultImage("java") != "gcr.io/datadoghq/dd-lib-java-init:v1" || c.DefaultImage("js") != "gcr.io/datadoghq/dd-lib-js-init:v5" {
+				t.Errorf("java %s js %s", c.DefaultImage("java"), c.DefaultImage("js"))
+			}
+			if !slices.Equal(c.ExcludedContainers, []string{"istio-proxy"}) || c.SSINamespaceLabel != "apm-csi.io/ssi" || c.DriverName != "csi.apm-csi.io" {
+				t.Errorf("%+v", c)
+			}
+		}},
+		{name: "a list replaces the default list", yaml: `
+registry: registry.example.com/datadog
+languages:
+  - name: python
+  - name: java
+    version: v1.45.0
+  - name: js
+    image: registry.example.com/js-tracer@sha256:` + strings.Repeat("b", 64) + `
+excludedContainers: [istio-proxy, linkerd-proxy]
+excludedNamespaces: [monitoring]
+mode: init-container
+`, check: func(t *testing.T, c *Config) {
+			if !slices.Equal(c.LanguageNames(), []string{"java", "js", "python"}) {
+				t.Errorf("languages = %v", c.LanguageNames())
+			}
+			if got := c.DefaultImage("python"); got != "registry.example.com/datadog/dd-lib-python-init:v3" {
+				t.Errorf("python = %s (a listed language without version gets its default)", got)
+			}
+			if got := c.DefaultImage("java"); got != "registry.example.com/datadog/dd-lib-java-init:v1.45.0" {
+				t.Errorf("java = %s", got)
+			}
+			if got := c.DefaultImage("js"); !strings.HasPrefix(got, "registry.example.com/js-tracer@sha256:") {
+				t.Errorf("js = %s", got)
+			}
+			if c.InjectorImage() != "registry.example.com/datadog/apm-inject:0" || c.Mode != ModeInitContainer {
+				t.Errorf("injector %s mode %s", c.InjectorImage(), c.Mode)
+			}
+		}},
+		{name: "no injector means the direct layout", yaml: "injector: {}", check: func(t *testing.T, c *Config) {
+			if c.InjectorImage() != "" || c.EffectiveLayout() != LayoutDirect {
+				t.Errorf("injector %q layout %s", c.InjectorImage(), c.EffectiveLayout())
+			}
+		}},
+		{name: "injector image", yaml: "injector: {image: registry.example.com/inject:1.2}", check: func(t *testing.T, c *Config) {
+			if c.InjectorImage() != "registry.example.com/inject:1.2" {
+				t.Errorf("injector %q", c.InjectorImage())
+			}
+		}},
+		{name: "direct layout forced", yaml: "layout: direct", check: func(t *testing.T, c *Config) {
+			if c.EffectiveLayout() != LayoutDirect {
+				t.Error(c.EffectiveLayout())
+			}
+		}},
+		{name: "typo in a field", yaml: "langauges: []", err: []string{`unknown field "langauges"`}},
+		{name: "every problem at once", yaml: `
+registry: "gcr.io//datadoghq"
+languages: [{name: cobol}, {name: java, version: "v 1"}, {name: js}, {name: js}]
+mode: sidecar
+layout: merged
+excludedNamespaces: [Kube_System]
+excludedContainers: ["istio proxy"]
+ssiNamespaceLabel: "apm csi"
+driverName: "CSI!"
+`, err: []string{
+			`languages[0].name: unknown language "cobol"`, "languages[1]:", `languages[3].name: language "js" is listed twice`,
+			`mode: unknown injection mode "sidecar"`, `layout: unknown layout "merged"`, `excludedNamespaces: "Kube_System"`,
+			`excludedContainers: "istio proxy"`, `ssiNamespaceLabel: "apm csi"`, `driverName: "CSI!"`}},
+		{name: "injector layout without injector", yaml: "injector: {}\nlayout: injector", err: []string{"the injector layout needs injector.image or injector.version"}},
+		{name: "bad injector", yaml: "injector: {image: registry.example.com/inject}", err: []string{"injector: image reference", "names no tag or digest"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse([]byte(tt.yaml))
+			if tt.err != nil {
+				if err == nil {
+					t.Fatal("want an error")
+				}
+				for _, frag := range tt.err {
+					if !strings.Contains(err.Error(), frag) {
+						t.Errorf("error lacks %q:\n%v", frag, err)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+func TestLoad(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, []byte("mode: init-container\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(p)
+	if err != nil || c.Mode != ModeInitContainer {
+		t.Fatalf("%+v %v", c, err)
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml")); err == nil || !strings.Contains(err.Error(), "read webhook configuration") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestDefaultIsValid(t *testing.T) {
+	if err := Default().Validate(); err != nil {
+		t.Fatal(err)
+	}
+}

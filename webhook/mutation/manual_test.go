@@ -1,0 +1,130 @@
+package mutation
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/webhook/annotations"
+	"github.com/apm-csi/apm-csi/webhook/config"
+)
+
+func TestManualVolumes(t *testing.T) {
+	pod := withAnnotations(withLabels(webPod(), annotations.Volumes, "enabled"),
+		annotations.VolumePrefix+"tracer", "libraries=java:v1.45.0, registry.example.com/otel/autoinstrumentation-python:0.50b0; source=/autoinstrumentation; mountPath=/tracers",
+		annotations.VolumePrefix+"apm-socket", "hostdir=datadog-apm; mountPath=/var/run/datadog; containers=app,log-shipper; readOnly=true",
+	)
+	res := newTestMutator(t).Mutate(Input{Pod: pod, Namespace: plainNamespace(), DriverInstalled: true, Now: testNow})
+	if res.Outcome != OutcomeInjected || res.Mode != config.ModeCSI {
+		t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+	}
+	if got := res.Pod.Annotations[annotations.InjectionStatus]; got != "injected: manual volumes apm-socket, tracer" {
+		t.Errorf("status = %q", got)
+	}
+	tracer := csiSpec(t, res.Pod, "tracer")
+	want := []volumeattrs.Library{
+		{Image: "gcr.io/datadoghq/dd-lib-java-init:v1.45.0", Source: libref.LibrarySource},
+		{Image: "registry.example.com/otel/autoinstrumentation-python:0.50b0", Source: "/autoinstrumentation"},
+	}
+	if tracer.Kind != volumeattrs.KindLibrary || !reflect.DeepEqual(tracer.Libraries, want) {
+		t.Errorf("tracer = %+v", tracer)
+	}
+	sock := csiSpec(t, res.Pod, "apm-socket")
+	if sock.Kind != volumeattrs.KindHostDir || sock.HostDir != "datadog-apm" || !sock.ReadOnly {
+		t.Errorf("apm-socket = %+v", sock)
+	}
+	for name, want := range map[string][]string{
+		"app":         {"/var/run/datadog", "/tracers"}, // annotation key order
+		"worker":      {"/tracers"},
+		"log-shipper": {"/var/run/datadog"},
+		"istio-proxy": nil,
+	} {
+		var got []string
+		for _, vm := range container(t, res.Pod, name).VolumeMounts {
+			if vm.Name == "tracer" || vm.Name == "apm-socket" {
+				got = append(got, vm.MountPath)
+			}
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s mounts %v, want %v", name, got, want)
+		}
+	}
+	if strings.Contains(res.Pod.Annotations[annotations.InjectedLibraries], "apm-socket") ||
+		!strings.Contains(res.Pod.Annotations[annotations.InjectedLibraries], "tracer=gcr.io/datadoghq/dd-lib-java-init:v1.45.0") {
+		t.Errorf("libraries = %q", res.Pod.Annotations[annotations.InjectedLibraries])
+	}
+	if v := volume(res.Pod, VolumeName); v != nil {
+		t.Error("a pod that is not an SSI target gets only its manual volumes")
+	}
+}
+
+func TestManualVolumeMountedByThePod(t *testing.T) {
+	pod := withAnnotations(webPod(), annotations.VolumePrefix+"sock", "hostdir=dsd-socket")
+	pod.Spec.Containers[0].VolumeMounts = append(pod.Spec.Containers[0].VolumeMounts, corev1.VolumeMount{Name: "sock", MountPath: "/sock", SubPath: "dsd.socket"})
+	res := newTestMutator(t).Mutate(input(pod, plainNamespace()))
+	if res.Outcome != OutcomeInjected || csiSpec(t, res.Pod, "sock").HostDir != "dsd-socket" {
+		t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+	}
+}
+
+func TestManualVolumesWithSSI(t *testing.T) {
+	pod := withAnnotations(webPod(), annotations.VolumePrefix+"sock", "hostdir=apm; mountPath=/var/run/datadog")
+	res := newTestMutator(t).Mutate(input(pod, ssiNamespace()))
+	if res.Outcome != OutcomeInjected || !strings.HasSuffix(res.Reason, "; manual volumes sock") || volume(res.Pod, VolumeName) == nil || volume(res.Pod, "sock") == nil {
+		t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+	}
+}
+
+func TestManualVolumeWithoutDriverWarns(t *testing.T) {
+	in := input(withAnnotations(webPod(), annotations.VolumePrefix+"sock", "hostdir=apm; mountPath=/s"), plainNamespace())
+	in.DriverInstalled = false
+	res := newTestMutator(t).Mutate(in)
+	if res.Outcome != OutcomeInjected || len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "not installed") {
+		t.Fatalf("got %s %q", res.Outcome, res.Warnings)
+	}
+}
+
+func TestManualVolumeDenials(t *testing.T) {
+	tests := []struct {
+		name  string
+		key   string
+		value string
+		want  []string // fragments of the denial
+	}{
+		{name: "syntax", key: "tracer", value: "libraries=jav; mountPath=/x",
+			want: []string{"annotation apm-csi.io/volume.tracer", `bad value "jav"`, `unknown library "jav"`, "fix:"}},
+		{name: "name clash", key: "logs", value: "hostdir=apm; mountPath=/x",
+			want: []string{"annotation apm-csi.io/volume.logs", "the pod already has a volume named logs", "fix: rename the volume"}},
+		{name: "reserved name", key: VolumeName, value: "hostdir=apm; mountPath=/x", want: []string{"is reserved"}},
+		{name: "unknown container", key: "s", value: "hostdir=apm; mountPath=/x; containers=db",
+			want: []string{"the pod has no container named db (it has migrate, log-shipper, app, worker, istio-proxy)"}},
+		{name: "excluded container", key: "s", value: "hostdir=apm; mountPath=/x; containers=istio-proxy", want: []string{"excluded"}},
+		{name: "mount path in use", key: "s", value: "hostdir=apm; mountPath=/var/log/app",
+			want: []string{"container app already mounts volume logs at /var/log/app", "fix: choose another mountPath"}},
+		{name: "mounted nowhere", key: "s", value: "hostdir=apm", want: []string{"volume s is mounted nowhere", "fix: add mountPath"}},
+		{name: "invalid image for the node plugin", key: "s", value: "libraries=registry.example.com/x:1; source=/a,b; mountPath=/x",
+			want: []string{"source must be a clean absolute directory"}},
+		{name: "misspelt key", key: "", value: "hostdir=apm; mountPath=/x", want: []string{"annotation apm-csi.io/volumes.s", "manual volumes are declared as apm-csi.io/volume.<name>"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			key := annotations.VolumePrefix + tt.key
+			if tt.key == "" {
+				key = "apm-csi.io/volumes.s"
+			}
+			res := newTestMutator(t).Mutate(input(withAnnotations(webPod(), key, tt.value), ssiNamespace()))
+			if res.Outcome != OutcomeDenied || res.Pod != nil {
+				t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(res.Denial, w) {
+					t.Errorf("denial %q lacks %q", res.Denial, w)
+				}
+			}
+		})
+	}
+}

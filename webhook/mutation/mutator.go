@@ -1,0 +1,187 @@
+// Package mutation decides what the webhook does to a pod and does it, as pure logic over
+// Kubernetes objects: no API calls, no clock, no randomness. The same input always gives the
+// same pod, which is what makes reinvocation and the tests deterministic.
+package mutation
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/apm-csi/apm-csi/webhook/annotations"
+	"github.com/apm-csi/apm-csi/webhook/config"
+)
+
+// VolumeName is the pod volume that serves the libraries the webhook injects (a CSI inline
+// volume, or the emptyDir of init-container mode).
+const VolumeName = "apm-csi-libraries"
+
+// Outcome is what the webhook did to a pod. It is also the "result" label of the metrics.
+type Outcome string
+
+const (
+	// OutcomeIgnored: the pod was not the webhook's to touch (opted out, excluded namespace,
+	// already processed, nothing to rewrite). The pod is admitted exactly as it came.
+	OutcomeIgnored Outcome = "ignored"
+	// OutcomeInjected: libraries were added (SSI or manual volumes).
+	OutcomeInjected Outcome = "injected"
+	// OutcomeRewritten: another injector's init containers were replaced by the CSI volume.
+	OutcomeRewritten Outcome = "rewritten"
+	// OutcomeSkipped: the pod was a target but nothing was injected; the status says why.
+	OutcomeSkipped Outcome = "skipped"
+	// OutcomeError: SSI could not be applied (bad library annotation, unreadable namespace);
+	// the pod is admitted without instrumentation and the status says why.
+	OutcomeError Outcome = "error"
+	// OutcomeDenied: a manual volume annotation is invalid; the pod is refused with a message
+	// that names the annotation and the fix.
+	OutcomeDenied Outcome = "denied"
+)
+
+// Outcomes lists every outcome, for metrics initialisation.
+var Outcomes = []Outcome{OutcomeIgnored, OutcomeInjected, OutcomeRewritten, OutcomeSkipped, OutcomeError, OutcomeDenied}
+
+// Input is everything a decision depends on.
+type Input struct {
+	// Pod as received. It is never modified.
+	Pod *corev1.Pod
+	// Namespace of the pod, for its labels and annotations. Nil when it could not be read;
+	// NamespaceError then says why, and SSI reports an error instead of guessing.
+	Namespace      *corev1.Namespace
+	NamespaceError error
+	// DriverInstalled reports whether the CSIDriver object of the configured driver exists.
+	DriverInstalled bool
+	// Now is the admission time, written into DD_INJECT_START_TIME.
+	Now time.Time
+}
+
+// Result is the decision and, when the pod changes, the new pod.
+type Result struct {
+	Outcome Outcome
+	// Reason says why, in words a person can act on.
+	Reason string
+	// Mode is how libraries were delivered; empty when none were.
+	Mode config.Mode
+	// Layout is the SSI layout used; empty for rewrites and manual volumes only.
+	Layout config.Layout
+	// Libraries are "<key>=<image>" entries, as written to the InjectedLibraries annotation.
+	Libraries []string
+	// Pod is the mutated copy; nil when the pod is admitted unchanged.
+	Pod *corev1.Pod
+	// Warnings go back to the client as admission warnings.
+	Warnings []string
+	// Denial is the message of a refused pod (OutcomeDenied).
+	Denial string
+}
+
+// Mutator applies one configuration.
+type Mutator struct {
+	cfg *config.Config
+	// excludedNamespaces always includes kube-system and the webhook's own namespace.
+	excludedNamespaces []string
+}
+
+// New returns a Mutator. systemNamespace is the namespace apm-csi runs in; it is never
+// mutated, whatever the configuration says.
+func New(cfg *config.Config, systemNamespace string) *Mutator {
+	excluded := append([]string{metav1.NamespaceSystem, systemNamespace}, cfg.ExcludedNamespaces...)
+	slices.Sort(excluded)
+	return &Mutator{cfg: cfg, excludedNamespaces: slices.Compact(excluded)}
+}
+
+// Config returns the configuration the mutator applies.
+func (m *Mutator) Config() *config.Config { return m.cfg }
+
+// maxReason bounds the status annotation; a pod with hundreds of containers must not make
+// its own annotations too large to store.
+const maxReason = 1024
+
+// Mutate decides what to do with a pod at creation.
+func (m *Mutator) Mutate(in Input) Result {
+	pod := in.Pod
+	if slices.Contains(m.excludedNamespaces, pod.Namespace) {
+		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("namespace %s is excluded", pod.Namespace)}
+	}
+	if processed, why := alreadyProcessed(pod); processed {
+		return Result{Outcome: OutcomeIgnored, Reason: why}
+	}
+	vols, err := annotations.ParseVolumes(pod.Annotations)
+	if err != nil {
+		return Result{Outcome: OutcomeDenied, Reason: err.Error(), Denial: err.Error()}
+	}
+
+	work := pod.DeepCopy()
+	manual, err := m.applyManualVolumes(work, vols, in.DriverInstalled)
+	if err != nil {
+		return Result{Outcome: OutcomeDenied, Reason: err.Error(), Denial: err.Error()}
+	}
+	ssi := m.applySSI(work, in)
+
+	res := Result{
+		Outcome:   ssi.outcome,
+		Reason:    ssi.reason,
+		Mode:      ssi.mode,
+		Layout:    ssi.layout,
+		Libraries: append(ssi.libraries, manual.libraries...),
+		Warnings:  append(ssi.warnings, manual.warnings...),
+	}
+	if len(manual.volumes) > 0 {
+		note := "manual volumes " + strings.Join(manual.volumes, ", ")
+		switch res.Outcome {
+		case OutcomeIgnored:
+			res.Outcome, res.Reason, res.Mode = OutcomeInjected, note, config.ModeCSI
+		default:
+			res.Reason = joinReason(res.Reason, note)
+		}
+	}
+	if res.Outcome == OutcomeIgnored {
+		return res
+	}
+	if len(res.Reason) > maxReason {
+		res.Reason = res.Reason[:maxReason] + "..."
+	}
+	if work.Annotations == nil {
+		work.Annotations = map[string]string{}
+	}
+	work.Annotations[annotations.InjectionStatus] = statusWord(res.Outcome) + ": " + res.Reason
+	if len(res.Libraries) > 0 {
+		work.Annotations[annotations.InjectedLibraries] = strings.Join(res.Libraries, ",")
+	}
+	res.Pod = work
+	return res
+}
+
+func statusWord(o Outcome) string {
+	switch o {
+	case OutcomeInjected, OutcomeRewritten:
+		return annotations.StatusInjected
+	case OutcomeSkipped:
+		return annotations.StatusSkipped
+	}
+	return annotations.StatusError
+}
+
+func joinReason(a, b string) string {
+	switch {
+	case a == "":
+		return b
+	case b == "":
+		return a
+	}
+	return a + "; " + b
+}
+
+// alreadyProcessed recognises a pod this webhook already handled: on reinvocation, or a pod
+// created from a copy of a mutated pod's spec. Either way it must come out unchanged.
+func alreadyProcessed(pod *corev1.Pod) (bool, string) {
+	if s, ok := pod.Annotations[annotations.InjectionStatus]; ok {
+		return true, fmt.Sprintf("already processed (%s=%q)", annotations.InjectionStatus, s)
+	}
+	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeName }) {
+		return true, fmt.Sprintf("already processed (volume %s exists)", VolumeName)
+	}
+	return false, ""
+}
