@@ -41,7 +41,7 @@ func FuzzParse(f *testing.F) {
 			if !path.IsAbs(l.Source) || path.Clean(l.Source) != l.Source {
 				t.Fatalf("source %q is not clean and absolute", l.Source)
 			}
-			if path.IsAbs(l.Target) || strings.HasPrefix(l.Target, "..") || (l.Target != "" && path.Clean(l.Target) != l.Target) {
+			if path.IsAbs(l.Target) || l.Target == ".." || strings.HasPrefix(l.Target, "../") || (l.Target != "" && path.Clean(l.Target) != l.Target) {
 				t.Fatalf("target %q escapes the volume", l.Target)
 			}
 			if strings.ContainsAny(l.Source+l.Target, ",:") {
