@@ -22,6 +22,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
+	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -118,9 +121,32 @@ func TestBinary(t *testing.T) {
 	config := filepath.Join(root, "config.yaml")
 	writeFile(t, config, "hostdirs:\n- name: demo\n  path: "+filepath.Join(host, "demo")+"\n  create: true\n")
 
+	// Library images on a loopback registry: python is prefetched at start, java is pulled by
+	// the first publish that names it.
+	reg := libimages.Start(t)
+	python, err := libimages.Library("python", "v3.1.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pythonRepo := "datadog/" + libref.PackageName("python")
+	if _, err := reg.Push(pythonRepo, "v3.1.0", python); err != nil {
+		t.Fatal(err)
+	}
+	java, err := libimages.Library("java", "v1.40.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	javaRepo := "datadog/" + libref.PackageName("java")
+	if _, err := reg.Push(javaRepo, "v1.40.0", java); err != nil {
+		t.Fatal(err)
+	}
+	pythonDigest, _ := python.Digest()
+	javaDigest, _ := java.Digest()
+
 	health, metrics := freeAddr(t), freeAddr(t)
 	start := func() (*exec.Cmd, *syncBuffer) {
-		cmd := exec.Command(bin, "--kubelet-dir", kubelet, "--health-addr", health, "--metrics-addr", metrics, "--config", config)
+		cmd := exec.Command(bin, "--kubelet-dir", kubelet, "--health-addr", health, "--metrics-addr", metrics, "--config", config,
+			"--insecure-registry", reg.Addr(), "--prefetch", reg.Repo(pythonRepo)+":v3.1.0")
 		cmd.Env = append(os.Environ(),
 			"APM_CSI_STATE_DIR="+filepath.Join(root, "state"),
 			"APM_CSI_NODE_ID=node-bin",
@@ -208,17 +234,73 @@ func TestBinary(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(host, "demo")); err != nil {
 		t.Fatal("the --config entry with create was not created")
 	}
-	// Library volumes are refused until the library cache is wired in.
-	libReq := &csi.NodePublishVolumeRequest{VolumeId: "csi-lib", TargetPath: filepath.Join(targetDir, "lib"), VolumeCapability: req.VolumeCapability,
-		VolumeContext: map[string]string{"type": "library", "library.0.image": "r.local/a:v1"}}
-	if _, err := node.NodePublishVolume(context.Background(), libReq); err == nil || !strings.Contains(err.Error(), "library cache not configured") {
-		t.Fatalf("library publish without a cache: %v", err)
+	// The prefetched library is in the cache before any volume asks for it: pulled once, stored
+	// under its manifest digest.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, err := os.Stat(filepath.Join(root, "state", "store", "images", pythonDigest.Hex, "entry.json"))
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("--prefetch did not cache %s: %v; logs:\n%s", reg.Repo(pythonRepo), err, logs.String())
+		}
 	}
+	if n := reg.ManifestFetches(pythonRepo, pythonDigest.String()); n != 1 {
+		t.Fatalf("prefetch fetched the manifest %d times, want 1", n)
+	}
+	// A library volume in the injector layout's language dirs: python (prefetched) and java
+	// (pulled now), writable overlay.
+	libSpec := &volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{
+		{Image: reg.Repo(pythonRepo) + ":v3.1.0", Target: libref.LanguageTarget("python")},
+		{Image: reg.Repo(javaRepo) + ":v1.40.0", Target: libref.LanguageTarget("java")},
+	}}
+	libTarget := filepath.Join(targetDir, "lib")
+	libReq := &csi.NodePublishVolumeRequest{VolumeId: "csi-lib", TargetPath: libTarget, VolumeCapability: req.VolumeCapability,
+		VolumeContext: libSpec.Attributes()}
+	if _, err := node.NodePublishVolume(context.Background(), libReq); err != nil {
+		t.Fatalf("library publish: %v\n%s", err, logs.String())
+	}
+	for lang, version := range map[string]string{"python": "v3.1.0", "java": "v1.40.0"} {
+		for name, content := range libimages.LibraryFiles(lang, version) {
+			p := filepath.Join(libTarget, libref.LanguageTarget(lang), name)
+			if got, err := os.ReadFile(p); err != nil || string(got) != content {
+				t.Fatalf("%s in the library volume = %q, %v; want %q", p, got, err, content)
+			}
+		}
+	}
+	if n := reg.ManifestFetches(pythonRepo, pythonDigest.String()); n != 1 {
+		t.Errorf("the publish fetched the prefetched library again (%d manifest GETs)", n)
+	}
+	if n := reg.ManifestFetches(javaRepo, javaDigest.String()); n != 1 {
+		t.Errorf("java manifest fetched %d times, want 1", n)
+	}
+	writeFile(t, filepath.Join(libTarget, "tracer.log"), "pod's own\n")
 	if code, body := httpGet("http://" + metrics + "/metrics"); code != http.StatusOK ||
 		!strings.Contains(body, `apm_csi_node_operations_total{grpc_code="OK",operation="publish",volume_type="hostdir"} 1`) ||
-		!strings.Contains(body, `apm_csi_node_operation_duration_seconds_bucket{grpc_code="FailedPrecondition",operation="publish",volume_type="library"`) ||
-		!strings.Contains(body, `apm_csi_node_published_volumes{volume_type="hostdir"} 1`) {
+		!strings.Contains(body, `apm_csi_node_operations_total{grpc_code="OK",operation="publish",volume_type="library"} 1`) ||
+		!strings.Contains(body, `apm_csi_node_operation_duration_seconds_bucket{grpc_code="OK",operation="publish",volume_type="library"`) ||
+		!strings.Contains(body, `apm_csi_node_published_volumes{volume_type="hostdir"} 1`) ||
+		!strings.Contains(body, `apm_csi_node_published_volumes{volume_type="library"} 1`) ||
+		!strings.Contains(body, `apm_csi_cache_downloads_total{result="success"} 2`) ||
+		!strings.Contains(body, "apm_csi_cache_libraries 2\n") ||
+		!strings.Contains(body, "apm_csi_cache_hits_total 1\n") ||
+		!strings.Contains(body, "apm_csi_cache_misses_total 1\n") {
 		t.Fatalf("/metrics = %d\n%s", code, body)
+	}
+	// Unpublish frees the overlay's private dirs; the libraries stay cached.
+	if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-lib", TargetPath: libTarget}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(libTarget); !os.IsNotExist(err) {
+		t.Fatalf("library target left after unpublish: %v", err)
+	}
+	if overlays, err := os.ReadDir(filepath.Join(root, "state", "overlays")); err != nil || len(overlays) != 0 {
+		t.Fatalf("overlay dirs left after unpublish: %v, %v", overlays, err)
+	}
+	for _, d := range []string{pythonDigest.Hex, javaDigest.Hex} {
+		if _, err := os.Stat(filepath.Join(root, "state", "store", "images", d)); err != nil {
+			t.Fatalf("library %s not cached: %v", d, err)
+		}
 	}
 	busy := rssKiB(t, cmd.Process.Pid)
 	t.Logf("RSS after serving calls: %d KiB", busy)
