@@ -1,0 +1,145 @@
+package deploy
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// injectCAAnnotation is cert-manager's cainjector annotation: <namespace>/<certificate>.
+const injectCAAnnotation = "cert-manager.io/inject-ca-from"
+
+// webhookNamespace returns the namespace the webhook believes it runs in: --namespace, else
+// $POD_NAMESPACE, which must come from the downward API.
+func webhookNamespace(t testing.TB, in *Install) (string, error) {
+	t.Helper()
+	if ns := FlagValue(t, in.WebhookCont, "namespace", ""); ns != "" {
+		return ns, nil
+	}
+	for _, e := range in.WebhookCont.Env {
+		if e.Name == "POD_NAMESPACE" {
+			if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace" {
+				return in.Webhook.Namespace, nil
+			}
+			return e.Value, nil
+		}
+	}
+	return "", fmt.Errorf("the webhook container sets neither --namespace nor POD_NAMESPACE (it would assume the default namespace)")
+}
+
+// checkTLS: the webhook's certificate mode is wired end to end.
+//   - cert-manager: the configuration's inject-ca-from names a rendered Certificate whose
+//     Secret is what the webhook serves from --cert-dir, valid for the Service's DNS name,
+//     issued by a rendered Issuer or an external (Cluster)Issuer.
+//   - self-managed: the names the webhook is given (--webhook-config-name, --service-name,
+//     --secret-name, its namespace) are the rendered objects, and --cert-dir is writable.
+func checkTLS(t testing.TB, in *Install) []error {
+	t.Helper()
+	var errs []error
+	c := in.WebhookCont
+	spec := &in.Webhook.Spec.Template.Spec
+	mode := FlagValue(t, c, "cert-mode", "cert-manager")
+	certDir := FlagValue(t, c, "cert-dir", "")
+	if certDir == "" {
+		return []error{fmt.Errorf("webhook: no --cert-dir (its default is under /tmp, on the read-only root filesystem)")}
+	}
+	m, _ := MountFor(c, certDir)
+	if m == nil {
+		return []error{fmt.Errorf("webhook: --cert-dir %s is on no volume", certDir)}
+	}
+	vol := Volume(spec, m.Name)
+	ns, err := webhookNamespace(t, in)
+	if err != nil {
+		errs = append(errs, err)
+	} else if ns != in.Webhook.Namespace {
+		errs = append(errs, fmt.Errorf("webhook: it thinks it runs in namespace %q, but runs in %q", ns, in.Webhook.Namespace))
+	}
+
+	for _, cfg := range in.WebhookConfigs {
+		ann := cfg.Annotations[injectCAAnnotation]
+		switch mode {
+		case "cert-manager":
+			certNS, certName, ok := strings.Cut(ann, "/")
+			if !ok {
+				errs = append(errs, fmt.Errorf("MutatingWebhookConfiguration %s: cert-manager mode needs the %s annotation (<namespace>/<certificate>), got %q", cfg.Name, injectCAAnnotation, ann))
+				continue
+			}
+			u := in.Get("Certificate", certNS, certName)
+			if u == nil {
+				errs = append(errs, fmt.Errorf("MutatingWebhookConfiguration %s: %s=%s names no rendered Certificate", cfg.Name, injectCAAnnotation, ann))
+				continue
+			}
+			secretName, _, _ := unstructuredString(u.Object, "spec", "secretName")
+			if vol == nil || vol.Secret == nil || vol.Secret.SecretName != secretName {
+				errs = append(errs, fmt.Errorf("webhook: --cert-dir %s must be the Secret %q of Certificate %s", certDir, secretName, certName))
+			}
+			dnsNames, _, _ := unstructuredStrings(u.Object, "spec", "dnsNames")
+			for _, w := range cfg.Webhooks {
+				if s := w.ClientConfig.Service; s != nil {
+					want := s.Name + "." + s.Namespace + ".svc"
+					if !slices.Contains(dnsNames, want) {
+						errs = append(errs, fmt.Errorf("Certificate %s: dnsNames %v lack %s, the name the API server calls", certName, dnsNames, want))
+					}
+				}
+			}
+			kind, _, _ := unstructuredString(u.Object, "spec", "issuerRef", "kind")
+			issuer, _, _ := unstructuredString(u.Object, "spec", "issuerRef", "name")
+			if (kind == "" || kind == "Issuer") && in.Get("Issuer", certNS, issuer) == nil {
+				errs = append(errs, fmt.Errorf("Certificate %s: Issuer %s/%s is not rendered", certName, certNS, issuer))
+			}
+		case "self-managed":
+			if ann != "" {
+				errs = append(errs, fmt.Errorf("MutatingWebhookConfiguration %s: self-managed mode, but cert-manager would also inject a CA (%s)", cfg.Name, injectCAAnnotation))
+			}
+			if got := FlagValue(t, c, "webhook-config-name", "apm-csi-webhook"); got != cfg.Name {
+				errs = append(errs, fmt.Errorf("webhook: --webhook-config-name %q, but the configuration is %q: its caBundle would never be set", got, cfg.Name))
+			}
+			for _, w := range cfg.Webhooks {
+				if s := w.ClientConfig.Service; s != nil {
+					if got := FlagValue(t, c, "service-name", "apm-csi-webhook"); got != s.Name {
+						errs = append(errs, fmt.Errorf("webhook: --service-name %q, but the configuration calls Service %q: the certificate would not match", got, s.Name))
+					}
+				}
+			}
+			if vol == nil || vol.EmptyDir == nil || m.ReadOnly {
+				errs = append(errs, fmt.Errorf("webhook: self-managed mode writes --cert-dir %s: it must be a writable emptyDir", certDir))
+			}
+		default:
+			errs = append(errs, fmt.Errorf("webhook: unknown --cert-mode %q", mode))
+		}
+	}
+	return errs
+}
+
+func unstructuredString(obj map[string]any, fields ...string) (string, bool, error) {
+	var cur any = obj
+	for _, f := range fields {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return "", false, nil
+		}
+		cur = m[f]
+	}
+	s, ok := cur.(string)
+	return s, ok, nil
+}
+
+func unstructuredStrings(obj map[string]any, fields ...string) ([]string, bool, error) {
+	var cur any = obj
+	for _, f := range fields {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return nil, false, nil
+		}
+		cur = m[f]
+	}
+	list, ok := cur.([]any)
+	var out []string
+	for _, v := range list {
+		if s, ok := v.(string); ok {
+			out = append(out, s)
+		}
+	}
+	return out, ok, nil
+}
