@@ -106,7 +106,9 @@ func TestHostileImages(t *testing.T) {
 				// aborted first download may still have a blob request on the wire (the
 				// flattening goroutine of mutate.Extract fetches the next layer while the
 				// extractor rejects), so let the registry go quiet before counting.
-				waitQuiet(t, reg)
+				if err := reg.WaitQuiet(250*time.Millisecond, 5*time.Second); err != nil {
+					t.Fatal(err)
+				}
 				reg.ResetCounts()
 				if _, err2 := c.Layer(t.Context(), volumeattrs.Library{Image: image}); !errors.Is(err2, driver.ErrImageRejected) {
 					t.Errorf("retry = %v, want the same rejection", err2)
@@ -185,22 +187,4 @@ func TestLayerSizeLimit(t *testing.T) {
 			}
 		})
 	}
-}
-
-// waitQuiet waits until the registry has served no new request for a while (at most 5 s), so
-// that requests of an earlier, aborted download are not counted as a later call's.
-func waitQuiet(t *testing.T, reg *libimages.Registry) {
-	t.Helper()
-	all := func(libimages.Request) bool { return true }
-	deadline := time.Now().Add(5 * time.Second)
-	last := reg.Count(all)
-	for time.Now().Before(deadline) {
-		time.Sleep(250 * time.Millisecond)
-		n := reg.Count(all)
-		if n == last {
-			return
-		}
-		last = n
-	}
-	t.Fatalf("registry still busy after 5 s: %d requests", last)
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -318,4 +319,23 @@ func (w *holdingWriter) Write(p []byte) (int, error) {
 	n, err := w.ResponseWriter.Write(p)
 	w.written += int64(n)
 	return total + n, err
+}
+
+// WaitQuiet waits until the registry has served no new request for quiet (at most max), so
+// that the requests of an earlier, aborted download are not counted as a later call's: when an
+// extraction is rejected, the flattening goroutine of mutate.Extract may still have a blob
+// request on the wire.
+func (r *Registry) WaitQuiet(quiet, max time.Duration) error {
+	all := func(Request) bool { return true }
+	deadline := time.Now().Add(max)
+	last := r.Count(all)
+	for time.Now().Before(deadline) {
+		time.Sleep(quiet)
+		n := r.Count(all)
+		if n == last {
+			return nil
+		}
+		last = n
+	}
+	return fmt.Errorf("registry still busy after %v: %d requests", max, last)
 }

@@ -634,6 +634,10 @@ func TestHostileImage(t *testing.T) {
 			v.libs["java"] = hostile
 			target := p.target("pod-"+tc.name, "apm")
 			for attempt := range 2 {
+				// Requests of the aborted first download may still be on the wire.
+				if err := reg.WaitQuiet(250*time.Millisecond, 5*time.Second); err != nil {
+					t.Fatal(err)
+				}
 				reg.ResetCounts()
 				err := p.publish("csi-"+tc.name, target, ephemeral(v.attrs(), "pod-"+tc.name), false)
 				checkStatus(t, err, codes.FailedPrecondition, hostile.image, "cannot be served", tc.why)
