@@ -19,6 +19,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 func TestLayerServesLibraryAtRoot(t *testing.T) {
@@ -37,7 +38,7 @@ func TestLayerServesLibraryAtRoot(t *testing.T) {
 	if !strings.HasPrefix(layer.Dir, c.Dir()+"/") {
 		t.Errorf("Dir %s is not inside the store %s", layer.Dir, c.Dir())
 	}
-	equalTrees(t, readTree(t, layer.Dir), libimages.LibraryFiles("python", "v2.1.0"))
+	equalTrees(t, nodeplugintest.ReadTree(t, layer.Dir), libimages.LibraryFiles("python", "v2.1.0"))
 
 	// A second publish within the TTL is served from the cache without the registry.
 	reg.ResetCounts()
@@ -80,12 +81,12 @@ func TestLayerPlacesLibraryAtTarget(t *testing.T) {
 		{
 			name: "language package in the injector layout",
 			lib:  volumeattrs.Library{Image: javaRef, Source: libref.LibrarySource, Target: libref.LanguageTarget("java")},
-			want: prefixed(libref.LanguageTarget("java"), libimages.LibraryFiles("java", "v1.40.0")),
+			want: nodeplugintest.Prefixed(libref.LanguageTarget("java"), libimages.LibraryFiles("java", "v1.40.0")),
 		},
 		{
 			name: "injector with its stable symlink",
 			lib:  volumeattrs.Library{Image: injRef, Source: libref.InjectorSource, Target: libref.InjectorTarget},
-			want: prefixed(libref.InjectorTarget, libimages.InjectorFiles("0.30.1")),
+			want: nodeplugintest.Prefixed(libref.InjectorTarget, libimages.InjectorFiles("0.30.1")),
 		},
 	}
 	for _, tt := range tests {
@@ -94,13 +95,13 @@ func TestLayerPlacesLibraryAtTarget(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Layer: %v", err)
 			}
-			equalTrees(t, readTree(t, layer.Dir), tt.want)
+			equalTrees(t, nodeplugintest.ReadTree(t, layer.Dir), tt.want)
 			// Views are hardlink farms: the files are the image's own inodes.
 			imgLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: tt.lib.Image, Source: tt.lib.Source})
 			if err != nil {
 				t.Fatal(err)
 			}
-			for rel := range readTree(t, imgLayer.Dir) {
+			for rel := range nodeplugintest.ReadTree(t, imgLayer.Dir) {
 				a, err := os.Stat(filepath.Join(imgLayer.Dir, rel))
 				if err != nil {
 					t.Fatal(err)
@@ -124,14 +125,6 @@ func TestLayerPlacesLibraryAtTarget(t *testing.T) {
 			}
 		})
 	}
-}
-
-func prefixed(prefix string, files map[string]string) map[string]string {
-	out := map[string]string{}
-	for k, v := range files {
-		out[filepath.Join(prefix, k)] = v
-	}
-	return out
 }
 
 func TestConcurrentPublishesDownloadOnce(t *testing.T) {
@@ -243,7 +236,7 @@ func TestSlowFirstDownloadReturnsInProgress(t *testing.T) {
 	if err != nil {
 		t.Fatalf("retry: %v", err)
 	}
-	equalTrees(t, readTree(t, layer.Dir), libimages.LibraryFiles("dotnet", "v3.0.0"))
+	equalTrees(t, nodeplugintest.ReadTree(t, layer.Dir), libimages.LibraryFiles("dotnet", "v3.0.0"))
 	if _, maxLayer, _ := reg.ImageFetches("datadog/dd-lib-dotnet-init", img); maxLayer != 1 {
 		t.Errorf("layers fetched up to %d times, want 1: the retry must reuse the background download", maxLayer)
 	}
@@ -347,7 +340,7 @@ func TestTagTTL(t *testing.T) {
 	if got.Digest != want.String() {
 		t.Errorf("after the TTL: digest %s, want the moved tag's %s", got.Digest, want)
 	}
-	equalTrees(t, readTree(t, got.Dir), libimages.LibraryFiles("ruby", "two"))
+	equalTrees(t, nodeplugintest.ReadTree(t, got.Dir), libimages.LibraryFiles("ruby", "two"))
 }
 
 func TestNotFound(t *testing.T) {
@@ -406,7 +399,7 @@ func TestMultiPlatformIndex(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	equalTrees(t, readTree(t, layer.Dir), libimages.LibraryFiles("java", "mine"))
+	equalTrees(t, nodeplugintest.ReadTree(t, layer.Dir), libimages.LibraryFiles("java", "mine"))
 	if want := must[v1.Hash](t)(mine.Digest()); layer.Digest != want.String() {
 		t.Errorf("digest %s, want the platform image's %s", layer.Digest, want)
 	}
@@ -452,7 +445,7 @@ func TestMirrors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		equalTrees(t, readTree(t, layer.Dir), libimages.LibraryFiles("python", "source-only"))
+		equalTrees(t, nodeplugintest.ReadTree(t, layer.Dir), libimages.LibraryFiles("python", "source-only"))
 	})
 	t.Run("falls back when the mirror is down", func(t *testing.T) {
 		down := libimages.NewRegistry()
@@ -507,7 +500,7 @@ func TestGeneratedFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	equalTrees(t, readTree(t, dir), files)
+	equalTrees(t, nodeplugintest.ReadTree(t, dir), files)
 	fi, err := os.Stat(filepath.Join(dir, volumeattrs.PreloadFile))
 	if err != nil || fi.Mode().Perm() != 0o644 {
 		t.Errorf("mode = %v (%v), want 0644", fi.Mode(), err)

@@ -2,6 +2,7 @@ package librarycache
 
 import (
 	"encoding/json"
+	"io/fs"
 	"os"
 	"path"
 	"strings"
@@ -96,12 +97,27 @@ func (c *Cache) rewriteMeta(dirRel string, m entryMeta) error {
 	if err != nil {
 		return err
 	}
-	tmp := path.Join(dirRel, metaFile+".tmp")
-	f, err := c.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err := writeFileAtomic(c.root, path.Join(dirRel, metaFile), b, 0o644); err != nil {
+		return err
+	}
+	d, err := c.root.Open(dirRel)
 	if err != nil {
 		return err
 	}
-	_, err = f.Write(b)
+	defer d.Close()
+	return d.Sync()
+}
+
+// writeFileAtomic replaces the file name of root with data: written to name+".tmp" beside it,
+// synced, then renamed over it, so a crash leaves the old or the new content, never a torn
+// file. Making the rename itself durable (syncing the directory) is left to the caller.
+func writeFileAtomic(root *os.Root, name string, data []byte, perm fs.FileMode) error {
+	tmp := name + ".tmp"
+	f, err := root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
 	if err == nil {
 		err = f.Sync()
 	}
@@ -111,13 +127,5 @@ func (c *Cache) rewriteMeta(dirRel string, m entryMeta) error {
 	if err != nil {
 		return err
 	}
-	if err := c.root.Rename(tmp, path.Join(dirRel, metaFile)); err != nil {
-		return err
-	}
-	d, err := c.root.Open(dirRel)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return root.Rename(tmp, name)
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 func set(paths ...string) func() (map[string]struct{}, error) {
@@ -148,7 +149,7 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if layer.Dir != f.rubyLayer.Dir || len(readTree(t, layer.Dir)) == 0 {
+	if layer.Dir != f.rubyLayer.Dir || len(nodeplugintest.ReadTree(t, layer.Dir)) == 0 {
 		t.Errorf("re-download = %v", layer)
 	}
 	if n := f.reg.Count(func(q libimages.Request) bool { return q.Kind == "blob" }); n == 0 {
@@ -374,7 +375,7 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatalf("publish after the interruption: %v", err)
 	}
-	if got := len(readTree(t, layer.Dir)); got != 2 {
+	if got := len(nodeplugintest.ReadTree(t, layer.Dir)); got != 2 {
 		t.Errorf("library has %d files, want 2", got)
 	}
 }

@@ -74,51 +74,28 @@ func validateGenerated(files map[string]string) ([]string, error) {
 	return names, nil
 }
 
+// buildGenerated writes generated/<key>/root holding exactly files (names sorted).
 func (c *Cache) buildGenerated(key string, names []string, files map[string]string) (*entry, error) {
-	tmp, err := c.mkTemp("generated")
-	if err != nil {
-		return nil, err
-	}
-	published := false
-	defer func() {
-		if !published {
-			_ = c.root.RemoveAll(tmp)
+	return c.buildEntry(kindGenerated, key, "generated", "generated files", func(rootRel string) (entryMeta, error) {
+		if err := c.mkdirs(rootRel, rootRel); err != nil {
+			return entryMeta{}, err
 		}
-	}()
-	rootRel := path.Join(tmp, kindGenerated.content())
-	if err := c.mkdirs(rootRel, rootRel); err != nil {
-		return nil, err
-	}
-	var bytes int64
-	for _, n := range names {
-		p := path.Join(rootRel, n)
-		if err := c.mkdirsBelow(rootRel, path.Dir(p)); err != nil {
-			return nil, err
+		var bytes int64
+		for _, n := range names {
+			p := path.Join(rootRel, n)
+			if err := c.mkdirsBelow(rootRel, path.Dir(p)); err != nil {
+				return entryMeta{}, err
+			}
+			if err := c.root.WriteFile(p, []byte(files[n]), 0o644); err != nil {
+				return entryMeta{}, localErr(err)
+			}
+			if err := c.root.Chmod(p, 0o644); err != nil {
+				return entryMeta{}, localErr(err)
+			}
+			bytes += int64(len(files[n]))
 		}
-		if err := c.root.WriteFile(p, []byte(files[n]), 0o644); err != nil {
-			return nil, localErr(err)
-		}
-		if err := c.root.Chmod(p, 0o644); err != nil {
-			return nil, localErr(err)
-		}
-		bytes += int64(len(files[n]))
-	}
-	meta := entryMeta{Bytes: bytes, Files: len(names), Created: time.Now().UTC(), BootID: c.bootID}
-	if err := c.writeMeta(tmp, meta); err != nil {
-		return nil, err
-	}
-	err = c.publish(tmp, kindGenerated, key)
-	if errors.Is(err, fs.ErrExist) {
-		if e, ok := c.readEntry(kindGenerated, key); ok {
-			return c.add(e), nil
-		}
-		return nil, localErr(fmt.Errorf("generated files %s appeared in the store but cannot be read", key))
-	}
-	if err != nil {
-		return nil, err
-	}
-	published = true
-	return c.add(&entry{kind: kindGenerated, key: key, meta: meta}), nil
+		return entryMeta{Bytes: bytes, Files: len(names), Created: time.Now().UTC(), BootID: c.bootID}, nil
+	})
 }
 
 // mkdirsBelow creates the 0755 directories between root (which exists) and dir.

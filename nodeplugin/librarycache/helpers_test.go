@@ -1,19 +1,16 @@
 package librarycache
 
 import (
-	"io/fs"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // newCache opens a cache in a fresh directory with test defaults (fast, silent), started, and
@@ -54,51 +51,8 @@ func must[T any](t testing.TB) func(T, error) T {
 // returns the tag reference and the image.
 func pushLibrary(t *testing.T, reg *libimages.Registry, lang, tag string) (string, v1.Image) {
 	t.Helper()
-	img := must[v1.Image](t)(libimages.Library(lang, tag))
-	repo := "datadog/" + libref.PackageName(lang)
-	if _, err := reg.Push(repo, tag, img); err != nil {
-		t.Fatal(err)
-	}
-	return reg.Repo(repo) + ":" + tag, img
-}
-
-// readTree returns the regular files below dir (relative path -> content), following
-// symlinks inside it as a container would see them.
-func readTree(t *testing.T, dir string) map[string]string {
-	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(dir, p)
-		switch {
-		case d.Type().IsRegular():
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			out[rel] = string(b)
-		case d.Type()&fs.ModeSymlink != 0:
-			target, err := os.Readlink(p)
-			if err != nil {
-				return err
-			}
-			resolved := filepath.Join(filepath.Dir(p), target)
-			if !strings.HasPrefix(resolved, dir+"/") {
-				return nil
-			}
-			sub := readTree(t, resolved)
-			for k, v := range sub {
-				out[filepath.Join(rel, k)] = v
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
+	l := nodeplugintest.PushLibrary(t, reg, lang, tag)
+	return l.Ref, l.Image
 }
 
 func equalTrees(t *testing.T, got, want map[string]string) {

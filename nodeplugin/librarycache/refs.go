@@ -130,20 +130,5 @@ func (s *refStore) save() error {
 	if err != nil {
 		return err
 	}
-	tmp := refsFile + ".tmp"
-	f, err := s.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	return s.root.Rename(tmp, refsFile)
+	return writeFileAtomic(s.root, refsFile, b, 0o600)
 }

@@ -98,7 +98,27 @@ func (c *Cache) checkSourceDir(img *entry, image, source string) error {
 // buildView creates views/<key>/root/<target> as a hardlink farm of srcRel: no file data is
 // copied, and the files are the image's own inodes (same modes, owners, times).
 func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entry, error) {
-	tmp, err := c.mkTemp("view")
+	return c.buildEntry(kindView, key, "view", "view", func(rootRel string) (entryMeta, error) {
+		if err := c.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
+			return entryMeta{}, err
+		}
+		if err := c.farm(srcRel, path.Join(rootRel, target)); err != nil {
+			return entryMeta{}, localErr(fmt.Errorf("building the view of %s at %s: %w", source, target, err))
+		}
+		return entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Created: time.Now().UTC(), BootID: c.bootID}, nil
+	})
+}
+
+// buildEntry adds the derived entry k/key (a view or generated files) to the store the way
+// every entry gets there (see store.go): built in a fresh work dir of tmp/ named after
+// purpose, where fill writes the content into rootRel (<work dir>/<k.content()>, not created
+// yet) and returns the entry's metadata, then renamed into place in one step; a failed
+// build's work dir is removed. If a concurrent build published the same key first, that entry
+// is used: keys name content, so it holds the same. noun names the entry in the error if that
+// entry cannot be read. (extractImage follows the same steps for images, with a digest
+// lookup of its own and a logged cleanup failure.)
+func (c *Cache) buildEntry(k kind, key, purpose, noun string, fill func(rootRel string) (entryMeta, error)) (*entry, error) {
+	tmp, err := c.mkTemp(purpose)
 	if err != nil {
 		return nil, err
 	}
@@ -108,29 +128,25 @@ func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entr
 			_ = c.root.RemoveAll(tmp)
 		}
 	}()
-	rootRel := path.Join(tmp, kindView.content())
-	if err := c.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
+	meta, err := fill(path.Join(tmp, k.content()))
+	if err != nil {
 		return nil, err
 	}
-	if err := c.farm(srcRel, path.Join(rootRel, target)); err != nil {
-		return nil, localErr(fmt.Errorf("building the view of %s at %s: %w", source, target, err))
-	}
-	meta := entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Created: time.Now().UTC(), BootID: c.bootID}
 	if err := c.writeMeta(tmp, meta); err != nil {
 		return nil, err
 	}
-	err = c.publish(tmp, kindView, key)
+	err = c.publish(tmp, k, key)
 	if errors.Is(err, fs.ErrExist) {
-		if e, ok := c.readEntry(kindView, key); ok {
+		if e, ok := c.readEntry(k, key); ok {
 			return c.add(e), nil
 		}
-		return nil, localErr(fmt.Errorf("view %s appeared in the store but cannot be read", key))
+		return nil, localErr(fmt.Errorf("%s %s appeared in the store but cannot be read", noun, key))
 	}
 	if err != nil {
 		return nil, err
 	}
 	published = true
-	return c.add(&entry{kind: kindView, key: key, meta: meta}), nil
+	return c.add(&entry{kind: k, key: key, meta: meta}), nil
 }
 
 // mkdirs creates root and the plain 0755 directories from root down to dir. Modes are set

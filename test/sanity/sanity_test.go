@@ -4,22 +4,17 @@
 package sanity
 
 import (
-	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	"github.com/onsi/ginkgo/v2"
 	"github.com/onsi/gomega"
-	"golang.org/x/sys/unix"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
-	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
-	"github.com/apm-csi/apm-csi/test/testenv"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // skipped lists the csi-sanity specs that cannot apply to a node-only driver, each with the
@@ -41,52 +36,28 @@ var skipped = []struct{ pattern, reason string }{
 }
 
 func TestSanity(t *testing.T) {
-	testenv.RequireRoot(t)
-	root := t.TempDir()
-	kubelet := filepath.Join(root, "kubelet")
-	stateDir := filepath.Join(root, "state")
-	hostData := filepath.Join(root, "host", "data")
+	p := nodeplugintest.New(t, nodeplugintest.Config{NodeID: "sanity-node"})
+	// The driver's warnings explain a failing spec better than csi-sanity's report alone.
+	p.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	hostData := filepath.Join(p.Root, "host", "data")
 	// sanity creates TargetPath and StagingPath itself (os.Mkdir, not MkdirAll), so their
 	// parent, a pod's CSI volume dir, must exist; both lie under <kubelet>/pods/ where the
 	// driver accepts targets.
-	podVolumes := filepath.Join(kubelet, "pods", "0b7c1e2a-sanity", "volumes", "kubernetes.io~csi")
+	podVolumes := filepath.Join(p.Kubelet, "pods", "0b7c1e2a-sanity", "volumes", "kubernetes.io~csi")
 	for _, d := range []string{podVolumes, hostData} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() { unmountUnder(t, root) })
-
 	set, err := hostdir.NewSet([]hostdir.Entry{{Name: "sanity", Path: hostData}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	d, err := driver.New(driver.Config{
-		NodeID:     "sanity-node",
-		KubeletDir: kubelet,
-		StateDir:   stateDir,
-		HostDirs:   set,
-		Mounter:    mounter.New(),
-		Logger:     log,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Reconcile(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(root, "csi.sock")
-	lis, err := driver.ListenUnix(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := driver.NewGRPCServer(d, log)
-	go srv.Serve(lis)
-	defer srv.Stop()
+	p.Config.HostDirs = set
+	p.Start()
 
 	cfg := sanity.NewTestConfig()
-	cfg.Address = "unix://" + sock
+	cfg.Address = "unix://" + p.Sock
 	cfg.TargetPath = filepath.Join(podVolumes, "sanity-target")
 	cfg.StagingPath = filepath.Join(podVolumes, "sanity-staging")
 	// What a static PersistentVolume's volumeAttributes would hold for a declared entry.
@@ -102,25 +73,7 @@ func TestSanity(t *testing.T) {
 	reporterConfig.NoColor = true
 	ginkgo.RunSpecs(t, "apm-csi node plugin csi-sanity", suiteConfig, reporterConfig)
 
-	if recs := d.Records(); len(recs) != 0 {
+	if recs := p.Driver.Records(); len(recs) != 0 {
 		t.Errorf("csi-sanity left %d published volumes behind: %+v", len(recs), recs)
-	}
-}
-
-// unmountUnder removes any mount a failed run left under root, deepest first, so that the
-// temporary directory can be deleted without reaching through a mount.
-func unmountUnder(t *testing.T, root string) {
-	table, err := mounter.New().MountTable()
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	for i := len(table) - 1; i >= 0; i-- {
-		if mp := table[i].MountPoint; strings.HasPrefix(mp, root+"/") {
-			t.Errorf("mount left behind at %s", mp)
-			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
-				t.Errorf("unmount %s: %v", mp, err)
-			}
-		}
 	}
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // BenchmarkCacheHitPublish: "Cache-hit NodePublishVolume of a three-library overlay volume:
@@ -28,9 +29,9 @@ func BenchmarkCacheHitPublish(b *testing.B) {
 	reg := libimages.Start(b)
 	p := startPlugin(b, options{})
 	vol := pushInjectorVolume(b, reg, "1.0.0")
-	warm := p.target("warm", "apm")
-	p.mustPublish("csi-warm", warm, ephemeral(vol.attrs(), "warm"), false)
-	p.mustUnpublish("csi-warm", warm)
+	warm := p.Target("warm", "apm")
+	p.MustPublish("csi-warm", warm, nodeplugintest.Ephemeral(vol.attrs(), "warm"), false)
+	p.MustUnpublish("csi-warm", warm)
 	reg.ResetCounts()
 
 	latencies := make([]time.Duration, 0, b.N)
@@ -38,17 +39,17 @@ func BenchmarkCacheHitPublish(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		id, pod := fmt.Sprintf("csi-%d", i), fmt.Sprintf("pod-%d", i)
-		target := p.target(pod, "apm")
-		attrs := ephemeral(vol.attrs(), pod)
+		target := p.Target(pod, "apm")
+		attrs := nodeplugintest.Ephemeral(vol.attrs(), pod)
 		b.StartTimer()
 		start := time.Now()
-		err := p.publish(id, target, attrs, false)
+		err := p.Publish(id, target, attrs, false)
 		latencies = append(latencies, time.Since(start))
 		b.StopTimer()
 		if err != nil {
 			b.Fatal(err)
 		}
-		p.mustUnpublish(id, target)
+		p.MustUnpublish(id, target)
 		b.StartTimer()
 	}
 	b.StopTimer()
@@ -102,10 +103,10 @@ func BenchmarkDiskPerVolume(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	vol.libs["java"] = push(b, reg, "datadog/"+libref.PackageName("java"), "large", big)
-	first := p.target("first", "apm")
-	p.mustPublish("csi-first", first, ephemeral(vol.attrs(), "first"), false)
-	defer p.mustUnpublish("csi-first", first)
+	vol.libs["java"] = nodeplugintest.Push(b, reg, "datadog/"+libref.PackageName("java"), "large", big)
+	first := p.Target("first", "apm")
+	p.MustPublish("csi-first", first, nodeplugintest.Ephemeral(vol.attrs(), "first"), false)
+	defer p.MustUnpublish("csi-first", first)
 	libraryBytes := apparentSize(b, first)
 
 	var volDu, volUpper, volStatfs, copyDu, copyStatfs []float64
@@ -114,36 +115,36 @@ func BenchmarkDiskPerVolume(b *testing.B) {
 		// kubelet creates the pod and volume dirs either way: made before measuring.
 		var targets []string
 		for v := range extraVolumes {
-			targets = append(targets, p.target(fmt.Sprintf("pod-%d-%d", i, v), "apm"))
+			targets = append(targets, p.Target(fmt.Sprintf("pod-%d-%d", i, v), "apm"))
 		}
-		duBefore, fsBefore := p.diskUsage(b), statfsUsed(b, p.state)
+		duBefore, fsBefore := p.diskUsage(b), statfsUsed(b, p.State)
 		for v, t := range targets {
-			p.mustPublish(fmt.Sprintf("csi-%d-%d", i, v), t, ephemeral(vol.attrs(), fmt.Sprintf("pod-%d-%d", i, v)), false)
+			p.MustPublish(fmt.Sprintf("csi-%d-%d", i, v), t, nodeplugintest.Ephemeral(vol.attrs(), fmt.Sprintf("pod-%d-%d", i, v)), false)
 		}
-		duAfter, fsAfter := p.diskUsage(b), statfsUsed(b, p.state)
+		duAfter, fsAfter := p.diskUsage(b), statfsUsed(b, p.State)
 		volDu = append(volDu, float64(duAfter-duBefore)/extraVolumes)
 		volStatfs = append(volStatfs, float64(fsAfter-fsBefore)/extraVolumes)
-		volUpper = append(volUpper, float64(fileBlocks(b, filepath.Join(p.state, "overlays")))/extraVolumes)
+		volUpper = append(volUpper, float64(fileBlocks(b, filepath.Join(p.State, "overlays")))/extraVolumes)
 		for v, t := range targets {
-			p.mustUnpublish(fmt.Sprintf("csi-%d-%d", i, v), t)
+			p.MustUnpublish(fmt.Sprintf("csi-%d-%d", i, v), t)
 		}
 
 		var emptyDirs, copies []string
 		for v := range extraVolumes {
-			dir := filepath.Join(p.kubelet, "pods", fmt.Sprintf("init-%d-%d", i, v), "volumes", "kubernetes.io~empty-dir", "datadog-auto-instrumentation")
+			dir := filepath.Join(p.Kubelet, "pods", fmt.Sprintf("init-%d-%d", i, v), "volumes", "kubernetes.io~empty-dir", "datadog-auto-instrumentation")
 			if err := os.MkdirAll(dir, 0o777); err != nil {
 				b.Fatal(err)
 			}
 			emptyDirs = append(emptyDirs, dir)
 			copies = append(copies, filepath.Dir(filepath.Dir(filepath.Dir(dir))))
 		}
-		duBefore, fsBefore = p.diskUsage(b), statfsUsed(b, p.state)
+		duBefore, fsBefore = p.diskUsage(b), statfsUsed(b, p.State)
 		for _, dir := range emptyDirs {
 			if err := copyTree(first, dir); err != nil {
 				b.Fatal(err)
 			}
 		}
-		duAfter, fsAfter = p.diskUsage(b), statfsUsed(b, p.state)
+		duAfter, fsAfter = p.diskUsage(b), statfsUsed(b, p.State)
 		copyDu = append(copyDu, float64(duAfter-duBefore)/extraVolumes)
 		copyStatfs = append(copyStatfs, float64(fsAfter-fsBefore)/extraVolumes)
 		for _, c := range copies {
@@ -175,7 +176,7 @@ func (p *plugin) diskUsage(b testing.TB) int64 {
 	unix.Sync()
 	seen := map[[2]uint64]bool{}
 	var total int64
-	for _, root := range []string{p.state, p.kubelet} {
+	for _, root := range []string{p.State, p.Kubelet} {
 		total += du(b, root, seen)
 	}
 	return total
@@ -187,51 +188,54 @@ func du(b testing.TB, root string, seen map[[2]uint64]bool) int64 {
 	if err := unix.Lstat(root, &rootSt); err != nil {
 		b.Fatal(err)
 	}
-	var total int64
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
+	return walkSum(b, root, func(p string, d fs.DirEntry) (int64, error) {
 		var st unix.Stat_t
 		if err := unix.Lstat(p, &st); err != nil {
-			return err
+			return 0, err
 		}
 		if st.Dev != rootSt.Dev {
 			// A mount point (a published volume): count the directory under it, not its content.
 			if d.IsDir() {
-				return filepath.SkipDir
+				return 0, filepath.SkipDir
 			}
-			return nil
+			return 0, nil
 		}
 		key := [2]uint64{st.Dev, st.Ino}
-		if !seen[key] {
-			seen[key] = true
-			total += st.Blocks * 512
+		if seen[key] {
+			return 0, nil
 		}
-		return nil
+		seen[key] = true
+		return st.Blocks * 512, nil
 	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return total
 }
 
 // fileBlocks is the allocated bytes of the regular files below dir.
 func fileBlocks(b testing.TB, dir string) int64 {
 	b.Helper()
+	return walkSum(b, dir, func(p string, d fs.DirEntry) (int64, error) {
+		if !d.Type().IsRegular() {
+			return 0, nil
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return 0, err
+		}
+		return st.Blocks * 512, nil
+	})
+}
+
+// walkSum walks the tree at root and adds up size over its entries, failing b on an error.
+// size may return filepath.SkipDir for a directory, to leave out what is below it.
+func walkSum(b testing.TB, root string, size func(p string, d fs.DirEntry) (int64, error)) int64 {
+	b.Helper()
 	var total int64
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if d.Type().IsRegular() {
-			var st unix.Stat_t
-			if err := unix.Lstat(p, &st); err != nil {
-				return err
-			}
-			total += st.Blocks * 512
-		}
-		return nil
+		n, err := size(p, d)
+		total += n
+		return err
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -254,24 +258,16 @@ func statfsUsed(b testing.TB, dir string) int64 {
 // apparentSize is the total size of the regular files below dir, as a pod reads them.
 func apparentSize(b testing.TB, dir string) int64 {
 	b.Helper()
-	var total int64
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	return walkSum(b, dir, func(_ string, d fs.DirEntry) (int64, error) {
+		if !d.Type().IsRegular() {
+			return 0, nil
+		}
+		fi, err := d.Info()
 		if err != nil {
-			return err
+			return 0, err
 		}
-		if d.Type().IsRegular() {
-			fi, err := d.Info()
-			if err != nil {
-				return err
-			}
-			total += fi.Size()
-		}
-		return nil
+		return fi.Size(), nil
 	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return total
 }
 
 // copyTree copies src to dst as `cp -a` would for files, directories and symlinks: what the

@@ -23,6 +23,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // TestHundredConcurrentPublishes: "100 concurrent publishes of one uncached library: the
@@ -39,7 +40,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	const volumes = 100
 	targets := make([]string, volumes)
 	for i := range targets {
-		targets[i] = p.target(fmt.Sprintf("pod-%d", i), "datadog-auto-instrumentation")
+		targets[i] = p.Target(fmt.Sprintf("pod-%d", i), "datadog-auto-instrumentation")
 	}
 	errs := make([]error, volumes)
 	var wg sync.WaitGroup
@@ -47,7 +48,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	for i := range volumes {
 		wg.Go(func() {
 			<-start
-			errs[i] = p.publish(fmt.Sprintf("csi-%d", i), targets[i], ephemeral(vol.attrs(), fmt.Sprintf("pod-%d", i)), false)
+			errs[i] = p.Publish(fmt.Sprintf("csi-%d", i), targets[i], nodeplugintest.Ephemeral(vol.attrs(), fmt.Sprintf("pod-%d", i)), false)
 		})
 	}
 	close(start)
@@ -63,24 +64,24 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	for _, l := range vol.all() {
 		manifests, maxLayer := imageFetches(t, reg, l)
 		if manifests != 1 || maxLayer != 1 {
-			t.Errorf("%s: the registry served its manifest %d times and a layer up to %d times; want exactly one pull", l.image, manifests, maxLayer)
+			t.Errorf("%s: the registry served its manifest %d times and a layer up to %d times; want exactly one pull", l.Ref, manifests, maxLayer)
 		}
 		if heads := reg.Count(func(q libimages.Request) bool {
-			return q.Method == http.MethodHead && q.Kind == "manifest" && q.Repo == l.repo
+			return q.Method == http.MethodHead && q.Kind == "manifest" && q.Repo == l.Repo
 		}); heads != 1 {
-			t.Errorf("%s: tag resolved %d times, want once", l.image, heads)
+			t.Errorf("%s: tag resolved %d times, want once", l.Ref, heads)
 		}
 	}
 
 	// One overlay per volume, over the same four shared lower dirs, each with its own upper.
-	first := entryAt(t, targets[0])
+	first := nodeplugintest.EntryAt(t, targets[0])
 	lowers := first.LowerDirs()
 	if first.FsType != "overlay" || len(lowers) != 4 {
 		t.Fatalf("volume 0 is %s with lower dirs %q; want an overlay of the preload file and three libraries", first.FsType, lowers)
 	}
 	uppers := map[string]bool{}
 	for i, target := range targets {
-		e := entryAt(t, target)
+		e := nodeplugintest.EntryAt(t, target)
 		if !slices.Equal(e.LowerDirs(), lowers) {
 			t.Fatalf("volume %d lower dirs %q, volume 0 %q", i, e.LowerDirs(), lowers)
 		}
@@ -89,14 +90,14 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 			t.Fatalf("volume %d upper dir %q is missing or shared", i, upper)
 		}
 		uppers[upper] = true
-		if n := countMounts(t, target); n != 1 {
+		if n := nodeplugintest.CountMounts(t, target); n != 1 {
 			t.Fatalf("volume %d has %d mounts stacked", i, n)
 		}
 	}
 
 	want := vol.files()
 	for i, target := range targets {
-		if d := diffTrees(readTree(t, target), want); d != "" {
+		if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), want); d != "" {
 			t.Fatalf("volume %d: %s", i, d)
 		}
 	}
@@ -111,12 +112,12 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	pyFile := filepath.Join(libref.LanguageTarget("python"), "ddtrace/__init__.py")
 	writeFile(t, filepath.Join(targets[0], "tracer-"+marker+".log"), marker)
 	writeFile(t, filepath.Join(targets[0], pyFile), "# patched by "+marker)
-	got0 := readTree(t, targets[0])
+	got0 := nodeplugintest.ReadTree(t, targets[0])
 	if got0["tracer-"+marker+".log"] != marker || got0[pyFile] != "# patched by "+marker {
-		t.Fatalf("volume 0 does not see its own writes: %s", diffTrees(got0, want))
+		t.Fatalf("volume 0 does not see its own writes: %s", nodeplugintest.DiffTrees(got0, want))
 	}
 	for i, target := range targets[1:] {
-		if d := diffTrees(readTree(t, target), want); d != "" {
+		if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), want); d != "" {
 			t.Errorf("volume %d sees volume 0's writes: %s", i+1, d)
 		}
 	}
@@ -129,7 +130,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	}
 
 	for i := range volumes {
-		wg.Go(func() { errs[i] = p.unpublish(fmt.Sprintf("csi-%d", i), targets[i]) })
+		wg.Go(func() { errs[i] = p.Unpublish(fmt.Sprintf("csi-%d", i), targets[i]) })
 	}
 	wg.Wait()
 	for i, err := range errs {
@@ -153,21 +154,21 @@ func TestRegistryStopped(t *testing.T) {
 	reg := libimages.Start(t)
 	p := startPlugin(t, options{tagTTL: time.Nanosecond})
 	vol := pushInjectorVolume(t, reg, "1.0.0")
-	ruby := pushLanguage(t, reg, "ruby", "2.0.0")
+	ruby := nodeplugintest.PushLibrary(t, reg, "ruby", "2.0.0")
 
 	// A first pod on the node caches the libraries, then goes away.
-	warm := p.target("warm", "apm")
-	p.mustPublish("csi-warm", warm, ephemeral(vol.attrs(), "warm"), false)
-	p.mustUnpublish("csi-warm", warm)
+	warm := p.Target("warm", "apm")
+	p.MustPublish("csi-warm", warm, nodeplugintest.Ephemeral(vol.attrs(), "warm"), false)
+	p.MustUnpublish("csi-warm", warm)
 
 	if err := reg.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	reg.ResetCounts()
 
-	cached := p.target("cached", "apm")
-	p.mustPublish("csi-cached", cached, ephemeral(vol.attrs(), "cached"), false)
-	if d := diffTrees(readTree(t, cached), vol.files()); d != "" {
+	cached := p.Target("cached", "apm")
+	p.MustPublish("csi-cached", cached, nodeplugintest.Ephemeral(vol.attrs(), "cached"), false)
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, cached), vol.files()); d != "" {
 		t.Fatalf("cached volume during the outage: %s", d)
 	}
 
@@ -178,13 +179,13 @@ func TestRegistryStopped(t *testing.T) {
 	withRuby.libs["ruby"] = ruby
 	withRuby.versions = maps.Clone(vol.versions)
 	withRuby.versions["ruby"] = "2.0.0"
-	uncached := p.target("uncached", "apm")
-	err := p.publish("csi-uncached", uncached, ephemeral(withRuby.attrs(), "uncached"), false)
-	checkUnavailable(t, err, ruby.image, "not cached")
+	uncached := p.Target("uncached", "apm")
+	err := p.Publish("csi-uncached", uncached, nodeplugintest.Ephemeral(withRuby.attrs(), "uncached"), false)
+	checkUnavailable(t, err, ruby.Ref, "not cached")
 	if _, err := os.Lstat(uncached); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("the failed publish left its target: %v", err)
 	}
-	if recs := p.drv.Records(); len(recs) != 1 || recs[0].VolumeID != "csi-cached" {
+	if recs := p.Driver.Records(); len(recs) != 1 || recs[0].VolumeID != "csi-cached" {
 		t.Errorf("records after the failed publish: %+v", recs)
 	}
 	if dirs := p.overlayDirs(); len(dirs) != 1 {
@@ -193,25 +194,25 @@ func TestRegistryStopped(t *testing.T) {
 
 	// The plugin restarts during the outage: the cached tags still publish (their digests are
 	// remembered on disk), the uncached one still gets Unavailable.
-	p.restart()
-	afterRestart := p.target("after-restart", "apm")
-	p.mustPublish("csi-after-restart", afterRestart, ephemeral(vol.attrs(), "after-restart"), false)
-	if d := diffTrees(readTree(t, afterRestart), vol.files()); d != "" {
+	p.Restart()
+	afterRestart := p.Target("after-restart", "apm")
+	p.MustPublish("csi-after-restart", afterRestart, nodeplugintest.Ephemeral(vol.attrs(), "after-restart"), false)
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, afterRestart), vol.files()); d != "" {
 		t.Fatalf("cached volume after a restart during the outage: %s", d)
 	}
-	err = p.publish("csi-uncached", uncached, ephemeral(withRuby.attrs(), "uncached"), false)
-	checkUnavailable(t, err, ruby.image, "not cached")
+	err = p.Publish("csi-uncached", uncached, nodeplugintest.Ephemeral(withRuby.attrs(), "uncached"), false)
+	checkUnavailable(t, err, ruby.Ref, "not cached")
 
 	// The registry comes back: kubelet's retry succeeds.
 	if err := reg.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p.mustPublish("csi-uncached", uncached, ephemeral(withRuby.attrs(), "uncached"), false)
-	if d := diffTrees(readTree(t, uncached), withRuby.files()); d != "" {
+	p.MustPublish("csi-uncached", uncached, nodeplugintest.Ephemeral(withRuby.attrs(), "uncached"), false)
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, uncached), withRuby.files()); d != "" {
 		t.Fatalf("volume after the registry came back: %s", d)
 	}
 	for id, target := range map[string]string{"csi-cached": cached, "csi-after-restart": afterRestart, "csi-uncached": uncached} {
-		p.mustUnpublish(id, target)
+		p.MustUnpublish(id, target)
 	}
 	p.assertNothingAllocated(t)
 }
@@ -246,21 +247,21 @@ func checkStatus(t testing.TB, err error, code codes.Code, image string, why ...
 func TestSlowFirstDownload(t *testing.T) {
 	reg := libimages.Start(t)
 	p := startPlugin(t, options{budget: 300 * time.Millisecond})
-	java := pushLanguage(t, reg, "java", "1.30.0")
+	java := nodeplugintest.PushLibrary(t, reg, "java", "1.30.0")
 	reg.ResetCounts()
 	release := reg.HoldBlobs(0)
 	defer release()
 
 	// Direct layout (java at the volume root), writable: a successful publish would allocate a
 	// record, an upper/work dir and a mounted target.
-	attrs := ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.image}}}).Attributes(), "slow")
-	target := p.target("slow", "apm")
+	attrs := nodeplugintest.Ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.Ref}}}).Attributes(), "slow")
+	target := p.Target("slow", "apm")
 	for attempt := range 3 {
 		start := time.Now()
-		err := p.publish("csi-slow", target, attrs, false)
+		err := p.Publish("csi-slow", target, attrs, false)
 		// The blobs are still held: the call came back without waiting for the download.
 		t.Logf("attempt %d while the registry stalls: %s: %v", attempt, time.Since(start).Round(time.Millisecond), err)
-		checkUnavailable(t, err, java.image, "still downloading")
+		checkUnavailable(t, err, java.Ref, "still downloading")
 		if _, err := os.Lstat(target); !errors.Is(err, fs.ErrNotExist) {
 			t.Fatalf("the failed publish left its target: %v", err)
 		}
@@ -270,18 +271,18 @@ func TestSlowFirstDownload(t *testing.T) {
 		}
 	}
 	// Retries join the download in progress instead of starting new ones.
-	digest, err := java.img.Digest()
+	digest, err := java.Image.Digest()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := reg.ManifestFetches(java.repo, digest.String()); n != 1 {
+	if n := reg.ManifestFetches(java.Repo, digest.String()); n != 1 {
 		t.Errorf("manifest fetched %d times while stalled, want 1 (one download in the background)", n)
 	}
 
 	release()
 	deadline := time.Now().Add(time.Minute)
 	for {
-		err := p.publish("csi-slow", target, attrs, false)
+		err := p.Publish("csi-slow", target, attrs, false)
 		if err == nil {
 			break
 		}
@@ -293,13 +294,13 @@ func TestSlowFirstDownload(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if d := diffTrees(readTree(t, target), libimages.LibraryFiles("java", "1.30.0")); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), libimages.LibraryFiles("java", "1.30.0")); d != "" {
 		t.Fatalf("volume after the download completed: %s", d)
 	}
 	if manifests, maxLayer := imageFetches(t, reg, java); manifests != 1 || maxLayer != 1 {
 		t.Errorf("the registry served the manifest %d times and a layer up to %d times; want one pull", manifests, maxLayer)
 	}
-	p.mustUnpublish("csi-slow", target)
+	p.MustUnpublish("csi-slow", target)
 	p.assertNothingAllocated(t)
 }
 
@@ -309,16 +310,16 @@ func TestSlowFirstDownload(t *testing.T) {
 func TestRestartDuringFirstDownload(t *testing.T) {
 	reg := libimages.Start(t)
 	p := startPlugin(t, options{budget: 300 * time.Millisecond})
-	java := pushLanguage(t, reg, "java", "1.31.0")
+	java := nodeplugintest.PushLibrary(t, reg, "java", "1.31.0")
 	release := reg.HoldBlobs(0)
 	defer release()
-	attrs := ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.image}}}).Attributes(), "pod")
-	target := p.target("pod", "apm")
-	checkUnavailable(t, p.publish("csi-pod", target, attrs, false), java.image, "still downloading")
+	attrs := nodeplugintest.Ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.Ref}}}).Attributes(), "pod")
+	target := p.Target("pod", "apm")
+	checkUnavailable(t, p.Publish("csi-pod", target, attrs, false), java.Ref, "still downloading")
 
 	stopped := make(chan struct{})
 	go func() {
-		p.stop()
+		p.Stop()
 		close(stopped)
 	}()
 	select {
@@ -326,14 +327,14 @@ func TestRestartDuringFirstDownload(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("the plugin does not stop while a download is stalled")
 	}
-	p.start()
+	p.Start()
 	if left := p.storeEntries(); len(left) != 0 {
 		t.Errorf("the restarted plugin kept the abandoned download: %q", left)
 	}
 	release()
 	deadline := time.Now().Add(time.Minute)
 	for {
-		err := p.publish("csi-pod", target, attrs, false)
+		err := p.Publish("csi-pod", target, attrs, false)
 		if err == nil {
 			break
 		}
@@ -342,10 +343,10 @@ func TestRestartDuringFirstDownload(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if d := diffTrees(readTree(t, target), libimages.LibraryFiles("java", "1.31.0")); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), libimages.LibraryFiles("java", "1.31.0")); d != "" {
 		t.Fatalf("volume: %s", d)
 	}
-	p.mustUnpublish("csi-pod", target)
+	p.MustUnpublish("csi-pod", target)
 	p.assertNothingAllocated(t)
 }
 
@@ -356,52 +357,52 @@ func TestRestart(t *testing.T) {
 	reg := libimages.Start(t)
 	p := startPlugin(t, options{grace: time.Nanosecond})
 	vol := pushInjectorVolume(t, reg, "0.9.0")
-	java := pushLanguage(t, reg, "java", "1.0.0")
-	direct := (&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.image}}}).Attributes()
+	java := nodeplugintest.PushLibrary(t, reg, "java", "1.0.0")
+	direct := (&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.Ref}}}).Attributes()
 
-	a, ro, gone := p.target("pod-a", "apm"), p.target("pod-ro", "apm"), p.target("pod-gone", "apm")
-	p.mustPublish("csi-a", a, ephemeral(vol.attrs(), "pod-a"), false)
-	p.mustPublish("csi-ro", ro, ephemeral(vol.attrs(), "pod-ro"), true)
-	p.mustPublish("csi-gone", gone, ephemeral(direct, "pod-gone"), false)
+	a, ro, gone := p.Target("pod-a", "apm"), p.Target("pod-ro", "apm"), p.Target("pod-gone", "apm")
+	p.MustPublish("csi-a", a, nodeplugintest.Ephemeral(vol.attrs(), "pod-a"), false)
+	p.MustPublish("csi-ro", ro, nodeplugintest.Ephemeral(vol.attrs(), "pod-ro"), true)
+	p.MustPublish("csi-gone", gone, nodeplugintest.Ephemeral(direct, "pod-gone"), false)
 	writeFile(t, filepath.Join(a, "tracer.log"), "before restart\n")
 	layersOf := map[string][]state.Layer{}
-	for _, r := range p.drv.Records() {
+	for _, r := range p.Driver.Records() {
 		layersOf[r.VolumeID] = r.Layers
 	}
 	if len(layersOf) != 3 {
 		t.Fatalf("records: %v", layersOf)
 	}
 
-	p.stop()
+	p.Stop()
 	// While the plugin is down: pod-gone's mount disappears (its pod was deleted and the node
 	// cleaned it up, or the node rebooted), and a crash left an overlay dir nothing refers to.
 	if err := syscallUnmount(gone); err != nil {
 		t.Fatal(err)
 	}
-	orphan := filepath.Join(p.state, "overlays", "orphan-of-a-crash")
+	orphan := filepath.Join(p.State, "overlays", "orphan-of-a-crash")
 	for _, d := range []string{"upper", "work"} {
 		if err := os.MkdirAll(filepath.Join(orphan, d), 0o700); err != nil {
 			t.Fatal(err)
 		}
 	}
 	writeFile(t, filepath.Join(orphan, "upper", "left"), "x")
-	p.start()
+	p.Start()
 
 	// The pod mounts kept working through the restart.
 	wantA := vol.files()
 	wantA["tracer.log"] = "before restart\n"
-	if d := diffTrees(readTree(t, a), wantA); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, a), wantA); d != "" {
 		t.Fatalf("pod-a's volume after the restart: %s", d)
 	}
 	writeFile(t, filepath.Join(a, "tracer.log"), "after restart\n")
-	if d := diffTrees(readTree(t, ro), vol.files()); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, ro), vol.files()); d != "" {
 		t.Fatalf("pod-ro's volume after the restart: %s", d)
 	}
 	// kubelet republishes every volume after it restarts: a no-op.
-	p.mustPublish("csi-a", a, ephemeral(vol.attrs(), "pod-a"), false)
-	p.mustPublish("csi-ro", ro, ephemeral(vol.attrs(), "pod-ro"), true)
-	if countMounts(t, a) != 1 || countMounts(t, ro) != 1 {
-		t.Fatalf("republish after the restart stacked mounts: %d, %d", countMounts(t, a), countMounts(t, ro))
+	p.MustPublish("csi-a", a, nodeplugintest.Ephemeral(vol.attrs(), "pod-a"), false)
+	p.MustPublish("csi-ro", ro, nodeplugintest.Ephemeral(vol.attrs(), "pod-ro"), true)
+	if nodeplugintest.CountMounts(t, a) != 1 || nodeplugintest.CountMounts(t, ro) != 1 {
+		t.Fatalf("republish after the restart stacked mounts: %d, %d", nodeplugintest.CountMounts(t, a), nodeplugintest.CountMounts(t, ro))
 	}
 	// The reconcile dropped pod-gone's record, overlay dir and target, and the orphan dir.
 	if ids := recordIDs(p); !slices.Equal(ids, []string{"csi-a", "csi-ro"}) {
@@ -422,7 +423,7 @@ func TestRestart(t *testing.T) {
 			t.Fatalf("GC after the restart removed a mounted layer %s: %v", l.Dir, err)
 		}
 	}
-	if d := diffTrees(readTree(t, ro), vol.files()); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, ro), vol.files()); d != "" {
 		t.Fatalf("pod-ro's volume after GC: %s", d)
 	}
 	for _, l := range layersOf["csi-gone"] {
@@ -432,8 +433,8 @@ func TestRestart(t *testing.T) {
 	}
 
 	// Unpublishing volumes published before the restart frees everything.
-	p.mustUnpublish("csi-a", a)
-	p.mustUnpublish("csi-ro", ro)
+	p.MustUnpublish("csi-a", a)
+	p.MustUnpublish("csi-ro", ro)
 	for _, target := range []string{a, ro} {
 		if _, err := os.Lstat(target); !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("target %s left after unpublish: %v", target, err)
@@ -448,7 +449,7 @@ func TestRestart(t *testing.T) {
 
 func recordIDs(p *plugin) []string {
 	var ids []string
-	for _, r := range p.drv.Records() {
+	for _, r := range p.Driver.Records() {
 		ids = append(ids, r.VolumeID)
 	}
 	slices.Sort(ids)
@@ -468,15 +469,15 @@ func TestGCThroughDriver(t *testing.T) {
 	// a: the injector layout (overlay); b: python alone, read-only (a bind mount of the image's
 	// own directory); c: the preload file alone (a bind mount of the generated file, the same
 	// entry a's overlay stacks).
-	a, b, c := p.target("pod-a", "apm"), p.target("pod-b", "apm"), p.target("pod-c", "preload")
-	p.mustPublish("csi-a", a, ephemeral(vol.attrs(), "pod-a"), false)
-	p.mustPublish("csi-b", b, ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: python.image}}}).Attributes(), "pod-b"), true)
-	p.mustPublish("csi-c", c, ephemeral(map[string]string{"type": volumeattrs.TypeDatadogInjectorPreload}, "pod-c"), true)
-	if e := entryAt(t, b); e.FsType == "overlay" {
+	a, b, c := p.Target("pod-a", "apm"), p.Target("pod-b", "apm"), p.Target("pod-c", "preload")
+	p.MustPublish("csi-a", a, nodeplugintest.Ephemeral(vol.attrs(), "pod-a"), false)
+	p.MustPublish("csi-b", b, nodeplugintest.Ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: python.Ref}}}).Attributes(), "pod-b"), true)
+	p.MustPublish("csi-c", c, nodeplugintest.Ephemeral(map[string]string{"type": volumeattrs.TypeDatadogInjectorPreload}, "pod-c"), true)
+	if e := nodeplugintest.EntryAt(t, b); e.FsType == "overlay" {
 		t.Fatalf("pod-b's single read-only layer is an overlay, want a bind mount: %+v", e)
 	}
 	layers := map[string][]string{}
-	for _, r := range p.drv.Records() {
+	for _, r := range p.Driver.Records() {
 		for _, l := range r.Layers {
 			layers[r.VolumeID] = append(layers[r.VolumeID], l.Dir)
 		}
@@ -487,7 +488,7 @@ func TestGCThroughDriver(t *testing.T) {
 	}
 	check := func(when string) {
 		t.Helper()
-		if d := diffTrees(readTree(t, b), libimages.LibraryFiles("python", "2.0.0")); d != "" {
+		if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, b), libimages.LibraryFiles("python", "2.0.0")); d != "" {
 			t.Fatalf("%s: pod-b's volume: %s", when, d)
 		}
 		if got, err := os.ReadFile(c); err != nil || string(got) != libref.LauncherPath+"\n" {
@@ -513,7 +514,7 @@ func TestGCThroughDriver(t *testing.T) {
 			}
 		}
 	}
-	if d := diffTrees(readTree(t, a), vol.files()); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, a), vol.files()); d != "" {
 		t.Fatalf("pod-a's volume after GC: %s", d)
 	}
 	check("after GC with everything mounted")
@@ -521,7 +522,7 @@ func TestGCThroughDriver(t *testing.T) {
 
 	// pod-a goes. Within the grace period its libraries stay (a pod of the same deployment
 	// usually follows)...
-	p.mustUnpublish("csi-a", a)
+	p.MustUnpublish("csi-a", a)
 	p.gc()
 	for _, d := range layers["csi-a"] {
 		if !exists(d) {
@@ -545,12 +546,12 @@ func TestGCThroughDriver(t *testing.T) {
 	}
 	check("after GC with pod-a gone")
 	entriesAfter := p.storeEntries()
-	if want := []string{"images/" + hexOf(t, python.img), "generated/" + filepath.Base(filepath.Dir(preloadDir))}; !slices.Equal(entriesAfter, want) {
+	if want := []string{"images/" + hexOf(t, python.Image), "generated/" + filepath.Base(filepath.Dir(preloadDir))}; !slices.Equal(entriesAfter, want) {
 		t.Errorf("cache entries: before %q, after %q; want %q", entriesBefore, entriesAfter, want)
 	}
 
-	p.mustUnpublish("csi-b", b)
-	p.mustUnpublish("csi-c", c)
+	p.MustUnpublish("csi-b", b)
+	p.MustUnpublish("csi-c", c)
 	p.gc()
 	if got := p.storeEntries(); !slices.Equal(got, entriesAfter) {
 		t.Errorf("cache entries right after the last unpublish: %q, want %q kept for the grace period", got, entriesAfter)
@@ -566,9 +567,9 @@ func TestGCThroughDriver(t *testing.T) {
 // imageFetches returns, for l, the GETs of its manifest by digest and the largest number of
 // GETs of one of its layer blobs from its repository. (Library images share their base layer:
 // the cache keys images, not layers, so each image fetches it from its own repository once.)
-func imageFetches(t testing.TB, reg *libimages.Registry, l lib) (manifest, maxLayer int) {
+func imageFetches(t testing.TB, reg *libimages.Registry, l nodeplugintest.PushedImage) (manifest, maxLayer int) {
 	t.Helper()
-	layers, err := l.img.Layers()
+	layers, err := l.Image.Layers()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -578,10 +579,10 @@ func imageFetches(t testing.TB, reg *libimages.Registry, l lib) (manifest, maxLa
 			t.Fatal(err)
 		}
 		maxLayer = max(maxLayer, reg.Count(func(q libimages.Request) bool {
-			return q.Method == http.MethodGet && q.Kind == "blob" && q.Repo == l.repo && q.Ref == d.String()
+			return q.Method == http.MethodGet && q.Kind == "blob" && q.Repo == l.Repo && q.Ref == d.String()
 		}))
 	}
-	return reg.ManifestFetches(l.repo, "sha256:"+hexOf(t, l.img)), maxLayer
+	return reg.ManifestFetches(l.Repo, "sha256:"+hexOf(t, l.Image)), maxLayer
 }
 
 func hexOf(t testing.TB, img v1.Image) string {
@@ -603,9 +604,9 @@ func TestHostileImage(t *testing.T) {
 	secret := filepath.Join(outside, "secret")
 	writeFile(t, secret, "host secret\n")
 	vol := pushInjectorVolume(t, reg, "3.0.0")
-	warm := p.target("warm", "apm")
-	p.mustPublish("csi-warm", warm, ephemeral(vol.attrs(), "warm"), false)
-	p.mustUnpublish("csi-warm", warm)
+	warm := p.Target("warm", "apm")
+	p.MustPublish("csi-warm", warm, nodeplugintest.Ephemeral(vol.attrs(), "warm"), false)
+	p.MustUnpublish("csi-warm", warm)
 	entriesBefore := p.storeEntries()
 
 	cases := []struct {
@@ -627,20 +628,20 @@ func TestHostileImage(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			hostile := push(t, reg, "datadog/"+libref.PackageName("java"), tc.name, img)
+			hostile := nodeplugintest.Push(t, reg, "datadog/"+libref.PackageName("java"), tc.name, img)
 			v := vol
 			v.langs = []string{"python", "java"}
 			v.libs = maps.Clone(vol.libs)
 			v.libs["java"] = hostile
-			target := p.target("pod-"+tc.name, "apm")
+			target := p.Target("pod-"+tc.name, "apm")
 			for attempt := range 2 {
 				// Requests of the aborted first download may still be on the wire.
 				if err := reg.WaitQuiet(250*time.Millisecond, 5*time.Second); err != nil {
 					t.Fatal(err)
 				}
 				reg.ResetCounts()
-				err := p.publish("csi-"+tc.name, target, ephemeral(v.attrs(), "pod-"+tc.name), false)
-				checkStatus(t, err, codes.FailedPrecondition, hostile.image, "cannot be served", tc.why)
+				err := p.Publish("csi-"+tc.name, target, nodeplugintest.Ephemeral(v.attrs(), "pod-"+tc.name), false)
+				checkStatus(t, err, codes.FailedPrecondition, hostile.Ref, "cannot be served", tc.why)
 				t.Logf("attempt %d: %v", attempt, err)
 				if _, err := os.Lstat(target); !errors.Is(err, fs.ErrNotExist) {
 					t.Errorf("target left: %v", err)
@@ -648,7 +649,7 @@ func TestHostileImage(t *testing.T) {
 				p.assertNothingAllocated(t)
 				if attempt == 1 {
 					// A rejected image is remembered: kubelet's retries do not pull it again.
-					if n := reg.Count(func(q libimages.Request) bool { return q.Method == http.MethodGet && q.Repo == hostile.repo }); n != 0 {
+					if n := reg.Count(func(q libimages.Request) bool { return q.Method == http.MethodGet && q.Repo == hostile.Repo }); n != 0 {
 						t.Errorf("the retry fetched %d manifests or blobs of the rejected image again", n)
 					}
 				}
@@ -683,17 +684,17 @@ func TestHostileImageNeutralised(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hostile := push(t, reg, "datadog/"+libref.PackageName("java"), "hardlink-outside", img)
-	target := p.target("pod", "apm")
-	attrs := ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: hostile.image}}}).Attributes(), "pod")
-	p.mustPublish("csi-pod", target, attrs, false)
-	if d := diffTrees(readTree(t, target), libimages.LibraryFiles("java", "hostile")); d != "" {
+	hostile := nodeplugintest.Push(t, reg, "datadog/"+libref.PackageName("java"), "hardlink-outside", img)
+	target := p.Target("pod", "apm")
+	attrs := nodeplugintest.Ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: hostile.Ref}}}).Attributes(), "pod")
+	p.MustPublish("csi-pod", target, attrs, false)
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), libimages.LibraryFiles("java", "hostile")); d != "" {
 		t.Errorf("volume of the neutralised image: %s", d)
 	}
 	if leaked := filesContaining(t, target, "host secret"); len(leaked) != 0 {
 		t.Errorf("the host file is reachable in the volume: %q", leaked)
 	}
-	p.mustUnpublish("csi-pod", target)
+	p.MustUnpublish("csi-pod", target)
 	p.assertNothingAllocated(t)
 	if b, err := os.ReadFile(secret); err != nil || string(b) != "host secret\n" {
 		t.Errorf("the host file changed: %q, %v", b, err)
@@ -707,26 +708,26 @@ func TestHostileImageNeutralised(t *testing.T) {
 func TestDatadogLibraryVolumes(t *testing.T) {
 	reg := libimages.Start(t)
 	p := startPlugin(t, options{})
-	inj := pushInjector(t, reg, "0.40.0")
-	python := pushLanguage(t, reg, "python", "v3.2.0")
+	inj := nodeplugintest.PushInjector(t, reg, "0.40.0")
+	python := nodeplugintest.PushLibrary(t, reg, "python", "v3.2.0")
 	registry := reg.Addr() + "/datadog"
 	reg.ResetCounts()
 
-	injTarget, pyTarget, preloadTarget := p.target("dd", "apm-inject"), p.target("dd", "python"), p.target("dd", "preload")
-	p.mustPublish("csi-inj", injTarget, ephemeral(map[string]string{
+	injTarget, pyTarget, preloadTarget := p.Target("dd", "apm-inject"), p.Target("dd", "python"), p.Target("dd", "preload")
+	p.MustPublish("csi-inj", injTarget, nodeplugintest.Ephemeral(map[string]string{
 		"type": volumeattrs.TypeDatadogLibrary, volumeattrs.DDKeyPackage: libref.InjectorPackage,
 		volumeattrs.DDKeyRegistry: registry, volumeattrs.DDKeyVersion: "0.40.0",
 	}, "dd"), true)
-	p.mustPublish("csi-py", pyTarget, ephemeral(map[string]string{
+	p.MustPublish("csi-py", pyTarget, nodeplugintest.Ephemeral(map[string]string{
 		"type": volumeattrs.TypeDatadogLibrary, volumeattrs.DDKeyPackage: libref.PackageName("python"),
-		volumeattrs.DDKeyRegistry: registry, volumeattrs.DDKeyVersion: "sha256:" + hexOf(t, python.img),
+		volumeattrs.DDKeyRegistry: registry, volumeattrs.DDKeyVersion: "sha256:" + hexOf(t, python.Image),
 	}, "dd"), true)
-	p.mustPublish("csi-preload", preloadTarget, ephemeral(map[string]string{"type": volumeattrs.TypeDatadogInjectorPreload}, "dd"), true)
+	p.MustPublish("csi-preload", preloadTarget, nodeplugintest.Ephemeral(map[string]string{"type": volumeattrs.TypeDatadogInjectorPreload}, "dd"), true)
 
-	if d := diffTrees(readTree(t, injTarget), libimages.InjectorFiles("0.40.0")); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, injTarget), libimages.InjectorFiles("0.40.0")); d != "" {
 		t.Errorf("apm-inject volume: %s", d)
 	}
-	if d := diffTrees(readTree(t, pyTarget), libimages.LibraryFiles("python", "v3.2.0")); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, pyTarget), libimages.LibraryFiles("python", "v3.2.0")); d != "" {
 		t.Errorf("python volume: %s", d)
 	}
 	if b, err := os.ReadFile(preloadTarget); err != nil || string(b) != libref.LauncherPath+"\n" {
@@ -735,14 +736,14 @@ func TestDatadogLibraryVolumes(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(pyTarget, "x"), nil, 0o644); err == nil {
 		t.Errorf("a read-only Datadog library volume is writable")
 	}
-	if heads := reg.Count(func(q libimages.Request) bool { return q.Method == http.MethodHead && q.Repo == python.repo }); heads != 0 {
+	if heads := reg.Count(func(q libimages.Request) bool { return q.Method == http.MethodHead && q.Repo == python.Repo }); heads != 0 {
 		t.Errorf("a digest reference was resolved at the registry %d times", heads)
 	}
 	if manifests, maxLayer := imageFetches(t, reg, inj); manifests != 1 || maxLayer != 1 {
 		t.Errorf("apm-inject pulled with %d manifest GETs and up to %d GETs of a layer; want one pull", manifests, maxLayer)
 	}
 	for id, target := range map[string]string{"csi-inj": injTarget, "csi-py": pyTarget, "csi-preload": preloadTarget} {
-		p.mustUnpublish(id, target)
+		p.MustUnpublish(id, target)
 	}
 	p.assertNothingAllocated(t)
 }

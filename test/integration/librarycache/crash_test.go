@@ -15,6 +15,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // startChild runs this test binary as a plugin process publishing image from store.
@@ -42,10 +43,7 @@ func TestPluginKilledMidDownload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := reg.Push("datadog/dd-lib-java-init", "big", img); err != nil {
-		t.Fatal(err)
-	}
-	image := reg.Repo("datadog/dd-lib-java-init") + ":big"
+	image := nodeplugintest.Push(t, reg, "datadog/dd-lib-java-init", "big", img).Ref
 	store := filepath.Join(t.TempDir(), "store")
 	release := reg.HoldBlobs(12 << 20)
 	defer release()
@@ -77,7 +75,7 @@ func TestPluginKilledMidDownload(t *testing.T) {
 	if err != nil {
 		t.Fatalf("publish after the crash: %v", err)
 	}
-	files := readTree(t, layer.Dir)
+	files := nodeplugintest.ReadTree(t, layer.Dir)
 	var total int
 	for _, v := range files {
 		total += len(v)

@@ -7,7 +7,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -100,50 +99,6 @@ func newCache(t testing.TB, cfg librarycache.Config) *librarycache.Cache {
 	return c
 }
 
-// readTree returns the regular files below dir (relative path -> content), following the
-// symlinks that stay inside it as a container would.
-func readTree(t testing.TB, dir string) map[string]string {
-	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(dir, p)
-		switch {
-		case d.Type().IsRegular():
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			out[rel] = string(b)
-		case d.Type()&fs.ModeSymlink != 0:
-			target, err := os.Readlink(p)
-			if err != nil {
-				return err
-			}
-			if resolved := filepath.Join(filepath.Dir(p), target); strings.HasPrefix(resolved, dir+"/") {
-				for k, v := range readTree(t, resolved) {
-					out[filepath.Join(rel, k)] = v
-				}
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-func prefixed(prefix string, files map[string]string) map[string]string {
-	out := map[string]string{}
-	for k, v := range files {
-		out[filepath.Join(prefix, k)] = v
-	}
-	return out
-}
-
 func merge(maps ...map[string]string) map[string]string {
 	out := map[string]string{}
 	for _, m := range maps {
@@ -152,21 +107,4 @@ func merge(maps ...map[string]string) map[string]string {
 		}
 	}
 	return out
-}
-
-func diffTrees(got, want map[string]string) string {
-	var d []string
-	for k, v := range want {
-		if g, ok := got[k]; !ok {
-			d = append(d, "missing "+k)
-		} else if g != v {
-			d = append(d, fmt.Sprintf("%s = %q, want %q", k, g, v))
-		}
-	}
-	for k := range got {
-		if _, ok := want[k]; !ok {
-			d = append(d, "unexpected "+k)
-		}
-	}
-	return strings.Join(d, "; ")
 }

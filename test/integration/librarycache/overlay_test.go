@@ -18,6 +18,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -49,15 +50,7 @@ func mountOverlay(t *testing.T, base string, lowers ...string) string {
 func TestHundredConcurrentPublishes(t *testing.T) {
 	testenv.RequireRoot(t)
 	reg := libimages.Start(t)
-	img, err := libimages.Library("java", "v1.42.0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	repo := "datadog/" + libref.PackageName("java")
-	if _, err := reg.Push(repo, "v1.42.0", img); err != nil {
-		t.Fatal(err)
-	}
-	image := reg.Repo(repo) + ":v1.42.0"
+	java := nodeplugintest.PushLibrary(t, reg, "java", "v1.42.0")
 	c := newCache(t, librarycache.Config{})
 
 	const volumes = 100
@@ -70,7 +63,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 			<-start
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			layers[i], errs[i] = c.Layer(ctx, volumeattrs.Library{Image: image, Source: libref.LibrarySource})
+			layers[i], errs[i] = c.Layer(ctx, volumeattrs.Library{Image: java.Ref, Source: libref.LibrarySource})
 		})
 	}
 	close(start)
@@ -80,7 +73,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 			t.Fatalf("publish %d: %v", i, err)
 		}
 	}
-	manifests, maxLayer, err := reg.ImageFetches(repo, img)
+	manifests, maxLayer, err := reg.ImageFetches(java.Repo, java.Image)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +94,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 		volDirs[i] = mountOverlay(t, filepath.Join(root, fmt.Sprint(i)), l.Dir)
 	}
 	for i, v := range volDirs {
-		if d := diffTrees(readTree(t, v), want); d != "" {
+		if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, v), want); d != "" {
 			t.Fatalf("volume %d: %s", i, d)
 		}
 	}
@@ -113,16 +106,16 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(volDirs[0], "dd-java-agent.jar"), []byte("patched by pod 0"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	got0 := readTree(t, volDirs[0])
+	got0 := nodeplugintest.ReadTree(t, volDirs[0])
 	if got0["written-by-pod-0"] != "mine" || got0["dd-java-agent.jar"] != "patched by pod 0" {
 		t.Fatalf("volume 0 does not see its own writes: %v", got0)
 	}
 	for i, v := range volDirs[1:] {
-		if d := diffTrees(readTree(t, v), want); d != "" {
+		if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, v), want); d != "" {
 			t.Errorf("volume %d sees volume 0's writes: %s", i+1, d)
 		}
 	}
-	if d := diffTrees(readTree(t, layers[0].Dir), want); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, layers[0].Dir), want); d != "" {
 		t.Errorf("the cache sees volume 0's writes: %s", d)
 	}
 }
@@ -153,24 +146,18 @@ func TestLibrariesComposeIntoOneOverlay(t *testing.T) {
 		t.Fatal(err)
 	}
 	lowers = append(lowers, l.Dir)
-	want := merge(map[string]string{volumeattrs.PreloadFile: libref.LauncherPath + "\n"}, prefixed(libref.InjectorTarget, libimages.InjectorFiles("0.31.0")))
+	want := merge(map[string]string{volumeattrs.PreloadFile: libref.LauncherPath + "\n"}, nodeplugintest.Prefixed(libref.InjectorTarget, libimages.InjectorFiles("0.31.0")))
 	for _, lang := range []string{"python", "js"} {
-		img, err := libimages.Library(lang, "v3")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := reg.Push("datadog/"+libref.PackageName(lang), "v3", img); err != nil {
-			t.Fatal(err)
-		}
-		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: reg.Repo("datadog/"+libref.PackageName(lang)) + ":v3", Target: libref.LanguageTarget(lang)})
+		lib := nodeplugintest.PushLibrary(t, reg, lang, "v3")
+		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: lib.Ref, Target: libref.LanguageTarget(lang)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		lowers = append(lowers, l.Dir)
-		want = merge(want, prefixed(libref.LanguageTarget(lang), libimages.LibraryFiles(lang, "v3")))
+		want = merge(want, nodeplugintest.Prefixed(libref.LanguageTarget(lang), libimages.LibraryFiles(lang, "v3")))
 	}
 	vol := mountOverlay(t, t.TempDir(), lowers...)
-	if d := diffTrees(readTree(t, vol), want); d != "" {
+	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, vol), want); d != "" {
 		t.Errorf("composed volume: %s", d)
 	}
 	// The launcher that ld.so.preload names resolves inside the volume through "stable".
@@ -186,14 +173,7 @@ func TestLibrariesComposeIntoOneOverlay(t *testing.T) {
 func TestGCNeverRemovesAMountedLibrary(t *testing.T) {
 	testenv.RequireRoot(t)
 	reg := libimages.Start(t)
-	img, err := libimages.Library("ruby", "v2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := reg.Push("datadog/dd-lib-ruby-init", "v2", img); err != nil {
-		t.Fatal(err)
-	}
-	image := reg.Repo("datadog/dd-lib-ruby-init") + ":v2"
+	image := nodeplugintest.PushLibrary(t, reg, "ruby", "v2").Ref
 	c := newCache(t, librarycache.Config{GCGracePeriod: time.Nanosecond})
 	view, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Target: libref.LanguageTarget("ruby")})
 	if err != nil {

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // benchmarkPublish measures NodePublishVolume over the real gRPC server and real mounts; the
@@ -17,15 +19,15 @@ func benchmarkPublish(b *testing.B, attrs map[string]string, readonly bool) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		id := fmt.Sprintf("csi-%d", i)
-		target := p.target(fmt.Sprintf("pod-%d", i), "v")
+		target := p.Target(fmt.Sprintf("pod-%d", i), "v")
 		b.StartTimer()
 		start := time.Now()
-		if err := p.publish(id, target, attrs, readonly); err != nil {
+		if err := p.Publish(id, target, attrs, readonly); err != nil {
 			b.Fatal(err)
 		}
 		durations = append(durations, time.Since(start))
 		b.StopTimer()
-		if err := p.unpublish(id, target); err != nil {
+		if err := p.Unpublish(id, target); err != nil {
 			b.Fatal(err)
 		}
 		b.StartTimer()
@@ -37,13 +39,13 @@ func benchmarkPublish(b *testing.B, attrs map[string]string, readonly bool) {
 }
 
 func BenchmarkNodePublishHostDir(b *testing.B) {
-	benchmarkPublish(b, ephemeral(hostdirData, "bench"), false)
+	benchmarkPublish(b, nodeplugintest.Ephemeral(hostdirData, "bench"), false)
 }
 
 func BenchmarkNodePublishHostDirReadOnly(b *testing.B) {
-	benchmarkPublish(b, ephemeral(hostdirData, "bench"), true)
+	benchmarkPublish(b, nodeplugintest.Ephemeral(hostdirData, "bench"), true)
 }
 
 func BenchmarkNodePublishLibraryOverlay(b *testing.B) {
-	benchmarkPublish(b, ephemeral(injectorAttrs(), "bench"), false)
+	benchmarkPublish(b, nodeplugintest.Ephemeral(injectorAttrs(), "bench"), false)
 }

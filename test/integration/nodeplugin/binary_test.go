@@ -25,6 +25,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -92,7 +93,7 @@ func TestBinary(t *testing.T) {
 	testenv.RequireRoot(t)
 	goBin := testenv.RequireBinary(t, "go")
 	root := t.TempDir()
-	t.Cleanup(func() { unmountUnder(t, root) })
+	t.Cleanup(func() { nodeplugintest.UnmountUnder(t, root) })
 	bin := filepath.Join(root, "apm-csi-node")
 	build := exec.Command(goBin, "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/apm-csi/apm-csi/nodeplugin/cmd/apm-csi-node")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -309,7 +310,7 @@ func TestBinary(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(kubelet, "plugins_registry", "csi.apm-csi.io-reg.sock")); !os.IsNotExist(err) {
 		t.Fatal("registration socket left after SIGTERM: kubelet would keep the plugin registered")
 	}
-	if countMounts(t, target) != 1 {
+	if nodeplugintest.CountMounts(t, target) != 1 {
 		t.Fatal("the volume must stay mounted while the plugin restarts")
 	}
 	// Every log line is JSON; the publish line carries pod and volume.
@@ -336,7 +337,7 @@ func TestBinary(t *testing.T) {
 	if _, err := node.NodePublishVolume(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
-	if countMounts(t, target) != 1 {
+	if nodeplugintest.CountMounts(t, target) != 1 {
 		t.Fatal("republish after restart stacked a mount")
 	}
 	if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-bin", TargetPath: target}); err != nil {
@@ -346,7 +347,7 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("Probe = %v, %v", probe, err)
 	}
 	stop(cmd, logs)
-	if left := mountsUnder(t, root); len(left) != 0 {
+	if left := nodeplugintest.MountsUnder(t, root); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
 	}
 }

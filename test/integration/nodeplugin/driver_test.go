@@ -18,6 +18,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 var hostdirData = map[string]string{"type": "hostdir", "name": "data"}
@@ -28,23 +29,23 @@ var hostdirData = map[string]string{"type": "hostdir", "name": "data"}
 func TestHostDirPersistsAcrossPods(t *testing.T) {
 	p := startPlugin(t)
 	demo := map[string]string{"type": "hostdir", "name": "demo"}
-	first := p.target("pod-1", "demo")
-	p.mustPublish("csi-1", first, ephemeral(demo, "web-1"), false)
+	first := p.Target("pod-1", "demo")
+	p.MustPublish("csi-1", first, nodeplugintest.Ephemeral(demo, "web-1"), false)
 	if fi, err := os.Stat(filepath.Join(p.host, "demo")); err != nil || !fi.IsDir() {
 		t.Fatalf("the create entry was not created: %v", err)
 	}
 	writeFile(t, filepath.Join(first, "visits"), "1")
-	p.mustUnpublish("csi-1", first)
+	p.MustUnpublish("csi-1", first)
 	if _, err := os.Stat(first); !os.IsNotExist(err) {
 		t.Fatal("target not removed on unpublish")
 	}
 
-	second := p.target("pod-2", "demo")
-	p.mustPublish("csi-2", second, ephemeral(demo, "web-2"), false)
+	second := p.Target("pod-2", "demo")
+	p.MustPublish("csi-2", second, nodeplugintest.Ephemeral(demo, "web-2"), false)
 	if got := readFile(t, filepath.Join(second, "visits")); got != "1" {
 		t.Fatalf("the re-created pod sees %q, want the data the first one wrote", got)
 	}
-	p.mustUnpublish("csi-2", second)
+	p.MustUnpublish("csi-2", second)
 }
 
 // TestHostDirSharedReadOnly is universal-csi-driver's case: a sidecar writes into a host
@@ -52,14 +53,14 @@ func TestHostDirPersistsAcrossPods(t *testing.T) {
 // several pods on the node) with ReadOnlyMany.
 func TestHostDirSharedReadOnly(t *testing.T) {
 	p := startPlugin(t)
-	sidecar := p.target("agent", "shared-out")
-	p.mustPublish("csi-agent", sidecar, ephemeral(hostdirData, "agent"), false)
+	sidecar := p.Target("agent", "shared-out")
+	p.MustPublish("csi-agent", sidecar, nodeplugintest.Ephemeral(hostdirData, "agent"), false)
 	writeFile(t, filepath.Join(sidecar, "config.json"), `{"v":1}`)
 
 	var apps []string
 	for i := range 2 {
-		target := p.target(fmt.Sprintf("app-%d", i), "pv-shared")
-		_, err := p.node.NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{
+		target := p.Target(fmt.Sprintf("app-%d", i), "pv-shared")
+		_, err := p.Node.NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{
 			VolumeId:   "pv-shared-data", // a static PV's volumeHandle: the same for every pod
 			TargetPath: target,
 			VolumeCapability: &csi.VolumeCapability{
@@ -86,20 +87,20 @@ func TestHostDirSharedReadOnly(t *testing.T) {
 		t.Fatalf("the sidecar's update is not visible: %q", got)
 	}
 	// Unpublishing one pod leaves the other's mount alone.
-	p.mustUnpublish("pv-shared-data", apps[0])
-	if countMounts(t, apps[1]) != 1 {
+	p.MustUnpublish("pv-shared-data", apps[0])
+	if nodeplugintest.CountMounts(t, apps[1]) != 1 {
 		t.Fatal("unpublishing one pod of a shared volume unmounted another")
 	}
-	p.mustUnpublish("pv-shared-data", apps[1])
-	p.mustUnpublish("csi-agent", sidecar)
+	p.MustUnpublish("pv-shared-data", apps[1])
+	p.MustUnpublish("csi-agent", sidecar)
 
 	// A read-only entry is always mounted read-only.
-	target := p.target("app-3", "shared")
-	p.mustPublish("csi-3", target, ephemeral(map[string]string{"type": "hostdir", "name": "shared"}, "app-3"), false)
+	target := p.Target("app-3", "shared")
+	p.MustPublish("csi-3", target, nodeplugintest.Ephemeral(map[string]string{"type": "hostdir", "name": "shared"}, "app-3"), false)
 	if err := os.WriteFile(filepath.Join(target, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("write through a read-only entry: %v, want EROFS", err)
 	}
-	p.mustUnpublish("csi-3", target)
+	p.MustUnpublish("csi-3", target)
 }
 
 // TestDatadogAPMSocket: a pod written for the Datadog Cluster Agent's CSI socket mode gets the
@@ -121,8 +122,8 @@ func TestDatadogAPMSocket(t *testing.T) {
 			c.Close()
 		}
 	}()
-	target := p.target("app", "datadog-apm")
-	p.mustPublish("csi-dd", target, ephemeral(map[string]string{"type": "APMSocket"}, "app"), false)
+	target := p.Target("app", "datadog-apm")
+	p.MustPublish("csi-dd", target, nodeplugintest.Ephemeral(map[string]string{"type": "APMSocket"}, "app"), false)
 	if fi, err := os.Lstat(target); err != nil || fi.IsDir() {
 		t.Fatalf("the socket target must be a file: %v %v", fi, err)
 	}
@@ -136,7 +137,7 @@ func TestDatadogAPMSocket(t *testing.T) {
 	if string(buf[:n]) != "agent" {
 		t.Fatalf("got %q from the socket", buf[:n])
 	}
-	p.mustUnpublish("csi-dd", target)
+	p.MustUnpublish("csi-dd", target)
 	if _, err := os.Lstat(target); !os.IsNotExist(err) {
 		t.Fatal("socket target not removed")
 	}
@@ -145,7 +146,7 @@ func TestDatadogAPMSocket(t *testing.T) {
 	}
 
 	// DSDSocket maps to dsd-socket, which this node does not declare.
-	err = p.publish("csi-dsd", p.target("app", "dsd"), map[string]string{"type": "DSDSocket"}, false)
+	err = p.Publish("csi-dsd", p.Target("app", "dsd"), map[string]string{"type": "DSDSocket"}, false)
 	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "apm-socket, data, demo, shared") {
 		t.Fatalf("DSDSocket without its entry: %v", err)
 	}
@@ -166,9 +167,9 @@ func injectorAttrs() map[string]string {
 
 func TestLibraryVolumes(t *testing.T) {
 	p := startPlugin(t)
-	a, b := p.target("pod-a", "apm"), p.target("pod-b", "apm")
-	p.mustPublish("csi-a", a, ephemeral(injectorAttrs(), "a"), false)
-	p.mustPublish("csi-b", b, ephemeral(injectorAttrs(), "b"), false)
+	a, b := p.Target("pod-a", "apm"), p.Target("pod-b", "apm")
+	p.MustPublish("csi-a", a, nodeplugintest.Ephemeral(injectorAttrs(), "a"), false)
+	p.MustPublish("csi-b", b, nodeplugintest.Ephemeral(injectorAttrs(), "b"), false)
 
 	if got := readFile(t, filepath.Join(a, volumeattrs.PreloadFile)); got != libref.LauncherPath+"\n" {
 		t.Fatalf("ld.so.preload in the volume = %q", got)
@@ -181,11 +182,11 @@ func TestLibraryVolumes(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(b, "tracer.log")); !os.IsNotExist(err) {
 		t.Fatal("pod a's write is visible in pod b")
 	}
-	e := entryAt(t, a)
+	e := nodeplugintest.EntryAt(t, a)
 	if e.FsType != "overlay" || len(e.LowerDirs()) != 3 {
 		t.Fatalf("library mount %+v", e)
 	}
-	inUse, err := p.drv.LibrariesInUse()
+	inUse, err := p.Driver.LibrariesInUse()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,21 +197,21 @@ func TestLibraryVolumes(t *testing.T) {
 	}
 
 	// Read-only: an overlay without an upper dir.
-	ro := p.target("pod-c", "apm")
-	p.mustPublish("csi-c", ro, ephemeral(injectorAttrs(), "c"), true)
+	ro := p.Target("pod-c", "apm")
+	p.MustPublish("csi-c", ro, nodeplugintest.Ephemeral(injectorAttrs(), "c"), true)
 	if err := os.WriteFile(filepath.Join(ro, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("write to a read-only library volume: %v", err)
 	}
 	// Read-only with a single layer: a read-only bind mount.
-	single := p.target("pod-d", "apm")
-	p.mustPublish("csi-d", single, ephemeral(map[string]string{"type": "library", "library.0.image": "registry.local/dd-lib-java-init:v1"}, "d"), true)
-	if e := entryAt(t, single); e.FsType == "overlay" || !e.HasMountOption("ro") {
+	single := p.Target("pod-d", "apm")
+	p.MustPublish("csi-d", single, nodeplugintest.Ephemeral(map[string]string{"type": "library", "library.0.image": "registry.local/dd-lib-java-init:v1"}, "d"), true)
+	if e := nodeplugintest.EntryAt(t, single); e.FsType == "overlay" || !e.HasMountOption("ro") {
 		t.Fatalf("single read-only layer mount %+v", e)
 	}
 
 	// The ld.so.preload file on its own, as DatadogInjectorPreload.
-	preload := p.target("pod-e", "preload")
-	p.mustPublish("csi-e", preload, ephemeral(map[string]string{"type": "DatadogInjectorPreload"}, "e"), false)
+	preload := p.Target("pod-e", "preload")
+	p.MustPublish("csi-e", preload, nodeplugintest.Ephemeral(map[string]string{"type": "DatadogInjectorPreload"}, "e"), false)
 	if got := readFile(t, preload); got != libref.LauncherPath+"\n" {
 		t.Fatalf("preload file = %q", got)
 	}
@@ -219,16 +220,16 @@ func TestLibraryVolumes(t *testing.T) {
 	}
 
 	for id, target := range map[string]string{"csi-a": a, "csi-b": b, "csi-c": ro, "csi-d": single, "csi-e": preload} {
-		p.mustUnpublish(id, target)
+		p.MustUnpublish(id, target)
 	}
-	if entries, _ := os.ReadDir(filepath.Join(p.state, "overlays")); len(entries) != 0 {
+	if entries, _ := os.ReadDir(filepath.Join(p.State, "overlays")); len(entries) != 0 {
 		t.Fatalf("overlay dirs left after unpublish: %v", entries)
 	}
-	if left := mountsUnder(t, p.root); len(left) != 0 {
+	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
 	}
 	// No record outlives its volume.
-	recs, _ := os.ReadDir(filepath.Join(p.state, "volumes"))
+	recs, _ := os.ReadDir(filepath.Join(p.State, "volumes"))
 	if len(recs) != 0 {
 		t.Fatalf("records left: %v", recs)
 	}
@@ -237,8 +238,8 @@ func TestLibraryVolumes(t *testing.T) {
 func TestLibraryFailureLeavesNothing(t *testing.T) {
 	p := startPlugin(t)
 	p.store.errs["registry.local/dd-lib-python-init:v3"] = fmt.Errorf("manifest unknown: %w", driver.ErrImageNotFound)
-	target := p.target("pod", "apm")
-	err := p.publish("csi-x", target, ephemeral(injectorAttrs(), "x"), false)
+	target := p.Target("pod", "apm")
+	err := p.Publish("csi-x", target, nodeplugintest.Ephemeral(injectorAttrs(), "x"), false)
 	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "registry.local/dd-lib-python-init:v3") {
 		t.Fatalf("publish with a missing image: %v", err)
 	}
@@ -246,7 +247,7 @@ func TestLibraryFailureLeavesNothing(t *testing.T) {
 		t.Fatal("target left after a failed publish")
 	}
 	for _, sub := range []string{"volumes", "overlays"} {
-		if entries, _ := os.ReadDir(filepath.Join(p.state, sub)); len(entries) != 0 {
+		if entries, _ := os.ReadDir(filepath.Join(p.State, sub)); len(entries) != 0 {
 			t.Fatalf("%s left after a failed publish: %v", sub, entries)
 		}
 	}
@@ -256,60 +257,60 @@ func TestLibraryFailureLeavesNothing(t *testing.T) {
 // volume that lost its mount while the plugin was down (reboot) is forgotten with its dirs.
 func TestRestartReconcile(t *testing.T) {
 	p := startPlugin(t)
-	hd, lib, lost := p.target("p1", "v"), p.target("p2", "v"), p.target("p3", "v")
-	p.mustPublish("csi-hd", hd, ephemeral(hostdirData, "p1"), false)
-	p.mustPublish("csi-lib", lib, ephemeral(injectorAttrs(), "p2"), false)
-	p.mustPublish("csi-lost", lost, ephemeral(injectorAttrs(), "p3"), false)
+	hd, lib, lost := p.Target("p1", "v"), p.Target("p2", "v"), p.Target("p3", "v")
+	p.MustPublish("csi-hd", hd, nodeplugintest.Ephemeral(hostdirData, "p1"), false)
+	p.MustPublish("csi-lib", lib, nodeplugintest.Ephemeral(injectorAttrs(), "p2"), false)
+	p.MustPublish("csi-lost", lost, nodeplugintest.Ephemeral(injectorAttrs(), "p3"), false)
 	writeFile(t, filepath.Join(lib, "kept"), "upper data")
 
-	p.stop()
+	p.Stop()
 	// While the plugin is down, the node loses one mount (as a reboot loses all).
 	if err := unix.Unmount(lost, 0); err != nil {
 		t.Fatal(err)
 	}
-	p.start()
+	p.Start()
 
 	got := map[string]bool{}
-	for _, r := range p.drv.Records() {
+	for _, r := range p.Driver.Records() {
 		got[r.VolumeID] = true
 	}
 	if !got["csi-hd"] || !got["csi-lib"] || got["csi-lost"] || len(got) != 2 {
 		t.Fatalf("records after restart: %v", got)
 	}
-	if entries, _ := os.ReadDir(filepath.Join(p.state, "overlays")); len(entries) != 1 {
+	if entries, _ := os.ReadDir(filepath.Join(p.State, "overlays")); len(entries) != 1 {
 		t.Fatalf("overlay dirs after restart: %v, want only csi-lib's", entries)
 	}
 	// kubelet republishes everything after its own restart: no second mount.
-	p.mustPublish("csi-hd", hd, ephemeral(hostdirData, "p1"), false)
-	p.mustPublish("csi-lib", lib, ephemeral(injectorAttrs(), "p2"), false)
-	if countMounts(t, hd) != 1 || countMounts(t, lib) != 1 {
+	p.MustPublish("csi-hd", hd, nodeplugintest.Ephemeral(hostdirData, "p1"), false)
+	p.MustPublish("csi-lib", lib, nodeplugintest.Ephemeral(injectorAttrs(), "p2"), false)
+	if nodeplugintest.CountMounts(t, hd) != 1 || nodeplugintest.CountMounts(t, lib) != 1 {
 		t.Fatal("republish after restart stacked mounts")
 	}
 	if got := readFile(t, filepath.Join(lib, "kept")); got != "upper data" {
 		t.Fatal("the writable layer did not survive the plugin restart")
 	}
 	// kubelet publishes the lost one again (the pod still exists): a fresh mount.
-	p.mustPublish("csi-lost", lost, ephemeral(injectorAttrs(), "p3"), false)
+	p.MustPublish("csi-lost", lost, nodeplugintest.Ephemeral(injectorAttrs(), "p3"), false)
 	for id, target := range map[string]string{"csi-hd": hd, "csi-lib": lib, "csi-lost": lost} {
-		p.mustUnpublish(id, target)
+		p.MustUnpublish(id, target)
 	}
-	if left := mountsUnder(t, p.root); len(left) != 0 {
+	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
 	}
 }
 
 func TestTargetConfinement(t *testing.T) {
 	p := startPlugin(t)
-	outside := filepath.Join(p.root, "outside")
+	outside := filepath.Join(p.Root, "outside")
 	if err := os.MkdirAll(outside, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(outside, "keep"), "x")
-	for _, target := range []string{outside, filepath.Join(p.kubelet, "pods", "..", "..", "outside")} {
-		if err := p.publish("v", target, hostdirData, false); status.Code(err) != codes.InvalidArgument {
+	for _, target := range []string{outside, filepath.Join(p.Kubelet, "pods", "..", "..", "outside")} {
+		if err := p.Publish("v", target, hostdirData, false); status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("publish at %s: %v", target, err)
 		}
-		if err := p.unpublish("v", target); status.Code(err) != codes.InvalidArgument {
+		if err := p.Unpublish("v", target); status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("unpublish at %s: %v", target, err)
 		}
 	}

@@ -7,10 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
@@ -19,16 +16,10 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
-	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
-	"github.com/apm-csi/apm-csi/test/testenv"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // dirStore stands in for the library cache (nodeplugin/librarycache, tested on its own): it
@@ -83,52 +74,30 @@ func (s *dirStore) GeneratedFiles(files map[string]string) (string, error) {
 	return dir, nil
 }
 
-// plugin is a running node plugin over a temporary kubelet dir.
+// plugin is a running node plugin (nodeplugintest.Plugin) over a temporary kubelet dir, with
+// its host directories and the fake library store.
 type plugin struct {
-	t       testing.TB
-	root    string
-	kubelet string
-	state   string
-	host    string
-	sock    string
-	store   *dirStore
-	hosts   *hostdir.Set
-	drv     *driver.Driver
-	srv     *grpc.Server
-	conn    *grpc.ClientConn
-	node    csi.NodeClient
-	log     *slog.Logger
-	mounter *mounter.Linux
+	*nodeplugintest.Plugin
+	host  string
+	store *dirStore
 }
 
 // startPlugin creates the directories, the allowlist (data: writable dir, shared: read-only
 // dir, apm-socket: a unix socket file, demo: created on demand) and starts the server.
 func startPlugin(t testing.TB) *plugin {
 	t.Helper()
-	testenv.RequireRoot(t)
-	root := t.TempDir()
+	np := nodeplugintest.New(t, nodeplugintest.Config{})
 	p := &plugin{
-		t:       t,
-		root:    root,
-		kubelet: filepath.Join(root, "kubelet"),
-		state:   filepath.Join(root, "state"),
-		host:    filepath.Join(root, "host"),
-		sock:    filepath.Join(root, "csi.sock"),
-		store:   &dirStore{root: filepath.Join(root, "cache"), errs: map[string]error{}},
-		log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
-		mounter: mounter.New(),
-	}
-	if testing.Verbose() {
-		p.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		Plugin: np,
+		host:   filepath.Join(np.Root, "host"),
+		store:  &dirStore{root: filepath.Join(np.Root, "cache"), errs: map[string]error{}},
 	}
 	for _, d := range []string{"data", "shared"} {
 		if err := os.MkdirAll(filepath.Join(p.host, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() { unmountUnder(t, root) })
-	var err error
-	p.hosts, err = hostdir.NewSet([]hostdir.Entry{
+	hosts, err := hostdir.NewSet([]hostdir.Entry{
 		{Name: "data", Path: filepath.Join(p.host, "data")},
 		{Name: "shared", Path: filepath.Join(p.host, "shared"), ReadOnly: true},
 		{Name: "apm-socket", Path: filepath.Join(p.host, "apm.socket")},
@@ -137,157 +106,9 @@ func startPlugin(t testing.TB) *plugin {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.start()
-	t.Cleanup(p.stop)
+	np.Config.HostDirs = hosts
+	// The fake keeps its content across restarts, as the cache's store does on disk.
+	np.Config.Libraries = func() (driver.LibraryStore, func() error, error) { return p.store, nil, nil }
+	np.Start()
 	return p
-}
-
-// start runs a new driver over the plugin's state dir, as a restarted process would.
-func (p *plugin) start() {
-	p.t.Helper()
-	d, err := driver.New(driver.Config{
-		NodeID:     "node-1",
-		KubeletDir: p.kubelet,
-		StateDir:   p.state,
-		HostDirs:   p.hosts,
-		Mounter:    p.mounter,
-		Libraries:  p.store,
-		Logger:     p.log,
-	})
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	if err := d.Reconcile(context.Background()); err != nil {
-		p.t.Fatal(err)
-	}
-	lis, err := driver.ListenUnix(p.sock)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	p.drv = d
-	p.srv = driver.NewGRPCServer(d, p.log)
-	go p.srv.Serve(lis)
-	p.conn, err = grpc.NewClient("unix://"+p.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	p.node = csi.NewNodeClient(p.conn)
-}
-
-func (p *plugin) stop() {
-	if p.srv == nil {
-		return
-	}
-	p.conn.Close()
-	driver.Shutdown(p.srv, 0)
-	p.srv = nil
-}
-
-func (p *plugin) restart() {
-	p.stop()
-	p.start()
-}
-
-// target returns the path kubelet would pass for a CSI volume of pod uid.
-func (p *plugin) target(uid, volume string) string {
-	dir := filepath.Join(p.kubelet, "pods", uid, "volumes", "kubernetes.io~csi", volume)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		p.t.Fatal(err)
-	}
-	return filepath.Join(dir, "mount")
-}
-
-func (p *plugin) publish(volumeID, target string, attrs map[string]string, readonly bool) error {
-	_, err := p.node.NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{
-		VolumeId:   volumeID,
-		TargetPath: target,
-		VolumeCapability: &csi.VolumeCapability{
-			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
-			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-		},
-		VolumeContext: attrs,
-		Readonly:      readonly,
-	})
-	return err
-}
-
-func (p *plugin) mustPublish(volumeID, target string, attrs map[string]string, readonly bool) {
-	p.t.Helper()
-	if err := p.publish(volumeID, target, attrs, readonly); err != nil {
-		p.t.Fatalf("publish %s at %s: %v", volumeID, target, err)
-	}
-}
-
-func (p *plugin) unpublish(volumeID, target string) error {
-	_, err := p.node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: volumeID, TargetPath: target})
-	return err
-}
-
-func (p *plugin) mustUnpublish(volumeID, target string) {
-	p.t.Helper()
-	if err := p.unpublish(volumeID, target); err != nil {
-		p.t.Fatalf("unpublish %s at %s: %v", volumeID, target, err)
-	}
-}
-
-func ephemeral(attrs map[string]string, pod string) map[string]string {
-	out := maps.Clone(attrs)
-	out["csi.storage.k8s.io/ephemeral"] = "true"
-	out["csi.storage.k8s.io/pod.name"] = pod
-	out["csi.storage.k8s.io/pod.namespace"] = "default"
-	out["csi.storage.k8s.io/pod.uid"] = pod + "-uid"
-	return out
-}
-
-// mountsUnder returns the mount table lines (minus the mount ids, which change) that mention
-// root: mounts on it and overlays whose layers live in it. Other tests of the same machine may
-// mount elsewhere at the same time; this is the part of the table this test owns.
-func mountsUnder(t testing.TB, root string) []string {
-	t.Helper()
-	table, err := mounter.New().MountTable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, e := range table {
-		line := fmt.Sprintf("%s %s %s %s %s %s", e.MountPoint, e.FsType, e.Source, e.Root, strings.Join(e.MountOptions, ","), strings.Join(e.SuperOptions, ","))
-		if strings.Contains(line, root+"/") {
-			out = append(out, line)
-		}
-	}
-	return out
-}
-
-// countMounts returns how many mounts are stacked on path.
-func countMounts(t testing.TB, path string) int {
-	t.Helper()
-	table, err := mounter.New().MountTable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, e := range table {
-		if e.MountPoint == path {
-			n++
-		}
-	}
-	return n
-}
-
-// unmountUnder detaches any mount a failed test left under root, deepest first, so that the
-// temporary directory is deleted without reaching through a mount into a source directory.
-func unmountUnder(t testing.TB, root string) {
-	table, err := mounter.New().MountTable()
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	for i := len(table) - 1; i >= 0; i-- {
-		if mp := table[i].MountPoint; strings.HasPrefix(mp, root+"/") {
-			t.Errorf("mount left behind at %s", mp)
-			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
-				t.Errorf("unmount %s: %v", mp, err)
-			}
-		}
-	}
 }

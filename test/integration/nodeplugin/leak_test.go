@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
 // TestMountLeak: 1,000 publish/unpublish cycles of mixed volumes, with a plugin restart every
@@ -33,7 +34,7 @@ func TestMountLeak(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := mountsUnder(t, p.root)
+	before := nodeplugintest.MountsUnder(t, p.Root)
 	tableBefore := len(table)
 
 	type published struct{ id, target string }
@@ -44,41 +45,41 @@ func TestMountLeak(t *testing.T) {
 	for i := range cycles {
 		if i > 0 && i%restartEvery == 0 {
 			// Restart with inFlight volumes mounted: they must be kept, not leaked or lost.
-			p.restart()
+			p.Restart()
 			restarts++
 		}
 		k := kinds[i%len(kinds)]
-		v := published{id: fmt.Sprintf("csi-%04d", i), target: p.target(fmt.Sprintf("pod-%04d", i), k.name)}
-		p.mustPublish(v.id, v.target, ephemeral(k.attrs, v.id), k.readonly)
+		v := published{id: fmt.Sprintf("csi-%04d", i), target: p.Target(fmt.Sprintf("pod-%04d", i), k.name)}
+		p.MustPublish(v.id, v.target, nodeplugintest.Ephemeral(k.attrs, v.id), k.readonly)
 		if i%5 == 0 {
 			// kubelet repeats a publish after its own restart.
-			p.mustPublish(v.id, v.target, ephemeral(k.attrs, v.id), k.readonly)
+			p.MustPublish(v.id, v.target, nodeplugintest.Ephemeral(k.attrs, v.id), k.readonly)
 		}
 		live = append(live, v)
 		if len(live) > inFlight {
 			u := live[0]
 			live = live[1:]
-			p.mustUnpublish(u.id, u.target)
+			p.MustUnpublish(u.id, u.target)
 			if i%7 == 0 {
-				p.mustUnpublish(u.id, u.target) // a repeated unpublish is OK too
+				p.MustUnpublish(u.id, u.target) // a repeated unpublish is OK too
 			}
 		}
 	}
 	for _, u := range live {
-		p.mustUnpublish(u.id, u.target)
+		p.MustUnpublish(u.id, u.target)
 	}
 	elapsed := time.Since(start)
 
-	after := mountsUnder(t, p.root)
+	after := nodeplugintest.MountsUnder(t, p.Root)
 	if !slices.Equal(before, after) {
 		t.Fatalf("mount table changed:\nbefore %q\nafter  %q", before, after)
 	}
 	for _, sub := range []string{"volumes", "overlays"} {
-		if entries, _ := os.ReadDir(filepath.Join(p.state, sub)); len(entries) != 0 {
+		if entries, _ := os.ReadDir(filepath.Join(p.State, sub)); len(entries) != 0 {
 			t.Fatalf("state %s left: %d entries", sub, len(entries))
 		}
 	}
-	targets, _ := filepath.Glob(filepath.Join(p.kubelet, "pods", "*", "volumes", "kubernetes.io~csi", "*", "mount"))
+	targets, _ := filepath.Glob(filepath.Join(p.Kubelet, "pods", "*", "volumes", "kubernetes.io~csi", "*", "mount"))
 	if len(targets) != 0 {
 		t.Fatalf("%d targets left, e.g. %s", len(targets), targets[0])
 	}
@@ -95,19 +96,19 @@ func TestRepeatedPublishOneMount(t *testing.T) {
 		name  string
 		attrs map[string]string
 	}{{"hostdir", hostdirData}, {"library", injectorAttrs()}} {
-		target := p.target("pod-"+k.name, "v")
+		target := p.Target("pod-"+k.name, "v")
 		for i := range 100 {
 			if i == 50 {
-				p.restart()
+				p.Restart()
 			}
-			p.mustPublish("csi-"+k.name, target, ephemeral(k.attrs, "pod"), false)
+			p.MustPublish("csi-"+k.name, target, nodeplugintest.Ephemeral(k.attrs, "pod"), false)
 		}
-		if n := countMounts(t, target); n != 1 {
+		if n := nodeplugintest.CountMounts(t, target); n != 1 {
 			t.Fatalf("%s: 100 publishes left %d mounts, want 1", k.name, n)
 		}
-		t.Logf("%s: 100 publishes of one target (restart after 50) -> %d mount", k.name, countMounts(t, target))
-		p.mustUnpublish("csi-"+k.name, target)
-		if n := countMounts(t, target); n != 0 {
+		t.Logf("%s: 100 publishes of one target (restart after 50) -> %d mount", k.name, nodeplugintest.CountMounts(t, target))
+		p.MustUnpublish("csi-"+k.name, target)
+		if n := nodeplugintest.CountMounts(t, target); n != 0 {
 			t.Fatalf("%s: %d mounts after unpublish", k.name, n)
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -20,7 +21,7 @@ func mounterDirs(t *testing.T, names ...string) (string, map[string]string) {
 	t.Helper()
 	testenv.RequireRoot(t)
 	root := t.TempDir()
-	t.Cleanup(func() { unmountUnder(t, root) })
+	t.Cleanup(func() { nodeplugintest.UnmountUnder(t, root) })
 	dirs := map[string]string{}
 	for _, n := range names {
 		dirs[n] = filepath.Join(root, n)
@@ -47,21 +48,6 @@ func readFile(t *testing.T, path string) string {
 	return string(data)
 }
 
-func entryAt(t *testing.T, path string) mounter.Entry {
-	t.Helper()
-	table, err := mounter.New().MountTable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := len(table) - 1; i >= 0; i-- {
-		if table[i].MountPoint == path {
-			return table[i]
-		}
-	}
-	t.Fatalf("nothing mounted at %s", path)
-	return mounter.Entry{}
-}
-
 func TestBindMount(t *testing.T) {
 	_, d := mounterDirs(t, "src", "rw", "ro")
 	m := mounter.New()
@@ -75,7 +61,7 @@ func TestBindMount(t *testing.T) {
 	if readFile(t, filepath.Join(d["src"], "from-pod")) != "x" {
 		t.Fatal("write through a writable bind mount did not reach the source")
 	}
-	e := entryAt(t, d["rw"])
+	e := nodeplugintest.EntryAt(t, d["rw"])
 	if !e.HasMountOption("rw") || !e.HasMountOption("nosuid") || !e.HasMountOption("nodev") {
 		t.Fatalf("writable bind options %v, want rw,nosuid,nodev", e.MountOptions)
 	}
@@ -91,7 +77,7 @@ func TestBindMount(t *testing.T) {
 	if !errors.Is(err, unix.EROFS) {
 		t.Fatalf("write to a read-only bind mount: %v, want EROFS", err)
 	}
-	if e := entryAt(t, d["ro"]); !e.HasMountOption("ro") {
+	if e := nodeplugintest.EntryAt(t, d["ro"]); !e.HasMountOption("ro") {
 		t.Fatalf("read-only bind options %v", e.MountOptions)
 	}
 
@@ -181,7 +167,7 @@ func TestOverlaySharedLowerIsolatedWrites(t *testing.T) {
 	if got := readFile(t, filepath.Join(d["a/upper"], "lib.so")); got != "patched by a" {
 		t.Fatalf("copy-up not in a's upper dir: %q", got)
 	}
-	e := entryAt(t, d["a/mnt"])
+	e := nodeplugintest.EntryAt(t, d["a/mnt"])
 	if got := e.LowerDirs(); !slices.Equal(got, []string{d["lower"]}) {
 		t.Fatalf("LowerDirs() = %q", got)
 	}
@@ -223,7 +209,7 @@ func TestOverlayReadOnly(t *testing.T) {
 			if err := os.WriteFile(filepath.Join(d["mnt"], "new"), nil, 0o644); !errors.Is(err, unix.EROFS) {
 				t.Fatalf("write to a read-only overlay: %v, want EROFS", err)
 			}
-			e := entryAt(t, d["mnt"])
+			e := nodeplugintest.EntryAt(t, d["mnt"])
 			if !e.HasMountOption("ro") || !slices.Equal(e.LowerDirs(), []string{d["top"], d["bottom"]}) {
 				t.Fatalf("entry %+v, lower %q", e, e.LowerDirs())
 			}
@@ -257,7 +243,7 @@ func TestOverlayManyLowerDirs(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(d["mnt"], "f39")); err != nil {
 		t.Fatalf("the bottom layer is not visible: %v", err)
 	}
-	if got := entryAt(t, d["mnt"]).LowerDirs(); !slices.Equal(got, lower) {
+	if got := nodeplugintest.EntryAt(t, d["mnt"]).LowerDirs(); !slices.Equal(got, lower) {
 		t.Fatalf("mount table shows %d lower dirs, want %d", len(got), len(lower))
 	}
 
