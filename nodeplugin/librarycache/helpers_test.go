@@ -58,8 +58,11 @@ func pushLibrary(t *testing.T, reg *libimages.Registry, lang, tag string) (strin
 func equalTrees(t *testing.T, got, want map[string]string) {
 	t.Helper()
 	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("file %s = %q, want %q", k, got[k], v)
+		g, ok := got[k]
+		if !ok {
+			t.Errorf("file %s is missing, want %q", k, v)
+		} else if g != v {
+			t.Errorf("file %s = %q, want %q", k, g, v)
 		}
 	}
 	for k := range got {
