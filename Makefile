@@ -138,16 +138,8 @@ test-deploy: deps ## Deploy checks alone: render, dry-run on a real kube-apiserv
 
 ##@ Demo and end-to-end
 
-# Debian's Node.js and npm: the demo's application image takes node from the nodejs package, and
-# npm installs the real dd-trace. Installed only when missing.
-NODE_DEPS = command -v node >/dev/null && command -v npm >/dev/null || { \
-		echo "installing Debian's nodejs and npm" >&2; \
-		DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >&2; }
-
 .PHONY: demo
 demo: build images ## Run it: local cluster + apm-csi + an instrumented Node.js app, explained step by step (root).
-	@$(NODE_DEPS)
 	@hack/install-deps.sh >/dev/null
 	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
 	go build -o $(BIN)/apm-csi-demo ./test/e2e/cmd/apm-csi-demo
@@ -164,5 +156,4 @@ E2E_RUN ?= .
 
 .PHONY: test-e2e
 test-e2e: deps ## End-to-end scenarios alone on a real single-node cluster with a real tracer (root; `make test` runs them too).
-	@$(NODE_DEPS)
 	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" go test -count=1 -v -timeout 40m -run '$(E2E_RUN)' ./test/e2e/...

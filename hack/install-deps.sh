@@ -25,6 +25,20 @@ if ((${#missing[@]})); then
 	systemctl disable --now containerd etcd >/dev/null 2>&1 || true
 fi
 
+# Node.js and npm: the end-to-end tests and the demo build their application image from the
+# machine's node binary and install the real dd-trace with npm. Checked by command, not by
+# package: some machines ship npm inside a vendor's nodejs package.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+	if [[ $(id -u) -ne 0 ]]; then
+		echo "install-deps: node and npm are missing and not root to install them" >&2
+		exit 1
+	fi
+	echo "install-deps: installing nodejs npm" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq >&2
+	apt-get install -y -qq --no-install-recommends nodejs npm >&2
+fi
+
 bin="$("$(dirname "$0")/k8s-binaries.sh")"
 etcd="$(command -v etcd || true)"
 if [[ -z "$etcd" ]]; then
