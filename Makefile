@@ -78,6 +78,7 @@ CLUSTER_ROOT ?= /var/lib/apm-csi-localcluster
 .PHONY: images
 images: ## Build image tarballs into IMAGES_DIR: pause, busybox, and one per static binary in ./bin (run `make build` first).
 	@mkdir -p $(BIN) $(IMAGES_DIR)
+	@hack/install-deps.sh --packages-only
 	go build -o $(BIN)/build-images ./test/images/cmd/build-images
 	$(BIN)/build-images base -out $(IMAGES_DIR)
 	@for b in apm-csi-node apm-csi-webhook; do \
@@ -139,7 +140,7 @@ test-deploy: deps ## Deploy checks alone: render, dry-run on a real kube-apiserv
 ##@ Demo and end-to-end
 
 .PHONY: demo
-demo: build images ## Run it: local cluster + apm-csi + an instrumented Node.js app, explained step by step (root).
+demo: deps build images ## Run it: local cluster + apm-csi + an instrumented Node.js app, explained step by step (root).
 	@hack/install-deps.sh >/dev/null
 	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
 	go build -o $(BIN)/apm-csi-demo ./test/e2e/cmd/apm-csi-demo

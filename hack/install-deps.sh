@@ -4,8 +4,11 @@
 # binaries built through the Go module proxy (cached by version), and etcd next to them so
 # that controller-runtime's envtest finds everything in one directory.
 #
-# Prints the directory to use as KUBEBUILDER_ASSETS.
+# Prints the directory to use as KUBEBUILDER_ASSETS. With --packages-only, installs the Debian
+# packages and Node.js only (what `make images` needs) and prints nothing.
 set -euo pipefail
+packages_only=false
+[[ "${1:-}" == "--packages-only" ]] && packages_only=true
 
 packages=(etcd-server containerd runc containernetworking-plugins busybox-static iproute2 util-linux curl ca-certificates)
 missing=()
@@ -38,6 +41,8 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 	apt-get update -qq >&2
 	apt-get install -y -qq --no-install-recommends nodejs npm >&2
 fi
+
+$packages_only && exit 0
 
 bin="$("$(dirname "$0")/k8s-binaries.sh")"
 etcd="$(command -v etcd || true)"
