@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -23,6 +24,10 @@ type Linux struct {
 	// page) instead of the fsopen/fsconfig API. Set by tests; also the automatic fallback on
 	// kernels that predate fsconfig's "lowerdir+" (Linux 6.8).
 	LegacyOverlay bool
+	// LegacyBind forces bind mounts through mount(2) and a private staging mount instead of
+	// open_tree/mount_setattr/move_mount. Set by tests; also the automatic fallback on kernels
+	// without mount_setattr (before Linux 5.12).
+	LegacyBind bool
 	// mountInfo is the mount table to read; /proc/self/mountinfo.
 	mountInfo string
 	// detector answers IsMountPoint. mount-utils' implementation uses openat2/statx to detect
@@ -42,29 +47,140 @@ func (l *Linux) IsMountPoint(path string) (bool, error) {
 	return l.detector.IsMountPoint(path)
 }
 
-// Bind implements Interface: a bind mount, then a remount that applies nosuid, nodev and, for
-// a read-only mount, rdonly. MS_BIND alone ignores those flags; only the remount makes the
-// mount itself read-only rather than merely asking for it.
+// Bind implements Interface. The mount is made complete, with nosuid, nodev and (when readOnly)
+// rdonly, before it is attached at target. That order matters: the node plugin mounts into
+// kubelet's pods dir, a shared mount, and the host's copy of the mount, the one kubelet hands
+// to the pod, is cloned at the moment of attaching. A remount afterwards (MS_REMOUNT|MS_BIND)
+// changes only the plugin's own copy: per-mount flags do not propagate, so the pod would get
+// a writable, suid-capable mount.
+//
+// The clone keeps the per-mount flags of the source's mount (noexec, ro, atime); Bind only
+// adds restrictions, never lifts one.
 func (l *Linux) Bind(source, target string, readOnly bool) error {
-	if err := unix.Mount(source, target, "", unix.MS_BIND, ""); err != nil {
+	if !l.LegacyBind {
+		err := bindDetached(source, target, readOnly)
+		if !errors.Is(err, errNoMountSetattr) {
+			return err
+		}
+	}
+	return bindStaged(source, target, readOnly)
+}
+
+// errNoMountSetattr marks a kernel without open_tree/move_mount (Linux 5.2) or mount_setattr
+// (Linux 5.12).
+var errNoMountSetattr = errors.New("kernel lacks mount_setattr")
+
+// bindDetached clones the source's mount into a detached mount (open_tree), sets its flags
+// (mount_setattr) and only then attaches it at target (move_mount). Not recursive: mounts
+// below source are not carried over, as with a plain MS_BIND.
+func bindDetached(source, target string, readOnly bool) error {
+	fd, err := unix.OpenTree(unix.AT_FDCWD, source, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if errors.Is(err, unix.ENOSYS) {
+		return errNoMountSetattr
+	}
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: clone the mount of %s: %w", source, target, source, err)
+	}
+	// Closing the descriptor of a mount that was never attached discards it.
+	defer unix.Close(fd)
+	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
+	if readOnly {
+		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
+	}
+	if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &attr); err != nil {
+		if errors.Is(err, unix.ENOSYS) {
+			return errNoMountSetattr
+		}
+		return fmt.Errorf("bind mount %s on %s: set nosuid,nodev (read-only %t): %w", source, target, readOnly, err)
+	}
+	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("bind mount %s on %s: attach: %w", source, target, err)
+	}
+	return nil
+}
+
+// bindStaged is Bind for kernels without mount_setattr, with mount(2) only. The source is
+// bound at a staging point inside a private mount of its own, where nothing propagates;
+// remounted there with the flags; then bound onto target: a bind mount is a clone of its
+// source mount, flags included, and so are the copies propagation makes of it. The staging
+// mounts are then detached and the staging dir removed. The staging dir is created in the
+// temporary dir ($TMPDIR, else /tmp: in the node plugin's container, an emptyDir).
+func bindStaged(source, target string, readOnly bool) (err error) {
+	fi, err := os.Stat(source)
+	if err != nil {
 		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
 	}
+	dir, err := os.MkdirTemp("", "apm-csi-bind-")
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: staging dir: %w", source, target, err)
+	}
+	attached := false
+	defer func() {
+		// Remove, not RemoveAll: should an unmount below have failed, the removal fails too
+		// rather than deleting through the mount into the source.
+		err = errors.Join(err, os.Remove(dir))
+		if err != nil && attached {
+			// An error means nothing is mounted at target, as for the other failures.
+			if uerr := unix.Unmount(target, unix.UMOUNT_NOFOLLOW); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("undo bind mount of %s: %w", target, uerr))
+			}
+		}
+	}()
+
+	// A mount point of its own, private: the staging mount below is not copied anywhere, even
+	// when the temporary dir is on a shared mount.
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: staging dir %s: %w", source, target, dir, err)
+	}
+	defer func() { err = errors.Join(err, detach(dir)) }()
+	if err := unix.Mount("", dir, "", unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: make staging dir %s private: %w", source, target, dir, err)
+	}
+	stage := filepath.Join(dir, "m")
+	if fi.IsDir() {
+		err = os.Mkdir(stage, 0o700)
+	} else {
+		err = os.WriteFile(stage, nil, 0o600)
+	}
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: staging point: %w", source, target, err)
+	}
+	defer func() { err = errors.Join(err, os.Remove(stage)) }()
+
+	if err := unix.Mount(source, stage, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: staging bind mount at %s: %w", source, target, stage, err)
+	}
+	defer func() { err = errors.Join(err, detach(stage)) }()
 	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_NOSUID | unix.MS_NODEV)
 	if readOnly {
 		flags |= unix.MS_RDONLY
 	}
-	// Keep noexec when the source mount has it: the kernel refuses to clear a flag that is
-	// locked on the source, and the administrator's choice should carry over anyway.
+	// The remount sets these flags exactly: keep those of the source's mount, as the clone
+	// of bindDetached does (and the kernel refuses to clear a flag locked on the source).
 	var st unix.Statfs_t
-	if err := unix.Statfs(target, &st); err == nil && st.Flags&unix.ST_NOEXEC != 0 {
+	if err := unix.Statfs(stage, &st); err != nil {
+		return fmt.Errorf("bind mount %s on %s: statfs %s: %w", source, target, stage, err)
+	}
+	if st.Flags&unix.ST_NOEXEC != 0 {
 		flags |= unix.MS_NOEXEC
 	}
-	if err := unix.Mount("", target, "", flags, ""); err != nil {
-		remountErr := fmt.Errorf("remount %s with nosuid,nodev (read-only %t): %w", target, readOnly, err)
-		if uerr := unix.Unmount(target, unix.UMOUNT_NOFOLLOW); uerr != nil {
-			return errors.Join(remountErr, fmt.Errorf("undo bind mount of %s: %w", target, uerr))
-		}
-		return remountErr
+	if st.Flags&unix.ST_RDONLY != 0 {
+		flags |= unix.MS_RDONLY
+	}
+	if err := unix.Mount("", stage, "", flags, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: remount with nosuid,nodev (read-only %t): %w", source, target, readOnly, err)
+	}
+	if err := unix.Mount(stage, target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+	}
+	attached = true
+	return nil
+}
+
+// detach lazily unmounts the staging mount at path.
+func detach(path string) error {
+	if err := unix.Unmount(path, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil {
+		return fmt.Errorf("detach staging mount %s: %w", path, err)
 	}
 	return nil
 }

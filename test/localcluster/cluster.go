@@ -182,12 +182,22 @@ func (c *Cluster) start(ctx context.Context) error {
 	if err := makeSharedMount(o.KubeletDir); err != nil {
 		return err
 	}
+	// The hostPath root too: the apm-csi chart mounts its hostdir entries (created below it by
+	// the tests) into the node plugin with HostToContainer propagation, which containerd
+	// refuses for a path on a private mount, as the VM's root filesystem is. Real nodes
+	// (systemd) share "/". Teardown unmounts it with everything else under the root.
+	if err := os.MkdirAll(o.hostPathRoot(), 0o755); err != nil {
+		return err
+	}
+	if err := makeSharedMount(o.hostPathRoot()); err != nil {
+		return err
+	}
 	for _, d := range []string{o.etcdDir(), o.containerdState(), o.podLogsDir(), o.cniIPAMDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return err
 		}
 	}
-	step.done("host prepared (bridge, certificates, configs, shared kubelet dir)")
+	step.done("host prepared (bridge, certificates, configs, shared kubelet and hostPath dirs)")
 
 	if _, err := o.startProcess(compEtcd, "etcd", o.etcdArgs()...); err != nil {
 		return err
@@ -807,8 +817,10 @@ func (c *Cluster) BinDir() string { return c.opts.BinDir }
 func (c *Cluster) LogPath(component string) string { return c.opts.LogPath(component) }
 
 // HostPathDir is a directory under the root for hostPath volumes of workloads deployed on the
-// cluster, e.g. the CSI node plugin's cache, upper and work directories. Down unmounts
-// whatever is mounted below it and deletes it, so nothing of a test outlives the cluster.
+// cluster, e.g. the CSI node plugin's cache, upper and work directories. Their parent is a
+// shared mount (Up makes it one), so they can be mounted into containers with
+// HostToContainer or Bidirectional propagation. Down unmounts whatever is mounted below it
+// and deletes it, so nothing of a test outlives the cluster.
 func (c *Cluster) HostPathDir(name string) string {
 	return filepath.Join(c.opts.hostPathRoot(), name)
 }

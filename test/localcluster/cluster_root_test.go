@@ -138,9 +138,11 @@ func TestUpRefusesARunningClusterAndRecoversACrashedOne(t *testing.T) {
 	if err != nil || !nodeReady(node) {
 		t.Fatalf("node after recovery: %v (ready=%v)", err, err == nil && nodeReady(node))
 	}
-	shared, err := isSharedMount(c2.KubeletDir())
-	if err != nil || !shared {
-		t.Errorf("kubelet dir not a shared mount after recovery (%v)", err)
+	for _, dir := range []string{c2.KubeletDir(), c2.opts.hostPathRoot()} {
+		shared, err := isSharedMount(dir)
+		if err != nil || !shared {
+			t.Errorf("%s not a shared mount after recovery (%v)", dir, err)
+		}
 	}
 	if err := c2.Down(ctx); err != nil {
 		t.Fatal(err)

@@ -105,7 +105,8 @@ type Options struct {
 	LibraryPrefix string
 	// Languages SSI injects: name -> version (tag).
 	Languages map[string]string
-	// HostDirs is the node plugin's allowlist.
+	// HostDirs is the node plugin's allowlist. Their paths are below the cluster's HostPathDir,
+	// which Up makes a shared mount, as the chart's HostToContainer mounts of them need.
 	HostDirs []HostDir
 	// GCGracePeriod of the library cache; empty keeps the chart's default.
 	GCGracePeriod string
@@ -135,11 +136,6 @@ func Deploy(ctx context.Context, c *localcluster.Cluster, o Options) (*Deploymen
 		return nil, err
 	}
 	d := &Deployment{Cluster: c, Client: cs, Opts: o, StateDir: c.HostPathDir("apm-csi")}
-	for _, h := range o.HostDirs {
-		if err := MakeShared(filepath.Dir(h.Path)); err != nil {
-			return nil, err
-		}
-	}
 	if d.helm, err = helmBinary(ctx, o.RepoRoot); err != nil {
 		return nil, err
 	}

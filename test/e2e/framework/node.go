@@ -12,7 +12,6 @@ import (
 	"strings"
 	"syscall"
 
-	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/types"
 )
 
@@ -263,28 +262,4 @@ func HumanBytes(n int64) string {
 		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
 	}
 	return fmt.Sprintf("%d B", n)
-}
-
-// MakeShared makes dir a mount point with shared propagation (a bind mount onto itself), like
-// the kubelet dir of the local cluster. The chart mounts hostdir entries into the node plugin
-// with HostToContainer propagation, which the container runtime refuses for a path on a
-// private mount; the VM's root filesystem is one, while real nodes (systemd) share "/".
-// Down unmounts it with everything else under the cluster's root.
-func MakeShared(dir string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	all, err := Mounts()
-	if err != nil {
-		return err
-	}
-	if len(MountsAt(all, dir)) == 0 {
-		if err := unix.Mount(dir, dir, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return fmt.Errorf("bind mount %s: %w", dir, err)
-		}
-	}
-	if err := unix.Mount("", dir, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("make %s shared: %w", dir, err)
-	}
-	return nil
 }
