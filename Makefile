@@ -158,3 +158,14 @@ E2E_RUN ?= .
 .PHONY: test-e2e
 test-e2e: deps ## End-to-end scenarios alone on a real single-node cluster with a real tracer (root; `make test` runs them too).
 	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" go test -count=1 -v -timeout 40m -run '$(E2E_RUN)' ./test/e2e/...
+
+##@ Benchmarks
+
+# Extra flags of apm-csi-bench, e.g. BENCH_FLAGS='-pods 10 -keep' (see `bin/apm-csi-bench -h`).
+BENCH_FLAGS ?=
+
+.PHONY: bench
+bench: build images ## Benchmark on the local cluster (root, ~10-15 min): pod start, disk, registry, admission, publish; writes docs/benchmarks.{md,png}.
+	@hack/install-deps.sh >/dev/null
+	go build -o $(BIN)/apm-csi-bench ./test/bench/cmd/apm-csi-bench
+	$(BIN)/apm-csi-bench -root $(CLUSTER_ROOT) -images $(IMAGES_DIR) -out docs -version $(VERSION) $(BENCH_FLAGS)

@@ -1,0 +1,69 @@
+package bench
+
+import (
+	"context"
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/apm-csi/apm-csi/test/images"
+)
+
+func TestPercentile(t *testing.T) {
+	xs := []float64{5, 1, 4, 2, 3}
+	for p, want := range map[float64]float64{0: 1, 50: 3, 100: 5, 90: 4.6} {
+		if got := Percentile(xs, p); math.Abs(got-want) > 1e-9 {
+			t.Errorf("Percentile(%v) = %v, want %v", p, got, want)
+		}
+	}
+	if got := HistQuantile(0.5, []float64{0.001, 0.01, math.Inf(1)}, []float64{0, 10, 10}); math.Abs(got-0.0055) > 1e-9 {
+		t.Errorf("HistQuantile = %v", got)
+	}
+}
+
+func TestWriteChart(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "c.png")
+	err := WriteChart(f, "apm-csi benchmark 2026-01-01, 2 CPUs", []Panel{
+		{Title: "pod start: median, p90", Bars: []Bar{
+			{Label: "uninstrumented", Value: 1.2, Whisker: 1.4, Color: ColorFloor, Text: "1200 ms (p90 1400 ms)"},
+			{Label: "init-container mode", Value: 4.2, Whisker: 5, Color: ColorInit, Text: "4.2 s"},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(f); err != nil || fi.Size() == 0 {
+		t.Fatalf("chart not written: %v", err)
+	}
+}
+
+func TestBuildLibrarySet(t *testing.T) {
+	if _, err := os.Stat(images.DebianBusybox); err != nil {
+		t.Skip("no busybox")
+	}
+	start := time.Now()
+	libs, err := BuildLibrarySet(context.Background(), "127.0.0.1:5000/datadoghq", "bench")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	for _, l := range libs {
+		t.Logf("%s: %d files, %d bytes, %d compressed", l.Name, l.Files, l.Bytes, l.Compressed)
+		total += l.Bytes
+	}
+	t.Logf("total %d MB in %s", total>>20, time.Since(start))
+	if total < 130<<20 || total > 170<<20 {
+		t.Errorf("library set is %d MB, want about 150", total>>20)
+	}
+	v, err := Variant(libs[0].Image, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d0, _ := libs[0].Image.Digest()
+	d1, _ := v.Digest()
+	if d0 == d1 {
+		t.Error("variant has the same digest")
+	}
+}
