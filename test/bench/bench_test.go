@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/apm-csi/apm-csi/test/images"
+
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 func TestPercentile(t *testing.T) {
@@ -41,7 +43,7 @@ func TestWriteChart(t *testing.T) {
 
 func TestBuildLibrarySet(t *testing.T) {
 	if _, err := os.Stat(images.DebianBusybox); err != nil {
-		t.Skip("no busybox")
+		testenv.Missing(t, "%s not found: run `make deps` (Debian's busybox-static)", images.DebianBusybox)
 	}
 	start := time.Now()
 	libs, err := BuildLibrarySet(context.Background(), "127.0.0.1:5000/datadoghq", "bench")

@@ -184,10 +184,7 @@ func TestDockerfiles(t *testing.T) {
 		t.Run(tc.file, func(t *testing.T) {
 			data, err := os.ReadFile(filepath.Join(root, tc.file))
 			if err != nil {
-				if testenv.InCI() {
-					t.Fatal(err)
-				}
-				t.Skip(err)
+				testenv.Missing(t, "%v", err)
 			}
 			pkg := binaryPackages[tc.binary]
 			if _, err := os.Stat(filepath.Join(root, pkg)); err != nil {

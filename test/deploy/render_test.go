@@ -121,10 +121,7 @@ func kubectl(t testing.TB) string {
 	t.Helper()
 	p := filepath.Join(testenv.KubebuilderAssets(t), "kubectl")
 	if _, err := os.Stat(p); err != nil {
-		if testenv.InCI() {
-			t.Fatalf("kubectl not found next to kube-apiserver (%v); run `make deps`", err)
-		}
-		t.Skipf("kubectl not found next to kube-apiserver (%v); run `make deps`", err)
+		testenv.Missing(t, "kubectl not found next to kube-apiserver (%v); run `make deps`", err)
 	}
 	return p
 }
@@ -154,10 +151,7 @@ func helm(t testing.TB) string {
 		helmOnce.path = strings.TrimSpace(string(out))
 	})
 	if helmOnce.err != nil {
-		if testenv.InCI() {
-			t.Fatalf("prerequisite missing under CI=true: helm: %v", helmOnce.err)
-		}
-		t.Skipf("prerequisite missing: helm: %v", helmOnce.err)
+		testenv.Missing(t, "helm: %v", helmOnce.err)
 	}
 	return helmOnce.path
 }

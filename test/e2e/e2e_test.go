@@ -113,10 +113,7 @@ func setUp(t *testing.T, ctx context.Context) *env {
 	begin := time.Now()
 	node, err := tracer.FindNode(ctx)
 	if err != nil {
-		if testenv.InCI() {
-			t.Fatalf("prerequisite missing under CI=true: %v", err)
-		}
-		t.Skipf("prerequisite missing: %v", err)
+		testenv.Missing(t, "%v", err)
 	}
 	t.Logf("Node.js %s from %q at %s; dd-trace %s", node.Version, node.Package, node.Binary, tracer.DDTraceVersion)
 	repoRoot, err := localcluster.FindRepoRoot(".")

@@ -13,8 +13,8 @@ import (
 // InCI reports whether the tests run under CI.
 func InCI() bool { return os.Getenv("CI") == "true" }
 
-// missing skips the test locally and fails it under CI.
-func missing(t testing.TB, format string, args ...any) {
+// Missing reports a missing prerequisite: it skips the test locally and fails it under CI.
+func Missing(t testing.TB, format string, args ...any) {
 	t.Helper()
 	if InCI() {
 		t.Fatalf("prerequisite missing under CI=true: "+format, args...)
@@ -26,7 +26,7 @@ func missing(t testing.TB, format string, args ...any) {
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		missing(t, "root is required (real mounts); run `sudo make test-integration`")
+		Missing(t, "root is required (real mounts); run `sudo make test-integration`")
 	}
 }
 
@@ -35,7 +35,7 @@ func RequireBinary(t testing.TB, name string) string {
 	t.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
-		missing(t, "%s not on PATH; run `make deps`", name)
+		Missing(t, "%s not on PATH; run `make deps`", name)
 	}
 	return p
 }
@@ -46,11 +46,11 @@ func KubebuilderAssets(t testing.TB) string {
 	t.Helper()
 	dir := os.Getenv("KUBEBUILDER_ASSETS")
 	if dir == "" {
-		missing(t, "KUBEBUILDER_ASSETS is not set; run through `make test-integration`")
+		Missing(t, "KUBEBUILDER_ASSETS is not set; run through `make test-integration`")
 	}
 	for _, b := range []string{"kube-apiserver", "etcd"} {
 		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
-			missing(t, "%s not found in KUBEBUILDER_ASSETS=%s; run `make deps`", b, dir)
+			Missing(t, "%s not found in KUBEBUILDER_ASSETS=%s; run `make deps`", b, dir)
 		}
 	}
 	return dir

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 func owner(t *testing.T, p string) (uid, gid int) {
@@ -417,9 +419,7 @@ func TestExtractCancelled(t *testing.T) {
 }
 
 func TestExtractPreservesOwnership(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("chown needs root")
-	}
+	testenv.RequireRoot(t) // chown
 	s := newSandbox(t)
 	f := reg("f", "x", 0o644)
 	f.hdr.Uid, f.hdr.Gid = 10000, 10001
