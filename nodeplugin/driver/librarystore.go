@@ -45,4 +45,10 @@ var (
 	// ErrImageRejected: the image is unusable (hostile archive, too large, no such source
 	// directory). Mapped to codes.FailedPrecondition.
 	ErrImageRejected = errors.New("image rejected")
+	// ErrDownloadSlotsBusy: every download slot this library could use stayed busy for the
+	// bounded wait. Mapped to codes.Unavailable.
+	ErrDownloadSlotsBusy = errors.New("download slots busy")
+	// ErrCacheFull: the library cache is over its disk budget and cannot take a new
+	// library. Mapped to codes.ResourceExhausted (non-final: kubelet retries).
+	ErrCacheFull = errors.New("library cache full")
 )

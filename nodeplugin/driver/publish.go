@@ -168,6 +168,10 @@ func (d *Driver) libraryError(ctx context.Context, image string, err error) erro
 		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node; kubelet retries the mount: %v", image, err)
 	case errors.Is(err, ErrRegistryUnavailable):
 		return status.Errorf(codes.Unavailable, "library image %s is not cached on this node and its registry cannot be reached: %v", image, err)
+	case errors.Is(err, ErrDownloadSlotsBusy):
+		return status.Errorf(codes.Unavailable, "library image %s waits for a download slot on this node; kubelet retries the mount: %v", image, err)
+	case errors.Is(err, ErrCacheFull):
+		return status.Errorf(codes.ResourceExhausted, "library image %s cannot be stored on this node: %v", image, err)
 	case errors.Is(err, ErrImageNotFound):
 		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry; check the repository and tag or digest: %v", image, err)
 	case errors.Is(err, ErrImageRejected):

@@ -30,6 +30,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/sys/unix"
+	"k8s.io/utils/clock"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/shared/libref"
@@ -72,7 +73,10 @@ type Cache struct {
 	stop          context.CancelFunc
 	wg            sync.WaitGroup
 	flights       singleflight.Group
-	downloadSlots chan struct{}
+	downloadSlots *downloadSlots
+	// resolveSlots bounds concurrent tag resolutions (limits.go).
+	resolveSlots chan struct{}
+	clock        clock.Clock
 	// gcMu serialises GC passes.
 	gcMu sync.Mutex
 
@@ -173,14 +177,16 @@ func open(cfg Config, dir string, lock *os.File) (*Cache, error) {
 		token:         fmt.Sprintf("p%d.%d", os.Getpid(), time.Now().UnixNano()),
 		metrics:       m,
 		keychain:      keychain,
-		transport:     remote.DefaultTransport.(*http.Transport).Clone(),
+		transport:     &limitsTransport{base: remote.DefaultTransport.(*http.Transport).Clone()},
 		platform:      platform,
 		refs:          refs,
 		insecure:      insecure,
 		mountInfo:     "/proc/self/mountinfo",
 		bg:            bg,
 		stop:          stop,
-		downloadSlots: make(chan struct{}, cfg.MaxParallelDownloads),
+		downloadSlots: newDownloadSlots(cfg.MaxParallelDownloads, cfg.MaxDownloadsPerRegistry, cfg.Clock),
+		resolveSlots:  make(chan struct{}, cfg.MaxParallelResolutions),
+		clock:         cfg.Clock,
 		images:        map[string]*entry{},
 		views:         map[string]*entry{},
 		generated:     map[string]*entry{},
@@ -189,6 +195,12 @@ func open(cfg Config, dir string, lock *os.File) (*Cache, error) {
 		durableSignal: make(chan struct{}, 1),
 		bootID:        readBootID(),
 	}
+	if c.cfg.DiskBudget, err = diskBudget(cfg); err != nil {
+		stop()
+		root.Close()
+		return nil, fmt.Errorf("library cache: %w", err)
+	}
+	c.loadRejections()
 	orphans, err := c.load()
 	if err != nil {
 		stop()

@@ -170,12 +170,14 @@ func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 func TestDownloadsInParallelBounded(t *testing.T) {
 	for _, parallel := range []int{1, 2} {
 		t.Run(fmt.Sprintf("max %d", parallel), func(t *testing.T) {
-			reg := libimages.Start(t)
+			// Two registries: one registry never gets every slot (TestStalledRegistryDoesNotStarveOthers).
+			reg, reg2 := libimages.Start(t), libimages.Start(t)
 			javaRef, javaImg := pushLibrary(t, reg, "java", "v1")
-			rubyRef, rubyImg := pushLibrary(t, reg, "ruby", "v1")
-			c := newCache(t, Config{MaxParallelDownloads: parallel})
-			release := reg.HoldBlobs(0)
+			rubyRef, rubyImg := pushLibrary(t, reg2, "ruby", "v1")
+			c := newCache(t, Config{MaxParallelDownloads: parallel, DownloadSlotWait: time.Minute})
+			release, release2 := reg.HoldBlobs(0), reg2.HoldBlobs(0)
 			defer release()
+			defer release2()
 
 			done := make(chan error, 2)
 			for _, ref := range []string{javaRef, rubyRef} {
@@ -192,9 +194,8 @@ func TestDownloadsInParallelBounded(t *testing.T) {
 			}
 			started := func() int {
 				n := 0
-				for _, img := range []v1.Image{javaImg, rubyImg} {
-					n += min(1, reg.BlobFetches(payload(img)))
-				}
+				n += min(1, reg.BlobFetches(payload(javaImg)))
+				n += min(1, reg2.BlobFetches(payload(rubyImg)))
 				return n
 			}
 			deadline := time.Now().Add(5 * time.Second)
@@ -206,6 +207,7 @@ func TestDownloadsInParallelBounded(t *testing.T) {
 				t.Errorf("%d downloads running at once, want %d", got, parallel)
 			}
 			release()
+			release2()
 			for range 2 {
 				if err := <-done; err != nil {
 					t.Errorf("Layer: %v", err)

@@ -15,6 +15,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/utils/clock"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
@@ -22,11 +23,23 @@ import (
 // Defaults applied by AddFlags, and by New to zero fields.
 const (
 	DefaultTagTTL               = 5 * time.Minute
-	DefaultMaxParallelDownloads = 2
+	DefaultMaxParallelDownloads = 3
 	DefaultMaxLibraryBytes      = 2 << 30
 	DefaultMaxLibraryFiles      = 200_000
 	DefaultGCGracePeriod        = time.Hour
 	DefaultDownloadTimeout      = 15 * time.Minute
+	// DefaultDiskBudgetPercent is the disk budget, as a share of the size of the filesystem
+	// holding the store, when no budget in bytes is set.
+	DefaultDiskBudgetPercent = 20
+	// DefaultDownloadSlotWait bounds the wait for a download slot, well under kubelet's
+	// publish deadline so the pod's events say why.
+	DefaultDownloadSlotWait = 20 * time.Second
+	// DefaultMinDownloadRate and DefaultMinDownloadRateWindow: a download that receives less
+	// than 16 KiB/s over 30 s is aborted, freeing its slot.
+	DefaultMinDownloadRate       = 16 << 10
+	DefaultMinDownloadRateWindow = 30 * time.Second
+	// DefaultMaxParallelResolutions bounds concurrent tag resolutions.
+	DefaultMaxParallelResolutions = 4
 )
 
 // Config configures a Cache. Zero values take the defaults above, so a zero duration can
@@ -48,14 +61,32 @@ type Config struct {
 	TagTTL time.Duration
 	// MaxParallelDownloads bounds concurrent downloads of different images.
 	MaxParallelDownloads int
+	// MaxDownloadsPerRegistry bounds concurrent downloads from one registry host (the first
+	// location tried: a mirror if one matches), so one slow registry cannot take every slot.
+	// Default and upper bound: MaxParallelDownloads-1 (1 when only one download is allowed).
+	MaxDownloadsPerRegistry int
+	// DownloadSlotWait bounds how long a download waits for a slot before failing with
+	// driver.ErrDownloadSlotsBusy (kubelet retries the mount).
+	DownloadSlotWait time.Duration
+	// MinDownloadRate (bytes per second) over MinDownloadRateWindow: a download receiving
+	// less is aborted. Negative disables the check.
+	MinDownloadRate       int64
+	MinDownloadRateWindow time.Duration
+	// MaxParallelResolutions bounds concurrent tag resolutions (manifest requests).
+	MaxParallelResolutions int
 	// MaxLibraryBytes and MaxLibraryFiles cap one image's extracted size and entry count.
 	MaxLibraryBytes int64
 	MaxLibraryFiles int
 	// GCGracePeriod is how long an entry no volume uses is kept.
 	GCGracePeriod time.Duration
-	// DiskBudget, if positive, makes GC evict least recently used unreferenced libraries
-	// until the cache fits.
-	DiskBudget int64
+	// DiskBudget makes GC evict least recently used unreferenced libraries until the cache
+	// fits, and new downloads wait (driver.ErrCacheFull) while it is exceeded. Zero means
+	// DiskBudgetPercent of the size of the filesystem holding StoreDir.
+	DiskBudget        int64
+	DiskBudgetPercent int
+	// Clock times download slot waits, the minimum download rate and rejection expiry.
+	// Default: the real clock.
+	Clock clock.Clock
 	// Prefetch lists image references pulled at Start and kept while configured.
 	Prefetch []string
 	// DownloadTimeout bounds one background download, so a stalled connection cannot hold a
@@ -155,7 +186,25 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxLibraryFiles, "max-library-files", c.MaxLibraryFiles, "largest number of entries in one library image; larger images are rejected")
 	c.GCGracePeriod = orDefault(c.GCGracePeriod, DefaultGCGracePeriod)
 	fs.DurationVar(&c.GCGracePeriod, "gc-grace-period", c.GCGracePeriod, "how long a cached library that no volume uses is kept")
-	fs.Var(quantityFlag{&c.DiskBudget}, "cache-disk-budget", "if set (e.g. 20Gi), evict least recently used unreferenced libraries until the cache fits")
+	c.DiskBudgetPercent = orDefault(c.DiskBudgetPercent, DefaultDiskBudgetPercent)
+	fs.Var(budgetFlag{c}, "cache-disk-budget", "disk the library cache may use, in bytes (20Gi) or as a share of the store's filesystem (20%); over it, least recently used unreferenced libraries are evicted and new downloads wait")
+	fs.IntVar(&c.MaxDownloadsPerRegistry, "max-downloads-per-registry", 0, "library images downloaded at the same time from one registry host (default and at most: --max-parallel-downloads minus one)")
+	c.DownloadSlotWait = orDefault(c.DownloadSlotWait, DefaultDownloadSlotWait)
+	fs.DurationVar(&c.DownloadSlotWait, "download-slot-wait", c.DownloadSlotWait, "longest wait for a download slot; then the mount fails with Unavailable naming the busy registries, and kubelet retries")
+	c.MinDownloadRate = orDefault(c.MinDownloadRate, DefaultMinDownloadRate)
+	fs.Func("min-download-rate", "abort a download that receives fewer bytes per second than this over --min-download-rate-window (a quantity such as 16Ki; 0 disables) (default 16Ki)", func(s string) error {
+		var v int64
+		if err := (quantityFlag{&v}).Set(s); err != nil {
+			return err
+		}
+		c.MinDownloadRate = v
+		if v == 0 {
+			c.MinDownloadRate = -1
+		}
+		return nil
+	})
+	c.MinDownloadRateWindow = orDefault(c.MinDownloadRateWindow, DefaultMinDownloadRateWindow)
+	fs.DurationVar(&c.MinDownloadRateWindow, "min-download-rate-window", c.MinDownloadRateWindow, "window over which --min-download-rate is measured")
 	fs.Func("prefetch", "image reference pulled at start so the first pod on a new node does not wait (repeatable)", func(s string) error {
 		if _, err := libref.Parse(s); err != nil {
 			return err
@@ -165,6 +214,45 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	})
 	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
 	fs.DurationVar(&c.DownloadTimeout, "download-timeout", c.DownloadTimeout, "longest time one library download may take in the background")
+}
+
+// defaultPerRegistry leaves one download slot to other registries.
+func defaultPerRegistry(total int) int {
+	return max(1, total-1)
+}
+
+// budgetFlag parses --cache-disk-budget: bytes (a quantity) or a percentage of the store's
+// filesystem.
+type budgetFlag struct{ c *Config }
+
+func (b budgetFlag) String() string {
+	if b.c == nil {
+		return ""
+	}
+	if b.c.DiskBudget > 0 {
+		return quantityFlag{&b.c.DiskBudget}.String()
+	}
+	return fmt.Sprintf("%d%%", orDefault(b.c.DiskBudgetPercent, DefaultDiskBudgetPercent))
+}
+
+func (b budgetFlag) Set(s string) error {
+	if p, ok := strings.CutSuffix(s, "%"); ok {
+		var n int
+		if _, err := fmt.Sscanf(p, "%d", &n); err != nil || n < 1 || n > 100 || fmt.Sprint(n) != p {
+			return fmt.Errorf("%q: a share of the filesystem must be a whole percentage from 1%% to 100%%", s)
+		}
+		b.c.DiskBudget, b.c.DiskBudgetPercent = 0, n
+		return nil
+	}
+	var v int64
+	if err := (quantityFlag{&v}).Set(s); err != nil {
+		return err
+	}
+	if v == 0 {
+		return fmt.Errorf("%q: the disk budget must be positive (bytes such as 20Gi, or a share such as 20%%)", s)
+	}
+	b.c.DiskBudget = v
+	return nil
 }
 
 // quantityFlag parses byte sizes as Kubernetes quantities ("500Mi", "2Gi", "1073741824").
@@ -209,6 +297,19 @@ func (c Config) withDefaults() (Config, error) {
 	c.MaxLibraryFiles = orDefault(c.MaxLibraryFiles, DefaultMaxLibraryFiles)
 	c.GCGracePeriod = orDefault(c.GCGracePeriod, DefaultGCGracePeriod)
 	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
+	c.DiskBudgetPercent = orDefault(c.DiskBudgetPercent, DefaultDiskBudgetPercent)
+	c.MaxDownloadsPerRegistry = orDefault(c.MaxDownloadsPerRegistry, defaultPerRegistry(c.MaxParallelDownloads))
+	if c.MaxParallelDownloads > 1 {
+		// One registry never holds every slot.
+		c.MaxDownloadsPerRegistry = min(c.MaxDownloadsPerRegistry, c.MaxParallelDownloads-1)
+	}
+	c.DownloadSlotWait = orDefault(c.DownloadSlotWait, DefaultDownloadSlotWait)
+	c.MinDownloadRate = orDefault(c.MinDownloadRate, DefaultMinDownloadRate)
+	c.MinDownloadRateWindow = orDefault(c.MinDownloadRateWindow, DefaultMinDownloadRateWindow)
+	c.MaxParallelResolutions = orDefault(c.MaxParallelResolutions, DefaultMaxParallelResolutions)
+	if c.Clock == nil {
+		c.Clock = clock.RealClock{}
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -221,8 +322,14 @@ func (c Config) withDefaults() (Config, error) {
 			errs = append(errs, fmt.Errorf("%s %v must not be negative", d.name, d.v))
 		}
 	}
-	if c.MaxParallelDownloads < 0 || c.MaxLibraryBytes < 0 || c.MaxLibraryFiles < 0 || c.DiskBudget < 0 {
+	if c.MaxParallelDownloads < 0 || c.MaxLibraryBytes < 0 || c.MaxLibraryFiles < 0 || c.DiskBudget < 0 || c.MaxDownloadsPerRegistry < 0 || c.MaxParallelResolutions < 0 {
 		errs = append(errs, errors.New("download parallelism, library size and file limits and the disk budget must not be negative"))
+	}
+	if c.DiskBudgetPercent < 0 || c.DiskBudgetPercent > 100 {
+		errs = append(errs, fmt.Errorf("disk budget share %d%% must be between 1%% and 100%%", c.DiskBudgetPercent))
+	}
+	if c.DownloadSlotWait < 0 || c.MinDownloadRateWindow < 0 {
+		errs = append(errs, errors.New("the download slot wait and the minimum download rate window must not be negative"))
 	}
 	c.Mirrors = slices.Clone(c.Mirrors)
 	for i, m := range c.Mirrors {

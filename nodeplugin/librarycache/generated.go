@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 )
 
 // maxGeneratedBytes bounds GeneratedFiles: it holds one-line files such as ld.so.preload.
@@ -92,8 +94,10 @@ func (c *Cache) buildGenerated(key string, names []string, files map[string]stri
 			if err := c.root.Chmod(p, 0o644); err != nil {
 				return entryMeta{}, localErr(err)
 			}
-			bytes += int64(len(files[n]))
+			bytes += extract.Charge(int64(len(files[n])))
 		}
+		// The root and each file's parents are inodes too.
+		bytes += int64(len(names)) * extract.BlockSize
 		return entryMeta{Bytes: bytes, Files: len(names), Created: time.Now().UTC(), BootID: c.bootID}, nil
 	})
 }

@@ -37,7 +37,7 @@ func (c *Cache) resolveAndPull(bg context.Context, ref libref.Ref) (*entry, erro
 	rec, ok := c.refs.tag(tag)
 	digest := rec.Digest
 	if !ok || time.Since(rec.Resolved) >= c.cfg.TagTTL {
-		d, err := c.resolveTag(bg, ref)
+		d, err := c.resolveBounded(bg, ref)
 		if err != nil {
 			return nil, err
 		}
@@ -91,7 +91,8 @@ func (c *Cache) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
 }
 
 // pull makes sure the image with this manifest (or index) digest is cached: one download
-// per digest at a time, at most MaxParallelDownloads downloads overall.
+// per digest at a time, within the download slots (slots.go), the disk budget and the
+// minimum download rate (limits.go).
 func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
 	v, err, _ := c.flights.Do("pull:"+digest, func() (any, error) {
 		if e := c.peekDigest(digest); e != nil {
@@ -100,16 +101,34 @@ func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry,
 		if err := c.rejection(digest); err != nil {
 			return nil, err
 		}
-		select {
-		case c.downloadSlots <- struct{}{}:
-		case <-bg.Done():
-			return nil, fmt.Errorf("%w: download of %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+		if err := c.checkBudget(ref.String()); err != nil {
+			return nil, err
 		}
-		defer func() { <-c.downloadSlots }()
+		host := registryHost(c.candidates(ref.Repository)[0])
+		release, err := c.downloadSlots.acquire(bg, host, ref.String(), c.cfg.DownloadSlotWait)
+		if err != nil {
+			if bg.Err() != nil {
+				return nil, fmt.Errorf("%w: download of %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+			}
+			return nil, err
+		}
+		defer release()
 		if e := c.peekDigest(digest); e != nil {
 			return e, nil
 		}
-		return c.download(bg, ref, digest)
+		ctx, cancel := context.WithCancelCause(bg)
+		defer cancel(nil)
+		progress := new(atomic.Int64)
+		ctx = withProgress(ctx, progress)
+		go watchThroughput(ctx, c.clock, progress, c.cfg.MinDownloadRate, c.cfg.MinDownloadRateWindow, host, cancel)
+		e, err := c.download(ctx, ref, digest)
+		if err = stallError(ctx, ref.String(), err); err != nil {
+			if errors.Is(err, driver.ErrImageRejected) {
+				c.rememberRejection(digest, err)
+			}
+			return nil, err
+		}
+		return e, nil
 	})
 	if err != nil {
 		return nil, err
@@ -124,7 +143,7 @@ func (c *Cache) rejection(digest string) error {
 	if !ok {
 		return nil
 	}
-	if time.Now().After(r.until) {
+	if c.clock.Now().After(r.until) {
 		delete(c.rejected, digest)
 		return nil
 	}
@@ -246,6 +265,9 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 	if err != nil {
 		return nil, err
 	}
+	if err := checkConfigSize(img); err != nil {
+		return nil, err
+	}
 	layers, err := img.Layers()
 	if err != nil {
 		return nil, err
@@ -289,7 +311,7 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 			"absolute_symlinks_made_relative", stats.RewrittenSymlinks, "setid_bits_stripped", stats.SetIDStripped,
 			"entries_skipped", stats.Skipped, "skipped_sample", stats.SkippedSample)
 	}
-	meta := entryMeta{Digest: d.String(), Image: ref.String(), Bytes: stats.Bytes, Files: stats.Files, Created: time.Now().UTC(), BootID: c.bootID}
+	meta := entryMeta{Digest: d.String(), Image: ref.String(), Bytes: stats.DiskBytes, Files: stats.Files, Created: time.Now().UTC(), BootID: c.bootID}
 	if err := c.writeMeta(tmp, meta); err != nil {
 		return nil, err
 	}
@@ -399,7 +421,7 @@ type limitedLayer struct {
 }
 
 func (l *limitedLayer) Uncompressed() (io.ReadCloser, error) {
-	rc, err := l.Layer.Uncompressed()
+	rc, err := boundedUncompressed(l.Layer)
 	if err != nil {
 		return nil, err
 	}

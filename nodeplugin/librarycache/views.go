@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
@@ -98,14 +99,21 @@ func (c *Cache) checkSourceDir(img *entry, image, source string) error {
 // buildView creates views/<key>/root/<target> as a hardlink farm of srcRel: no file data is
 // copied, and the files are the image's own inodes (same modes, owners, times).
 func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entry, error) {
+	// A view's directories and links are inodes of its own: it is charged like an image.
+	if err := c.checkBudget(img.meta.Image); err != nil {
+		return nil, err
+	}
 	return c.buildEntry(kindView, key, "view", "view", func(rootRel string) (entryMeta, error) {
 		if err := c.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
 			return entryMeta{}, err
 		}
-		if err := c.farm(srcRel, path.Join(rootRel, target)); err != nil {
+		charged, err := c.farm(srcRel, path.Join(rootRel, target))
+		if err != nil {
 			return entryMeta{}, localErr(fmt.Errorf("building the view of %s at %s: %w", source, target, err))
 		}
-		return entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Created: time.Now().UTC(), BootID: c.bootID}, nil
+		// The parents of the target, one block each.
+		charged += int64(strings.Count(target, "/")+1) * extract.BlockSize
+		return entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Bytes: charged, Created: time.Now().UTC(), BootID: c.bootID}, nil
 	})
 }
 
@@ -168,10 +176,13 @@ type dirAttrs struct {
 	mtime    time.Time
 }
 
-// farm mirrors the tree at src into dst (which must not exist) with hardlinks.
-func (c *Cache) farm(src, dst string) error {
+// farm mirrors the tree at src into dst (which must not exist) with hardlinks. It returns
+// what the new inodes are charged: a block per directory and symlink (hardlinks share the
+// image's inodes, already charged to the image).
+func (c *Cache) farm(src, dst string) (int64, error) {
 	chown := os.Geteuid() == 0
 	var dirs []dirAttrs
+	var charged int64
 	err := fs.WalkDir(c.root.FS(), src, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -187,6 +198,7 @@ func (c *Cache) farm(src, dst string) error {
 			if err := c.root.Mkdir(out, 0o700); err != nil {
 				return err
 			}
+			charged += extract.BlockSize
 			a := dirAttrs{rel: out, mode: info.Mode().Perm() | info.Mode()&fs.ModeSticky, mtime: info.ModTime()}
 			if st != nil {
 				a.uid, a.gid = int(st.Uid), int(st.Gid)
@@ -200,6 +212,7 @@ func (c *Cache) farm(src, dst string) error {
 			if err := c.root.Symlink(target, out); err != nil {
 				return err
 			}
+			charged += extract.BlockSize
 			if chown && st != nil {
 				if err := c.root.Lchown(out, int(st.Uid), int(st.Gid)); err != nil {
 					return err
@@ -216,22 +229,22 @@ func (c *Cache) farm(src, dst string) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return 0, err
 	}
 	// Deepest first, so a read-only directory never blocks its children.
 	slices.SortFunc(dirs, func(a, b dirAttrs) int { return strings.Count(b.rel, "/") - strings.Count(a.rel, "/") })
 	for _, d := range dirs {
 		if chown {
 			if err := c.root.Lchown(d.rel, d.uid, d.gid); err != nil {
-				return err
+				return 0, err
 			}
 		}
 		if err := c.root.Chmod(d.rel, d.mode); err != nil {
-			return err
+			return 0, err
 		}
 		if err := c.root.Chtimes(d.rel, d.mtime, d.mtime); err != nil {
-			return err
+			return 0, err
 		}
 	}
-	return nil
+	return charged, nil
 }

@@ -15,8 +15,11 @@
 //     layer) is shadowed and skipped, never written through the link;
 //   - setuid and setgid bits are stripped, extended attributes (file capabilities, overlayfs
 //     xattrs) are never applied;
-//   - the declared size of every entry counts against a byte cap before anything is written,
-//     and the number of entries is capped, so decompression bombs stop early.
+//   - every entry is charged against a byte cap before anything is written: a regular file
+//     its size rounded up to whole blocks (at least one), every other inode (directory,
+//     symlink, hardlink, implied parent directory) one block (BlockSize), so a layer of empty
+//     directories costs what it takes on disk; the number of entries is capped too, so
+//     decompression bombs stop early.
 //
 // The stream is read once, in order, through a fixed buffer: memory does not grow with the
 // size of the files.
@@ -65,9 +68,19 @@ type ReadError struct{ Err error }
 func (e *ReadError) Error() string { return "reading archive: " + e.Err.Error() }
 func (e *ReadError) Unwrap() error { return e.Err }
 
+// BlockSize is what one inode is charged at least: the block size of common filesystems
+// (ext4, xfs). A directory, symlink or empty file takes an inode and usually a block.
+const BlockSize = 4096
+
+// Charge is what a regular file of size bytes is charged: its size rounded up to whole
+// blocks, at least one block.
+func Charge(size int64) int64 {
+	return max(BlockSize, (size+BlockSize-1)/BlockSize*BlockSize)
+}
+
 // Options bound one extraction.
 type Options struct {
-	// MaxBytes caps the sum of the declared sizes of all entries. Zero means no cap.
+	// MaxBytes caps what the entries are charged (see BlockSize). Zero means no cap.
 	MaxBytes int64
 	// MaxEntries caps the number of entries, skipped ones included. Zero means no cap.
 	MaxEntries int
@@ -85,6 +98,9 @@ type Stats struct {
 	Hardlinks int
 	// Bytes is the sum of the regular files' sizes.
 	Bytes int64
+	// DiskBytes is what the whole tree was charged: regular files rounded up to blocks,
+	// every other inode a block (see BlockSize).
+	DiskBytes int64
 	// RewrittenSymlinks counts absolute symlinks turned into relative ones.
 	RewrittenSymlinks int
 	// SetIDStripped counts entries whose setuid/setgid bits were removed.
@@ -147,9 +163,10 @@ type extractor struct {
 	// times, applied at the end when nothing more is written into them.
 	explicitDirs map[string]bool
 	dirs         []dirMeta
-	// declaredBytes sums the declared sizes of the regular files, skipped ones included.
-	declaredBytes int64
-	buf           []byte
+	// charged sums what every entry is charged (regular files by declared size), skipped
+	// ones included.
+	charged int64
+	buf     []byte
 }
 
 func (x *extractor) run(r io.Reader) error {
@@ -170,18 +187,33 @@ func (x *extractor) run(r io.Reader) error {
 			return &RejectedError{Reason: fmt.Sprintf("has more than %d entries (the entry limit)", x.opts.MaxEntries)}
 		}
 		// Only regular files carry data (the tar reader reads none for directories, links and
-		// devices). The declared size is checked before a byte is written, so a bomb stops
-		// at its header.
+		// devices), but every entry takes an inode. The charge is checked before a byte is
+		// written, so a bomb stops at its header.
+		cost := int64(BlockSize)
 		if hdr.Typeflag == tar.TypeReg {
-			if x.opts.MaxBytes > 0 && hdr.Size > x.opts.MaxBytes-x.declaredBytes {
+			if x.opts.MaxBytes > 0 && hdr.Size > x.opts.MaxBytes-x.charged {
 				return &RejectedError{Entry: hdr.Name, Reason: fmt.Sprintf("(%d bytes) brings the library over the %d byte limit", hdr.Size, x.opts.MaxBytes)}
 			}
-			x.declaredBytes += hdr.Size
+			cost = Charge(hdr.Size)
+		}
+		if err := x.charge(hdr.Name, cost); err != nil {
+			return err
 		}
 		if err := x.entry(tr, hdr); err != nil {
 			return err
 		}
 	}
+}
+
+// charge counts cost against the byte cap; what is not written is charged too, so the cap
+// is checked before the work.
+func (x *extractor) charge(name string, cost int64) error {
+	if x.opts.MaxBytes > 0 && cost > x.opts.MaxBytes-x.charged {
+		return &RejectedError{Entry: name, Reason: fmt.Sprintf("brings the library over the %d byte limit (every file is charged its size rounded up to %d byte blocks, every directory, link and empty file one block)", x.opts.MaxBytes, BlockSize)}
+	}
+	x.charged += cost
+	x.stats.DiskBytes = x.charged
+	return nil
 }
 
 // drain reads what follows the end-of-archive marker. A producer that fails after writing
@@ -303,6 +335,9 @@ func (x *extractor) parentIsDir(name string) (bool, error) {
 		case errors.Is(err, fs.ErrNotExist):
 			// Layers need not list every parent (and mutate.Extract emits upper layers
 			// first), so missing parents are created with a conventional mode.
+			if err := x.charge(prefix, BlockSize); err != nil {
+				return false, err
+			}
 			if err := x.root.Mkdir(prefix, 0o755); err != nil {
 				return false, fmt.Errorf("extracting %q: %w", name, err)
 			}

@@ -1,0 +1,132 @@
+package librarycache
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/libimages"
+)
+
+// waitFor polls cond (real time, bounded) for background work to reach a state the test
+// then acts on with the fake clock.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func payloadLayer(t *testing.T, img v1.Image) v1.Hash {
+	t.Helper()
+	ls := must[[]v1.Layer](t)(img.Layers())
+	return must[v1.Hash](t)(ls[len(ls)-1].Digest())
+}
+
+type layerResult struct {
+	err error
+}
+
+func publishAsync(c *Cache, image string) <-chan layerResult {
+	ch := make(chan layerResult, 1)
+	go func() {
+		_, err := c.Layer(context.Background(), volumeattrs.Library{Image: image})
+		ch <- layerResult{err}
+	}()
+	return ch
+}
+
+// TestStalledRegistryDoesNotStarveOthers: two publishes from a registry that stalls its
+// blobs take at most the per-registry share of the download slots, so a library from a
+// healthy registry still downloads meanwhile; the stalled download is aborted by the
+// minimum download rate once a window passes without data, freeing its slot.
+func TestStalledRegistryDoesNotStarveOthers(t *testing.T) {
+	stalled, healthy := libimages.Start(t), libimages.Start(t)
+	javaRef, javaImg := pushLibrary(t, stalled, "java", "v1")
+	pythonRef, _ := pushLibrary(t, stalled, "python", "v1")
+	rubyRef, _ := pushLibrary(t, healthy, "ruby", "v1")
+	release := stalled.HoldBlobs(0)
+	defer release()
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{MaxParallelDownloads: 2, Clock: clk, DownloadSlotWait: time.Hour, MinDownloadRateWindow: 30 * time.Second})
+
+	java := publishAsync(c, javaRef)
+	waitFor(t, "the stalled download to start", func() bool { return stalled.BlobFetches(payloadLayer(t, javaImg)) > 0 })
+	python := publishAsync(c, pythonRef)
+
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Layer(ctx, volumeattrs.Library{Image: rubyRef}); err != nil {
+		t.Fatalf("library from the healthy registry: %v, want it served while the other registry stalls", err)
+	}
+
+	// The stalled download receives nothing for a whole window: aborted, not held until
+	// --download-timeout.
+	waitFor(t, "the throughput watchdog", clk.HasWaiters)
+	clk.Step(30 * time.Second)
+	var res layerResult
+	select {
+	case res = <-java:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the stalled download was not aborted after a window without data")
+	}
+	if !errors.Is(res.err, driver.ErrRegistryUnavailable) || !strings.Contains(res.err.Error(), "below the minimum") {
+		t.Fatalf("stalled publish = %v, want ErrRegistryUnavailable naming the minimum download rate", res.err)
+	}
+	t.Logf("aborted: %v", res.err)
+	// The freed slot goes to the waiting publish from the same registry.
+	waitFor(t, "the second download from the stalled registry", func() bool {
+		return stalled.Count(func(q libimages.Request) bool { return q.Kind == "blob" && strings.Contains(q.Repo, "python") }) > 0
+	})
+	release()
+	if r := <-python; r.err != nil {
+		t.Errorf("second publish after the registry recovered: %v", r.err)
+	}
+}
+
+// TestDownloadSlotWaitBounded: a publish that cannot get a download slot fails after the
+// configured wait with a retryable error that says which registries hold the slots.
+func TestDownloadSlotWaitBounded(t *testing.T) {
+	reg := libimages.Start(t)
+	javaRef, javaImg := pushLibrary(t, reg, "java", "v1")
+	rubyRef, _ := pushLibrary(t, reg, "ruby", "v1")
+	release := reg.HoldBlobs(0)
+	defer release()
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{MaxParallelDownloads: 1, Clock: clk, DownloadSlotWait: 20 * time.Second, MinDownloadRate: -1})
+
+	java := publishAsync(c, javaRef)
+	waitFor(t, "the first download to start", func() bool { return reg.BlobFetches(payloadLayer(t, javaImg)) > 0 })
+	ruby := publishAsync(c, rubyRef)
+	waitFor(t, "the second publish to wait for a slot", clk.HasWaiters)
+	clk.Step(20 * time.Second)
+	var res layerResult
+	select {
+	case res = <-ruby:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the wait for a download slot has no bound")
+	}
+	if !errors.Is(res.err, driver.ErrDownloadSlotsBusy) {
+		t.Fatalf("publish waiting for a slot = %v, want ErrDownloadSlotsBusy", res.err)
+	}
+	want := "all 1 download slots are busy with downloads from " + reg.Addr() + " (1)"
+	if !strings.Contains(res.err.Error(), want) {
+		t.Errorf("message %q should say %q", res.err, want)
+	}
+	t.Logf("refused: %v", res.err)
+	release()
+	if r := <-java; r.err != nil {
+		t.Errorf("first publish: %v", r.err)
+	}
+}
