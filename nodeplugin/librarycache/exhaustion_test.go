@@ -10,6 +10,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
@@ -163,5 +164,45 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	}
 	if n := reg.Count(byDigest); n == 0 {
 		t.Error("an expired rejection still kept the image from being fetched")
+	}
+}
+
+// TestDiskBudgetRefusesNewLibraries: once the cache is at its disk budget, a new library is
+// refused with a retryable ResourceExhausted error, even though what fills the cache is in
+// use (so GC cannot free it); cached libraries are still served.
+func TestDiskBudgetRefusesNewLibraries(t *testing.T) {
+	reg := libimages.Start(t)
+	javaRef, _ := pushLibrary(t, reg, "java", "v1")
+	rubyRef, _ := pushLibrary(t, reg, "ruby", "v1")
+	c := newCache(t, Config{DiskBudget: 4096})
+	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: javaRef}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: rubyRef})
+	if !errors.Is(err, driver.ErrCacheFull) {
+		t.Fatalf("Layer over the disk budget = %v, want ErrCacheFull", err)
+	}
+	t.Logf("refused: %v", err)
+	for _, want := range []string{rubyRef, "disk budget of 4096 bytes", "--cache-disk-budget"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("message %q should say %q", err, want)
+		}
+	}
+	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: javaRef}); err != nil {
+		t.Errorf("a cached library over the budget: %v, want it served", err)
+	}
+}
+
+// TestDefaultDiskBudget: without a configured budget, the cache may use 20% of its
+// filesystem.
+func TestDefaultDiskBudget(t *testing.T) {
+	c := newCache(t, Config{})
+	var st unix.Statfs_t
+	if err := unix.Statfs(c.Dir(), &st); err != nil {
+		t.Fatal(err)
+	}
+	want := int64(st.Blocks) * int64(st.Bsize) / 100 * 20
+	if c.cfg.DiskBudget != want {
+		t.Errorf("default disk budget = %d, want 20%% of the filesystem = %d", c.cfg.DiskBudget, want)
 	}
 }

@@ -209,6 +209,6 @@ func (c *Cache) checkBudget(what string) error {
 		return nil
 	}
 	c.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", c.cfg.DiskBudget)
-	return fmt.Errorf("%w: %s: the library cache in %s holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget; kubelet retries the mount",
-		driver.ErrCacheFull, what, c.dir, used, c.cfg.DiskBudget, DefaultDiskBudgetPercent)
+	return fmt.Errorf("%w: %s: the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget; kubelet retries the mount",
+		driver.ErrCacheFull, what, used, c.cfg.DiskBudget, DefaultDiskBudgetPercent)
 }

@@ -25,8 +25,14 @@ func startChild(t testing.TB, store, image, target string) (*exec.Cmd, *bytes.Bu
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startChildEnv(t, childEnv+"="+string(req))
+}
+
+// startChildEnv starts this test binary as a plugin process with env set.
+func startChildEnv(t testing.TB, env string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+string(req))
+	cmd.Env = append(os.Environ(), env)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {

@@ -34,6 +34,9 @@ func TestMain(m *testing.M) {
 	if req := os.Getenv(childEnv); req != "" {
 		os.Exit(runChild(req))
 	}
+	if req := os.Getenv(childManyEnv); req != "" {
+		os.Exit(runChildMany(req))
+	}
 	os.Exit(m.Run())
 }
 

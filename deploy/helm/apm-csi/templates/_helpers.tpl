@@ -90,3 +90,22 @@ A number or quantity for a flag: YAML numbers reach templates as float64, which 
 {{- define "apm-csi.number" -}}
 {{- if kindIs "string" . -}}{{ . }}{{- else -}}{{ . | int64 }}{{- end -}}
 {{- end -}}
+
+{{/*
+GOMEMLIMIT for the node plugin: node.goMemLimit if set, else 90% of
+node.resources.limits.memory when that is given in Mi or Gi (GOMEMLIMIT takes bytes or
+MiB/GiB suffixes, not Kubernetes quantities); empty (no limit) otherwise.
+*/}}
+{{- define "apm-csi.goMemLimit" -}}
+{{- if .Values.node.goMemLimit -}}
+{{ .Values.node.goMemLimit }}
+{{- else -}}
+{{- $mem := "" -}}
+{{- with .Values.node.resources }}{{ with .limits }}{{ with .memory }}{{ $mem = toString . }}{{ end }}{{ end }}{{ end -}}
+{{- if hasSuffix "Mi" $mem -}}
+{{ div (mul (trimSuffix "Mi" $mem | int64) 9) 10 }}MiB
+{{- else if hasSuffix "Gi" $mem -}}
+{{ div (mul (trimSuffix "Gi" $mem | int64) 9216) 10 }}MiB
+{{- end -}}
+{{- end -}}
+{{- end -}}
