@@ -500,6 +500,8 @@ func TestPublishLibraryErrors(t *testing.T) {
 		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be reached"},
 		{name: "not found", err: fmt.Errorf("manifest unknown: %w", ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
 		{name: "rejected", err: fmt.Errorf("setuid file: %w", ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
+		{name: "download slots busy", err: fmt.Errorf("all 3 download slots are busy: %w", ErrDownloadSlotsBusy), code: codes.Unavailable, contains: "waits for a download slot"},
+		{name: "cache full", err: fmt.Errorf("over the disk budget: %w", ErrCacheFull), code: codes.ResourceExhausted, contains: "cannot be stored on this node"},
 		{name: "budget exceeded", err: context.DeadlineExceeded, code: codes.Unavailable, contains: "publish budget"},
 		{name: "other", err: errors.New("disk full"), code: codes.Internal, contains: "disk full"},
 	}

@@ -59,6 +59,19 @@ func TestAddFlags(t *testing.T) {
 		{name: "mirror without =", args: []string{"--registry-mirror", "gcr.io"}, wantErr: "SOURCE=MIRROR"},
 		{name: "bad size", args: []string{"--max-library-bytes", "lots"}, wantErr: "not a size"},
 		{name: "negative size", args: []string{"--cache-disk-budget", "-1Gi"}, wantErr: "negative"},
+		{name: "zero budget", args: []string{"--cache-disk-budget", "0"}, wantErr: "must be positive"},
+		{name: "budget share over 100%", args: []string{"--cache-disk-budget", "150%"}, wantErr: "1% to 100%"},
+		{
+			name: "resource limits",
+			args: []string{"--cache-disk-budget", "35%", "--max-parallel-downloads", "4", "--max-downloads-per-registry", "3",
+				"--download-slot-wait", "5s", "--min-download-rate", "0", "--min-download-rate-window", "1m"},
+			check: func(t *testing.T, c Config) {
+				if c.DiskBudget != 0 || c.DiskBudgetPercent != 35 || c.MaxDownloadsPerRegistry != 3 || c.DownloadSlotWait != 5*time.Second ||
+					c.MinDownloadRate != -1 || c.MinDownloadRateWindow != time.Minute {
+					t.Errorf("limits = %+v", c)
+				}
+			},
+		},
 		{name: "prefetch without version", args: []string{"--prefetch", "gcr.io/datadoghq/dd-lib-java-init"}, wantErr: "no tag or digest"},
 		{name: "bad insecure registry", args: []string{"--insecure-registry", "not a host"}, wantErr: "insecure registry"},
 	}

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -244,6 +245,29 @@ func TestExtractByteCapStopsBeforeWriting(t *testing.T) {
 	}
 	if _, err := os.Lstat(filepath.Join(s.root, "bomb")); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("the over-cap file was created (%v); the cap must apply before writing", err)
+	}
+}
+
+// TestExtractChargesEveryInode: directories, links and empty files hold no bytes but take an
+// inode and a block each; they count against the cap, and DiskBytes reports the charge.
+func TestExtractChargesEveryInode(t *testing.T) {
+	var entries []entry
+	for i := range 10 {
+		entries = append(entries, dir(fmt.Sprintf("d%d", i), 0o755))
+	}
+	s := newSandbox(t)
+	_, err := Extract(context.Background(), bytes.NewReader(archive(t, entries...)), s.root, Options{MaxBytes: 9 * BlockSize})
+	if !errors.Is(err, ErrRejected) || !strings.Contains(err.Error(), "byte limit") {
+		t.Fatalf("10 directories under a 9-block cap: err = %v, want a byte limit rejection", err)
+	}
+	s = newSandbox(t)
+	stats, err := Extract(context.Background(), bytes.NewReader(archive(t, append(entries, reg("a/f", "x", 0o644), symlink("l", "a/f"))...)), s.root, Options{MaxBytes: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 10 directories, the implied parent "a", one file (one block), one symlink.
+	if want := int64(13 * BlockSize); stats.DiskBytes != want {
+		t.Errorf("DiskBytes = %d, want %d", stats.DiskBytes, want)
 	}
 }
 
