@@ -97,8 +97,8 @@ func (l *decodedLayer) Read(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	n, err := l.r.Read(p)
-	if err == nil || n > 0 && !errors.Is(err, io.EOF) {
-		return n, err
+	if err == nil {
+		return n, nil
 	}
 	if !errors.Is(err, io.EOF) {
 		return n, l.explain(err)

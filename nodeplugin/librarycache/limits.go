@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,9 +49,21 @@ type limitsTransport struct {
 }
 
 func (t *limitsTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	p := progressFrom(req.Context())
+	if p != nil {
+		// In flight from now until the body is closed or read to its end: a registry that
+		// stalls before its headers is as stalled as one that stalls a body.
+		p.open.Add(1)
+	}
 	resp, err := t.base.RoundTrip(req)
 	if err != nil || resp.Body == nil {
+		if p != nil {
+			p.open.Add(-1)
+		}
 		return resp, err
+	}
+	if p != nil {
+		resp.Body = &progressBody{ReadCloser: resp.Body, p: p}
 	}
 	if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/manifests/") && resp.StatusCode == http.StatusOK {
 		if resp.ContentLength > maxManifestBytes {
@@ -59,11 +72,36 @@ func (t *limitsTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		resp.Body = &cappedBody{ReadCloser: resp.Body, left: maxManifestBytes, url: req.URL.Redacted()}
 	}
-	if p := progressFrom(req.Context()); p != nil {
-		resp.Body = &countingBody{ReadCloser: resp.Body, n: p}
-	}
 	return resp, nil
 }
+
+// progress is what one download received: bytes, and requests in flight.
+type progress struct {
+	bytes atomic.Int64
+	open  atomic.Int32
+}
+
+type progressBody struct {
+	io.ReadCloser
+	p    *progress
+	once sync.Once
+}
+
+func (b *progressBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.p.bytes.Add(int64(n))
+	if err != nil {
+		b.done()
+	}
+	return n, err
+}
+
+func (b *progressBody) Close() error {
+	b.done()
+	return b.ReadCloser.Close()
+}
+
+func (b *progressBody) done() { b.once.Do(func() { b.p.open.Add(-1) }) }
 
 type cappedBody struct {
 	io.ReadCloser
@@ -101,13 +139,13 @@ func checkConfigSize(img v1.Image) error {
 
 type progressKey struct{}
 
-// withProgress makes every registry response read under ctx count its bytes into p.
-func withProgress(ctx context.Context, p *atomic.Int64) context.Context {
+// withProgress makes every registry request made under ctx count into p.
+func withProgress(ctx context.Context, p *progress) context.Context {
 	return context.WithValue(ctx, progressKey{}, p)
 }
 
-func progressFrom(ctx context.Context) *atomic.Int64 {
-	p, _ := ctx.Value(progressKey{}).(*atomic.Int64)
+func progressFrom(ctx context.Context) *progress {
+	p, _ := ctx.Value(progressKey{}).(*progress)
 	return p
 }
 
@@ -124,13 +162,14 @@ func (e *errStalled) Error() string {
 }
 
 // watchThroughput cancels the download (through cancel) when fewer than floor*window bytes
-// arrive in a window, so a registry that stalls a blob cannot hold a download slot until
-// --download-timeout. It returns when ctx ends.
-func watchThroughput(ctx context.Context, clk clock.Clock, p *atomic.Int64, floor int64, window time.Duration, host string, cancel context.CancelCauseFunc) {
+// arrive in a window while a registry request is in flight, so a registry that stalls a blob
+// cannot hold a download slot until --download-timeout. Windows with nothing in flight (the
+// extractor finishing on a slow disk) do not count. It returns when ctx ends.
+func watchThroughput(ctx context.Context, clk clock.Clock, p *progress, floor int64, window time.Duration, host string, cancel context.CancelCauseFunc) {
 	if floor <= 0 || window <= 0 {
 		return
 	}
-	last := p.Load()
+	last := p.bytes.Load()
 	for {
 		t := clk.NewTimer(window)
 		select {
@@ -139,10 +178,10 @@ func watchThroughput(ctx context.Context, clk clock.Clock, p *atomic.Int64, floo
 			return
 		case <-t.C():
 		}
-		now := p.Load()
+		now := p.bytes.Load()
 		got := now - last
 		last = now
-		if float64(got) < float64(floor)*window.Seconds() {
+		if p.open.Load() > 0 && float64(got) < float64(floor)*window.Seconds() {
 			cancel(&errStalled{host: host, received: got, window: window, floor: floor})
 			return
 		}

@@ -118,9 +118,9 @@ func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry,
 		}
 		ctx, cancel := context.WithCancelCause(bg)
 		defer cancel(nil)
-		progress := new(atomic.Int64)
-		ctx = withProgress(ctx, progress)
-		go watchThroughput(ctx, c.clock, progress, c.cfg.MinDownloadRate, c.cfg.MinDownloadRateWindow, host, cancel)
+		meter := new(progress)
+		ctx = withProgress(ctx, meter)
+		go watchThroughput(ctx, c.clock, meter, c.cfg.MinDownloadRate, c.cfg.MinDownloadRateWindow, host, cancel)
 		e, err := c.download(ctx, ref, digest)
 		if err = stallError(ctx, ref.String(), err); err != nil {
 			if errors.Is(err, driver.ErrImageRejected) {

@@ -130,3 +130,48 @@ func TestDownloadSlotWaitBounded(t *testing.T) {
 		t.Errorf("first publish: %v", r.err)
 	}
 }
+
+// TestThroughputWatchdog: a window with a request in flight and too few bytes aborts the
+// download; a window with nothing in flight (the extractor finishing) does not.
+func TestThroughputWatchdog(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	ctx, cancel := context.WithCancelCause(t.Context())
+	defer cancel(nil)
+	p := new(progress)
+	done := make(chan struct{})
+	go func() {
+		watchThroughput(ctx, clk, p, 1000, 10*time.Second, "registry.test", cancel)
+		close(done)
+	}()
+	// Each window ends when the watchdog has armed its timer and the clock passes it; the
+	// watchdog has judged the window once it arms the next one (or stops).
+	step := func() {
+		clk.Step(10 * time.Second)
+		waitFor(t, "the watchdog to judge the window", func() bool {
+			select {
+			case <-done:
+				return true
+			default:
+				return clk.HasWaiters()
+			}
+		})
+	}
+	waitFor(t, "the watchdog's timer", clk.HasWaiters)
+	// Idle: nothing in flight.
+	step()
+	// Fast enough.
+	p.open.Add(1)
+	p.bytes.Add(20_000)
+	step()
+	if ctx.Err() != nil {
+		t.Fatalf("download aborted while idle or fast enough: %v", context.Cause(ctx))
+	}
+	// In flight, 5 KB in 10 s with a floor of 1000 B/s: aborted.
+	p.bytes.Add(5_000)
+	step()
+	<-done
+	var st *errStalled
+	if !errors.As(context.Cause(ctx), &st) || st.received != 5_000 {
+		t.Fatalf("cause = %v, want a stall after 5000 bytes", context.Cause(ctx))
+	}
+}
