@@ -43,7 +43,10 @@ func (f *Fake) Prepare(dir string, limit int64) error {
 		return err
 	}
 	upper, work := Paths(dir)
-	if err := os.Mkdir(upper, 0o777); err != nil {
+	if err := os.Mkdir(upper, 0o755); err != nil {
+		return errors.Join(err, os.RemoveAll(dir))
+	}
+	if err := os.Chmod(upper, 0o777); err != nil {
 		return errors.Join(err, os.RemoveAll(dir))
 	}
 	if err := os.Mkdir(work, 0o700); err != nil {

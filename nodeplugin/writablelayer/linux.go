@@ -121,6 +121,9 @@ type Manager struct {
 // project quotas where dir's filesystem enforces them and tmpfs elsewhere. Asking for
 // ProjectQuota on a filesystem that does not enforce them is an error saying why.
 func New(dir string, want Mechanism) (*Manager, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
 	m := &Manager{dir: dir}
 	switch want {
 	case Auto, "":
