@@ -175,6 +175,13 @@ func TestTmpfsStopsAPodAtItsLimit(t *testing.T) {
 	}
 	vol, target := layerOverlay(t, m, dir, testLimit)
 	_, otherTarget := layerOverlay(t, m, dir, testLimit)
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		t.Fatal(err)
+	}
+	if size := int64(st.Blocks) * st.Bsize; size != testLimit {
+		t.Errorf("statfs of the volume reports %d bytes, want the limit %d", size, testLimit)
+	}
 	before := statfsUsed(t, dir)
 	checkFilledToLimit(t, nodeplugintest.Fill(t, filepath.Join(target, "fill"), 4*testLimit), testLimit)
 	if grew := statfsUsed(t, dir) - before; grew > 1<<20 {

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -62,6 +63,15 @@ func TestWritableLayerStopsAPodAtItsLimit(t *testing.T) {
 					t.Fatalf("project of %s: id %d, limit %d, %v", fullRec, id, limit, err)
 				}
 				projectID = id
+			}
+
+			// The pod sees its limit as the size of its volume (df).
+			var st unix.Statfs_t
+			if err := unix.Statfs(full, &st); err != nil {
+				t.Fatal(err)
+			}
+			if size := int64(st.Blocks) * st.Bsize; size != fillLimit {
+				t.Errorf("statfs of the volume says %d bytes, want the limit %d", size, fillLimit)
 			}
 
 			before := statfsUsed(t, stateFS)
