@@ -323,23 +323,14 @@ func projectOf(path string) (uint32, error) {
 	return a.projid, nil
 }
 
-// ProjectLimits returns the block hard limit (bytes) and the usage (bytes) of the project
-// that path belongs to, for tests and diagnostics.
+// ProjectLimits returns the project id that path belongs to, with that project's block hard
+// limit and usage (bytes), for tests and diagnostics.
 func ProjectLimits(path string) (id uint32, limit, used int64, err error) {
-	id, err = projectOf(path)
-	if err != nil {
+	if id, err = projectOf(path); err != nil {
 		return 0, 0, 0, err
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, 0, 0, err
-	}
-	defer f.Close()
-	var q ifDqblk
-	if err := quotactlFd(f, qcmd(qGetQuota, prjQuota), id, unsafe.Pointer(&q)); err != nil {
-		return id, 0, 0, err
-	}
-	return id, int64(q.bHardLimit) * qifDQBlkSize, int64(q.curSpace), nil
+	limit, used, err = ProjectQuotaOf(path, id)
+	return id, limit, used, err
 }
 
 // ProjectQuotaOf returns the block hard limit (bytes) and the usage (bytes) of project id on
