@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -201,5 +202,46 @@ func TestTmpfsStopsAPodAtItsLimit(t *testing.T) {
 	}
 	if _, err := os.Stat(vol); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("volume dir still there: %v", err)
+	}
+}
+
+// effectiveCaps returns the calling thread's effective capability set (low word).
+func effectiveCaps(t *testing.T) uint32 {
+	t.Helper()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		t.Fatal(err)
+	}
+	return data[0].Effective
+}
+
+// TestMountRunsWithoutTheQuotaOverride: the overlay mount (whose credentials overlayfs uses
+// for every write to the upper dir) is made without CAP_SYS_RESOURCE, which would let writes
+// exceed ext4 quota hard limits, and the thread gets it back afterwards.
+func TestMountRunsWithoutTheQuotaOverride(t *testing.T) {
+	testenv.RequireRoot(t)
+	const bit = 1 << unix.CAP_SYS_RESOURCE
+	m, err := writablelayer.New(t.TempDir(), writablelayer.Tmpfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if effectiveCaps(t)&bit == 0 {
+		testenv.Missing(t, "this process lacks CAP_SYS_RESOURCE")
+	}
+	var during uint32
+	if err := m.Mount(func() error { during = effectiveCaps(t); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if during&bit != 0 {
+		t.Error("the mount ran with CAP_SYS_RESOURCE")
+	}
+	if during|bit != effectiveCaps(t) {
+		t.Errorf("capabilities during the mount %#x, after %#x: only CAP_SYS_RESOURCE should differ", during, effectiveCaps(t))
+	}
+	if effectiveCaps(t)&bit == 0 {
+		t.Error("CAP_SYS_RESOURCE was not restored")
 	}
 }
