@@ -19,6 +19,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/names"
 )
 
@@ -48,7 +49,14 @@ type Config struct {
 	Libraries LibraryStore
 	// PublishDownloadBudget defaults to DefaultPublishDownloadBudget.
 	PublishDownloadBudget time.Duration
-	Logger                *slog.Logger
+	// WritableLayers creates the size-limited upper/work dirs of writable library volumes in
+	// OverlaysDir(StateDir): writablelayer.New in the binary, writablelayer.Fake in unit tests.
+	WritableLayers writablelayer.Interface
+	// DefaultWritableLimit is a writable library volume's limit (bytes) when it sets no
+	// writableLimit attribute, MaxWritableLimit the most an attribute may ask for. Zero takes
+	// writablelayer.DefaultLimit and writablelayer.DefaultMaxLimit.
+	DefaultWritableLimit, MaxWritableLimit int64
+	Logger                                 *slog.Logger
 	// Metrics defaults to an unregistered set (for tests).
 	Metrics *Metrics
 }
@@ -64,6 +72,7 @@ type Driver struct {
 	store       *state.Store
 	podsDir     string
 	overlaysDir string
+	writable    writablelayer.Interface
 	metrics     *Metrics
 	locks       keyedLocks
 	ready       atomic.Bool
@@ -87,6 +96,19 @@ func New(cfg Config) (*Driver, error) {
 	}
 	if cfg.Mounter == nil {
 		return nil, errors.New("no mounter configured")
+	}
+	if cfg.WritableLayers == nil {
+		return nil, errors.New("no writable layer mechanism configured (writablelayer.New)")
+	}
+	if cfg.DefaultWritableLimit == 0 {
+		cfg.DefaultWritableLimit = writablelayer.DefaultLimit
+	}
+	if cfg.MaxWritableLimit == 0 {
+		cfg.MaxWritableLimit = writablelayer.DefaultMaxLimit
+	}
+	if cfg.DefaultWritableLimit < 0 || cfg.DefaultWritableLimit > cfg.MaxWritableLimit {
+		return nil, fmt.Errorf("the default writable layer size %s must be positive and at most the maximum %s (--default-writable-layer, --max-writable-layer)",
+			writablelayer.FormatBytes(cfg.DefaultWritableLimit), writablelayer.FormatBytes(cfg.MaxWritableLimit))
 	}
 	for _, dir := range []*string{&cfg.KubeletDir, &cfg.StateDir} {
 		if !filepath.IsAbs(*dir) {
@@ -115,7 +137,7 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	overlays := filepath.Join(cfg.StateDir, "overlays")
+	overlays := OverlaysDir(cfg.StateDir)
 	if err := os.MkdirAll(overlays, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -126,6 +148,7 @@ func New(cfg Config) (*Driver, error) {
 		store:       store,
 		podsDir:     filepath.Join(cfg.KubeletDir, "pods"),
 		overlaysDir: overlays,
+		writable:    cfg.WritableLayers,
 		metrics:     cfg.Metrics,
 		locks:       keyedLocks{held: map[string]*keyedLock{}},
 		byTarget:    map[string]*state.Record{},

@@ -29,6 +29,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -87,6 +88,7 @@ func counterValue(c prometheus.Counter) float64 {
 type fixture struct {
 	d       *Driver
 	m       *mounter.Fake
+	wl      *writablelayer.Fake
 	store   *fakeStore
 	kubelet string
 	state   string
@@ -103,6 +105,7 @@ func newFixture(t *testing.T, opts ...fixtureOption) *fixture {
 	root := t.TempDir()
 	f := &fixture{
 		m:       mounter.NewFake(),
+		wl:      writablelayer.NewFake(),
 		store:   &fakeStore{root: filepath.Join(root, "cache"), errs: map[string]error{}},
 		kubelet: filepath.Join(root, "kubelet"),
 		state:   filepath.Join(root, "state"),
@@ -134,6 +137,7 @@ func newFixture(t *testing.T, opts ...fixtureOption) *fixture {
 		HostDirs:       set,
 		DatadogSockets: map[string]string{volumeattrs.TypeDSDSocket: "dsd-undeclared"},
 		Mounter:        f.m,
+		WritableLayers: f.wl,
 		Libraries:      f.store,
 		Logger:         slog.New(slog.NewJSONHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
@@ -560,7 +564,7 @@ func TestPublishFailureFreesEverything(t *testing.T) {
 
 func TestPublishNotReady(t *testing.T) {
 	root := t.TempDir()
-	d, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "k"), StateDir: filepath.Join(root, "s"), Mounter: mounter.NewFake()})
+	d, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "k"), StateDir: filepath.Join(root, "s"), Mounter: mounter.NewFake(), WritableLayers: writablelayer.NewFake()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -696,7 +700,7 @@ func TestReconcile(t *testing.T) {
 	f.m.Add(mounter.Entry{MountPoint: "/elsewhere", FsType: "overlay", SuperOptions: []string{"lowerdir=/x", "upperdir=" + live + "/upper", "workdir=" + live + "/work"}})
 
 	// Restart: a new driver over the same state dir and mount table.
-	d2, err := New(Config{NodeID: "node-1", KubeletDir: f.kubelet, StateDir: f.state, Mounter: f.m, Libraries: f.store, Logger: slog.New(slog.NewTextHandler(f.logs, nil))})
+	d2, err := New(Config{NodeID: "node-1", KubeletDir: f.kubelet, StateDir: f.state, Mounter: f.m, WritableLayers: f.wl, Libraries: f.store, Logger: slog.New(slog.NewTextHandler(f.logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -245,8 +245,8 @@ func (d *Driver) release(rec *state.Record) error {
 	return d.deleteRecord(rec)
 }
 
-// removeOverlayDir removes a record's private upper/work dirs. Only paths inside the plugin's
-// overlays dir are ever removed.
+// removeOverlayDir removes a record's private upper/work dirs and frees their size limit. Only
+// paths inside the plugin's overlays dir are ever removed.
 func (d *Driver) removeOverlayDir(dir string) error {
 	if dir == "" {
 		return nil
@@ -254,7 +254,7 @@ func (d *Driver) removeOverlayDir(dir string) error {
 	if filepath.Dir(dir) != d.overlaysDir {
 		return fmt.Errorf("refusing to remove %s: not an overlay dir of this plugin", dir)
 	}
-	return os.RemoveAll(dir)
+	return d.writable.Release(dir)
 }
 
 // unmountAll peels every mount off target.

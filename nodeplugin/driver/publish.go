@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -15,6 +14,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -88,6 +88,10 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 		images = append(images, l.Image)
 	}
 	r.log = r.log.With("libraries", images)
+	limit, err := d.writableLimit(r)
+	if err != nil {
+		return err
+	}
 
 	layers, err := d.resolveLayers(ctx, r.spec)
 	if err != nil {
@@ -114,24 +118,17 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 		})
 	}
 	rec.OverlayDir = filepath.Join(d.overlaysDir, rec.Key())
-	rec.UpperDir = filepath.Join(rec.OverlayDir, "upper")
-	rec.WorkDir = filepath.Join(rec.OverlayDir, "work")
+	rec.UpperDir, rec.WorkDir = writablelayer.Paths(rec.OverlayDir)
+	rec.WritableLimit, rec.WritableLayer = limit, string(d.writable.Mechanism())
 	return d.mountWithRecord(r, rec, func() error {
-		if err := os.Mkdir(rec.OverlayDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-			return err
+		// A world-writable upper dir (the volume's root, like an emptyDir) and a work dir,
+		// together bounded by the limit.
+		if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
+			return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
 		}
-		// The upper dir's root becomes the volume's root directory: world-writable like an
-		// emptyDir, so a tracer running as any user can write its logs next to the library.
-		if err := os.Mkdir(rec.UpperDir, 0o755); err != nil {
-			return err
-		}
-		if err := os.Chmod(rec.UpperDir, 0o777); err != nil {
-			return err
-		}
-		if err := os.Mkdir(rec.WorkDir, 0o700); err != nil {
-			return err
-		}
-		return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
+		return d.writable.Mount(func() error {
+			return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
+		})
 	})
 }
 

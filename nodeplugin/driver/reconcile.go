@@ -104,7 +104,7 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 		if referenced[dir] {
 			continue
 		}
-		if err := os.RemoveAll(dir); err != nil {
+		if err := d.writable.Release(dir); err != nil {
 			errs = append(errs, err)
 			continue
 		}

@@ -38,6 +38,10 @@ type Record struct {
 	OverlayDir string `json:"overlayDir,omitempty"`
 	UpperDir   string `json:"upperDir,omitempty"`
 	WorkDir    string `json:"workDir,omitempty"`
+	// WritableLimit (bytes) bounds UpperDir and WorkDir together; WritableLayer is what
+	// enforces it (project-quota or tmpfs). The dir itself tells what to free.
+	WritableLimit int64  `json:"writableLimit,omitempty"`
+	WritableLayer string `json:"writableLayer,omitempty"`
 	// TargetIsFile is set when the target was created as a file (sockets, ld.so.preload).
 	TargetIsFile bool      `json:"targetIsFile,omitempty"`
 	Pod          Pod       `json:"pod,omitzero"`

@@ -57,3 +57,30 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseWritableLimit checks that whatever writableLimit Parse accepts is a whole number of
+// bytes of at least MinWritableLimit, and that Attributes writes it back unchanged.
+func FuzzParseWritableLimit(f *testing.F) {
+	for _, s := range []string{"64Mi", "1Gi", "500M", "1048576", "1.5Gi", "1e9", "0", "-1Mi", "1500m", "9Ei", "0x10"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, limit string) {
+		spec, err := Parse(map[string]string{"type": "library", "library.0.image": "r.local/a:v1", KeyWritableLimit: limit})
+		if err != nil {
+			if _, ok := err.(*Error); !ok {
+				t.Fatalf("error of type %T", err)
+			}
+			return
+		}
+		if spec.WritableLimit < MinWritableLimit {
+			t.Fatalf("%q parsed to %d bytes, below the minimum", limit, spec.WritableLimit)
+		}
+		again, err := Parse(spec.Attributes())
+		if err != nil {
+			t.Fatalf("re-parse of %v: %v", spec.Attributes(), err)
+		}
+		if again.WritableLimit != spec.WritableLimit {
+			t.Fatalf("%q: %d bytes became %d through %q", limit, spec.WritableLimit, again.WritableLimit, spec.Attributes()[KeyWritableLimit])
+		}
+	})
+}

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
@@ -58,6 +60,10 @@ const (
 	// ld.so.preload file names. For type preload it is the file's content (default
 	// libref.LauncherPath); for type library it adds the file at PreloadFile in the volume.
 	KeyPreload = "preload"
+	// KeyWritableLimit bounds the writable layer of a library volume: a Kubernetes quantity
+	// of bytes such as 64Mi. Without it the node's default applies; the node refuses more
+	// than its administrator's maximum.
+	KeyWritableLimit = "writableLimit"
 
 	// Library entries are indexed from 0 without gaps: library.0.image, library.1.image, ...
 	keyLibraryPrefix = "library."
@@ -86,6 +92,14 @@ const (
 	maxPathLength = 512
 	maxNameLength = 63
 )
+
+// MinWritableLimit is the smallest writableLimit accepted: the overlay's own directories need
+// a few blocks.
+const MinWritableLimit int64 = 1 << 20
+
+// maxWritableLimit keeps writableLimit far from overflowing int64; nodes set much lower
+// maximums.
+const maxWritableLimit int64 = 1 << 50
 
 // LibraryKey returns the attribute key of field ("image", "source" or "target") of library i.
 func LibraryKey(i int, field string) string {
@@ -119,6 +133,9 @@ type Spec struct {
 	Preload string
 	// ReadOnly is the readOnly attribute; the node ORs it with the CSI readonly flag.
 	ReadOnly bool
+	// WritableLimit (bytes) bounds the writable layer of a library volume; 0 means the
+	// node's default.
+	WritableLimit int64
 }
 
 // Error is a validation error. Its message names the attribute and says what is accepted, so it
@@ -185,7 +202,7 @@ func Parse(attrs map[string]string) (*Spec, error) {
 			return nil, err
 		}
 		spec.Libraries = libs
-		allowed = append(keys, KeyPreload)
+		allowed = append(keys, KeyPreload, KeyWritableLimit)
 		if p, ok := attrs[KeyPreload]; ok {
 			if err := validatePreload(p); err != nil {
 				return nil, errorf(KeyPreload, p, "%v", err)
@@ -214,8 +231,17 @@ func Parse(attrs map[string]string) (*Spec, error) {
 			return nil, err
 		}
 		spec.Libraries = []Library{lib}
+		allowed = []string{KeyWritableLimit}
 	default:
 		return nil, errorf(KeyType, typ, "unknown volume type; use one of %s", strings.Join(types(), ", "))
+	}
+
+	if v, ok := attrs[KeyWritableLimit]; ok && spec.Kind == KindLibrary {
+		n, err := ParseWritableLimit(v)
+		if err != nil {
+			return nil, err
+		}
+		spec.WritableLimit = n
 	}
 
 	datadog := strings.HasPrefix(typ, "Datadog") || slices.Contains(DatadogSocketTypes, typ)
@@ -229,6 +255,36 @@ func Parse(attrs map[string]string) (*Spec, error) {
 		return nil, errorf(k, attrs[k], "unknown attribute for type %s", typ)
 	}
 	return spec, nil
+}
+
+// ParseWritableLimit parses a writableLimit value: a whole number of bytes written as a
+// Kubernetes quantity (64Mi, 1Gi, 500M, 1048576), at least MinWritableLimit.
+func ParseWritableLimit(v string) (int64, error) {
+	if len(v) > 32 {
+		return 0, errorf(KeyWritableLimit, v, "must be a size such as 64Mi or 1Gi")
+	}
+	q, err := resource.ParseQuantity(v)
+	if err != nil {
+		return 0, errorf(KeyWritableLimit, v, "must be a size such as 64Mi or 1Gi (a Kubernetes quantity of bytes)")
+	}
+	if q.Cmp(*resource.NewQuantity(maxWritableLimit, resource.BinarySI)) > 0 {
+		return 0, errorf(KeyWritableLimit, v, "must be at most 1Pi")
+	}
+	// Value rounds a fraction of a byte up and wraps what int64 cannot hold: either way the
+	// number no longer equals the quantity.
+	n := q.Value()
+	if q.Cmp(*resource.NewQuantity(n, resource.BinarySI)) != 0 {
+		return 0, errorf(KeyWritableLimit, v, "must be a whole number of bytes, such as 64Mi or 1Gi")
+	}
+	if n < MinWritableLimit {
+		return 0, errorf(KeyWritableLimit, v, "must be at least 1Mi")
+	}
+	return n, nil
+}
+
+// FormatWritableLimit writes n bytes as a quantity that ParseWritableLimit reads back (64Mi).
+func FormatWritableLimit(n int64) string {
+	return resource.NewQuantity(n, resource.BinarySI).String()
 }
 
 func types() []string {
@@ -460,6 +516,9 @@ func (s *Spec) Attributes() map[string]string {
 		}
 		if s.Preload != "" {
 			a[KeyPreload] = s.Preload
+		}
+		if s.WritableLimit != 0 {
+			a[KeyWritableLimit] = FormatWritableLimit(s.WritableLimit)
 		}
 	}
 	return a

@@ -63,6 +63,23 @@ func TestParse(t *testing.T) {
 			attrs: map[string]string{"type": "library", "library.0.image": "registry.local/dd-lib-java-init:v1", "library.0.target": "."},
 			want:  &Spec{Kind: KindLibrary, Type: "library", Libraries: []Library{{Image: "registry.local/dd-lib-java-init:v1", Source: libref.LibrarySource}}},
 		},
+		{
+			name:  "library with a writable limit",
+			attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "64Mi"},
+			want:  &Spec{Kind: KindLibrary, Type: "library", WritableLimit: 64 << 20, Libraries: []Library{{Image: "r.local/a:v1", Source: libref.LibrarySource}}},
+		},
+		{
+			name:  "datadog library with a writable limit in decimal units",
+			attrs: map[string]string{"type": "DatadogLibrary", DDKeyPackage: "dd-lib-python-init", DDKeyVersion: "v3", "writableLimit": "500M"},
+			want: &Spec{Kind: KindLibrary, Type: "DatadogLibrary", WritableLimit: 500_000_000, Libraries: []Library{
+				{Image: libref.Image(libref.DefaultRegistry, "dd-lib-python-init", "v3"), Source: libref.LibrarySource}}},
+		},
+		{name: "writable limit not a quantity", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "lots"}, wantErr: "such as 64Mi"},
+		{name: "writable limit fraction of a byte", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "1500m"}, wantErr: "whole number of bytes"},
+		{name: "writable limit too small", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "4Ki"}, wantErr: "at least 1Mi"},
+		{name: "writable limit negative", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "-1Gi"}, wantErr: "at least 1Mi"},
+		{name: "writable limit overflows", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "100Ei"}, wantErr: "at most 1Pi"},
+		{name: "writable limit on a hostdir", attrs: map[string]string{"type": "hostdir", "name": "d", "writableLimit": "64Mi"}, wantErr: "unknown attribute"},
 		{name: "library none", attrs: map[string]string{"type": "library"}, wantErr: "at least one library"},
 		{name: "library gap", attrs: map[string]string{"type": "library", "library.1.image": "r.local/a:v1"}, wantErr: "without gaps"},
 		{name: "library bad index", attrs: map[string]string{"type": "library", "library.01.image": "r.local/a:v1"}, wantErr: "index"},

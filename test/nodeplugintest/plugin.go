@@ -24,6 +24,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -46,6 +47,11 @@ type Config struct {
 	// DrainTimeout is how long Stop lets in-flight calls finish before cancelling them, as
 	// apm-csi-node's drain timeout on SIGTERM; zero cancels them at once.
 	DrainTimeout time.Duration
+	// WritableLayer is the --writable-layer-mechanism; empty means auto, as in apm-csi-node.
+	WritableLayer writablelayer.Mechanism
+	// DefaultWritableLimit and MaxWritableLimit are the --default-writable-layer and
+	// --max-writable-layer sizes (bytes); zero takes the driver's defaults.
+	DefaultWritableLimit, MaxWritableLimit int64
 }
 
 // Plugin is a node plugin over a temporary directory: the driver, its gRPC server on a unix
@@ -64,9 +70,11 @@ type Plugin struct {
 	// printing warnings to stderr; a test may replace it before Start.
 	Log *slog.Logger
 
-	// Driver and Node are those of the running plugin, replaced by each Start.
-	Driver *driver.Driver
-	Node   csi.NodeClient
+	// Driver and Node are those of the running plugin, replaced by each Start; Writable is
+	// the driver's writable layer mechanism, chosen by each Start as apm-csi-node does.
+	Driver   *driver.Driver
+	Node     csi.NodeClient
+	Writable *writablelayer.Manager
 
 	srv            *grpc.Server
 	conn           *grpc.ClientConn
@@ -116,6 +124,11 @@ func (p *Plugin) Start() {
 		}
 		libraries, p.closeLibraries = store, closeStore
 	}
+	writable, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
+	if err != nil {
+		p.T.Fatal(err)
+	}
+	p.Writable = writable
 	d, err := driver.New(driver.Config{
 		NodeID:                p.Config.NodeID,
 		KubeletDir:            p.Kubelet,
@@ -124,6 +137,9 @@ func (p *Plugin) Start() {
 		Mounter:               mounter.New(),
 		Libraries:             libraries,
 		PublishDownloadBudget: p.Config.PublishDownloadBudget,
+		WritableLayers:        writable,
+		DefaultWritableLimit:  p.Config.DefaultWritableLimit,
+		MaxWritableLimit:      p.Config.MaxWritableLimit,
 		Logger:                p.Log,
 	})
 	if err != nil {

@@ -7,13 +7,18 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
+
+	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
 // envPrefix: every flag can also be set as APM_CSI_<FLAG_NAME> (dashes become underscores).
@@ -38,6 +43,10 @@ type options struct {
 	logLevel              slog.Level
 	cache                 librarycache.Config
 	gcInterval            time.Duration
+	// Writable layers of library volumes.
+	writableLayer        writablelayer.Mechanism
+	defaultWritableLayer int64
+	maxWritableLayer     int64
 }
 
 // repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
@@ -60,6 +69,26 @@ func (r *repeatable) setFromEnv(v string) {
 			r.values = append(r.values, part)
 		}
 	}
+}
+
+// sizeFlag parses a positive whole number of bytes written as a Kubernetes quantity.
+type sizeFlag struct{ v *int64 }
+
+func (f sizeFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return writablelayer.FormatBytes(*f.v)
+}
+
+func (f sizeFlag) Set(s string) error {
+	q, err := resource.ParseQuantity(s)
+	n := q.Value()
+	if err != nil || n < volumeattrs.MinWritableLimit || q.Cmp(*resource.NewQuantity(n, resource.BinarySI)) != 0 {
+		return fmt.Errorf("%q is not a size of at least 1Mi: use a quantity such as 256Mi or 1Gi", s)
+	}
+	*f.v = n
+	return nil
 }
 
 func envName(flagName string) string {
@@ -88,6 +117,18 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
+	o.writableLayer = writablelayer.Auto
+	o.defaultWritableLayer, o.maxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
+	fs.Var(sizeFlag{&o.defaultWritableLayer}, "default-writable-layer", "size limit of a writable library volume's private layer when the volume sets no writableLimit attribute (a quantity such as 256Mi)")
+	fs.Var(sizeFlag{&o.maxWritableLayer}, "max-writable-layer", "largest writableLimit a library volume may ask for (a quantity such as 1Gi); larger requests are refused with InvalidArgument")
+	fs.Func("writable-layer-mechanism", "what enforces the writable layer limits: auto (project quotas where the state dir's ext4/xfs enforces them, else tmpfs), project-quota (refuse to start without them) or tmpfs", func(v string) error {
+		m := writablelayer.Mechanism(v)
+		if !slices.Contains(writablelayer.Mechanisms, m) {
+			return fmt.Errorf("%q: use one of %v", v, writablelayer.Mechanisms)
+		}
+		o.writableLayer = m
+		return nil
+	})
 	o.cache.AddFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -140,6 +181,9 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	}
 	if o.gcInterval <= 0 {
 		return nil, fmt.Errorf("--gc-interval must be positive")
+	}
+	if o.defaultWritableLayer > o.maxWritableLayer {
+		return nil, fmt.Errorf("--default-writable-layer=%s is above --max-writable-layer=%s", writablelayer.FormatBytes(o.defaultWritableLayer), writablelayer.FormatBytes(o.maxWritableLayer))
 	}
 	o.cache.StoreDir = filepath.Join(o.stateDir, "store")
 	if o.endpoint == "" {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -85,6 +86,29 @@ func TestParseFlags(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "writable layer defaults",
+			args: []string{"--node-id", "n"},
+			check: func(t *testing.T, o *options) {
+				if o.writableLayer != writablelayer.Auto || o.defaultWritableLayer != 256<<20 || o.maxWritableLayer != 1<<30 {
+					t.Fatalf("writable layer: %s %d %d", o.writableLayer, o.defaultWritableLayer, o.maxWritableLayer)
+				}
+			},
+		},
+		{
+			name: "writable layer flags and variables",
+			args: []string{"--node-id", "n", "--max-writable-layer", "2Gi", "--writable-layer-mechanism", "tmpfs"},
+			env:  map[string]string{"APM_CSI_DEFAULT_WRITABLE_LAYER": "64Mi"},
+			check: func(t *testing.T, o *options) {
+				if o.writableLayer != writablelayer.Tmpfs || o.defaultWritableLayer != 64<<20 || o.maxWritableLayer != 2<<30 {
+					t.Fatalf("writable layer: %s %d %d", o.writableLayer, o.defaultWritableLayer, o.maxWritableLayer)
+				}
+			},
+		},
+		{name: "writable layer default above max", args: []string{"--node-id", "n", "--default-writable-layer", "2Gi"}, wantErr: "--default-writable-layer=2Gi is above --max-writable-layer=1Gi"},
+		{name: "writable layer not a size", args: []string{"--node-id", "n", "--max-writable-layer", "big"}, wantErr: "such as 256Mi"},
+		{name: "writable layer too small", args: []string{"--node-id", "n", "--default-writable-layer", "1Ki"}, wantErr: "at least 1Mi"},
+		{name: "writable layer mechanism unknown", args: []string{"--node-id", "n", "--writable-layer-mechanism", "loop"}, wantErr: "use one of"},
 		{name: "bad hostdir", args: []string{"--node-id", "n", "--hostdir", "x=relative"}, wantErr: "absolute"},
 		{name: "bad env value", args: []string{"--node-id", "n"}, env: map[string]string{"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "soon"}, wantErr: "APM_CSI_PUBLISH_DOWNLOAD_BUDGET"},
 		{name: "bad socket mapping", args: []string{"--node-id", "n", "--datadog-socket-entry", "Foo=x"}, wantErr: "use one of"},

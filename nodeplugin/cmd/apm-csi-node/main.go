@@ -27,6 +27,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/registration"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/version"
 )
 
@@ -68,6 +69,13 @@ func run() error {
 	}
 	var libraries driver.LibraryStore = cache
 
+	writable, err := writablelayer.New(driver.OverlaysDir(o.stateDir), o.writableLayer)
+	if err != nil {
+		return fmt.Errorf("writable layers (--writable-layer-mechanism=%s): %w", o.writableLayer, err)
+	}
+	log.Info("writable layers of library volumes", "mechanism", writable.Mechanism(), "reason", writable.Reason(),
+		"default", writablelayer.FormatBytes(o.defaultWritableLayer), "max", writablelayer.FormatBytes(o.maxWritableLayer))
+
 	d, err := driver.New(driver.Config{
 		DriverName:            o.driverName,
 		NodeID:                o.nodeID,
@@ -78,6 +86,9 @@ func run() error {
 		Mounter:               mounter.New(),
 		Libraries:             libraries,
 		PublishDownloadBudget: o.publishDownloadBudget,
+		WritableLayers:        writable,
+		DefaultWritableLimit:  o.defaultWritableLayer,
+		MaxWritableLimit:      o.maxWritableLayer,
 		Logger:                log,
 		Metrics:               driver.NewMetrics(ctrlmetrics.Registry),
 	})

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
@@ -24,10 +25,25 @@ import (
 // already cached; each publish goes through the gRPC server and mounts a real overlay with its
 // own upper/work dirs and record. Unpublish runs with the timer stopped.
 //
+// The writable layer is what the node would choose for the temporary dir (tmpfs where its
+// filesystem does not enforce project quotas); BenchmarkCacheHitPublishProjectQuota puts the
+// state dir on an ext4 that does.
+//
 //	go test -run '^$' -bench CacheHitPublish -benchtime 1000x -count 5 ./test/integration/library/
 func BenchmarkCacheHitPublish(b *testing.B) {
+	benchCacheHitPublish(b, options{})
+}
+
+// BenchmarkCacheHitPublishProjectQuota is BenchmarkCacheHitPublish with the state dir on an
+// ext4 filesystem with project quotas enforced, so that each writable layer is a project.
+func BenchmarkCacheHitPublishProjectQuota(b *testing.B) {
+	stateFS := nodeplugintest.Ext4(b, 1024, "quota,project", "prjquota")
+	benchCacheHitPublish(b, options{stateDir: filepath.Join(stateFS, "state"), writable: writablelayer.ProjectQuota})
+}
+
+func benchCacheHitPublish(b *testing.B, opts options) {
 	reg := libimages.Start(b)
-	p := startPlugin(b, options{})
+	p := startPlugin(b, opts)
 	vol := pushInjectorVolume(b, reg, "1.0.0")
 	warm := p.Target("warm", "apm")
 	p.MustPublish("csi-warm", warm, nodeplugintest.Ephemeral(vol.attrs(), "warm"), false)

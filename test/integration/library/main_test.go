@@ -23,6 +23,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -37,6 +38,12 @@ type options struct {
 	grace time.Duration
 	// tagTTL is how long the cache trusts a tag.
 	tagTTL time.Duration
+	// stateDir replaces the plugin's state dir (default: a dir in the plugin's temporary root).
+	stateDir string
+	// writable is the --writable-layer-mechanism (default auto); defaultWritable and
+	// maxWritable the --default-writable-layer and --max-writable-layer (default the driver's).
+	writable                     writablelayer.Mechanism
+	defaultWritable, maxWritable int64
 }
 
 // plugin is a running node plugin (nodeplugintest.Plugin) whose library store is the real
@@ -60,7 +67,13 @@ func startPlugin(t testing.TB, opts options) *plugin {
 		Libraries:             p.openCache,
 		PublishDownloadBudget: opts.budget,
 		DrainTimeout:          5 * time.Second,
+		WritableLayer:         opts.writable,
+		DefaultWritableLimit:  opts.defaultWritable,
+		MaxWritableLimit:      opts.maxWritable,
 	})
+	if opts.stateDir != "" {
+		p.State = opts.stateDir
+	}
 	p.store = filepath.Join(p.State, "store")
 	p.Start()
 	return p

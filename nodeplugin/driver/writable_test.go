@@ -1,0 +1,158 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+)
+
+func withWritableLimits(def, maxLimit int64) fixtureOption {
+	return func(c *Config) { c.DefaultWritableLimit, c.MaxWritableLimit = def, maxLimit }
+}
+
+func TestWritableLayerGetsTheAskedOrDefaultLimit(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		opts  []fixtureOption
+		limit string // writableLimit attribute; "" for none
+		want  int64
+	}{
+		{name: "built-in default", want: writablelayer.DefaultLimit},
+		{name: "node default", opts: []fixtureOption{withWritableLimits(32<<20, 1<<30)}, want: 32 << 20},
+		{name: "attribute", limit: "64Mi", want: 64 << 20},
+		{name: "attribute at the maximum", opts: []fixtureOption{withWritableLimits(64<<20, 128<<20)}, limit: "128Mi", want: 128 << 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, tc.opts...)
+			attrs := libraryAttrs("r.local/a:v1")
+			if tc.limit != "" {
+				attrs["writableLimit"] = tc.limit
+			}
+			target := f.target("pod-a")
+			if _, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", target, attrs)); err != nil {
+				t.Fatal(err)
+			}
+			rec := f.d.Records()[0]
+			if got := f.wl.Limits(); len(got) != 1 || got[rec.OverlayDir] != tc.want {
+				t.Fatalf("prepared layers %v, want %s limited to %d", got, rec.OverlayDir, tc.want)
+			}
+			if rec.WritableLimit != tc.want || rec.WritableLayer != string(writablelayer.Tmpfs) {
+				t.Errorf("record says limit %d by %q", rec.WritableLimit, rec.WritableLayer)
+			}
+			// The overlay was mounted through the layer's Mount, with the layer's dirs.
+			if f.wl.Mounts() != 1 {
+				t.Errorf("%d mounts through the writable layer, want 1", f.wl.Mounts())
+			}
+			upper, work := writablelayer.Paths(rec.OverlayDir)
+			table, _ := f.m.MountTable()
+			if u, _ := table[0].Option("upperdir"); u != upper {
+				t.Errorf("upperdir %q, want %q", u, upper)
+			}
+			if w, _ := table[0].Option("workdir"); w != work {
+				t.Errorf("workdir %q, want %q", w, work)
+			}
+
+			if _, err := f.d.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-1", TargetPath: target}); err != nil {
+				t.Fatal(err)
+			}
+			if got := f.wl.Limits(); len(got) != 0 {
+				t.Errorf("layers not released after unpublish: %v", got)
+			}
+			if rel := f.wl.Released(); len(rel) != 1 || rel[0] != rec.OverlayDir {
+				t.Errorf("released %q, want %s", rel, rec.OverlayDir)
+			}
+		})
+	}
+}
+
+func TestWritableLimitAboveTheMaximumIsRefusedBeforeAnythingIsAllocated(t *testing.T) {
+	for _, readonly := range []bool{false, true} {
+		f := newFixture(t, withWritableLimits(0, 512<<20))
+		attrs := libraryAttrs("r.local/a:v1")
+		attrs["writableLimit"] = "2Gi"
+		target := f.target("pod-a")
+		req := f.publishReq("vol-1", target, attrs)
+		req.Readonly = readonly
+		_, err := f.d.NodePublishVolume(context.Background(), req)
+		wantCode(t, err, codes.InvalidArgument, `"writableLimit"="2Gi"`, "2Gi (2147483648 bytes)", "512Mi (536870912 bytes)", "--max-writable-layer")
+		if f.store.calls != 0 {
+			t.Errorf("the library store was asked for %d layers", f.store.calls)
+		}
+		if len(f.wl.Limits()) != 0 || f.m.Len() != 0 || len(f.d.Records()) != 0 {
+			t.Errorf("allocated: layers %v, %d mounts, records %+v", f.wl.Limits(), f.m.Len(), f.d.Records())
+		}
+		if _, err := os.Stat(target); !os.IsNotExist(err) {
+			t.Error("target created")
+		}
+	}
+}
+
+func TestWritableLayerFailureFreesEverything(t *testing.T) {
+	for _, step := range []string{"prepare", "overlay mount"} {
+		t.Run(step, func(t *testing.T) {
+			f := newFixture(t)
+			if step == "prepare" {
+				f.wl.PrepareErr = errors.New("tmpfs: ENOMEM")
+			} else {
+				f.m.Errors["overlay"] = errors.New("EPERM")
+			}
+			target := f.target("pod-a")
+			_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", target, libraryAttrs("r.local/a:v1")))
+			wantCode(t, err, codes.Internal)
+			if step == "prepare" && !strings.Contains(err.Error(), "preparing the 256Mi writable layer: tmpfs: ENOMEM") {
+				t.Errorf("error %q does not say what failed", err)
+			}
+			if list, _ := f.d.store.List(); len(list) != 0 {
+				t.Errorf("records left: %+v", list)
+			}
+			if len(f.wl.Limits()) != 0 {
+				t.Errorf("writable layers left: %v", f.wl.Limits())
+			}
+			if entries, _ := os.ReadDir(filepath.Join(f.state, "overlays")); len(entries) != 0 {
+				t.Errorf("overlay dirs left: %v", entries)
+			}
+			if _, err := os.Stat(target); !os.IsNotExist(err) {
+				t.Error("target left behind")
+			}
+		})
+	}
+}
+
+func TestReconcileReleasesOrphanWritableLayers(t *testing.T) {
+	f := newFixture(t)
+	orphan := filepath.Join(f.state, "overlays", "orphan")
+	if err := f.wl.Prepare(orphan, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(Config{NodeID: "node-1", KubeletDir: f.kubelet, StateDir: f.state, Mounter: f.m, WritableLayers: f.wl, Libraries: f.store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if rel := f.wl.Released(); len(rel) != 1 || rel[0] != orphan {
+		t.Errorf("released %q, want the orphan %s", rel, orphan)
+	}
+}
+
+func TestNewRefusesADefaultWritableLimitAboveTheMaximum(t *testing.T) {
+	root := t.TempDir()
+	_, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "k"), StateDir: filepath.Join(root, "s"), Mounter: mounter.NewFake(),
+		WritableLayers: writablelayer.NewFake(), DefaultWritableLimit: 2 << 30, MaxWritableLimit: 1 << 30})
+	if err == nil || !strings.Contains(err.Error(), "2Gi") || !strings.Contains(err.Error(), "--max-writable-layer") {
+		t.Fatalf("New = %v, want an error naming both sizes and the flags", err)
+	}
+	if _, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "k"), StateDir: filepath.Join(root, "s"), Mounter: mounter.NewFake()}); err == nil {
+		t.Fatal("New accepted a config without writable layers")
+	}
+}
