@@ -10,7 +10,7 @@ set -euo pipefail
 packages_only=false
 [[ "${1:-}" == "--packages-only" ]] && packages_only=true
 
-packages=(etcd-server containerd runc containernetworking-plugins busybox-static iproute2 util-linux curl ca-certificates)
+packages=(etcd-server containerd runc containernetworking-plugins busybox-static iproute2 util-linux e2fsprogs curl ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

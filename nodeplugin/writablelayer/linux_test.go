@@ -229,7 +229,7 @@ func TestMountRunsWithoutTheQuotaOverride(t *testing.T) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	if effectiveCaps(t)&bit == 0 {
-		testenv.Missing(t, "this process lacks CAP_SYS_RESOURCE")
+		testenv.Unsupported(t, "this process lacks CAP_SYS_RESOURCE")
 	}
 	var during uint32
 	if err := m.Mount(func() error { during = effectiveCaps(t); return nil }); err != nil {

@@ -63,7 +63,7 @@ func Ext4(t testing.TB, sizeMiB int, features, mountOptions string) string {
 	}
 	if err := unix.Mount(dev, mnt, "ext4", 0, mountOptions); err != nil {
 		if errors.Is(err, unix.EINVAL) && strings.Contains(features, "quota") {
-			testenv.Missing(t, "this kernel cannot mount ext4 with the quota feature (it needs CONFIG_QUOTA and CONFIG_QFMT_V2; see dmesg): mount %s on %s -o %q: %v", dev, mnt, mountOptions, err)
+			testenv.Unsupported(t, "this kernel cannot mount ext4 with the quota feature (it needs CONFIG_QUOTA and CONFIG_QFMT_V2; see dmesg): mount %s on %s -o %q: %v", dev, mnt, mountOptions, err)
 		}
 		t.Fatalf("mount %s on %s -o %q: %v", dev, mnt, mountOptions, err)
 	}

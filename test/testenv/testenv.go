@@ -22,6 +22,16 @@ func Missing(t testing.TB, format string, args ...any) {
 	t.Skipf("prerequisite missing: "+format, args...)
 }
 
+// Unsupported skips a test whose prerequisite is a property of the kernel or of the sandbox
+// the tests run in (a kernel built without a quota format, a capability the container runtime
+// withholds), which no install step of the project can provide. Unlike Missing it skips under
+// CI too, and says so in the test output; use it only after probing the feature itself, never
+// for a program or package the project can install.
+func Unsupported(t testing.TB, format string, args ...any) {
+	t.Helper()
+	t.Skipf("not supported by this kernel or sandbox (cannot be installed by the project): "+format, args...)
+}
+
 // RequireRoot needs uid 0 (real mounts, network namespaces).
 func RequireRoot(t testing.TB) {
 	t.Helper()
