@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
 // Defaults applied by AddFlags, and by New to zero fields.
@@ -69,6 +70,14 @@ type Config struct {
 	Keychain authn.Keychain
 	// Platform replaces the node's platform (linux/GOARCH).
 	Platform *v1.Platform
+	// AllowedRepositories are the registries and repository prefixes library images may come
+	// from (allow.go). Empty: libref.DefaultRegistry. Every mirror's source is always added.
+	AllowedRepositories []string
+	// PullSecretScopes restrict pull secrets (by the name of their directory in
+	// PullSecretDir) to repository prefixes and namespaces (credentials.go).
+	PullSecretScopes []repoallow.SecretScope
+	// Clock replaces the real clock for the refusal TTLs.
+	Clock Clock
 }
 
 // Mirror redirects pulls of a registry or repository prefix to another location.
@@ -163,6 +172,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 		c.Prefetch = append(c.Prefetch, s)
 		return nil
 	})
+	c.addTrustFlags(fs)
 	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
 	fs.DurationVar(&c.DownloadTimeout, "download-timeout", c.DownloadTimeout, "longest time one library download may take in the background")
 }
@@ -235,6 +245,10 @@ func (c Config) withDefaults() (Config, error) {
 		if _, err := libref.Parse(p); err != nil {
 			errs = append(errs, fmt.Errorf("prefetch: %w", err))
 		}
+	}
+	errs = append(errs, c.validateTrust())
+	if c.Clock == nil {
+		c.Clock = realClock{}
 	}
 	return c, errors.Join(errs...)
 }

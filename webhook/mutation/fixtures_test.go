@@ -181,6 +181,8 @@ func manyContainersPod(n int) *corev1.Pod {
 func newTestMutator(t testing.TB, mutate ...func(*config.Config)) *Mutator {
 	t.Helper()
 	cfg := config.Default()
+	// The custom images the tests name live there; the administrator allows it.
+	cfg.AllowedRepositories = []string{"registry.example.com"}
 	for _, f := range mutate {
 		f(cfg)
 	}
