@@ -27,7 +27,7 @@ import (
 //	go test -run '^$' -bench CacheHitPublish -benchtime 1000x -count 5 ./test/integration/library/
 func BenchmarkCacheHitPublish(b *testing.B) {
 	reg := libimages.Start(b)
-	p := startPlugin(b, options{})
+	p := startPlugin(b, options{registry: reg})
 	vol := pushInjectorVolume(b, reg, "1.0.0")
 	warm := p.Target("warm", "apm")
 	p.MustPublish("csi-warm", warm, nodeplugintest.Ephemeral(vol.attrs(), "warm"), false)
@@ -96,7 +96,7 @@ const benchLargeLibrary = 32 << 20
 func BenchmarkDiskPerVolume(b *testing.B) {
 	const extraVolumes = 10
 	reg := libimages.Start(b)
-	p := startPlugin(b, options{})
+	p := startPlugin(b, options{registry: reg})
 	vol := pushInjectorVolume(b, reg, "1.0.0")
 	vol.langs = append(vol.langs[:1], "java")
 	big, err := libimages.Large(benchLargeLibrary, 7)

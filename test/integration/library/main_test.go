@@ -37,6 +37,12 @@ type options struct {
 	grace time.Duration
 	// tagTTL is how long the cache trusts a tag.
 	tagTTL time.Duration
+	// registry is the test registry: an allowed repository, reached over plain HTTP as an
+	// --insecure-registry.
+	registry *libimages.Registry
+	// trust is the rest of the cache's trust configuration (allowed repositories, insecure
+	// registries, pull secrets and their scopes), added to what registry implies.
+	trust librarycache.Config
 }
 
 // plugin is a running node plugin (nodeplugintest.Plugin) whose library store is the real
@@ -69,12 +75,18 @@ func startPlugin(t testing.TB, opts options) *plugin {
 // openCache opens and starts the library cache over the plugin's store, as main.go does
 // before it creates the driver; the plugin closes it when it stops (releasing its lock).
 func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
+	var allowed []string
+	if p.opts.registry != nil {
+		allowed = []string{p.opts.registry.Addr()}
+	}
 	cache, err := librarycache.New(librarycache.Config{
-		StoreDir:      p.store,
-		GCGracePeriod: p.opts.grace,
-		TagTTL:        p.opts.tagTTL,
-		Logger:        p.Log,
-		Registerer:    prometheus.NewRegistry(),
+		AllowedRepositories: allowed,
+		InsecureRegistries:  allowed,
+		StoreDir:            p.store,
+		GCGracePeriod:       p.opts.grace,
+		TagTTL:              p.opts.tagTTL,
+		Logger:              p.Log,
+		Registerer:          prometheus.NewRegistry(),
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("library cache: %w", err)
