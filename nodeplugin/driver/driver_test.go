@@ -497,7 +497,7 @@ func TestPublishLibraryErrors(t *testing.T) {
 		contains string
 	}{
 		{name: "download in progress", err: fmt.Errorf("pulling: %w", ErrDownloadInProgress), code: codes.Unavailable, contains: "still downloading"},
-		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be reached"},
+		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be pulled now"},
 		{name: "not found", err: fmt.Errorf("manifest unknown: %w", ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
 		{name: "rejected", err: fmt.Errorf("setuid file: %w", ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
 		{name: "not allowed", err: fmt.Errorf("%w: not in the allowed repositories; add it with --allowed-repository", ErrImageNotAllowed), code: codes.PermissionDenied, contains: "--allowed-repository"},

@@ -167,7 +167,7 @@ func (d *Driver) libraryError(ctx context.Context, image string, err error) erro
 	case errors.Is(err, ErrDownloadInProgress):
 		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node; kubelet retries the mount: %v", image, err)
 	case errors.Is(err, ErrRegistryUnavailable):
-		return status.Errorf(codes.Unavailable, "library image %s is not cached on this node and its registry cannot be reached: %v", image, err)
+		return status.Errorf(codes.Unavailable, "library image %s is not available on this node and cannot be pulled now: %v", image, err)
 	case errors.Is(err, ErrImageNotFound):
 		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry; check the repository and tag or digest: %v", image, err)
 	case errors.Is(err, ErrImageRejected):

@@ -75,13 +75,16 @@ func startPlugin(t testing.TB, opts options) *plugin {
 // openCache opens and starts the library cache over the plugin's store, as main.go does
 // before it creates the driver; the plugin closes it when it stops (releasing its lock).
 func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
-	var allowed []string
+	allowed, insecure := p.opts.trust.AllowedRepositories, p.opts.trust.InsecureRegistries
 	if p.opts.registry != nil {
-		allowed = []string{p.opts.registry.Addr()}
+		allowed = append([]string{p.opts.registry.Addr()}, allowed...)
+		insecure = append([]string{p.opts.registry.Addr()}, insecure...)
 	}
 	cache, err := librarycache.New(librarycache.Config{
 		AllowedRepositories: allowed,
-		InsecureRegistries:  allowed,
+		InsecureRegistries:  insecure,
+		PullSecretDir:       p.opts.trust.PullSecretDir,
+		PullSecretScopes:    p.opts.trust.PullSecretScopes,
 		StoreDir:            p.store,
 		GCGracePeriod:       p.opts.grace,
 		TagTTL:              p.opts.tagTTL,
