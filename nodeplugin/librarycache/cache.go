@@ -356,7 +356,8 @@ func cleanPlacement(source, target string) (string, string, error) {
 // download. Whether rq may have it is image's business (identity.go).
 func (c *Cache) fetch(ctx context.Context, ref libref.Ref, rq *requester) (e *entry, hit bool, err error) {
 	if ref.Pinned() {
-		// A digest names content: once cached, the registry is never asked again.
+		// A digest names content: once cached, the registry is never asked again (unless the
+		// reference names a repository the image was not obtained through: identity.go).
 		if e := c.acquireDigest(ref.Digest); e != nil {
 			return e, true, nil
 		}
