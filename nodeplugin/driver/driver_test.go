@@ -42,7 +42,7 @@ type fakeStore struct {
 	calls int
 }
 
-func (s *fakeStore) Layer(ctx context.Context, lib volumeattrs.Library) (Layer, error) {
+func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (Layer, error) {
 	s.mu.Lock()
 	s.calls++
 	s.mu.Unlock()
@@ -501,11 +501,12 @@ func TestPublishLibraryErrors(t *testing.T) {
 		contains string
 	}{
 		{name: "download in progress", err: fmt.Errorf("pulling: %w", ErrDownloadInProgress), code: codes.Unavailable, contains: "still downloading"},
-		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be reached"},
+		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be pulled now"},
 		{name: "not found", err: fmt.Errorf("manifest unknown: %w", ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
 		{name: "rejected", err: fmt.Errorf("setuid file: %w", ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
 		{name: "download slots busy", err: fmt.Errorf("all 3 download slots are busy: %w", ErrDownloadSlotsBusy), code: codes.Unavailable, contains: "waits for a download slot"},
 		{name: "cache full", err: fmt.Errorf("over the disk budget: %w", ErrCacheFull), code: codes.ResourceExhausted, contains: "cannot be stored on this node"},
+		{name: "not allowed", err: fmt.Errorf("%w: not in the allowed repositories; add it with --allowed-repository", ErrImageNotAllowed), code: codes.PermissionDenied, contains: "--allowed-repository"},
 		{name: "budget exceeded", err: context.DeadlineExceeded, code: codes.Unavailable, contains: "publish budget"},
 		{name: "other", err: errors.New("disk full"), code: codes.Internal, contains: "disk full"},
 	}

@@ -11,11 +11,14 @@ import (
 // can serve as overlayfs lower dirs. It is implemented by nodeplugin/librarycache; the driver
 // only composes what it returns into mounts, so its logic is testable with a fake store.
 type LibraryStore interface {
-	// Layer returns an immutable directory whose content is lib.Source of lib.Image placed at
-	// lib.Target (the directory itself is the root of the volume view). It downloads the image
-	// if needed. If ctx expires before a download finishes, the download goes on in the
-	// background and Layer returns an error wrapping ErrDownloadInProgress.
-	Layer(ctx context.Context, lib volumeattrs.Library) (Layer, error)
+	// LayerFor returns an immutable directory whose content is lib.Source of lib.Image placed
+	// at lib.Target (the directory itself is the root of the volume view). It downloads the
+	// image if needed. If ctx expires before a download finishes, the download goes on in the
+	// background and LayerFor returns an error wrapping ErrDownloadInProgress. namespace is the
+	// requesting pod's namespace as kubelet reports it (csi.storage.k8s.io/pod.namespace):
+	// only registry credentials granted to it are used, and only cached images it could
+	// have pulled are served to it.
+	LayerFor(ctx context.Context, namespace string, lib volumeattrs.Library) (Layer, error)
 
 	// GeneratedFiles returns an immutable directory holding exactly the given files
 	// (relative path -> content), created once per distinct content. Used for the
@@ -51,4 +54,7 @@ var (
 	// ErrCacheFull: the library cache is over its disk budget and cannot take a new
 	// library. Mapped to codes.ResourceExhausted (non-final: kubelet retries).
 	ErrCacheFull = errors.New("library cache full")
+	// ErrImageNotAllowed: the image's repository is not in the node's allowed repositories.
+	// Mapped to codes.PermissionDenied.
+	ErrImageNotAllowed = errors.New("image repository not allowed")
 )

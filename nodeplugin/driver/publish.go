@@ -93,7 +93,7 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 		return err
 	}
 
-	layers, err := d.resolveLayers(ctx, r.spec)
+	layers, err := d.resolveLayers(ctx, r.spec, r.attrs[attrPodNamespace])
 	if err != nil {
 		return err
 	}
@@ -133,7 +133,7 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 }
 
 // resolveLayers asks the library store for every layer, top first, within the publish budget.
-func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec) ([]state.Layer, error) {
+func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec, namespace string) ([]state.Layer, error) {
 	var layers []state.Layer
 	if spec.Preload != "" {
 		dir, err := d.cfg.Libraries.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: spec.Preload + "\n"})
@@ -145,7 +145,7 @@ func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec) ([]s
 	budget, cancel := context.WithTimeout(ctx, d.cfg.PublishDownloadBudget)
 	defer cancel()
 	for _, lib := range spec.Libraries {
-		l, err := d.cfg.Libraries.Layer(budget, lib)
+		l, err := d.cfg.Libraries.LayerFor(budget, namespace, lib)
 		if err != nil {
 			return nil, d.libraryError(ctx, lib.Image, err)
 		}
@@ -164,7 +164,7 @@ func (d *Driver) libraryError(ctx context.Context, image string, err error) erro
 	case errors.Is(err, ErrDownloadInProgress):
 		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node; kubelet retries the mount: %v", image, err)
 	case errors.Is(err, ErrRegistryUnavailable):
-		return status.Errorf(codes.Unavailable, "library image %s is not cached on this node and its registry cannot be reached: %v", image, err)
+		return status.Errorf(codes.Unavailable, "library image %s is not available on this node and cannot be pulled now: %v", image, err)
 	case errors.Is(err, ErrDownloadSlotsBusy):
 		return status.Errorf(codes.Unavailable, "library image %s waits for a download slot on this node; kubelet retries the mount: %v", image, err)
 	case errors.Is(err, ErrCacheFull):
@@ -173,6 +173,8 @@ func (d *Driver) libraryError(ctx context.Context, image string, err error) erro
 		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry; check the repository and tag or digest: %v", image, err)
 	case errors.Is(err, ErrImageRejected):
 		return status.Errorf(codes.FailedPrecondition, "library image %s cannot be served: %v", image, err)
+	case errors.Is(err, ErrImageNotAllowed):
+		return status.Errorf(codes.PermissionDenied, "library image %s is not served by this node: %v", image, err)
 	case ctx.Err() != nil:
 		return status.FromContextError(ctx.Err()).Err()
 	case errors.Is(err, context.DeadlineExceeded):

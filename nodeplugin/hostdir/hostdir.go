@@ -15,6 +15,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -160,6 +161,10 @@ type Config struct {
 	// DatadogSockets maps a Datadog socket volume type (APMSocket, DSDSocket,
 	// APMSocketDirectory, DSDSocketDirectory) to the name of a hostdir entry.
 	DatadogSockets map[string]string `json:"datadogSockets,omitempty"`
+	// AllowedRepositories and PullSecretScopes extend the library cache's
+	// --allowed-repository and --pull-secret-scope flags.
+	AllowedRepositories []string                `json:"allowedRepositories,omitempty"`
+	PullSecretScopes    []repoallow.SecretScope `json:"pullSecretScopes,omitempty"`
 }
 
 // ParseConfig decodes a config file strictly: an unknown field is an error, not ignored.
@@ -176,6 +181,16 @@ func ParseConfig(data []byte) (Config, error) {
 	for typ, name := range c.DatadogSockets {
 		if err := validateSocketMapping(typ, name); err != nil {
 			return Config{}, fmt.Errorf("config: %w", err)
+		}
+	}
+	for _, r := range c.AllowedRepositories {
+		if _, err := repoallow.Normalize(r); err != nil {
+			return Config{}, fmt.Errorf("config: allowedRepositories: %w", err)
+		}
+	}
+	for i := range c.PullSecretScopes {
+		if err := c.PullSecretScopes[i].Normalize(); err != nil {
+			return Config{}, fmt.Errorf("config: pullSecretScopes: %w", err)
 		}
 	}
 	return c, nil

@@ -25,7 +25,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"golang.org/x/sync/singleflight"
@@ -34,6 +33,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -61,11 +61,14 @@ type Cache struct {
 	lockFile  *os.File
 	token     string
 	metrics   *metrics
-	keychain  authn.Keychain
 	transport http.RoundTripper
 	platform  v1.Platform
 	refs      *refStore
 	insecure  map[string]bool
+	// allowed is the repository allowlist (allow.go); ids the grants of cached images
+	// (identity.go).
+	allowed *repoallow.List
+	ids     *identities
 	// mountInfo is the mount table GC reads.
 	mountInfo string
 
@@ -156,16 +159,14 @@ func open(cfg Config, dir string, lock *os.File) (*Cache, error) {
 		}
 		cfg.Logger.Warn("library cache: ignoring remembered tags", "error", err)
 	}
-	keychain := cfg.Keychain
-	if keychain == nil {
-		keychain = authn.DefaultKeychain
-		if cfg.PullSecretDir != "" {
-			keychain = authn.NewMultiKeychain(&secretDirKeychain{dir: cfg.PullSecretDir, log: cfg.Logger}, authn.DefaultKeychain)
-		}
-	}
 	insecure := map[string]bool{}
 	for _, r := range cfg.InsecureRegistries {
 		insecure[r] = true
+	}
+	allowed, err := cfg.allowList()
+	if err != nil {
+		root.Close()
+		return nil, fmt.Errorf("library cache: %w", err)
 	}
 	bg, stop := context.WithCancel(context.Background())
 	c := &Cache{
@@ -176,11 +177,11 @@ func open(cfg Config, dir string, lock *os.File) (*Cache, error) {
 		lockFile:      lock,
 		token:         fmt.Sprintf("p%d.%d", os.Getpid(), time.Now().UnixNano()),
 		metrics:       m,
-		keychain:      keychain,
-		transport:     &limitsTransport{base: remote.DefaultTransport.(*http.Transport).Clone()},
+		transport:     &limitsTransport{base: &plainHTTPGuard{base: remote.DefaultTransport.(*http.Transport).Clone(), insecure: insecure}},
 		platform:      platform,
 		refs:          refs,
 		insecure:      insecure,
+		allowed:       allowed,
 		mountInfo:     "/proc/self/mountinfo",
 		bg:            bg,
 		stop:          stop,
@@ -208,6 +209,14 @@ func open(cfg Config, dir string, lock *os.File) (*Cache, error) {
 		return nil, fmt.Errorf("library cache: reading the store: %w", err)
 	}
 	c.orphans = orphans
+	if c.ids, err = loadIdentities(root, c.images); err != nil {
+		c.log.Warn("library cache: ignoring recorded image origins", "error", err)
+	}
+	c.ids.live = func(key string) bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.images[key] != nil
+	}
 	c.mu.Lock()
 	c.updateGaugesLocked()
 	if len(c.pendingDurable) > 0 {
@@ -257,7 +266,7 @@ func (c *Cache) prefetch(ctx context.Context, image string) {
 		return
 	}
 	start := time.Now()
-	e, _, err := c.image(ctx, ref)
+	e, _, err := c.image(ctx, ref, "")
 	if err != nil {
 		if ctx.Err() != nil {
 			c.log.Info("prefetch stopped", "image", image)
@@ -302,8 +311,14 @@ func (c *Cache) goBackground(fn func()) bool {
 	return true
 }
 
-// Layer implements driver.LibraryStore.
+// Layer is LayerFor a caller without a namespace: only credentials that serve every
+// namespace are used.
 func (c *Cache) Layer(ctx context.Context, lib volumeattrs.Library) (driver.Layer, error) {
+	return c.LayerFor(ctx, "", lib)
+}
+
+// LayerFor implements driver.LibraryStore.
+func (c *Cache) LayerFor(ctx context.Context, namespace string, lib volumeattrs.Library) (driver.Layer, error) {
 	ref, err := libref.Parse(lib.Image)
 	if err != nil {
 		return driver.Layer{}, fmt.Errorf("%w: %v", driver.ErrImageRejected, err)
@@ -312,7 +327,10 @@ func (c *Cache) Layer(ctx context.Context, lib volumeattrs.Library) (driver.Laye
 	if err != nil {
 		return driver.Layer{}, fmt.Errorf("%w: library %s: %v", driver.ErrImageRejected, lib.Image, err)
 	}
-	img, hit, err := c.image(ctx, ref)
+	if err := c.checkAllowed(lib.Image); err != nil {
+		return driver.Layer{}, err
+	}
+	img, hit, err := c.image(ctx, ref, namespace)
 	if hit {
 		c.metrics.hits.Inc()
 	} else {
@@ -345,17 +363,23 @@ func cleanPlacement(source, target string) (string, string, error) {
 	return source, t, nil
 }
 
-// image returns the cached image for ref, acquired (the caller releases it), downloading it
-// if needed. hit reports whether it was served without waiting for a download.
-func (c *Cache) image(ctx context.Context, ref libref.Ref) (e *entry, hit bool, err error) {
+// fetch returns the cached image for ref, acquired (the caller releases it), downloading it
+// with rq's credentials if needed. hit reports whether it was served without waiting for a
+// download. Whether rq may have it is image's business (identity.go).
+func (c *Cache) fetch(ctx context.Context, ref libref.Ref, rq *requester) (e *entry, hit bool, err error) {
 	if ref.Pinned() {
-		// A digest names content: once cached, the registry is never asked again.
+		// A digest names content: once cached, the registry is never asked again (unless the
+		// reference names a repository the image was not obtained through: identity.go).
 		if e := c.acquireDigest(ref.Digest); e != nil {
 			return e, true, nil
 		}
-		key := "ref:" + ref.String()
+		key := "ref:" + ref.String() + "|" + rq.scopeKey
 		ch := c.flights.DoChan(key, c.flight(key, func(bg context.Context) (*entry, error) {
-			return c.pull(bg, ref, ref.Digest)
+			e, err := c.pull(withRequester(bg, rq), ref, ref.Digest)
+			if err == nil {
+				c.recordGrant(e, ref.Repository, rq)
+			}
+			return e, err
 		}))
 		return c.wait(ctx, ch, ref, key)
 	}
@@ -369,9 +393,13 @@ func (c *Cache) image(ctx context.Context, ref libref.Ref) (e *entry, hit bool, 
 	if cached != nil && time.Since(rec.Resolved) < c.cfg.TagTTL {
 		return cached, true, nil
 	}
-	key := "tag:" + tag
+	key := "tag:" + tag + "|" + rq.scopeKey
 	ch := c.flights.DoChan(key, c.flight(key, func(bg context.Context) (*entry, error) {
-		return c.resolveAndPull(bg, ref)
+		e, err := c.resolveAndPull(withRequester(bg, rq), ref)
+		if err == nil {
+			c.recordGrant(e, ref.Repository, rq)
+		}
+		return e, err
 	}))
 	if cached == nil {
 		return c.wait(ctx, ch, ref, key)

@@ -25,7 +25,7 @@ import (
 func TestLayerServesLibraryAtRoot(t *testing.T) {
 	reg := libimages.Start(t)
 	image, img := pushLibrary(t, reg, "python", "v2.1.0")
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 
 	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: libref.LibrarySource})
 	if err != nil {
@@ -68,7 +68,7 @@ func TestLayerServesLibraryAtRoot(t *testing.T) {
 
 func TestLayerPlacesLibraryAtTarget(t *testing.T) {
 	reg := libimages.Start(t)
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	injector := must[v1.Image](t)(libimages.Injector("0.30.1"))
 	injRef := must[string](t)(reg.Push("datadog/apm-inject", "0.30.1", injector))
 	javaRef, _ := pushLibrary(t, reg, "java", "v1.40.0")
@@ -130,7 +130,7 @@ func TestLayerPlacesLibraryAtTarget(t *testing.T) {
 func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 	reg := libimages.Start(t)
 	image, img := pushLibrary(t, reg, "js", "v5.0.0")
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 
 	const n = 25
 	var wg sync.WaitGroup
@@ -174,7 +174,7 @@ func TestDownloadsInParallelBounded(t *testing.T) {
 			reg, reg2 := libimages.Start(t), libimages.Start(t)
 			javaRef, javaImg := pushLibrary(t, reg, "java", "v1")
 			rubyRef, rubyImg := pushLibrary(t, reg2, "ruby", "v1")
-			c := newCache(t, Config{MaxParallelDownloads: parallel, DownloadSlotWait: time.Minute})
+			c := newCache(t, Config{MaxParallelDownloads: parallel, DownloadSlotWait: time.Minute}, reg, reg2)
 			release, release2 := reg.HoldBlobs(0), reg2.HoldBlobs(0)
 			defer release()
 			defer release2()
@@ -220,7 +220,7 @@ func TestDownloadsInParallelBounded(t *testing.T) {
 func TestSlowFirstDownloadReturnsInProgress(t *testing.T) {
 	reg := libimages.Start(t)
 	image, img := pushLibrary(t, reg, "dotnet", "v3.0.0")
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	release := reg.HoldBlobs(100)
 	defer release()
 
@@ -251,7 +251,7 @@ func TestRegistryOutage(t *testing.T) {
 	store := filepath.Join(t.TempDir(), "store")
 	// A tiny TTL: every publish of a tag asks the registry.
 	cfg := Config{StoreDir: store, TagTTL: time.Nanosecond}
-	c := newCache(t, cfg)
+	c := newCache(t, cfg, reg)
 	first, err := c.Layer(t.Context(), volumeattrs.Library{Image: cached})
 	if err != nil {
 		t.Fatal(err)
@@ -285,7 +285,7 @@ func TestRegistryOutage(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	c2 := newCache(t, cfg)
+	c2 := newCache(t, cfg, reg)
 	got, err = c2.Layer(t.Context(), volumeattrs.Library{Image: cached})
 	if err != nil || got != first {
 		t.Errorf("cached tag after a restart during an outage = %v, %v; want %v", got, err, first)
@@ -296,7 +296,7 @@ func TestDigestReferenceNeverAsksTheRegistry(t *testing.T) {
 	reg := libimages.Start(t)
 	img := must[v1.Image](t)(libimages.Library("php", "v1"))
 	pinned := must[string](t)(reg.Push("datadog/dd-lib-php-init", "v1", img))
-	c := newCache(t, Config{TagTTL: time.Nanosecond})
+	c := newCache(t, Config{TagTTL: time.Nanosecond}, reg)
 	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: pinned}); err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +319,7 @@ func TestTagTTL(t *testing.T) {
 	must[string](t)(reg.Push(repo, "latest-1", v1img))
 	image := reg.Repo(repo) + ":latest-1"
 	const ttl = time.Second
-	c := newCache(t, Config{TagTTL: ttl})
+	c := newCache(t, Config{TagTTL: ttl}, reg)
 	resolved := time.Now()
 	first, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
@@ -348,7 +348,7 @@ func TestTagTTL(t *testing.T) {
 func TestNotFound(t *testing.T) {
 	reg := libimages.Start(t)
 	image, _ := pushLibrary(t, reg, "java", "v1")
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	for _, ref := range []string{
 		strings.Replace(image, ":v1", ":v404", 1),
 		reg.Repo("datadog/no-such-image") + ":v1",
@@ -368,7 +368,7 @@ func TestNotFound(t *testing.T) {
 func TestSourceMissing(t *testing.T) {
 	reg := libimages.Start(t)
 	image, _ := pushLibrary(t, reg, "java", "v1")
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/no/such/dir"})
 	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "/no/such/dir") {
 		t.Fatalf("Layer = %v, want ErrImageRejected naming /no/such/dir", err)
@@ -396,7 +396,7 @@ func TestMultiPlatformIndex(t *testing.T) {
 	onlyOther := must[v1.ImageIndex](t)(libimages.Index(map[string]v1.Image{"linux/" + other: theirs}))
 	must[string](t)(reg.PushIndex("datadog/dd-lib-java-init", "foreign", onlyOther))
 
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: reg.Repo("datadog/dd-lib-java-init") + ":multi"})
 	if err != nil {
 		t.Fatal(err)
@@ -430,7 +430,7 @@ func TestMirrors(t *testing.T) {
 	mirrors := []Mirror{{Source: source.Addr() + "/datadog", Mirror: mirror.Addr() + "/dd"}}
 
 	t.Run("mirror first", func(t *testing.T) {
-		c := newCache(t, Config{Mirrors: mirrors})
+		c := newCache(t, Config{Mirrors: mirrors}, source, mirror)
 		if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: source.Repo("datadog/dd-lib-python-init") + ":v1"}); err != nil {
 			t.Fatal(err)
 		}
@@ -442,7 +442,7 @@ func TestMirrors(t *testing.T) {
 		}
 	})
 	t.Run("falls back when the mirror lacks the image", func(t *testing.T) {
-		c := newCache(t, Config{Mirrors: mirrors})
+		c := newCache(t, Config{Mirrors: mirrors}, source, mirror)
 		layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: source.Repo("datadog/dd-lib-python-init") + ":v2"})
 		if err != nil {
 			t.Fatal(err)
@@ -456,7 +456,7 @@ func TestMirrors(t *testing.T) {
 		}
 		addr := down.Addr()
 		_ = down.Stop()
-		c := newCache(t, Config{Mirrors: []Mirror{{Source: source.Addr(), Mirror: addr}}})
+		c := newCache(t, Config{Mirrors: []Mirror{{Source: source.Addr(), Mirror: addr}}, InsecureRegistries: []string{addr}}, source)
 		if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: source.Repo("datadog/dd-lib-python-init") + ":v1"}); err != nil {
 			t.Fatal(err)
 		}
@@ -469,7 +469,7 @@ func TestPullSecretDir(t *testing.T) {
 	reg.RequireBasicAuth("puller", "s3cret")
 
 	secrets := t.TempDir()
-	c := newCache(t, Config{PullSecretDir: secrets})
+	c := newCache(t, Config{PullSecretDir: secrets}, reg)
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if !errors.Is(err, driver.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--pull-secret-dir") {
 		t.Fatalf("without credentials = %v, want ErrRegistryUnavailable pointing at --pull-secret-dir", err)
@@ -578,7 +578,7 @@ func TestPrefetch(t *testing.T) {
 	reg := libimages.Start(t)
 	image, _ := pushLibrary(t, reg, "python", "v4")
 	pinned := must[string](t)(reg.Push("datadog/dd-lib-java-init", "v4", must[v1.Image](t)(libimages.Library("java", "v4"))))
-	c := newCache(t, Config{Prefetch: []string{image, pinned}})
+	c := newCache(t, Config{Prefetch: []string{image, pinned}}, reg)
 	deadline := time.Now().Add(10 * time.Second)
 	for metricValue(t, c.metrics.libraries) < 2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)

@@ -18,6 +18,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
 // Defaults applied by AddFlags, and by New to zero fields.
@@ -100,6 +101,12 @@ type Config struct {
 	Keychain authn.Keychain
 	// Platform replaces the node's platform (linux/GOARCH).
 	Platform *v1.Platform
+	// AllowedRepositories are the registries and repository prefixes library images may come
+	// from (allow.go). Empty: libref.DefaultRegistry. Every mirror's source is always added.
+	AllowedRepositories []string
+	// PullSecretScopes restrict pull secrets (by the name of their directory in
+	// PullSecretDir) to repository prefixes and namespaces (credentials.go).
+	PullSecretScopes []repoallow.SecretScope
 }
 
 // Mirror redirects pulls of a registry or repository prefix to another location.
@@ -212,6 +219,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 		c.Prefetch = append(c.Prefetch, s)
 		return nil
 	})
+	c.addTrustFlags(fs)
 	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
 	fs.DurationVar(&c.DownloadTimeout, "download-timeout", c.DownloadTimeout, "longest time one library download may take in the background")
 }
@@ -343,5 +351,6 @@ func (c Config) withDefaults() (Config, error) {
 			errs = append(errs, fmt.Errorf("prefetch: %w", err))
 		}
 	}
+	errs = append(errs, c.validateTrust())
 	return c, errors.Join(errs...)
 }

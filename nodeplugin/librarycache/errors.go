@@ -32,7 +32,14 @@ const (
 	failNotFound
 	// failRejected: the content is unusable whatever registry serves it.
 	failRejected
+	// failCorrupt: the bytes received do not match the digest asked for (or ended early):
+	// the transfer or that location is at fault, another location may serve the image.
+	failCorrupt
 )
+
+// errCorrupt marks an image refused because every location served corrupted bytes; the
+// refusal is remembered only briefly (transportRejectionTTL).
+var errCorrupt = errors.New("content corrupted in transit")
 
 // classify decides what err from go-containerregistry or the extractor means.
 func classify(err error) failure {
@@ -60,6 +67,9 @@ func classify(err error) failure {
 	var perr *pathError
 	if errors.As(err, &perr) {
 		return failLocal
+	}
+	if isIntegrityError(err) {
+		return failCorrupt
 	}
 	// Checked after local errors: a syscall.Errno also satisfies net.Error.
 	var nerr net.Error
@@ -98,23 +108,47 @@ type attempt struct {
 }
 
 // registryError turns the failures of every location tried into one error wrapping the
-// sentinel the driver maps to a gRPC code, with a message that says what to do.
+// sentinel the driver maps to a gRPC code, with a message that says what to do. Each
+// location's failure is described in fixed words (describe), never with what the server
+// sent: callers log the full errors.
+//
+// "Not found" is only believed when every location says so; content is refused only when
+// every location that served it served unusable content; corrupted transfers everywhere are
+// errCorrupt (remembered briefly); otherwise the registry is unavailable (or refused access).
 func registryError(image string, attempts []attempt) error {
-	worst := failNotFound
 	var parts []string
+	var served, rejected, corrupt []attempt
+	worst := failNotFound
 	for _, a := range attempts {
 		f := classify(a.err)
-		switch {
-		case f == failRejected || f == failLocal:
-			// Content and local failures do not depend on where the image came from.
+		switch f {
+		case failLocal:
+			// The node's own failure does not depend on where the image came from.
 			return wrapFailure(f, image, a.err)
-		case f != failNotFound:
-			// "Not found" is only believed when every location says so.
-			worst = min(worst, f)
+		case failRejected:
+			rejected = append(rejected, a)
+		case failCorrupt:
+			corrupt = append(corrupt, a)
 		}
-		parts = append(parts, fmt.Sprintf("%s: %v", a.where, a.err))
+		if f != failNotFound {
+			served = append(served, a)
+			if f == failUnavailable || f == failDenied {
+				worst = min(worst, f)
+			}
+		}
+		parts = append(parts, fmt.Sprintf("%s: %s", a.where, describe(a.err)))
 	}
-	return wrapFailure(worst, image, errors.New(strings.Join(parts, "; ")))
+	cause := errors.New(strings.Join(parts, "; "))
+	switch {
+	case len(served) > 0 && len(rejected) == len(served):
+		// The last location is the most authoritative (the source comes after mirrors).
+		return wrapFailure(failRejected, image, rejected[len(rejected)-1].err)
+	case len(served) > 0 && len(rejected)+len(corrupt) == len(served):
+		return wrapFailure(failCorrupt, image, cause)
+	case len(served) > 0 && worst == failNotFound:
+		worst = failUnavailable
+	}
+	return wrapFailure(worst, image, cause)
 }
 
 // wrapFailure wraps both the sentinel and the cause, so errors.Is sees either.
@@ -123,7 +157,9 @@ func wrapFailure(f failure, image string, cause error) error {
 	case failNotFound:
 		return fmt.Errorf("%w: %s does not exist in the registry (%w); check the library image and version in the pod's annotations or volume attributes", driver.ErrImageNotFound, image, cause)
 	case failDenied:
-		return fmt.Errorf("%w: the registry refused access to %s (%w); give the node plugin a pull secret (--pull-secret-dir) or node docker credentials for it, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+		return fmt.Errorf("%w: the registry refused access to %s (%w); the node plugin needs a pull secret for it that is granted to this pod's namespace (--pull-secret-dir, --pull-secret-scope; Helm: libraries.pullSecrets) or node docker credentials, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+	case failCorrupt:
+		return fmt.Errorf("%w: %w: every location of %s served bytes that do not match the image's digest (%w); check the --registry-mirror and any proxy between the node and the registry, kubelet retries the mount", driver.ErrRegistryUnavailable, errCorrupt, image, cause)
 	case failUnavailable:
 		return fmt.Errorf("%w: cannot pull %s and it is not cached on this node (%w); pods that use it wait until the registry or a --registry-mirror is reachable, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
 	case failRejected:

@@ -32,7 +32,9 @@ func TestClassify(t *testing.T) {
 		{"rate limited", &transport.Error{StatusCode: 429, Errors: []transport.Diagnostic{{Code: transport.TooManyRequestsErrorCode}}}, failUnavailable},
 		{"connection refused", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}, failUnavailable},
 		{"dns", &net.DNSError{Err: "no such host", Name: "gcr.io"}, failUnavailable},
-		{"cut mid-layer", &extract.ReadError{Err: io.ErrUnexpectedEOF}, failUnavailable},
+		// A blob that ends early is a transfer failure: the next location is tried.
+		{"cut mid-layer", &extract.ReadError{Err: io.ErrUnexpectedEOF}, failCorrupt},
+		{"digest mismatch", &extract.ReadError{Err: errors.New("error verifying sha256 checksum after reading 100 bytes; got \"sha256:aa\", want \"sha256:bb\"")}, failCorrupt},
 		{"reset mid-layer", &extract.ReadError{Err: fmt.Errorf("read: %w", syscall.ECONNRESET)}, failUnavailable},
 		{"timeout", fmt.Errorf("pull: %w", context.DeadlineExceeded), failUnavailable},
 		{"hostile entry", &extract.RejectedError{Entry: "dev/mem", Reason: "is a device node"}, failRejected},
@@ -62,13 +64,19 @@ func TestRegistryError(t *testing.T) {
 		// A mirror without the image and an unreachable source: the image may exist.
 		{"not found on the mirror, source down", []attempt{{"mirror/x", notFound}, {"gcr.io/x", refused}}, driver.ErrRegistryUnavailable, []string{"not cached on this node", "connection refused"}},
 		{"denied", []attempt{{"gcr.io/x", &transport.Error{StatusCode: 401}}}, driver.ErrRegistryUnavailable, []string{"refused access", "--pull-secret-dir"}},
-		{"rejected stops the search", []attempt{{"gcr.io/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}}, driver.ErrImageRejected, []string{"img:v1", "is a FIFO"}},
+		{"content refused only when every location serves it so", []attempt{{"mirror/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}, {"gcr.io/x", refused}}, driver.ErrRegistryUnavailable, []string{"not cached on this node", "connection refused"}},
+		{"corrupt everywhere", []attempt{{"mirror/x", &extract.ReadError{Err: io.ErrUnexpectedEOF}}, {"gcr.io/x", &extract.ReadError{Err: errors.New("error verifying sha256 checksum")}}}, errCorrupt, []string{"do not match the image's digest", "mirror/x", "gcr.io/x"}},
+		{"server text stays out", []attempt{{"gcr.io/x", &transport.Error{StatusCode: 502, Errors: []transport.Diagnostic{{Code: "PWNED", Message: "token=abc"}}}}}, driver.ErrRegistryUnavailable, []string{"HTTP 502 (server error)"}},
+		{"rejected everywhere", []attempt{{"gcr.io/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}}, driver.ErrImageRejected, []string{"img:v1", "is a FIFO"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := registryError("img:v1", tt.attempts)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("registryError = %v, want %v", err, tt.want)
+			}
+			if strings.Contains(err.Error(), "PWNED") || strings.Contains(err.Error(), "token=abc") {
+				t.Errorf("message %q repeats what the server said", err)
 			}
 			for _, w := range tt.wantText {
 				if !strings.Contains(err.Error(), w) {

@@ -48,7 +48,7 @@ func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 	f := &gcFixture{reg: libimages.Start(t)}
 	f.java, _ = pushLibrary(t, f.reg, "java", "v1")
 	f.ruby, _ = pushLibrary(t, f.reg, "ruby", "v1")
-	f.c = newCache(t, cfg)
+	f.c = newCache(t, cfg, f.reg)
 	f.mountInfo = filepath.Join(t.TempDir(), "mountinfo")
 	f.writeMounts(t)
 	f.c.mountInfo = f.mountInfo
@@ -210,7 +210,7 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	reg := libimages.Start(t)
 	pre, _ := pushLibrary(t, reg, "js", "v1")
 	other, _ := pushLibrary(t, reg, "php", "v1")
-	c := newCache(t, Config{GCGracePeriod: time.Nanosecond, Prefetch: []string{pre}})
+	c := newCache(t, Config{GCGracePeriod: time.Nanosecond, Prefetch: []string{pre}}, reg)
 	c.mountInfo = "/proc/self/mountinfo"
 	preLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: pre})
 	if err != nil {
@@ -247,7 +247,7 @@ func TestGCDiskBudget(t *testing.T) {
 		r, _ := pushLibrary(t, reg, lang, "v1")
 		refs = append(refs, r)
 	}
-	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour})
+	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour}, reg)
 	c.mountInfo = "/proc/self/mountinfo"
 	var layers []driver.Layer
 	for _, r := range refs {
@@ -293,7 +293,7 @@ func TestStartRemovesLeftovers(t *testing.T) {
 	reg := libimages.Start(t)
 	image, _ := pushLibrary(t, reg, "java", "v1")
 	store := filepath.Join(t.TempDir(), "store")
-	c := newCache(t, Config{StoreDir: store})
+	c := newCache(t, Config{StoreDir: store}, reg)
 	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
 		t.Fatal(err)
@@ -314,7 +314,7 @@ func TestStartRemovesLeftovers(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	c2 := newCache(t, Config{StoreDir: store})
+	c2 := newCache(t, Config{StoreDir: store}, reg)
 	for _, d := range leftovers {
 		if exists(d) {
 			t.Errorf("leftover %s survived Start", d)
@@ -344,7 +344,7 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 	}
 	image := reg.Repo("datadog/dd-lib-java-init") + ":large"
 	store := filepath.Join(t.TempDir(), "store")
-	c := newCache(t, Config{StoreDir: store})
+	c := newCache(t, Config{StoreDir: store}, reg)
 	release := reg.HoldBlobs(3 << 20)
 	defer release()
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
@@ -370,7 +370,7 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 		t.Errorf("an interrupted download left %d work dirs", n)
 	}
 	release()
-	c2 := newCache(t, Config{StoreDir: store})
+	c2 := newCache(t, Config{StoreDir: store}, reg)
 	layer, err := c2.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
 		t.Fatalf("publish after the interruption: %v", err)
@@ -452,7 +452,7 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	javaRef, _ := pushLibrary(t, reg, "java", "v1")
 	jsRef, _ := pushLibrary(t, reg, "js", "v1")
 	store := filepath.Join(t.TempDir(), "store")
-	c := newCache(t, Config{StoreDir: store})
+	c := newCache(t, Config{StoreDir: store}, reg)
 	java, err := c.Layer(t.Context(), volumeattrs.Library{Image: javaRef})
 	if err != nil {
 		t.Fatal(err)
@@ -480,7 +480,7 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	unflush(java, readBootID())
 	unflush(js, "an-earlier-boot")
 
-	c2 := newCache(t, Config{StoreDir: store})
+	c2 := newCache(t, Config{StoreDir: store}, reg)
 	if exists(entryDir(js)) {
 		t.Errorf("an unflushed entry from an earlier boot survived the start")
 	}

@@ -15,8 +15,9 @@ import (
 
 // newCache opens a cache in a fresh directory with test defaults (fast, silent), started, and
 // closes it at cleanup.
-func newCache(t *testing.T, cfg Config) *Cache {
+func newCache(t *testing.T, cfg Config, regs ...*libimages.Registry) *Cache {
 	t.Helper()
+	cfg = trust(cfg, regs...)
 	if cfg.StoreDir == "" {
 		cfg.StoreDir = filepath.Join(t.TempDir(), "store")
 	}
@@ -90,4 +91,14 @@ func metricValue(t *testing.T, c prometheus.Collector) float64 {
 	}
 	t.Fatalf("not a counter or gauge: %v", &m)
 	return 0
+}
+
+// trust lets the cache pull from the test registries: their repositories are allowed and
+// they are reached over plain HTTP, as an administrator configures a registry without TLS.
+func trust(cfg Config, regs ...*libimages.Registry) Config {
+	for _, r := range regs {
+		cfg.AllowedRepositories = append(cfg.AllowedRepositories, r.Addr())
+		cfg.InsecureRegistries = append(cfg.InsecureRegistries, r.Addr())
+	}
+	return cfg
 }

@@ -92,7 +92,7 @@ func TestHostileImages(t *testing.T) {
 			if _, err := reg.Push(repo, "v1", img); err != nil {
 				t.Fatal(err)
 			}
-			c := newCache(t, Config{StoreDir: filepath.Join(base, "store"), MaxLibraryBytes: limit, MaxLibraryFiles: 1000})
+			c := newCache(t, Config{StoreDir: filepath.Join(base, "store"), MaxLibraryBytes: limit, MaxLibraryFiles: 1000}, reg)
 			image := reg.Repo(repo) + ":v1"
 			layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 			if tt.wantErr != "" {

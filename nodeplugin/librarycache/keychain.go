@@ -13,6 +13,8 @@ import (
 	"github.com/docker/cli/cli/config/configfile"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
+
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
 // secretDirKeychain resolves credentials from image pull secrets that the administrator
@@ -23,9 +25,15 @@ import (
 // registry host, optionally with a repository path prefix, and the longest matching key wins.
 // Credential helpers and credential stores named in a secret are ignored: a secret must never
 // make the plugin run a program.
+//
+// A secret with a scope (--pull-secret-scope) is only considered for the repositories and
+// namespaces its scope grants; the secret's name is its subdirectory's name.
 type secretDirKeychain struct {
 	dir string
 	log *slog.Logger
+	// scopes restrict secrets by name; namespace is the requesting pod's.
+	scopes    []repoallow.SecretScope
+	namespace string
 }
 
 // secretFilePatterns are where secrets show up below the directory: a projected or plain
@@ -41,11 +49,23 @@ func (k *secretDirKeychain) Resolve(res authn.Resource) (authn.Authenticator, er
 }
 
 func (k *secretDirKeychain) ResolveContext(_ context.Context, res authn.Resource) (authn.Authenticator, error) {
+	auth, _ := k.resolve(res)
+	return auth, nil
+}
+
+// resolve returns the credentials for res and the name of the secret they come from ("" for
+// a config placed directly in the directory).
+func (k *secretDirKeychain) resolve(res authn.Resource) (authn.Authenticator, string) {
 	var best *authn.AuthConfig
-	bestLen := -1
+	bestLen, bestSecret := -1, ""
+	target := res.String()
 	for _, pattern := range secretFilePatterns {
 		files, _ := filepath.Glob(filepath.Join(k.dir, pattern))
 		for _, f := range files {
+			secret := secretName(k.dir, f)
+			if !k.grants(secret, target) {
+				continue
+			}
 			// Kubernetes mounts keys as symlinks into ..data; "..data/x" and "x" are the
 			// same file, reading it twice is harmless.
 			cf, err := loadDockerConfig(f)
@@ -59,7 +79,7 @@ func (k *secretDirKeychain) ResolveContext(_ context.Context, res authn.Resource
 				if !ok || n <= bestLen {
 					continue
 				}
-				bestLen = n
+				bestLen, bestSecret = n, secret
 				best = &authn.AuthConfig{
 					Username: ac.Username, Password: ac.Password,
 					IdentityToken: ac.IdentityToken, RegistryToken: ac.RegistryToken,
@@ -68,9 +88,33 @@ func (k *secretDirKeychain) ResolveContext(_ context.Context, res authn.Resource
 		}
 	}
 	if best == nil {
-		return authn.Anonymous, nil
+		return authn.Anonymous, ""
 	}
-	return authn.FromConfig(*best), nil
+	return authn.FromConfig(*best), bestSecret
+}
+
+// secretName is the directory below dir that holds file ("" when directly in dir).
+func secretName(dir, file string) string {
+	rel, err := filepath.Rel(dir, file)
+	if err != nil {
+		return ""
+	}
+	name, _, nested := strings.Cut(rel, string(filepath.Separator))
+	if !nested {
+		return ""
+	}
+	return name
+}
+
+// grants reports whether the secret may be sent for target (registry/repository) on behalf
+// of k.namespace. Secrets without a scope serve every namespace.
+func (k *secretDirKeychain) grants(secret, target string) bool {
+	for _, sc := range k.scopes {
+		if sc.Secret == secret {
+			return sc.Grants(k.namespace, target)
+		}
+	}
+	return true
 }
 
 // loadDockerConfig reads a docker config with the loader go-containerregistry's default

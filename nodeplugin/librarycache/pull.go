@@ -87,6 +87,7 @@ func (c *Cache) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
 		}
 		return desc.Digest.String(), nil
 	}
+	c.logAttempts(ref.String(), attempts)
 	return "", registryError(ref.String(), attempts)
 }
 
@@ -94,7 +95,7 @@ func (c *Cache) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
 // per digest at a time, within the download slots (slots.go), the disk budget and the
 // minimum download rate (limits.go).
 func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
-	v, err, _ := c.flights.Do("pull:"+digest, func() (any, error) {
+	v, err, _ := c.flights.Do("pull:"+digest+"|"+requesterFrom(bg).scopeKey, func() (any, error) {
 		if e := c.peekDigest(digest); e != nil {
 			return e, nil
 		}
@@ -171,7 +172,9 @@ func (c *Cache) download(bg context.Context, ref libref.Ref, digest string) (*en
 			break
 		}
 		attempts = append(attempts, attempt{where: repo, err: err})
-		if f := classify(err); f == failRejected || f == failLocal || bg.Err() != nil {
+		// Rejected or corrupted content from a mirror may be the mirror's fault: the next
+		// location (finally the source) decides.
+		if classify(err) == failLocal || bg.Err() != nil {
 			break
 		}
 	}
@@ -190,10 +193,11 @@ func (c *Cache) download(bg context.Context, ref libref.Ref, digest string) (*en
 		f = failNotFound
 	}
 	c.metrics.downloads.WithLabelValues(downloadResult(f)).Inc()
+	c.logAttempts(display, attempts)
 	c.log.Warn("library download failed", "image", ref.String(), "digest", digest, "seconds", seconds, "error", err)
-	if errors.Is(err, driver.ErrImageRejected) {
+	if ttl := refusalTTL(err); ttl > 0 {
 		c.mu.Lock()
-		c.rejected[digest] = rejection{err: err, until: time.Now().Add(rejectionTTL)}
+		c.rejected[digest] = rejection{err: err, until: c.cfg.Clock.Now().Add(ttl)}
 		c.mu.Unlock()
 	}
 	return nil, err
@@ -237,7 +241,14 @@ func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, d
 	default:
 		return nil, fmt.Errorf("%w: %s is a %s, not a container image", driver.ErrImageRejected, ref, desc.MediaType)
 	}
-	return c.extractImage(ctx, img, ref)
+	e, err := c.extractImage(ctx, img, ref)
+	if err != nil && archiveReadFailed(err) {
+		// Broken content, or bytes that are not the digest's (mirrors.go)?
+		if verr := verifyBlobs(ctx, img); verr != nil && isIntegrityError(verr) {
+			return nil, verr
+		}
+	}
+	return e, err
 }
 
 // platformManifest picks this node's platform in an index.
@@ -361,7 +372,7 @@ func (c *Cache) nameOptions(repo string) []name.Option {
 func (c *Cache) remoteOptions(ctx context.Context, received *atomic.Int64) []remote.Option {
 	return []remote.Option{
 		remote.WithContext(ctx),
-		remote.WithAuthFromKeychain(c.keychain),
+		remote.WithAuthFromKeychain(c.keychainFor(ctx)),
 		remote.WithPlatform(c.platform),
 		remote.WithTransport(&countingTransport{base: c.transport, n: received}),
 		remote.WithUserAgent(names.NodeBinary + "/" + version.Version),

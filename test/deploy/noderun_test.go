@@ -46,6 +46,7 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 		}
 		healthPort, metricsPort := freePort(t), freePort(t)
 		var args []string
+		prefetch := false
 		for _, a := range Args(c) {
 			flagName, value, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")
 			switch flagName {
@@ -84,8 +85,13 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 					t.Fatalf("--prefetch=%s: %v", value, err)
 				}
 				a = "--prefetch=127.0.0.1:1/" + ref.Context().RepositoryStr() + strings.TrimPrefix(ref.String(), ref.Context().String())
+				prefetch = true
 			}
 			args = append(args, a)
+		}
+		if prefetch {
+			// The redirected prefetches must be allowed, as the rendered ones are.
+			args = append(args, "--allowed-repository=127.0.0.1:1")
 		}
 		cmd := exec.Command(bin, args...)
 		var logs bytes.Buffer

@@ -16,6 +16,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
 // Mode is how libraries reach a pod.
@@ -73,6 +74,11 @@ const DefaultSSINamespaceLabel = names.Prefix + "ssi"
 type Config struct {
 	// Registry holds the Datadog images (dd-lib-<lang>-init, apm-inject). Default gcr.io/datadoghq.
 	Registry string `json:"registry,omitempty"`
+	// AllowedRepositories are the registries and repository prefixes library images may come
+	// from, in addition to Registry: the node plugin's --allowed-repository list, so that a
+	// pod naming another image is refused at admission rather than left waiting for its
+	// volume. Matched on path components after name normalisation (shared/repoallow).
+	AllowedRepositories []string `json:"allowedRepositories,omitempty"`
 	// Languages injected by SSI when a pod does not choose, with their versions. Default: all
 	// supported languages at their default major version.
 	Languages []Language `json:"languages,omitempty"`
@@ -202,6 +208,20 @@ func (c *Config) Validate() error {
 	if c.Registry == "" {
 		bad("registry", "must not be empty; the Datadog default is %s", libref.DefaultRegistry)
 	}
+	allowed, allowErr := c.AllowList()
+	if allowErr != nil {
+		bad("allowedRepositories", "%v", allowErr)
+	}
+	checkAllowed := func(field, image string) {
+		if allowErr == nil && image != "" {
+			if err := allowed.Check(image); err != nil {
+				var nae *repoallow.NotAllowedError
+				if errors.As(err, &nae) {
+					bad(field, "image %s is outside the allowed repositories (%s): add its repository to allowedRepositories (Helm: libraries.allowedRepositories), which the node plugins must allow too", image, strings.Join(nae.Allowed, ", "))
+				}
+			}
+		}
+	}
 	seen := map[string]bool{}
 	for i, l := range c.Languages {
 		field := fmt.Sprintf("languages[%d]", i)
@@ -215,11 +235,15 @@ func (c *Config) Validate() error {
 		seen[l.Name] = true
 		if _, err := libref.Parse(c.LanguageImage(l.Name, l.Version, l.Image)); err != nil {
 			bad(field, "%v", err)
+		} else {
+			checkAllowed(field, c.LanguageImage(l.Name, l.Version, l.Image))
 		}
 	}
 	if c.Injector.Image != "" || c.Injector.Version != "" {
 		if _, err := libref.Parse(c.InjectorImage()); err != nil {
 			bad("injector", "%v", err)
+		} else {
+			checkAllowed("injector", c.InjectorImage())
 		}
 	}
 	switch c.Layout {
@@ -317,4 +341,10 @@ func (c *Config) LanguageNames() []string {
 		}
 	}
 	return out
+}
+
+// AllowList is the repositories library images may come from: Registry plus
+// AllowedRepositories.
+func (c *Config) AllowList() (*repoallow.List, error) {
+	return repoallow.New(append([]string{c.Registry}, c.AllowedRepositories...)...)
 }

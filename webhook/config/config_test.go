@@ -33,6 +33,7 @@ func TestParse(t *testing.T) {
 		}},
 		{name: "a list replaces the default list", yaml: `
 registry: registry.example.com/datadog
+allowedRepositories: [registry.example.com/js-tracer]
 languages:
   - name: python
   - name: java
@@ -64,7 +65,7 @@ mode: init-container
 				t.Errorf("injector %q layout %s", c.InjectorImage(), c.EffectiveLayout())
 			}
 		}},
-		{name: "injector image", yaml: "injector: {image: registry.example.com/inject:1.2}", check: func(t *testing.T, c *Config) {
+		{name: "injector image", yaml: "allowedRepositories: [registry.example.com]\ninjector: {image: registry.example.com/inject:1.2}", check: func(t *testing.T, c *Config) {
 			if c.InjectorImage() != "registry.example.com/inject:1.2" {
 				t.Errorf("injector %q", c.InjectorImage())
 			}
@@ -89,6 +90,9 @@ driverName: "CSI!"
 			`mode: unknown injection mode "sidecar"`, `layout: unknown layout "merged"`, `excludedNamespaces: "Kube_System"`,
 			`excludedContainers: "istio proxy"`, `ssiNamespaceLabel: "apm csi"`, `driverName: "CSI!"`}},
 		{name: "injector layout without injector", yaml: "injector: {}\nlayout: injector", err: []string{"the injector layout needs injector.image or injector.version"}},
+		{name: "configured images outside the allowed repositories", yaml: "allowedRepositories: [registry.example.com/team]\ninjector: {image: registry.example.com/team-evil/inject:1.2}\nlanguages: [{name: js, image: evil.example.com/js:1}]",
+			err: []string{"injector: image registry.example.com/team-evil/inject:1.2 is outside the allowed repositories", "languages[0]: image evil.example.com/js:1 is outside", "allowedRepositories"}},
+		{name: "bad allowed repository", yaml: "allowedRepositories: [datadoghq]", err: []string{"allowedRepositories:", "not a registry host"}},
 		{name: "bad injector", yaml: "injector: {image: registry.example.com/inject}", err: []string{"injector: image reference", "names no tag or digest"}},
 	}
 	for _, tt := range tests {

@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/webhook/annotations"
 	"github.com/apm-csi/apm-csi/webhook/config"
@@ -181,6 +182,14 @@ func manyContainersPod(n int) *corev1.Pod {
 func newTestMutator(t testing.TB, mutate ...func(*config.Config)) *Mutator {
 	t.Helper()
 	cfg := config.Default()
+	// The custom images the tests name live there, and the OpenTelemetry init containers'
+	// images are rewritten into volumes: the administrator allows them.
+	cfg.AllowedRepositories = []string{"registry.example.com"}
+	for _, c := range otelInjectedPod().Spec.InitContainers {
+		if ref, err := libref.Parse(c.Image); err == nil {
+			cfg.AllowedRepositories = append(cfg.AllowedRepositories, ref.Repository)
+		}
+	}
 	for _, f := range mutate {
 		f(cfg)
 	}

@@ -1,6 +1,7 @@
 package mutation
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/webhook/annotations"
 )
@@ -49,6 +51,13 @@ func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume
 					lib.Image = m.cfg.LanguageImage(l.Language, l.Version, "")
 				} else {
 					lib.Image = m.cfg.DefaultImage(l.Language)
+				}
+				if err := m.allowed.Check(lib.Image); err != nil {
+					var nae *repoallow.NotAllowedError
+					if errors.As(err, &nae) {
+						return res, deny(fmt.Sprintf("library image %s is not in the repositories the node plugins serve (%s)", lib.Image, strings.Join(nae.Allowed, ", ")),
+							"use an image from an allowed repository, or ask the cluster administrator to add "+nae.Repository+" to the allowed repositories (Helm: libraries.allowedRepositories; node plugin: "+repoallow.Flag+")")
+					}
 				}
 				spec.Libraries = append(spec.Libraries, lib)
 				recorded = append(recorded, v.Name+"="+lib.Image)

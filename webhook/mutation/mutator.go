@@ -12,6 +12,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 	"github.com/apm-csi/apm-csi/webhook/annotations"
 	"github.com/apm-csi/apm-csi/webhook/config"
 )
@@ -80,6 +81,9 @@ type Result struct {
 // Mutator applies one configuration.
 type Mutator struct {
 	cfg *config.Config
+	// allowed is the repository allowlist library images must match (fail closed: an
+	// invalid list allows nothing).
+	allowed *repoallow.List
 	// excludedNamespaces always includes kube-system and the webhook's own namespace.
 	excludedNamespaces []string
 }
@@ -89,7 +93,11 @@ type Mutator struct {
 func New(cfg *config.Config, systemNamespace string) *Mutator {
 	excluded := append([]string{metav1.NamespaceSystem, systemNamespace}, cfg.ExcludedNamespaces...)
 	slices.Sort(excluded)
-	return &Mutator{cfg: cfg, excludedNamespaces: slices.Compact(excluded)}
+	allowed, err := cfg.AllowList()
+	if err != nil {
+		allowed = &repoallow.List{}
+	}
+	return &Mutator{cfg: cfg, allowed: allowed, excludedNamespaces: slices.Compact(excluded)}
 }
 
 // Config returns the configuration the mutator applies.

@@ -101,6 +101,10 @@ func (m *Mutator) rewrite(pod *corev1.Pod, f foreignInjection) ssiResult {
 		if err != nil {
 			return skip("init container %s: %v", c.Name, err)
 		}
+		if err := m.allowed.Check(lib.library.Image); err != nil {
+			// The node plugins would refuse it: leave the init containers, which work.
+			return skip("init container %s: %v", c.Name, err)
+		}
 		filled[vol] = true
 		if lib.preload {
 			filled[DatadogEtcVolume] = true

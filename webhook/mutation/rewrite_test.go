@@ -218,3 +218,12 @@ func TestParseCopy(t *testing.T) {
 		}
 	}
 }
+
+func TestRewriteSkipsImagesOutsideTheAllowlist(t *testing.T) {
+	before := datadogInjectedPod()
+	before.Spec.InitContainers[1].Image = "gcr.io/datadoghq-evil/dd-lib-java-init:v1.45.0"
+	res := newTestMutator(t).Mutate(input(before, ssiNamespace()))
+	if res.Outcome == OutcomeRewritten || !strings.Contains(res.Reason, "not in the allowed repositories") {
+		t.Fatalf("got %s: %s, want the init containers kept: the node plugins would refuse the image", res.Outcome, res.Reason)
+	}
+}

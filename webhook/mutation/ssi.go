@@ -150,6 +150,9 @@ func (m *Mutator) selectLibraries(pod *corev1.Pod, nsAnnotations map[string]stri
 		if _, err := libref.Parse(img); err != nil {
 			return nil, nil, fmt.Errorf("library %s: %v", c, err)
 		}
+		if err := m.allowed.Check(img); err != nil {
+			return nil, nil, fmt.Errorf("library %s: %v", c, err)
+		}
 		libs = append(libs, chosenLibrary{Language: lang, Image: img})
 	}
 

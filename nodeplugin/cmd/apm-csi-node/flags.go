@@ -51,7 +51,7 @@ type options struct {
 
 // repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
 // above, their variables take several values separated by ';' or newlines.
-var repeatableCacheFlags = map[string]bool{"registry-mirror": true, "insecure-registry": true, "prefetch": true}
+var repeatableCacheFlags = map[string]bool{"registry-mirror": true, "insecure-registry": true, "prefetch": true, "allowed-repository": true, "pull-secret-scope": true}
 
 // repeatable is a flag.Value that collects every occurrence.
 type repeatable struct{ values []string }
@@ -109,7 +109,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
 	fs.Var(&hostDirs, "hostdir", "allowlisted host path NAME=PATH[,ro][,create]; repeatable")
 	fs.Var(&sockets, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
-	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs and datadogSockets, in addition to the flags")
+	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs, datadogSockets, allowedRepositories and pullSecretScopes, in addition to the flags")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")
 	fs.StringVar(&o.healthAddr, "health-addr", ":9850", "address of /healthz (calls Probe over the CSI socket) and /readyz; empty disables it")
 	fs.DurationVar(&o.publishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on)")
@@ -204,6 +204,8 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 			return nil, fmt.Errorf("--config %s: %w", o.configFile, err)
 		}
 		o.hostDirs = append(o.hostDirs, c.HostDirs...)
+		o.cache.AllowedRepositories = append(o.cache.AllowedRepositories, c.AllowedRepositories...)
+		o.cache.PullSecretScopes = append(o.cache.PullSecretScopes, c.PullSecretScopes...)
 		for typ, entry := range c.DatadogSockets {
 			o.datadogSockets[typ] = entry
 		}

@@ -12,12 +12,13 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
 func TestParseFlags(t *testing.T) {
 	dir := t.TempDir()
 	config := filepath.Join(dir, "config.yaml")
-	if err := os.WriteFile(config, []byte("hostdirs:\n- name: from-file\n  path: /srv/file\ndatadogSockets:\n  APMSocket: from-file\n  DSDSocket: from-file\n"), 0o600); err != nil {
+	if err := os.WriteFile(config, []byte("hostdirs:\n- name: from-file\n  path: /srv/file\ndatadogSockets:\n  APMSocket: from-file\n  DSDSocket: from-file\nallowedRepositories:\n- registry.example/from-file\npullSecretScopes:\n- secret: team-a\n  repositories: [registry.example/team-a]\n  namespaces: [team-a]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {
@@ -55,12 +56,21 @@ func TestParseFlags(t *testing.T) {
 				"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "30s",
 				"APM_CSI_KUBELET_REGISTRATION":    "false",
 				"APM_CSI_DATADOG_SOCKET_ENTRY":    "APMSocket=a",
+				"APM_CSI_ALLOWED_REPOSITORY":      "gcr.io/datadoghq;registry.example:5000/team",
+				"APM_CSI_PULL_SECRET_SCOPE":       "team=registry.example:5000/team@ns-a,ns-b",
 			},
 			check: func(t *testing.T, o *options) {
 				want := []hostdir.Entry{{Name: "a", Path: "/a"}, {Name: "b", Path: "/b", ReadOnly: true}, {Name: "c", Path: "/c", Create: true}}
 				if o.nodeID != "from-env" || o.stateDir != "/state" || !reflect.DeepEqual(o.hostDirs, want) ||
 					o.publishDownloadBudget != 30*time.Second || o.kubeletRegistration || o.datadogSockets["APMSocket"] != "a" {
 					t.Fatalf("from env: %+v", o)
+				}
+				if !reflect.DeepEqual(o.cache.AllowedRepositories, []string{"gcr.io/datadoghq", "registry.example:5000/team"}) {
+					t.Fatalf("allowed repositories from env: %q", o.cache.AllowedRepositories)
+				}
+				want2 := []repoallow.SecretScope{{Secret: "team", Repositories: []string{"registry.example:5000/team"}, Namespaces: []string{"ns-a", "ns-b"}}}
+				if !reflect.DeepEqual(o.cache.PullSecretScopes, want2) {
+					t.Fatalf("pull secret scopes from env: %+v", o.cache.PullSecretScopes)
 				}
 			},
 		},
@@ -83,6 +93,9 @@ func TestParseFlags(t *testing.T) {
 				}
 				if o.datadogSockets["APMSocket"] != "from-file" || o.datadogSockets["DSDSocket"] != "flag" {
 					t.Fatalf("flags must override the file's socket mapping: %v", o.datadogSockets)
+				}
+				if !reflect.DeepEqual(o.cache.AllowedRepositories, []string{"registry.example/from-file"}) || len(o.cache.PullSecretScopes) != 1 || o.cache.PullSecretScopes[0].Namespaces[0] != "team-a" {
+					t.Fatalf("config file trust settings: %q %+v", o.cache.AllowedRepositories, o.cache.PullSecretScopes)
 				}
 			},
 		},
@@ -111,6 +124,8 @@ func TestParseFlags(t *testing.T) {
 		{name: "writable layer mechanism unknown", args: []string{"--node-id", "n", "--writable-layer-mechanism", "loop"}, wantErr: "use one of"},
 		{name: "bad hostdir", args: []string{"--node-id", "n", "--hostdir", "x=relative"}, wantErr: "absolute"},
 		{name: "bad env value", args: []string{"--node-id", "n"}, env: map[string]string{"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "soon"}, wantErr: "APM_CSI_PUBLISH_DOWNLOAD_BUDGET"},
+		{name: "bad allowed repository", args: []string{"--node-id", "n", "--allowed-repository", "datadoghq"}, wantErr: "not a registry host"},
+		{name: "bad pull secret scope", args: []string{"--node-id", "n", "--pull-secret-scope", "team"}, wantErr: "SECRET="},
 		{name: "bad socket mapping", args: []string{"--node-id", "n", "--datadog-socket-entry", "Foo=x"}, wantErr: "use one of"},
 		{name: "relative state dir", args: []string{"--node-id", "n", "--state-dir", "state"}, wantErr: "absolute"},
 		{name: "zero budget", args: []string{"--node-id", "n", "--publish-download-budget", "0s"}, wantErr: "positive"},

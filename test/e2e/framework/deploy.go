@@ -189,6 +189,9 @@ func (d *Deployment) values() ([]byte, error) {
 		},
 		"kubeletDir": d.Cluster.KubeletDir(),
 		"libraries": map[string]any{
+			// The chart adds the registry to the node plugin's allowed repositories, so the
+			// plugin pulls the prefix's images and nothing else; the loopback registry has no
+			// TLS, so it must be an insecure registry (plain HTTP is refused otherwise).
 			"registry":           o.LibraryPrefix,
 			"insecureRegistries": []string{o.LibraryRegistry},
 			"languages":          langs,

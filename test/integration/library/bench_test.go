@@ -43,6 +43,7 @@ func BenchmarkCacheHitPublishProjectQuota(b *testing.B) {
 
 func benchCacheHitPublish(b *testing.B, opts options) {
 	reg := libimages.Start(b)
+	opts.registry = reg
 	p := startPlugin(b, opts)
 	vol := pushInjectorVolume(b, reg, "1.0.0")
 	warm := p.Target("warm", "apm")
@@ -112,7 +113,7 @@ const benchLargeLibrary = 32 << 20
 func BenchmarkDiskPerVolume(b *testing.B) {
 	const extraVolumes = 10
 	reg := libimages.Start(b)
-	p := startPlugin(b, options{})
+	p := startPlugin(b, options{registry: reg})
 	vol := pushInjectorVolume(b, reg, "1.0.0")
 	vol.langs = append(vol.langs[:1], "java")
 	big, err := libimages.Large(benchLargeLibrary, 7)

@@ -33,7 +33,7 @@ import (
 // four lower dirs in one overlay per pod, every publish through NodePublishVolume.
 func TestHundredConcurrentPublishes(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{})
+	p := startPlugin(t, options{registry: reg})
 	vol := pushInjectorVolume(t, reg, "1.42.0")
 	reg.ResetCounts()
 
@@ -152,7 +152,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 // plugin during the outage keeps that knowledge.
 func TestRegistryStopped(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{tagTTL: time.Nanosecond})
+	p := startPlugin(t, options{registry: reg, tagTTL: time.Nanosecond})
 	vol := pushInjectorVolume(t, reg, "1.0.0")
 	ruby := nodeplugintest.PushLibrary(t, reg, "ruby", "2.0.0")
 
@@ -246,7 +246,7 @@ func checkStatus(t testing.TB, err error, code codes.Code, image string, why ...
 // succeeds, with the registry having served a single pull.
 func TestSlowFirstDownload(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{budget: 300 * time.Millisecond})
+	p := startPlugin(t, options{registry: reg, budget: 300 * time.Millisecond})
 	java := nodeplugintest.PushLibrary(t, reg, "java", "1.30.0")
 	reg.ResetCounts()
 	release := reg.HoldBlobs(0)
@@ -309,7 +309,7 @@ func TestSlowFirstDownload(t *testing.T) {
 // and kubelet's retry downloads the library afresh and publishes it.
 func TestRestartDuringFirstDownload(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{budget: 300 * time.Millisecond})
+	p := startPlugin(t, options{registry: reg, budget: 300 * time.Millisecond})
 	java := nodeplugintest.PushLibrary(t, reg, "java", "1.31.0")
 	release := reg.HoldBlobs(0)
 	defer release()
@@ -355,7 +355,7 @@ func TestRestartDuringFirstDownload(t *testing.T) {
 // upper/work dir or library remains" (after GC with a tiny grace period).
 func TestRestart(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{grace: time.Nanosecond})
+	p := startPlugin(t, options{registry: reg, grace: time.Nanosecond})
 	vol := pushInjectorVolume(t, reg, "0.9.0")
 	java := nodeplugintest.PushLibrary(t, reg, "java", "1.0.0")
 	direct := (&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: java.Ref}}}).Attributes()
@@ -462,7 +462,7 @@ func recordIDs(p *plugin) []string {
 func TestGCThroughDriver(t *testing.T) {
 	const grace = 3 * time.Second
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{grace: grace})
+	p := startPlugin(t, options{registry: reg, grace: grace})
 	vol := pushInjectorVolume(t, reg, "2.0.0")
 	python := vol.libs["python"]
 
@@ -599,7 +599,7 @@ func hexOf(t testing.TB, img v1.Image) string {
 // cache entry, or file outside the store), and a retry is refused without another pull.
 func TestHostileImage(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{})
+	p := startPlugin(t, options{registry: reg})
 	outside := t.TempDir()
 	secret := filepath.Join(outside, "secret")
 	writeFile(t, secret, "host secret\n")
@@ -677,7 +677,7 @@ func TestHostileImage(t *testing.T) {
 // volume is the host file.
 func TestHostileImageNeutralised(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{})
+	p := startPlugin(t, options{registry: reg})
 	secret := filepath.Join(t.TempDir(), "secret")
 	writeFile(t, secret, "host secret\n")
 	img, err := libimages.HardlinkOutside(secret)
@@ -707,7 +707,7 @@ func TestHostileImageNeutralised(t *testing.T) {
 // and the preload file.
 func TestDatadogLibraryVolumes(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{})
+	p := startPlugin(t, options{registry: reg})
 	inj := nodeplugintest.PushInjector(t, reg, "0.40.0")
 	python := nodeplugintest.PushLibrary(t, reg, "python", "v3.2.0")
 	registry := reg.Addr() + "/datadog"

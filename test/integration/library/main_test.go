@@ -44,6 +44,12 @@ type options struct {
 	// maxWritable the --default-writable-layer and --max-writable-layer (default the driver's).
 	writable                     writablelayer.Mechanism
 	defaultWritable, maxWritable int64
+	// registry is the test registry: an allowed repository, reached over plain HTTP as an
+	// --insecure-registry.
+	registry *libimages.Registry
+	// trust is the rest of the cache's trust configuration (allowed repositories, insecure
+	// registries, pull secrets and their scopes), added to what registry implies.
+	trust librarycache.Config
 }
 
 // plugin is a running node plugin (nodeplugintest.Plugin) whose library store is the real
@@ -82,12 +88,21 @@ func startPlugin(t testing.TB, opts options) *plugin {
 // openCache opens and starts the library cache over the plugin's store, as main.go does
 // before it creates the driver; the plugin closes it when it stops (releasing its lock).
 func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
+	allowed, insecure := p.opts.trust.AllowedRepositories, p.opts.trust.InsecureRegistries
+	if p.opts.registry != nil {
+		allowed = append([]string{p.opts.registry.Addr()}, allowed...)
+		insecure = append([]string{p.opts.registry.Addr()}, insecure...)
+	}
 	cache, err := librarycache.New(librarycache.Config{
-		StoreDir:      p.store,
-		GCGracePeriod: p.opts.grace,
-		TagTTL:        p.opts.tagTTL,
-		Logger:        p.Log,
-		Registerer:    prometheus.NewRegistry(),
+		AllowedRepositories: allowed,
+		InsecureRegistries:  insecure,
+		PullSecretDir:       p.opts.trust.PullSecretDir,
+		PullSecretScopes:    p.opts.trust.PullSecretScopes,
+		StoreDir:            p.store,
+		GCGracePeriod:       p.opts.grace,
+		TagTTL:              p.opts.tagTTL,
+		Logger:              p.Log,
+		Registerer:          prometheus.NewRegistry(),
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("library cache: %w", err)

@@ -73,7 +73,9 @@ func BenchmarkFirstVolumeVsPlainPull(b *testing.B) {
 	var cacheTotal, plainTotal time.Duration
 	cacheArm := func(i int) {
 		store := filepath.Join(base, "store")
-		c, err := librarycache.New(librarycache.Config{StoreDir: store, Logger: slog.New(slog.DiscardHandler)})
+		registry, _, _ := strings.Cut(image, "/")
+		c, err := librarycache.New(librarycache.Config{StoreDir: store, Logger: slog.New(slog.DiscardHandler),
+			AllowedRepositories: []string{registry}, InsecureRegistries: []string{registry}})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -21,7 +21,8 @@ import (
 // startChild runs this test binary as a plugin process publishing image from store.
 func startChild(t testing.TB, store, image, target string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
-	req, err := json.Marshal(childRequest{Store: store, Image: image, Target: target})
+	registry, _, _ := strings.Cut(image, "/")
+	req, err := json.Marshal(childRequest{Registry: registry, Store: store, Image: image, Target: target})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +74,7 @@ func TestPluginKilledMidDownload(t *testing.T) {
 	}
 	release()
 
-	c := newCache(t, librarycache.Config{StoreDir: store})
+	c := newCache(t, librarycache.Config{StoreDir: store}, reg)
 	if n := entries(t, filepath.Join(store, "tmp")); n != 0 {
 		t.Errorf("Start left %d work dirs of the killed process", n)
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/libimages"
 )
 
 // The test binary re-executes itself as a plugin process for the crash and RSS measurements:
@@ -25,9 +26,11 @@ import (
 const childEnv = "APM_CSI_LIBRARYCACHE_CHILD"
 
 type childRequest struct {
-	Store  string
-	Image  string
-	Target string
+	// Registry is the test registry's host:port: allowed, and reached over plain HTTP.
+	Registry string
+	Store    string
+	Image    string
+	Target   string
 }
 
 func TestMain(m *testing.M) {
@@ -47,7 +50,8 @@ func runChild(raw string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	c, err := librarycache.New(librarycache.Config{StoreDir: req.Store, Logger: slog.New(slog.DiscardHandler)})
+	c, err := librarycache.New(librarycache.Config{StoreDir: req.Store, Logger: slog.New(slog.DiscardHandler),
+		AllowedRepositories: []string{req.Registry}, InsecureRegistries: []string{req.Registry}})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -80,8 +84,12 @@ func runChild(raw string) int {
 	return 0
 }
 
-func newCache(t testing.TB, cfg librarycache.Config) *librarycache.Cache {
+// newCache opens a cache that may pull from reg (an allowed repository reached over plain
+// HTTP, as an --insecure-registry).
+func newCache(t testing.TB, cfg librarycache.Config, reg *libimages.Registry) *librarycache.Cache {
 	t.Helper()
+	cfg.AllowedRepositories = append(cfg.AllowedRepositories, reg.Addr())
+	cfg.InsecureRegistries = append(cfg.InsecureRegistries, reg.Addr())
 	if cfg.StoreDir == "" {
 		cfg.StoreDir = filepath.Join(t.TempDir(), "store")
 	}

@@ -51,7 +51,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	testenv.RequireRoot(t)
 	reg := libimages.Start(t)
 	java := nodeplugintest.PushLibrary(t, reg, "java", "v1.42.0")
-	c := newCache(t, librarycache.Config{})
+	c := newCache(t, librarycache.Config{}, reg)
 
 	const volumes = 100
 	layers := make([]driver.Layer, volumes)
@@ -135,7 +135,7 @@ func TestLibrariesComposeIntoOneOverlay(t *testing.T) {
 		t.Fatal(err)
 	}
 	var lowers []string
-	c := newCache(t, librarycache.Config{})
+	c := newCache(t, librarycache.Config{}, reg)
 	preload, err := c.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: libref.LauncherPath + "\n"})
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +174,7 @@ func TestGCNeverRemovesAMountedLibrary(t *testing.T) {
 	testenv.RequireRoot(t)
 	reg := libimages.Start(t)
 	image := nodeplugintest.PushLibrary(t, reg, "ruby", "v2").Ref
-	c := newCache(t, librarycache.Config{GCGracePeriod: time.Nanosecond})
+	c := newCache(t, librarycache.Config{GCGracePeriod: time.Nanosecond}, reg)
 	view, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Target: libref.LanguageTarget("ruby")})
 	if err != nil {
 		t.Fatal(err)

@@ -45,7 +45,7 @@ func (s *dirStore) layerDir(image string) (string, string, error) {
 	return dir, digest, nil
 }
 
-func (s *dirStore) Layer(ctx context.Context, lib volumeattrs.Library) (driver.Layer, error) {
+func (s *dirStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (driver.Layer, error) {
 	s.mu.Lock()
 	err := s.errs[lib.Image]
 	s.mu.Unlock()
