@@ -540,6 +540,9 @@ func checkCSIDriver(t testing.TB, in *Install) []error {
 			errs = append(errs, fmt.Errorf("CSIDriver: spec.%s = %v, want %v", k, spec[k], v))
 		}
 	}
+	if got := u.GetLabels()[openShiftProfileLabel]; got != "restricted" {
+		errs = append(errs, fmt.Errorf("CSIDriver: label %s = %q, want restricted", openShiftProfileLabel, got))
+	}
 	modes := fmt.Sprint(spec["volumeLifecycleModes"])
 	if !strings.Contains(modes, "Ephemeral") || !strings.Contains(modes, "Persistent") {
 		errs = append(errs, fmt.Errorf("CSIDriver: volumeLifecycleModes %s, want Ephemeral and Persistent", modes))
