@@ -250,9 +250,9 @@ func setUp(t *testing.T, ctx context.Context) *env {
 		// The admission policy admits `type: hostdir` volumes where the scenarios use them,
 		// and in bypassNamespace, where the entry's own tenancy must stop them.
 		HostDirNamespaces: append(append([]string{sharedNamespace}, dataEntryNamespaces...), bypassNamespace),
-		GCGracePeriod:   gcGracePeriod,
-		WebhookReplicas: 1,
-		Logf:            t.Logf,
+		GCGracePeriod:     gcGracePeriod,
+		WebhookReplicas:   1,
+		Logf:              t.Logf,
 	})
 	if err != nil {
 		t.Fatalf("deploy apm-csi: %v", err)
