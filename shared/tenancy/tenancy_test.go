@@ -105,3 +105,14 @@ func TestNormalizeSortsSelector(t *testing.T) {
 		t.Fatalf("Normalize = %q", got)
 	}
 }
+
+// BenchmarkAuthorizeIdentity is the cost the node plugin adds to every hostdir publish.
+func BenchmarkAuthorizeIdentity(b *testing.B) {
+	t := Tenancy{Namespaces: []string{"a", "b", "c", "team-a"}, ServiceAccounts: []string{"team-a/x", "team-a/writer"}}
+	id := Identity{Namespace: "team-a", ServiceAccount: "writer"}
+	for b.Loop() {
+		if err := t.AuthorizeIdentity(id); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
