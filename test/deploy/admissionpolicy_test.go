@@ -142,7 +142,7 @@ func TestAdmissionPolicyOnAPIServer(t *testing.T) {
 		{"pod-supplied kubelet key", csiPod(hostdirNamespace, "forged", driver, map[string]string{"type": "hostdir", "name": "data", "csi.storage.k8s.io/pod.namespace": "team-a"}),
 			[]string{"volumeAttributes not accepted: volume vol (type hostdir): csi.storage.k8s.io/pod.namespace", "set by kubelet"}},
 		{"library key the webhook never writes", csiPod("plain", "extra", driver, map[string]string{"type": "library", "library.0.image": "x:1", "library.16.image": "y:1", "name": "data"}),
-			[]string{"volume vol (type library): library.16.image, name"}},
+			[]string{"volume vol (type library): ", "library.16.image", "name"}},
 		{"hostdir key on a library volume", csiPod("plain", "mixed", driver, map[string]string{"type": "DatadogLibrary", "name": "data"}),
 			[]string{"volume vol (type DatadogLibrary): name"}},
 		{"unknown type", csiPod("plain", "unknown", driver, map[string]string{"type": "HostPath", "path": "/etc"}),
