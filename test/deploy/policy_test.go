@@ -513,7 +513,8 @@ func checkNamespaces(in *Install, v Variant) []error {
 	var errs []error
 	for _, o := range in.Objs {
 		switch o.GetKind() {
-		case "Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration":
+		case "Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+			"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding":
 			if o.GetNamespace() != "" {
 				errs = append(errs, fmt.Errorf("%s is cluster-scoped but has a namespace", describe(o)))
 			}
