@@ -112,7 +112,7 @@ func newFixture(t *testing.T, opts ...fixtureOption) *fixture {
 		host:    filepath.Join(root, "host"),
 		logs:    &bytes.Buffer{},
 	}
-	for _, dir := range []string{"data", "ro-data"} {
+	for _, dir := range []string{"data", "ro-data", "team-a"} {
 		if err := os.MkdirAll(filepath.Join(f.host, dir), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -120,12 +120,17 @@ func newFixture(t *testing.T, opts ...fixtureOption) *fixture {
 	if err := os.WriteFile(filepath.Join(f.host, "apm.socket"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	all := []string{"*"}
 	set, err := hostdir.NewSet([]hostdir.Entry{
-		{Name: "data", Path: filepath.Join(f.host, "data")},
-		{Name: "ro-data", Path: filepath.Join(f.host, "ro-data"), ReadOnly: true},
-		{Name: "apm-socket", Path: filepath.Join(f.host, "apm.socket")},
-		{Name: "missing", Path: filepath.Join(f.host, "missing")},
-		{Name: "demo", Path: filepath.Join(f.host, "demo"), Create: true},
+		{Name: "data", Path: filepath.Join(f.host, "data"), Namespaces: all},
+		{Name: "ro-data", Path: filepath.Join(f.host, "ro-data"), ReadOnly: true, Namespaces: all},
+		{Name: "apm-socket", Path: filepath.Join(f.host, "apm.socket"), Namespaces: all},
+		{Name: "missing", Path: filepath.Join(f.host, "missing"), Namespaces: all},
+		{Name: "demo", Path: filepath.Join(f.host, "demo"), Create: true, Namespaces: all},
+		// Restricted entries (tenancy_test.go).
+		{Name: "team-a", Path: filepath.Join(f.host, "team-a"), Namespaces: []string{"team-a"}},
+		{Name: "team-a-writer", Path: filepath.Join(f.host, "team-a"), Namespaces: []string{"team-a"}, ServiceAccounts: []string{"team-a/writer"}},
+		{Name: "team-a-socket", Path: filepath.Join(f.host, "apm.socket"), Namespaces: []string{"team-a"}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +140,7 @@ func newFixture(t *testing.T, opts ...fixtureOption) *fixture {
 		KubeletDir:     f.kubelet,
 		StateDir:       f.state,
 		HostDirs:       set,
-		DatadogSockets: map[string]string{volumeattrs.TypeDSDSocket: "dsd-undeclared"},
+		DatadogSockets: map[string]string{volumeattrs.TypeDSDSocket: "dsd-undeclared", volumeattrs.TypeAPMSocketDirectory: "team-a-socket"},
 		Mounter:        f.m,
 		WritableLayers: f.wl,
 		Libraries:      f.store,

@@ -34,6 +34,9 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 	if err != nil {
 		return status.Error(codes.InvalidArgument, via+err.Error())
 	}
+	if err := d.authorizeHostDir(r, entry, via); err != nil {
+		return err
+	}
 	if entry.ReadOnly && r.attrs[volumeattrs.KeyReadOnly] == "false" {
 		return status.Errorf(codes.InvalidArgument, "%shostdir entry %q is read-only on this node and the volume asks for readOnly: \"false\"; drop that attribute or use a writable entry (%s)", via, name, d.describeEntries())
 	}

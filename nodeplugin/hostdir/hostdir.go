@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/apm-csi/apm-csi/shared/repoallow"
+	"github.com/apm-csi/apm-csi/shared/tenancy"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -29,39 +30,94 @@ type Entry struct {
 	ReadOnly bool `json:"readOnly,omitempty"`
 	// Create makes a missing Path a directory at publish time instead of refusing the volume.
 	Create bool `json:"create,omitempty"`
+
+	// Who may use the entry (package tenancy). Namespaces is required: ["*"] for every
+	// namespace, written explicitly. The node plugin enforces Namespaces and ServiceAccounts
+	// against what kubelet reports for the pod; NamespaceSelector is evaluated by the webhook.
+	Namespaces        []string `json:"namespaces,omitempty"`
+	NamespaceSelector string   `json:"namespaceSelector,omitempty"`
+	ServiceAccounts   []string `json:"serviceAccounts,omitempty"`
+}
+
+// Tenancy returns who may use the entry.
+func (e Entry) Tenancy() tenancy.Tenancy {
+	return tenancy.Tenancy{Namespaces: e.Namespaces, NamespaceSelector: e.NamespaceSelector, ServiceAccounts: e.ServiceAccounts}
 }
 
 // Flag option words after NAME=PATH.
 const (
-	optionReadOnly = "ro"
-	optionCreate   = "create"
+	optionReadOnly          = "ro"
+	optionCreate            = "create"
+	optionNamespaces        = "namespaces"
+	optionServiceAccounts   = "service-accounts"
+	optionNamespaceSelector = "namespace-selector"
 )
 
-// ParseEntry parses the --hostdir flag syntax NAME=PATH[,ro][,create].
+// FlagSyntax is the --hostdir syntax, for messages.
+const FlagSyntax = "NAME=PATH[,ro][,create],namespaces=NS1|NS2|*[,service-accounts=NS/SA|NS/SA][,namespace-selector=KEY=VALUE&KEY2 in (A|B)]"
+
+// Separators inside a flag option value: ',' already separates the options.
+const (
+	flagListSep        = "|"
+	flagRequirementSep = "&"
+)
+
+// ParseEntry parses the --hostdir flag syntax (FlagSyntax). Lists are separated by '|'; in a
+// namespace selector, written in Kubernetes label selector syntax, '&' separates requirements
+// and '|' the values of "in (...)" and "notin (...)", where the selector syntax has commas.
 func ParseEntry(s string) (Entry, error) {
 	name, rest, ok := strings.Cut(s, "=")
 	if !ok {
-		return Entry{}, fmt.Errorf("hostdir %q: want NAME=PATH[,ro][,create]", s)
+		return Entry{}, fmt.Errorf("hostdir %q: want %s", s, FlagSyntax)
 	}
 	fields := strings.Split(rest, ",")
 	e := Entry{Name: name, Path: fields[0]}
+	seen := map[string]bool{}
 	for _, opt := range fields[1:] {
-		switch opt {
-		case optionReadOnly:
+		key, val, hasValue := strings.Cut(opt, "=")
+		if seen[key] {
+			return Entry{}, fmt.Errorf("hostdir %q: option %q is given twice", s, key)
+		}
+		seen[key] = true
+		switch {
+		case key == optionReadOnly && !hasValue:
 			e.ReadOnly = true
-		case optionCreate:
+		case key == optionCreate && !hasValue:
 			e.Create = true
+		case key == optionNamespaces && hasValue:
+			e.Namespaces = splitFlagList(val)
+			if len(e.Namespaces) == 0 {
+				return Entry{}, fmt.Errorf("hostdir %q: namespaces= is empty: list namespaces (namespaces=team-a|team-b), or write namespaces=* to let every namespace use the entry", s)
+			}
+		case key == optionServiceAccounts && hasValue:
+			e.ServiceAccounts = splitFlagList(val)
+			if len(e.ServiceAccounts) == 0 {
+				return Entry{}, fmt.Errorf("hostdir %q: service-accounts= is empty: list NAMESPACE/NAME|..., or leave the option out", s)
+			}
+		case key == optionNamespaceSelector && hasValue:
+			if val == "" {
+				return Entry{}, fmt.Errorf("hostdir %q: namespace-selector= is empty: write KEY=VALUE, or leave the option out", s)
+			}
+			e.NamespaceSelector = strings.NewReplacer(flagRequirementSep, ",", flagListSep, ",").Replace(val)
 		default:
-			return Entry{}, fmt.Errorf("hostdir %q: unknown option %q; options are %q and %q", s, opt, optionReadOnly, optionCreate)
+			return Entry{}, fmt.Errorf("hostdir %q: unknown option %q; the syntax is %s", s, opt, FlagSyntax)
 		}
 	}
 	if err := e.Validate(); err != nil {
 		return Entry{}, err
 	}
-	return e, nil
+	return e.normalize(), nil
 }
 
-// String returns the flag syntax of e; ParseEntry(e.String()) == e for a valid entry.
+func splitFlagList(v string) []string {
+	if v == "" {
+		return nil
+	}
+	return strings.Split(v, flagListSep)
+}
+
+// String returns the flag syntax of e; ParseEntry(e.String()) equals e for a valid entry
+// (after ParseEntry or ParseConfig normalised its selector).
 func (e Entry) String() string {
 	s := e.Name + "=" + e.Path
 	if e.ReadOnly {
@@ -70,11 +126,50 @@ func (e Entry) String() string {
 	if e.Create {
 		s += "," + optionCreate
 	}
+	if len(e.Namespaces) > 0 {
+		s += "," + optionNamespaces + "=" + strings.Join(e.Namespaces, flagListSep)
+	}
+	if len(e.ServiceAccounts) > 0 {
+		s += "," + optionServiceAccounts + "=" + strings.Join(e.ServiceAccounts, flagListSep)
+	}
+	if e.NamespaceSelector != "" {
+		s += "," + optionNamespaceSelector + "=" + selectorToFlag(e.NamespaceSelector)
+	}
 	return s
 }
 
-// Validate checks the name (the same rule volumes are checked against) and the path: absolute,
-// clean, not the host root, and free of the characters the flag syntax reserves.
+// selectorToFlag writes a label selector in the flag's form: commas between requirements
+// become '&', commas inside parentheses '|'.
+func selectorToFlag(sel string) string {
+	var b strings.Builder
+	depth := 0
+	for _, c := range sel {
+		switch {
+		case c == '(':
+			depth++
+		case c == ')':
+			depth--
+		case c == ',' && depth > 0:
+			b.WriteString(flagListSep)
+			continue
+		case c == ',':
+			b.WriteString(flagRequirementSep)
+			continue
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+// normalize puts the selector in its canonical form.
+func (e Entry) normalize() Entry {
+	e.NamespaceSelector = e.Tenancy().Normalize().NamespaceSelector
+	return e
+}
+
+// Validate checks the name (the same rule volumes are checked against), the path (absolute,
+// clean, not the host root, free of the characters the flag syntax reserves) and the tenancy:
+// an entry that does not say who may use it is refused.
 func (e Entry) Validate() error {
 	if err := volumeattrs.ValidateEntryName(e.Name); err != nil {
 		return fmt.Errorf("hostdir %q: %v", e.Name, err)
@@ -89,6 +184,9 @@ func (e Entry) Validate() error {
 		return fmt.Errorf("hostdir %q: path %q must be absolute and clean (no '..', no trailing '/')", e.Name, p)
 	case p == "/":
 		return fmt.Errorf("hostdir %q: the host root cannot be shared", e.Name)
+	}
+	if err := e.Tenancy().Validate(); err != nil {
+		return fmt.Errorf("hostdir %q: %w", e.Name, err)
 	}
 	return nil
 }
@@ -147,7 +245,7 @@ func (s *Set) Lookup(name string) (Entry, error) {
 	if e, ok := s.entries[name]; ok {
 		return e, nil
 	}
-	allowed := "none are declared (the node administrator adds them with --hostdir NAME=PATH)"
+	allowed := "none are declared (the node administrator adds them with --hostdir " + FlagSyntax + ")"
 	if names := s.Names(); len(names) > 0 {
 		allowed = "declared entries: " + strings.Join(names, ", ")
 	}
@@ -173,10 +271,11 @@ func ParseConfig(data []byte) (Config, error) {
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
-	for _, e := range c.HostDirs {
+	for i, e := range c.HostDirs {
 		if err := e.Validate(); err != nil {
 			return Config{}, fmt.Errorf("config: %w", err)
 		}
+		c.HostDirs[i] = e.normalize()
 	}
 	for typ, name := range c.DatadogSockets {
 		if err := validateSocketMapping(typ, name); err != nil {

@@ -37,11 +37,16 @@ var badValues = []struct {
 	values string
 	want   []string
 }{
-	{"hostdir-without-path", "node:\n  hostDirs:\n  - name: apm-socket\n", []string{"/node/hostDirs/0", "missing property 'path'"}},
-	{"hostdir-relative-path", "node:\n  hostDirs:\n  - name: data\n    path: var/data\n", []string{"/node/hostDirs/0/path", "does not match pattern"}},
-	{"hostdir-parent-path", "node:\n  hostDirs:\n  - name: data\n    path: /var/../etc\n", []string{"/node/hostDirs/0/path"}},
-	{"hostdir-bad-name", "node:\n  hostDirs:\n  - name: Apm_Socket\n    path: /var/run/datadog\n", []string{"/node/hostDirs/0/name"}},
-	{"hostdir-unknown-option", "node:\n  hostDirs:\n  - name: data\n    path: /data\n    readonly: true\n", []string{"/node/hostDirs/0", "'readonly' not allowed"}},
+	{"hostdir-without-path", "node:\n  hostDirs:\n  - name: apm-socket\n    namespaces: [a]\n", []string{"/node/hostDirs/0", "missing property 'path'"}},
+	{"hostdir-without-namespaces", "node:\n  hostDirs:\n  - name: apm-socket\n    path: /var/run/datadog\n", []string{"/node/hostDirs/0", "missing property 'namespaces'"}},
+	{"hostdir-empty-namespaces", "node:\n  hostDirs:\n  - name: data\n    path: /data\n    namespaces: []\n", []string{"/node/hostDirs/0/namespaces"}},
+	{"hostdir-star-and-names", "node:\n  hostDirs:\n  - name: data\n    path: /data\n    namespaces: [\"*\", team-a]\n", []string{"/node/hostDirs/0/namespaces"}},
+	{"hostdir-bad-service-account", "node:\n  hostDirs:\n  - name: data\n    path: /data\n    namespaces: [a]\n    serviceAccounts: [writer]\n", []string{"/node/hostDirs/0/serviceAccounts/0"}},
+	{"admission-policy-bad-namespace", "admissionPolicy:\n  hostdirNamespaces: [Team_A]\n", []string{"/admissionPolicy/hostdirNamespaces/0"}},
+	{"hostdir-relative-path", "node:\n  hostDirs:\n  - name: data\n    path: var/data\n    namespaces: [a]\n", []string{"/node/hostDirs/0/path", "does not match pattern"}},
+	{"hostdir-parent-path", "node:\n  hostDirs:\n  - name: data\n    path: /var/../etc\n    namespaces: [a]\n", []string{"/node/hostDirs/0/path"}},
+	{"hostdir-bad-name", "node:\n  hostDirs:\n  - name: Apm_Socket\n    path: /var/run/datadog\n    namespaces: [a]\n", []string{"/node/hostDirs/0/name"}},
+	{"hostdir-unknown-option", "node:\n  hostDirs:\n  - name: data\n    path: /data\n    readonly: true\n    namespaces: [a]\n", []string{"/node/hostDirs/0", "'readonly' not allowed"}},
 	{"tls-mode-typo", "webhook:\n  tls:\n    mode: certmanager\n", []string{"/webhook/tls/mode", "cert-manager", "self-managed"}},
 	{"registration-typo", "node:\n  registration: sidecar\n", []string{"/node/registration", "builtin", "sidecars"}},
 	{"injection-mode-typo", "webhook:\n  injectionMode: initcontainer\n", []string{"/webhook/injectionMode", "init-container"}},

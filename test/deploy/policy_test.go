@@ -513,7 +513,8 @@ func checkNamespaces(in *Install, v Variant) []error {
 	var errs []error
 	for _, o := range in.Objs {
 		switch o.GetKind() {
-		case "Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration":
+		case "Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+			"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding":
 			if o.GetNamespace() != "" {
 				errs = append(errs, fmt.Errorf("%s is cluster-scoped but has a namespace", describe(o)))
 			}
@@ -539,6 +540,9 @@ func checkCSIDriver(t testing.TB, in *Install) []error {
 		if spec[k] != v {
 			errs = append(errs, fmt.Errorf("CSIDriver: spec.%s = %v, want %v", k, spec[k], v))
 		}
+	}
+	if got := u.GetLabels()[openShiftProfileLabel]; got != "restricted" {
+		errs = append(errs, fmt.Errorf("CSIDriver: label %s = %q, want restricted", openShiftProfileLabel, got))
 	}
 	modes := fmt.Sprint(spec["volumeLifecycleModes"])
 	if !strings.Contains(modes, "Ephemeral") || !strings.Contains(modes, "Persistent") {

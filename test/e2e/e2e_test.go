@@ -31,6 +31,13 @@ const (
 	dataEntry = "e2e-data"
 	// sharedEntry is a read-only directory an agent sidecar in the node plugin's pod writes.
 	sharedEntry = "agent-shared"
+	// sharedNamespace is where scenario 3b reads sharedEntry.
+	sharedNamespace = "e2e-shared"
+	// bypassNamespace is listed in the admission policy (hostdir volumes may appear there) but
+	// in no entry's namespaces: the node plugin must refuse it.
+	bypassNamespace = "e2e-tenancy-bypass"
+	// deniedNamespace is listed nowhere: the admission policy refuses hostdir volumes there.
+	deniedNamespace = "e2e-tenancy-denied"
 	// uncachedTag is a JavaScript library version only scenario 7 uses.
 	uncachedTag = "e2e-uncached"
 	// libraryRepo is the repository prefix of the Datadog images in the library registry.
@@ -41,6 +48,9 @@ const (
 	// keepEnv, when set, leaves the cluster running after a failure.
 	keepEnv = "APM_CSI_E2E_KEEP"
 )
+
+// dataEntryNamespaces may use dataEntry (scenarios 3a and 6).
+var dataEntryNamespaces = []string{"e2e-hostdir", "e2e-kubelet"}
 
 // env is the shared state of the end-to-end run: one cluster with apm-csi, the library
 // registry, the trace intake.
@@ -80,6 +90,8 @@ func TestEndToEnd(t *testing.T) {
 		{"3a hostdir volume keeps a file across pod re-creation", scenarioHostDir},
 		{"3b sidecar data read through a ReadOnlyMany PV and PVC", scenarioSharedPV},
 		{"4 invalid manual annotation is refused with the webhook's message", scenarioInvalidAnnotation},
+		{"hostdir volume in a namespace the admission policy does not list is refused at admission", scenarioHostDirRefusedAtAdmission},
+		{"hand-written hostdir volume for another namespace's entry is refused by the node plugin", scenarioHostDirTenancyAtMount},
 		{"9 Pod Security restricted admits the instrumented pod", scenarioRestricted},
 		{"8 webhook down: pods created unmutated, instrumented again once it is back", scenarioWebhookDown},
 		{"7 registry down: cached libraries still start pods, uncached wait", scenarioRegistryDown},
@@ -232,12 +244,15 @@ func setUp(t *testing.T, ctx context.Context) *env {
 		LibraryPrefix:   e.reg.Repo(libraryRepo),
 		Languages:       map[string]string{"js": tracer.DDTraceVersion},
 		HostDirs: []framework.HostDir{
-			{Name: dataEntry, Path: e.dataDir, Create: true},
-			{Name: sharedEntry, Path: e.shared, ReadOnly: true},
+			{Name: dataEntry, Path: e.dataDir, Create: true, Namespaces: dataEntryNamespaces},
+			{Name: sharedEntry, Path: e.shared, ReadOnly: true, Namespaces: []string{sharedNamespace}},
 		},
-		GCGracePeriod:   gcGracePeriod,
-		WebhookReplicas: 1,
-		Logf:            t.Logf,
+		// The admission policy admits `type: hostdir` volumes where the scenarios use them,
+		// and in bypassNamespace, where the entry's own tenancy must stop them.
+		HostDirNamespaces: append(append([]string{sharedNamespace}, dataEntryNamespaces...), bypassNamespace),
+		GCGracePeriod:     gcGracePeriod,
+		WebhookReplicas:   1,
+		Logf:              t.Logf,
 	})
 	if err != nil {
 		t.Fatalf("deploy apm-csi: %v", err)

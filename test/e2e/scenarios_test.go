@@ -389,7 +389,7 @@ func scenarioHostDir(t *testing.T, ctx context.Context, e *env) {
 // host directory; application pods read it, live, through a static PersistentVolume and a
 // ReadOnlyMany claim of the apm-csi driver, and cannot write to it.
 func scenarioSharedPV(t *testing.T, ctx context.Context, e *env) {
-	ns := namespace(t, ctx, e, "e2e-shared", nil)
+	ns := namespace(t, ctx, e, sharedNamespace, nil)
 	pvName := "e2e-" + sharedEntry
 	pv := &corev1.PersistentVolume{
 		ObjectMeta: metav1.ObjectMeta{Name: pvName},
@@ -966,5 +966,81 @@ func checkNoLeftovers(t *testing.T, ctx context.Context, e *env) {
 		return len(left) == 0, nil
 	}); err != nil {
 		t.Fatalf("%v; left in %s: %s", err, store, last)
+	}
+}
+
+// A hostdir volume in a namespace the admission policy does not list: `kubectl apply` is
+// refused by the ValidatingAdmissionPolicy with its message, and no pod exists.
+func scenarioHostDirRefusedAtAdmission(t *testing.T, ctx context.Context, e *env) {
+	ns := namespace(t, ctx, e, deniedNamespace, nil)
+	p := hostDirPod(ns, "hostdir-denied")
+	p.TypeMeta = metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"}
+	out, err := e.c.Kubectl(ctx, "apply", "-f", writeManifest(t, p))
+	if err == nil {
+		t.Fatalf("kubectl apply accepted a hostdir volume in namespace %s: %s", ns, out)
+	}
+	t.Logf("kubectl apply: %v", err)
+	for _, want := range []string{
+		"ValidatingAdmissionPolicy", "apm-csi-hostdir-namespaces",
+		"apm-csi: host directory volume data (type hostdir, entry " + dataEntry + ") is not allowed in namespace " + ns,
+		"Helm value admissionPolicy.hostdirNamespaces",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("kubectl apply failed without %q:\n%v", want, err)
+		}
+	}
+	if _, err := e.cs.CoreV1().Pods(ns).Get(ctx, p.Name, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("the refused pod exists: %v", err)
+	}
+}
+
+// A pod in a namespace where the admission policy admits hostdir volumes writes an inline
+// volume naming an entry whose namespaces do not include its own (the webhook is not involved:
+// nothing asks it to). The node plugin refuses the mount with PermissionDenied, which kubelet
+// shows in the pod's events; the pod never starts. The same request through the webhook's
+// manual annotation is refused at admission.
+func scenarioHostDirTenancyAtMount(t *testing.T, ctx context.Context, e *env) {
+	ns := namespace(t, ctx, e, bypassNamespace, nil)
+	p, err := framework.CreatePod(ctx, e.cs, hostDirPod(ns, "other-teams-dir"))
+	if err != nil {
+		t.Fatalf("the admission policy refused a hostdir volume in listed namespace %s: %v", ns, err)
+	}
+	var failed string
+	if err := framework.Poll(ctx, 2*time.Minute, "kubelet to report the refused mount", func() (bool, error) {
+		ev, err := e.cs.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + p.Name + ",reason=FailedMount"})
+		if err != nil || len(ev.Items) == 0 {
+			return false, nil
+		}
+		failed = ev.Items[0].Message
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("FailedMount: %s", failed)
+	for _, want := range []string{"PermissionDenied", `hostdir entry "` + dataEntry + `" may not be used by pod ` + ns + "/" + p.Name,
+		"namespace " + ns + " is not allowed; the entry allows namespaces " + strings.Join(dataEntryNamespaces, ", ")} {
+		if !strings.Contains(failed, want) {
+			t.Errorf("the FailedMount event lacks %q: %s", want, failed)
+		}
+	}
+	if describe := framework.DescribePod(ctx, e.cs, ns, p.Name); !strings.Contains(describe, "PermissionDenied") {
+		t.Errorf("the pod's description does not show the refusal:\n%s", describe)
+	}
+	if got, err := e.cs.CoreV1().Pods(ns).Get(ctx, p.Name, metav1.GetOptions{}); err != nil || framework.PodReady(got) || got.Status.Phase == corev1.PodRunning {
+		t.Errorf("the pod started with another namespace's host directory (%v)", err)
+	}
+
+	manual := framework.BusyboxPod(ns, "manual-other-teams-dir", "true")
+	manual.Labels[annotations.Volumes] = annotations.VolumesEnabled
+	manual.Annotations = map[string]string{annotations.VolumePrefix + "data": "hostdir=" + dataEntry + "; mountPath=/data"}
+	_, err = framework.CreatePod(ctx, e.cs, manual)
+	if err == nil {
+		t.Fatal("the webhook admitted a manual annotation for another namespace's entry")
+	}
+	t.Logf("manual annotation: %v", err)
+	for _, want := range []string{"denied the request", "hostdir entry " + dataEntry + " may not be used by pods of namespace " + ns} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("the webhook's denial lacks %q: %v", want, err)
+		}
 	}
 }

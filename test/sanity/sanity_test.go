@@ -49,7 +49,7 @@ func TestSanity(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	set, err := hostdir.NewSet([]hostdir.Entry{{Name: "sanity", Path: hostData}})
+	set, err := hostdir.NewSet([]hostdir.Entry{{Name: "sanity", Path: hostData, Namespaces: []string{"*"}}})
 	if err != nil {
 		t.Fatal(err)
 	}

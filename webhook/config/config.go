@@ -17,6 +17,8 @@ import (
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
+	"github.com/apm-csi/apm-csi/shared/tenancy"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
 // Mode is how libraries reach a pod.
@@ -103,6 +105,29 @@ type Config struct {
 	SSINamespaceLabel string `json:"ssiNamespaceLabel,omitempty"`
 	// DriverName is the CSI driver written into pod volumes and watched for presence.
 	DriverName string `json:"driverName,omitempty"`
+	// HostDirs are the node plugin's hostdir entries with their tenancy (the same list as the
+	// node plugin's configuration; the chart renders both from node.hostDirs). A manual
+	// hostdir= volume annotation naming one of them is refused at admission when the pod's
+	// namespace, namespace labels or service account are not allowed, instead of the pod
+	// waiting in ContainerCreating for a mount the node plugin refuses.
+	HostDirs []HostDir `json:"hostdirs,omitempty"`
+}
+
+// HostDir is who may use one of the node plugin's hostdir entries.
+type HostDir struct {
+	// Name of the entry, as pods name it.
+	Name string `json:"name"`
+	tenancy.Tenancy
+}
+
+// HostDir returns the declared entry called name.
+func (c *Config) HostDir(name string) (HostDir, bool) {
+	for _, h := range c.HostDirs {
+		if h.Name == name {
+			return h, true
+		}
+	}
+	return HostDir{}, false
 }
 
 // Language is one library that SSI injects.
@@ -273,6 +298,21 @@ func (c *Config) Validate() error {
 	}
 	if msgs := validation.IsDNS1123Subdomain(c.DriverName); len(msgs) > 0 {
 		bad("driverName", "%q is not a CSI driver name: %s", c.DriverName, strings.Join(msgs, "; "))
+	}
+	names := map[string]bool{}
+	for i, h := range c.HostDirs {
+		field := fmt.Sprintf("hostdirs[%d]", i)
+		if err := volumeattrs.ValidateEntryName(h.Name); err != nil {
+			bad(field+".name", "%v", err)
+			continue
+		}
+		if names[h.Name] {
+			bad(field+".name", "entry %q is listed twice", h.Name)
+		}
+		names[h.Name] = true
+		if err := h.Tenancy.Validate(); err != nil {
+			bad(field, "entry %q: %v", h.Name, strings.ReplaceAll(err.Error(), "\n", "; "))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -75,6 +75,34 @@ mode: init-container
 				t.Error(c.EffectiveLayout())
 			}
 		}},
+		{name: "hostdir tenancy", yaml: `
+hostdirs:
+- name: team-a
+  namespaces: [team-a]
+  serviceAccounts: [team-a/writer]
+  namespaceSelector: "apm-csi.io/hostdir=team-a"
+- name: apm-socket
+  namespaces: ["*"]
+`, check: func(t *testing.T, c *Config) {
+			h, ok := c.HostDir("team-a")
+			if !ok || !slices.Equal(h.Namespaces, []string{"team-a"}) || !slices.Equal(h.ServiceAccounts, []string{"team-a/writer"}) || h.NamespaceSelector != "apm-csi.io/hostdir=team-a" {
+				t.Errorf("team-a = %+v, %v", h, ok)
+			}
+			if h, ok := c.HostDir("apm-socket"); !ok || !h.AllowsAllNamespaces() {
+				t.Errorf("apm-socket = %+v", h)
+			}
+			if _, ok := c.HostDir("other"); ok {
+				t.Error("an undeclared entry was found")
+			}
+		}},
+		{name: "hostdir without tenancy", yaml: "hostdirs: [{name: data}]", err: []string{`hostdirs[0]: entry "data": declare who may use it`, "namespaces=* for every namespace"}},
+		{name: "hostdir problems", yaml: `
+hostdirs:
+- {name: ../x, namespaces: [a]}
+- {name: a, namespaces: [a], serviceAccounts: [b/x]}
+- {name: a, namespaces: ["*"]}
+`, err: []string{`hostdirs[0].name`, `"b/x" can never be allowed`, `hostdirs[2].name: entry "a" is listed twice`}},
+		{name: "hostdir takes no path", yaml: "hostdirs: [{name: b, namespaces: [a], path: /srv}]", err: []string{`unknown field "path"`}},
 		{name: "typo in a field", yaml: "langauges: []", err: []string{`unknown field "langauges"`}},
 		{name: "every problem at once", yaml: `
 registry: "gcr.io//datadoghq"

@@ -24,7 +24,7 @@ type manualResult struct {
 // applyManualVolumes adds the CSI volumes that apm-csi.io/volume.<name> annotations ask for.
 // Unlike SSI, these are the pod author's explicit request, so anything that cannot be done as
 // written refuses the pod with a message naming the annotation and the fix.
-func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume, driverInstalled bool) (manualResult, error) {
+func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume, in Input) (manualResult, error) {
 	var res manualResult
 	for _, v := range vols {
 		key, value := annotations.VolumePrefix+v.Name, pod.Annotations[annotations.VolumePrefix+v.Name]
@@ -36,6 +36,15 @@ func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume
 		}
 		if slices.ContainsFunc(pod.Spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }) {
 			return res, deny(fmt.Sprintf("the pod already has a volume named %s", v.Name), "rename the volume in the annotation key, e.g. "+annotations.VolumePrefix+v.Name+"-apm")
+		}
+		if v.HostDir != "" {
+			problem, fix, warning := m.hostDirRefusal(pod, v.HostDir, in)
+			if problem != "" {
+				return res, deny(problem, fix)
+			}
+			if warning != "" {
+				res.warnings = append(res.warnings, warning)
+			}
 		}
 		spec := &volumeattrs.Spec{Kind: volumeattrs.KindHostDir, HostDir: v.HostDir, ReadOnly: v.ReadOnly}
 		var recorded []string
@@ -92,7 +101,7 @@ func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume
 		res.volumes = append(res.volumes, v.Name)
 		res.libraries = append(res.libraries, recorded...)
 	}
-	if len(res.volumes) > 0 && !driverInstalled {
+	if len(res.volumes) > 0 && !in.DriverInstalled {
 		res.warnings = append(res.warnings, fmt.Sprintf("apm-csi: CSI driver %s is not installed; volumes %s cannot be mounted until it is", m.cfg.DriverName, strings.Join(res.volumes, ", ")))
 	}
 	return res, nil

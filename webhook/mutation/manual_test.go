@@ -1,13 +1,16 @@
 package mutation
 
 import (
+	"errors"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
+	"github.com/apm-csi/apm-csi/shared/tenancy"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/webhook/annotations"
 	"github.com/apm-csi/apm-csi/webhook/config"
@@ -127,6 +130,70 @@ func TestManualVolumeDenials(t *testing.T) {
 			for _, w := range tt.want {
 				if !strings.Contains(res.Denial, w) {
 					t.Errorf("denial %q lacks %q", res.Denial, w)
+				}
+			}
+		})
+	}
+}
+
+// withTenancy declares hostdir entries in the webhook configuration, as the chart renders them
+// from node.hostDirs.
+func withTenancy(c *config.Config) {
+	c.HostDirs = []config.HostDir{
+		{Name: "team-a", Tenancy: tenancy.Tenancy{Namespaces: []string{"team-a"}}},
+		{Name: "writers", Tenancy: tenancy.Tenancy{Namespaces: []string{testNS}, ServiceAccounts: []string{testNS + "/writer"}}},
+		{Name: "labelled", Tenancy: tenancy.Tenancy{Namespaces: []string{"*"}, NamespaceSelector: "apm-csi.io/hostdir=allowed"}},
+		{Name: "everyone", Tenancy: tenancy.Tenancy{Namespaces: []string{"*"}}},
+	}
+}
+
+func TestManualHostDirTenancy(t *testing.T) {
+	labelled := plainNamespace()
+	labelled.Labels = map[string]string{"apm-csi.io/hostdir": "allowed"}
+	tests := []struct {
+		name     string
+		entry    string
+		sa       string
+		ns       *corev1.Namespace
+		nsErr    error
+		denied   []string
+		warnings []string
+	}{
+		{name: "entry of another namespace", entry: "team-a", ns: plainNamespace(), denied: []string{
+			"annotation apm-csi.io/volume.data", "hostdir entry team-a may not be used by pods of namespace " + testNS + " running as service account default",
+			"namespace " + testNS + " is not allowed; the entry allows namespaces team-a",
+			"fix: use an entry allowed for this namespace", "Helm value node.hostDirs[].namespaces"}},
+		{name: "other service account", entry: "writers", sa: "reader", ns: plainNamespace(), denied: []string{"service account " + testNS + "/reader is not allowed"}},
+		{name: "allowed service account", entry: "writers", sa: "writer", ns: plainNamespace()},
+		{name: "namespace without the labels", entry: "labelled", ns: plainNamespace(), denied: []string{
+			"namespace " + testNS + ` does not carry the labels the entry requires (namespaceSelector "apm-csi.io/hostdir=allowed")`, "label the namespace"}},
+		{name: "labelled namespace", entry: "labelled", ns: labelled},
+		{name: "namespace unreadable with a selector", entry: "labelled", nsErr: errors.New("timeout"), denied: []string{"could not be read to check its labels: timeout"}},
+		{name: "every namespace", entry: "everyone", ns: plainNamespace()},
+		{name: "entry unknown to the webhook", entry: "node-only", ns: plainNamespace(), warnings: []string{"hostdir entry node-only is not in the webhook's list of entries"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := withAnnotations(webPod(), annotations.VolumePrefix+"data", "hostdir="+tt.entry+"; mountPath=/data")
+			pod.Spec.ServiceAccountName = tt.sa
+			res := newTestMutator(t, withTenancy).Mutate(Input{Pod: pod, Namespace: tt.ns, NamespaceError: tt.nsErr, DriverInstalled: true, Now: testNow})
+			if len(tt.denied) > 0 {
+				if res.Outcome != OutcomeDenied {
+					t.Fatalf("outcome %s (%s), want denied", res.Outcome, res.Reason)
+				}
+				for _, frag := range tt.denied {
+					if !strings.Contains(res.Denial, frag) {
+						t.Errorf("denial lacks %q:\n%s", frag, res.Denial)
+					}
+				}
+				return
+			}
+			if res.Outcome != OutcomeInjected || csiSpec(t, res.Pod, "data").HostDir != tt.entry {
+				t.Fatalf("outcome %s: %s", res.Outcome, res.Reason)
+			}
+			for _, w := range tt.warnings {
+				if !slices.ContainsFunc(res.Warnings, func(s string) bool { return strings.Contains(s, w) }) {
+					t.Errorf("warnings %q lack %q", res.Warnings, w)
 				}
 			}
 		})

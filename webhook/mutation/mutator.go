@@ -122,7 +122,7 @@ func (m *Mutator) Mutate(in Input) Result {
 	}
 
 	work := pod.DeepCopy()
-	manual, err := m.applyManualVolumes(work, vols, in.DriverInstalled)
+	manual, err := m.applyManualVolumes(work, vols, in)
 	if err != nil {
 		return Result{Outcome: OutcomeDenied, Reason: err.Error(), Denial: err.Error()}
 	}

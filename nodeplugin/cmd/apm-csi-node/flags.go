@@ -107,7 +107,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	fs.StringVar(&o.driverName, "driver-name", names.DriverName, "CSI driver name")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state (records, overlay upper/work dirs); not on an overlayfs")
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
-	fs.Var(&hostDirs, "hostdir", "allowlisted host path NAME=PATH[,ro][,create]; repeatable")
+	fs.Var(&hostDirs, "hostdir", "allowlisted host path "+hostdir.FlagSyntax+"; namespaces (required; * for every namespace) and service-accounts say which pods may mount it; repeatable")
 	fs.Var(&sockets, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
 	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs, datadogSockets, allowedRepositories and pullSecretScopes, in addition to the flags")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")

@@ -18,7 +18,7 @@ import (
 func TestParseFlags(t *testing.T) {
 	dir := t.TempDir()
 	config := filepath.Join(dir, "config.yaml")
-	if err := os.WriteFile(config, []byte("hostdirs:\n- name: from-file\n  path: /srv/file\ndatadogSockets:\n  APMSocket: from-file\n  DSDSocket: from-file\nallowedRepositories:\n- registry.example/from-file\npullSecretScopes:\n- secret: team-a\n  repositories: [registry.example/team-a]\n  namespaces: [team-a]\n"), 0o600); err != nil {
+	if err := os.WriteFile(config, []byte("hostdirs:\n- name: from-file\n  path: /srv/file\n  namespaces: [\"*\"]\ndatadogSockets:\n  APMSocket: from-file\n  DSDSocket: from-file\nallowedRepositories:\n- registry.example/from-file\npullSecretScopes:\n- secret: team-a\n  repositories: [registry.example/team-a]\n  namespaces: [team-a]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {
@@ -52,7 +52,7 @@ func TestParseFlags(t *testing.T) {
 			env: map[string]string{
 				"APM_CSI_NODE_ID":                 "from-env",
 				"APM_CSI_STATE_DIR":               "/state",
-				"APM_CSI_HOSTDIR":                 "a=/a;b=/b,ro\nc=/c,create",
+				"APM_CSI_HOSTDIR":                 "a=/a,namespaces=*;b=/b,ro,namespaces=x|y\nc=/c,create,namespaces=z,service-accounts=z/w",
 				"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "30s",
 				"APM_CSI_KUBELET_REGISTRATION":    "false",
 				"APM_CSI_DATADOG_SOCKET_ENTRY":    "APMSocket=a",
@@ -60,7 +60,8 @@ func TestParseFlags(t *testing.T) {
 				"APM_CSI_PULL_SECRET_SCOPE":       "team=registry.example:5000/team@ns-a,ns-b",
 			},
 			check: func(t *testing.T, o *options) {
-				want := []hostdir.Entry{{Name: "a", Path: "/a"}, {Name: "b", Path: "/b", ReadOnly: true}, {Name: "c", Path: "/c", Create: true}}
+				want := []hostdir.Entry{{Name: "a", Path: "/a", Namespaces: []string{"*"}}, {Name: "b", Path: "/b", ReadOnly: true, Namespaces: []string{"x", "y"}},
+					{Name: "c", Path: "/c", Create: true, Namespaces: []string{"z"}, ServiceAccounts: []string{"z/w"}}}
 				if o.nodeID != "from-env" || o.stateDir != "/state" || !reflect.DeepEqual(o.hostDirs, want) ||
 					o.publishDownloadBudget != 30*time.Second || o.kubeletRegistration || o.datadogSockets["APMSocket"] != "a" {
 					t.Fatalf("from env: %+v", o)
@@ -76,8 +77,8 @@ func TestParseFlags(t *testing.T) {
 		},
 		{
 			name: "command line wins over environment",
-			args: []string{"--node-id", "from-flag", "--hostdir", "x=/x"},
-			env:  map[string]string{"APM_CSI_NODE_ID": "from-env", "APM_CSI_HOSTDIR": "a=/a"},
+			args: []string{"--node-id", "from-flag", "--hostdir", "x=/x,namespaces=*"},
+			env:  map[string]string{"APM_CSI_NODE_ID": "from-env", "APM_CSI_HOSTDIR": "a=/a,namespaces=*"},
 			check: func(t *testing.T, o *options) {
 				if o.nodeID != "from-flag" || len(o.hostDirs) != 1 || o.hostDirs[0].Name != "x" {
 					t.Fatalf("precedence: %+v", o)
@@ -86,7 +87,7 @@ func TestParseFlags(t *testing.T) {
 		},
 		{
 			name: "config file plus flags",
-			args: []string{"--node-id", "n", "--config", config, "--hostdir", "flag=/f", "--datadog-socket-entry", "DSDSocket=flag"},
+			args: []string{"--node-id", "n", "--config", config, "--hostdir", "flag=/f,namespaces=*", "--datadog-socket-entry", "DSDSocket=flag"},
 			check: func(t *testing.T, o *options) {
 				if len(o.hostDirs) != 2 || o.hostDirs[0].Name != "from-file" || o.hostDirs[1].Name != "flag" {
 					t.Fatalf("hostdirs %+v", o.hostDirs)
@@ -122,7 +123,8 @@ func TestParseFlags(t *testing.T) {
 		{name: "writable layer not a size", args: []string{"--node-id", "n", "--max-writable-layer", "big"}, wantErr: "such as 256Mi"},
 		{name: "writable layer too small", args: []string{"--node-id", "n", "--default-writable-layer", "1Ki"}, wantErr: "at least 1Mi"},
 		{name: "writable layer mechanism unknown", args: []string{"--node-id", "n", "--writable-layer-mechanism", "loop"}, wantErr: "use one of"},
-		{name: "bad hostdir", args: []string{"--node-id", "n", "--hostdir", "x=relative"}, wantErr: "absolute"},
+		{name: "bad hostdir", args: []string{"--node-id", "n", "--hostdir", "x=relative,namespaces=*"}, wantErr: "absolute"},
+		{name: "hostdir without tenancy", args: []string{"--node-id", "n", "--hostdir", "x=/x"}, wantErr: "--hostdir: hostdir \"x\": declare who may use it: flag --hostdir NAME=PATH,namespaces=NS1|NS2 (or namespaces=* for every namespace)"},
 		{name: "bad env value", args: []string{"--node-id", "n"}, env: map[string]string{"APM_CSI_PUBLISH_DOWNLOAD_BUDGET": "soon"}, wantErr: "APM_CSI_PUBLISH_DOWNLOAD_BUDGET"},
 		{name: "bad allowed repository", args: []string{"--node-id", "n", "--allowed-repository", "datadoghq"}, wantErr: "not a registry host"},
 		{name: "bad pull secret scope", args: []string{"--node-id", "n", "--pull-secret-scope", "team"}, wantErr: "SECRET="},

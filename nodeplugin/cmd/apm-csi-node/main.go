@@ -97,6 +97,12 @@ func run() error {
 	}
 	log.Info("starting", "version", version.Version, "driver", o.driverName, "node", o.nodeID, "endpoint", o.endpoint,
 		"kubeletDir", o.kubeletDir, "stateDir", o.stateDir, "hostdirs", hostDirs.Names(), "libraryCache", cache.Dir(), "prefetch", o.cache.Prefetch)
+	for _, e := range o.hostDirs {
+		log.Info("hostdir entry", "entry", e.Name, "readOnly", e.ReadOnly, "allowed", e.Tenancy().Describe())
+		if e.NamespaceSelector != "" {
+			log.Info("hostdir entry has a namespace selector: the webhook evaluates it at admission, this plugin enforces the namespace names and service accounts only", "entry", e.Name)
+		}
+	}
 	for typ, entry := range o.datadogSockets {
 		if _, err := hostDirs.Lookup(entry); err != nil {
 			log.Warn("a Datadog socket type maps to an undeclared hostdir entry; its volumes will be refused", "type", typ, "entry", entry)

@@ -91,6 +91,8 @@ type HostDir struct {
 	Path     string `json:"path"`
 	ReadOnly bool   `json:"readOnly,omitempty"`
 	Create   bool   `json:"create,omitempty"`
+	// Namespaces whose pods may use the entry, or ["*"] (required by the chart).
+	Namespaces []string `json:"namespaces"`
 }
 
 // Options of Deploy.
@@ -108,6 +110,9 @@ type Options struct {
 	// HostDirs is the node plugin's allowlist. Their paths are below the cluster's HostPathDir,
 	// which Up makes a shared mount, as the chart's HostToContainer mounts of them need.
 	HostDirs []HostDir
+	// HostDirNamespaces are the namespaces where the admission policy admits `type: hostdir`
+	// volumes (chart value admissionPolicy.hostdirNamespaces).
+	HostDirNamespaces []string
 	// GCGracePeriod of the library cache; empty keeps the chart's default.
 	GCGracePeriod string
 	// WebhookReplicas; 0 keeps the chart's default.
@@ -198,8 +203,9 @@ func (d *Deployment) values() ([]byte, error) {
 			// No apm-inject image exists here: libraries at /datadog-lib, NODE_OPTIONS etc.
 			"layout": "direct",
 		},
-		"node":    node,
-		"webhook": webhook,
+		"node":            node,
+		"webhook":         webhook,
+		"admissionPolicy": map[string]any{"enabled": true, "hostdirNamespaces": o.HostDirNamespaces},
 	}
 	return yaml.Marshal(v)
 }

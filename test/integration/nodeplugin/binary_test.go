@@ -19,7 +19,9 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
@@ -120,7 +122,7 @@ func TestBinary(t *testing.T) {
 	stale.(*net.UnixListener).SetUnlinkOnClose(false)
 	stale.Close()
 	config := filepath.Join(root, "config.yaml")
-	writeFile(t, config, "hostdirs:\n- name: demo\n  path: "+filepath.Join(host, "demo")+"\n  create: true\n")
+	writeFile(t, config, "hostdirs:\n- name: demo\n  path: "+filepath.Join(host, "demo")+"\n  create: true\n  namespaces: [shop]\n")
 
 	// Library images on a loopback registry: python is prefetched at start, java is pulled by
 	// the first publish that names it.
@@ -151,7 +153,7 @@ func TestBinary(t *testing.T) {
 		cmd.Env = append(os.Environ(),
 			"APM_CSI_STATE_DIR="+filepath.Join(root, "state"),
 			"APM_CSI_NODE_ID=node-bin",
-			"APM_CSI_HOSTDIR=data="+filepath.Join(host, "data")+";shared="+filepath.Join(host, "data")+",ro",
+			"APM_CSI_HOSTDIR=data="+filepath.Join(host, "data")+",namespaces=*;shared="+filepath.Join(host, "data")+",ro,namespaces=*",
 			"APM_CSI_LOG_LEVEL=debug",
 		)
 		logs := &syncBuffer{mu: make(chan struct{}, 1)}
@@ -235,6 +237,16 @@ func TestBinary(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(host, "demo")); err != nil {
 		t.Fatal("the --config entry with create was not created")
 	}
+	// The demo entry is for namespace shop only: a pod of another namespace is refused.
+	intruder := &csi.NodePublishVolumeRequest{VolumeId: "csi-intruder", TargetPath: filepath.Join(targetDir, "intruder"), VolumeCapability: req.VolumeCapability,
+		VolumeContext: map[string]string{"type": "hostdir", "name": "demo", "csi.storage.k8s.io/pod.name": "thief", "csi.storage.k8s.io/pod.namespace": "other"}}
+	if _, err := node.NodePublishVolume(context.Background(), intruder); status.Code(err) != codes.PermissionDenied ||
+		!strings.Contains(err.Error(), "namespace other is not allowed; the entry allows namespaces shop") {
+		t.Fatalf("publish of the shop-only entry for namespace other = %v, want PermissionDenied", err)
+	}
+	if _, err := os.Lstat(intruder.TargetPath); !os.IsNotExist(err) {
+		t.Fatalf("the refused publish left its target: %v", err)
+	}
 	// The prefetched library is in the cache before any volume asks for it: pulled once, stored
 	// under its manifest digest.
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
@@ -278,6 +290,7 @@ func TestBinary(t *testing.T) {
 	writeFile(t, filepath.Join(libTarget, "tracer.log"), "pod's own\n")
 	if code, body := httpGet("http://" + metrics + "/metrics"); code != http.StatusOK ||
 		!strings.Contains(body, `apm_csi_node_operations_total{grpc_code="OK",operation="publish",volume_type="hostdir"} 1`) ||
+		!strings.Contains(body, `apm_csi_node_operations_total{grpc_code="PermissionDenied",operation="publish",volume_type="hostdir"} 1`) ||
 		!strings.Contains(body, `apm_csi_node_operations_total{grpc_code="OK",operation="publish",volume_type="library"} 1`) ||
 		!strings.Contains(body, `apm_csi_node_operation_duration_seconds_bucket{grpc_code="OK",operation="publish",volume_type="library"`) ||
 		!strings.Contains(body, `apm_csi_node_published_volumes{volume_type="hostdir"} 1`) ||

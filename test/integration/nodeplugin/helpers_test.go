@@ -83,7 +83,8 @@ type plugin struct {
 }
 
 // startPlugin creates the directories, the allowlist (data: writable dir, shared: read-only
-// dir, apm-socket: a unix socket file, demo: created on demand) and starts the server.
+// dir, apm-socket: a unix socket file, demo: created on demand, all for every namespace;
+// team-a: only for namespace team-a's service account app) and starts the server.
 func startPlugin(t testing.TB) *plugin {
 	t.Helper()
 	np := nodeplugintest.New(t, nodeplugintest.Config{})
@@ -92,16 +93,19 @@ func startPlugin(t testing.TB) *plugin {
 		host:   filepath.Join(np.Root, "host"),
 		store:  &dirStore{root: filepath.Join(np.Root, "cache"), errs: map[string]error{}},
 	}
-	for _, d := range []string{"data", "shared"} {
+	for _, d := range []string{"data", "shared", "team-a"} {
 		if err := os.MkdirAll(filepath.Join(p.host, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
+	all := []string{"*"}
 	hosts, err := hostdir.NewSet([]hostdir.Entry{
-		{Name: "data", Path: filepath.Join(p.host, "data")},
-		{Name: "shared", Path: filepath.Join(p.host, "shared"), ReadOnly: true},
-		{Name: "apm-socket", Path: filepath.Join(p.host, "apm.socket")},
-		{Name: "demo", Path: filepath.Join(p.host, "demo"), Create: true},
+		{Name: "data", Path: filepath.Join(p.host, "data"), Namespaces: all},
+		{Name: "shared", Path: filepath.Join(p.host, "shared"), ReadOnly: true, Namespaces: all},
+		{Name: "apm-socket", Path: filepath.Join(p.host, "apm.socket"), Namespaces: all},
+		{Name: "demo", Path: filepath.Join(p.host, "demo"), Create: true, Namespaces: all},
+		// Team A's directory: only pods of namespace team-a, running as team-a/app.
+		{Name: "team-a", Path: filepath.Join(p.host, "team-a"), Namespaces: []string{"team-a"}, ServiceAccounts: []string{"team-a/app"}},
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -30,6 +30,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
+	"github.com/apm-csi/apm-csi/shared/tenancy"
 	"github.com/apm-csi/apm-csi/test/testenv"
 	"github.com/apm-csi/apm-csi/webhook/config"
 	"github.com/apm-csi/apm-csi/webhook/server"
@@ -81,6 +82,14 @@ func startHarness(tb testing.TB) *harness {
 		tb.Fatal(err)
 	}
 	wcfg := config.Default()
+	// The node plugin's hostdir entries with their tenancy, as the chart renders them.
+	wcfg.HostDirs = []config.HostDir{
+		{Name: "team-a", Tenancy: tenancy.Tenancy{Namespaces: []string{"team-a"}}},
+		{Name: "labelled", Tenancy: tenancy.Tenancy{Namespaces: []string{"*"}, NamespaceSelector: "apm-csi.io/hostdir=allowed"}},
+	}
+	if err := wcfg.Validate(); err != nil {
+		tb.Fatal(err)
+	}
 	wio := env.WebhookInstallOptions
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 scheme,

@@ -91,6 +91,8 @@ func TestWebhook(t *testing.T) {
 	h.setDriver(t, true)
 	h.namespace(t, "ssi", map[string]string{"apm-csi.io/ssi": "enabled"}, nil)
 	h.namespace(t, "plain", nil, nil)
+	h.namespace(t, "team-a", nil, nil)
+	h.namespace(t, "hostdir-allowed", map[string]string{"apm-csi.io/hostdir": "allowed"}, nil)
 	h.namespace(t, "ssi-java", map[string]string{"apm-csi.io/ssi": "enabled"}, map[string]string{annotations.Libraries: "java:v1.45.0"})
 
 	t.Run("namespace label instruments every pod", func(t *testing.T) {
@@ -184,6 +186,39 @@ func TestWebhook(t *testing.T) {
 		}
 		if !apierrors.IsForbidden(err) {
 			t.Errorf("want 403 Forbidden, got %v", err)
+		}
+	})
+
+	t.Run("manual hostdir annotation for a namespace the entry does not allow is denied", func(t *testing.T) {
+		for _, c := range []struct{ entry, ns string }{{"team-a", "team-a"}, {"labelled", "hostdir-allowed"}} {
+			p := h.create(t, pod(c.ns, "allowed-"+c.entry, map[string]string{annotations.Volumes: "enabled"},
+				map[string]string{annotations.VolumePrefix + "data": "hostdir=" + c.entry + "; mountPath=/data"}))
+			if !slices.ContainsFunc(p.Spec.Volumes, func(v corev1.Volume) bool { return v.CSI != nil && v.CSI.VolumeAttributes["name"] == c.entry }) {
+				t.Errorf("pod of namespace %s did not get entry %s: %+v", c.ns, c.entry, p.Spec.Volumes)
+			}
+		}
+		for _, c := range []struct {
+			entry string
+			frags []string
+		}{
+			{"team-a", []string{"hostdir entry team-a may not be used by pods of namespace plain running as service account default",
+				"namespace plain is not allowed; the entry allows namespaces team-a", "fix: use an entry allowed for this namespace"}},
+			{"labelled", []string{`namespace plain does not carry the labels the entry requires (namespaceSelector "apm-csi.io/hostdir=allowed")`,
+				"ask the cluster administrator to label the namespace"}},
+		} {
+			err := h.client.Create(context.Background(), pod("plain", "thief-"+c.entry, map[string]string{annotations.Volumes: "enabled"},
+				map[string]string{annotations.VolumePrefix + "data": "hostdir=" + c.entry + "; mountPath=/data"}))
+			if err == nil {
+				t.Fatalf("a pod of namespace plain was created with hostdir entry %s", c.entry)
+			}
+			if !apierrors.IsForbidden(err) {
+				t.Errorf("want 403 Forbidden, got %v", err)
+			}
+			for _, frag := range append([]string{`admission webhook "volume-pods.pods.apm-csi.io" denied the request`, "annotation apm-csi.io/volume.data"}, c.frags...) {
+				if !strings.Contains(err.Error(), frag) {
+					t.Errorf("the client's error lacks %q:\n%s", frag, err)
+				}
+			}
 		}
 	})
 

@@ -109,3 +109,25 @@ MiB/GiB suffixes, not Kubernetes quantities); empty (no limit) otherwise.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Every hostdir entry, as a JSON list: node.hostDirs plus, with node.datadogAgentSockets.enabled,
+the Datadog Agent's socket entries (read-only, every namespace; the directory entries writable
+only with writableDirectory). The node plugin's and the webhook's configurations and the
+DaemonSet's host mounts are all rendered from this one list.
+*/}}
+{{- define "apm-csi.hostDirs" -}}
+{{- $all := list -}}
+{{- range .Values.node.hostDirs }}{{ $all = append $all . }}{{ end -}}
+{{- $dd := .Values.node.datadogAgentSockets | default dict -}}
+{{- if $dd.enabled -}}
+{{- $dir := $dd.path | default "/var/run/datadog" -}}
+{{- $every := list "*" -}}
+{{- range list "apm-socket-dir" "dsd-socket-dir" -}}
+{{- $all = append $all (dict "name" . "path" $dir "type" "Directory" "create" true "readOnly" (not $dd.writableDirectory) "namespaces" $every) -}}
+{{- end -}}
+{{- $all = append $all (dict "name" "apm-socket" "path" (printf "%s/apm.socket" $dir) "type" "Socket" "readOnly" true "namespaces" $every) -}}
+{{- $all = append $all (dict "name" "dsd-socket" "path" (printf "%s/dsd.socket" $dir) "type" "Socket" "readOnly" true "namespaces" $every) -}}
+{{- end -}}
+{{- toJson $all -}}
+{{- end -}}
