@@ -26,7 +26,7 @@ func TestZstdWindowBombRefused(t *testing.T) {
 	reg := libimages.Start(t)
 	img := must[v1.Image](t)(libimages.ZstdWindowBomb(29, 600<<20))
 	must[string](t)(reg.Push("hostile/zstd-window", "v1", img))
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/zstd-window") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if !errors.Is(err, driver.ErrImageRejected) {
@@ -46,7 +46,7 @@ func TestZstdLayerWithinWindowServed(t *testing.T) {
 	reg := libimages.Start(t)
 	img := must[v1.Image](t)(libimages.ZstdWindowBomb(22, 1<<20))
 	must[string](t)(reg.Push("hostile/zstd-small", "v1", img))
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: reg.Repo("hostile/zstd-small") + ":v1"}); err != nil {
 		t.Fatalf("Layer = %v, want a zstd layer with a 4 MiB window served", err)
 	}
@@ -58,7 +58,7 @@ func TestOversizedManifestRefused(t *testing.T) {
 	reg := libimages.Start(t)
 	img := must[v1.Image](t)(libimages.OversizedManifest(5 << 20))
 	must[string](t)(reg.Push("hostile/big-manifest", "v1", img))
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/big-manifest") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if !errors.Is(err, driver.ErrImageRejected) {
@@ -76,7 +76,7 @@ func TestDirectoryBombCountsAgainstCap(t *testing.T) {
 	reg := libimages.Start(t)
 	img := must[v1.Image](t)(libimages.DirectoryBomb(20_000))
 	must[string](t)(reg.Push("hostile/dirs", "v1", img))
-	c := newCache(t, Config{MaxLibraryBytes: 1 << 20})
+	c := newCache(t, Config{MaxLibraryBytes: 1 << 20}, reg)
 	image := reg.Repo("hostile/dirs") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if !errors.Is(err, driver.ErrImageRejected) {
@@ -94,7 +94,7 @@ func TestDirectoryBombChargedToBudget(t *testing.T) {
 	reg := libimages.Start(t)
 	img := must[v1.Image](t)(libimages.DirectoryBomb(2_000))
 	must[string](t)(reg.Push("hostile/dirs", "v1", img))
-	c := newCache(t, Config{})
+	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/dirs") + ":v1"
 	for _, lang := range []string{"java", "python"} {
 		if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Target: libref.LanguageTarget(lang)}); err != nil {
@@ -129,7 +129,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	store := filepath.Join(t.TempDir(), "store")
 	clk := clocktesting.NewFakeClock(time.Now())
 
-	first, err := New(Config{StoreDir: store, Clock: clk, Logger: slog.New(slog.DiscardHandler)})
+	first, err := New(trust(Config{StoreDir: store, Clock: clk, Logger: slog.New(slog.DiscardHandler)}, reg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	}
 	reg.ResetCounts()
 
-	second := newCache(t, Config{StoreDir: store, Clock: clk})
+	second := newCache(t, Config{StoreDir: store, Clock: clk}, reg)
 	_, err = second.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "window") {
 		t.Fatalf("Layer after a restart = %v, want the remembered rejection", err)
@@ -174,7 +174,7 @@ func TestDiskBudgetRefusesNewLibraries(t *testing.T) {
 	reg := libimages.Start(t)
 	javaRef, _ := pushLibrary(t, reg, "java", "v1")
 	rubyRef, _ := pushLibrary(t, reg, "ruby", "v1")
-	c := newCache(t, Config{DiskBudget: 4096})
+	c := newCache(t, Config{DiskBudget: 4096}, reg)
 	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: javaRef}); err != nil {
 		t.Fatal(err)
 	}

@@ -59,7 +59,7 @@ func TestStalledRegistryDoesNotStarveOthers(t *testing.T) {
 	release := stalled.HoldBlobs(0)
 	defer release()
 	clk := clocktesting.NewFakeClock(time.Now())
-	c := newCache(t, Config{MaxParallelDownloads: 2, Clock: clk, DownloadSlotWait: time.Hour, MinDownloadRateWindow: 30 * time.Second})
+	c := newCache(t, Config{MaxParallelDownloads: 2, Clock: clk, DownloadSlotWait: time.Hour, MinDownloadRateWindow: 30 * time.Second}, stalled, healthy)
 
 	java := publishAsync(c, javaRef)
 	waitFor(t, "the stalled download to start", func() bool { return stalled.BlobFetches(payloadLayer(t, javaImg)) > 0 })
@@ -104,7 +104,7 @@ func TestDownloadSlotWaitBounded(t *testing.T) {
 	release := reg.HoldBlobs(0)
 	defer release()
 	clk := clocktesting.NewFakeClock(time.Now())
-	c := newCache(t, Config{MaxParallelDownloads: 1, Clock: clk, DownloadSlotWait: 20 * time.Second, MinDownloadRate: -1})
+	c := newCache(t, Config{MaxParallelDownloads: 1, Clock: clk, DownloadSlotWait: 20 * time.Second, MinDownloadRate: -1}, reg)
 
 	java := publishAsync(c, javaRef)
 	waitFor(t, "the first download to start", func() bool { return reg.BlobFetches(payloadLayer(t, javaImg)) > 0 })
