@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -39,23 +40,45 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 	}
 	readOnly := r.readOnly || entry.ReadOnly
 
-	mode, err := entry.Source()
+	src := d.sources.Get(name)
+	if src == nil {
+		return status.Errorf(codes.Internal, "%shostdir %q was not resolved at start", via, name)
+	}
+	fd, mode, err := src.Open()
 	switch {
-	case errors.Is(err, hostdir.ErrSourceMissing):
+	case errors.Is(err, hostdir.ErrSourceMissing), errors.Is(err, hostdir.ErrSourceChanged), errors.Is(err, hostdir.ErrSourceKind):
 		return status.Errorf(codes.FailedPrecondition, "%s%v", via, err)
 	case err != nil:
 		return status.Errorf(codes.Internal, "%s%v", via, err)
-	case mode&(fs.ModeDevice|fs.ModeCharDevice|fs.ModeNamedPipe|fs.ModeIrregular) != 0:
-		return status.Errorf(codes.FailedPrecondition, "%shostdir %q: %s is not a directory, regular file or socket", via, name, entry.Path)
 	}
+	defer unix.Close(fd)
 	rec := r.newRecord()
 	rec.HostDir = name
-	rec.Source = entry.Path
+	rec.Source = src.Resolved
 	rec.TargetIsFile = !mode.IsDir()
 	rec.ReadOnly = readOnly
 	return d.mountWithRecord(r, rec, func() error {
-		return d.mounter.Bind(entry.Path, r.target, readOnly)
+		return d.mounter.BindFrom(fd, r.dir, targetName, readOnly)
 	})
+}
+
+// bindPath bind-mounts a path of the library store (a layer dir, a generated file) onto the
+// target. The store is the plugin's own; the last component is still not followed if it is a
+// link.
+func (d *Driver) bindPath(r *publishRequest, source string, readOnly bool) error {
+	fd, err := unix.Open(source, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", source, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", source, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		return fmt.Errorf("library store path %s is a symbolic link; refusing to mount it", source)
+	}
+	return d.mounter.BindFrom(fd, r.dir, targetName, readOnly)
 }
 
 // describeEntries lists the declared entries with their modes, for error messages.
@@ -106,33 +129,38 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	case r.readOnly && len(lower) == 1:
 		rec.Source = lower[0]
 		return d.mountWithRecord(r, rec, func() error {
-			return d.mounter.Bind(lower[0], r.target, true)
+			return d.bindPath(r, lower[0], true)
 		})
 	case r.readOnly:
 		return d.mountWithRecord(r, rec, func() error {
-			return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower})
+			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower})
 		})
 	}
 	rec.OverlayDir = filepath.Join(d.overlaysDir, rec.Key())
 	rec.UpperDir = filepath.Join(rec.OverlayDir, "upper")
 	rec.WorkDir = filepath.Join(rec.OverlayDir, "work")
 	return d.mountWithRecord(r, rec, func() error {
-		if err := os.Mkdir(rec.OverlayDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		if err := createOverlayDirs(rec); err != nil {
 			return err
 		}
-		// The upper dir's root becomes the volume's root directory: world-writable like an
-		// emptyDir, so a tracer running as any user can write its logs next to the library.
-		if err := os.Mkdir(rec.UpperDir, 0o755); err != nil {
-			return err
-		}
-		if err := os.Chmod(rec.UpperDir, 0o777); err != nil {
-			return err
-		}
-		if err := os.Mkdir(rec.WorkDir, 0o700); err != nil {
-			return err
-		}
-		return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
+		return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
 	})
+}
+
+// createOverlayDirs makes a writable library volume's private upper and work dirs.
+func createOverlayDirs(rec *state.Record) error {
+	if err := os.Mkdir(rec.OverlayDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	// The upper dir's root becomes the volume's root directory: world-writable like an
+	// emptyDir, so a tracer running as any user can write its logs next to the library.
+	if err := os.Mkdir(rec.UpperDir, 0o755); err != nil {
+		return err
+	}
+	if err := os.Chmod(rec.UpperDir, 0o777); err != nil {
+		return err
+	}
+	return os.Mkdir(rec.WorkDir, 0o700)
 }
 
 // resolveLayers asks the library store for every layer, top first, within the publish budget.
@@ -200,6 +228,6 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 	rec.TargetIsFile = true
 	rec.ReadOnly = true
 	return d.mountWithRecord(r, rec, func() error {
-		return d.mounter.Bind(rec.Source, r.target, true)
+		return d.bindPath(r, rec.Source, true)
 	})
 }
