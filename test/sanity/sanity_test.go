@@ -15,6 +15,7 @@ import (
 	"github.com/onsi/ginkgo/v2"
 	"github.com/onsi/gomega"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
@@ -109,7 +110,9 @@ func TestSanity(t *testing.T) {
 	cfg.CheckPath = func(p string) (sanity.PathKind, error) { return checkPath(kubeletTarget(p)) }
 	cfg.RemoveTargetPath = func(string) error { return nil } // the pod dir goes with the test's temporary dir
 	cfg.StagingPath = filepath.Join(p.Root, "sanity-staging")
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(kubeletTargets)}
+	// Setting DialOptions replaces csi-sanity's own, which include the (unix socket)
+	// credentials.
+	cfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithChainUnaryInterceptor(kubeletTargets)}
 	// What a static PersistentVolume's volumeAttributes would hold for a declared entry.
 	cfg.TestVolumeParameters = map[string]string{"type": "hostdir", "name": "sanity"}
 
