@@ -16,6 +16,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/fdpath"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
@@ -33,7 +34,8 @@ type Config struct {
 	// DriverName defaults to names.DriverName.
 	DriverName string
 	NodeID     string
-	// KubeletDir is kubelet's root dir; targets must lie under <KubeletDir>/pods/.
+	// KubeletDir is kubelet's root dir; targets must be exactly
+	// <KubeletDir>/pods/<pod-uid>/volumes/kubernetes.io~csi/<volume>/mount.
 	KubeletDir string
 	// StateDir is the host directory for records and overlay upper/work dirs. It must not be
 	// on an overlayfs (a container's root filesystem): overlayfs refuses such an upper dir.
@@ -69,6 +71,7 @@ type Driver struct {
 	cfg         Config
 	log         *slog.Logger
 	mounter     mounter.Interface
+	sources     *hostdir.Sources
 	store       *state.Store
 	podsDir     string
 	overlaysDir string
@@ -133,6 +136,12 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
+	// Resolve the allowlist once: the administrator's links are followed now and never
+	// again, and entries nested in entries pods can change are refused.
+	sources, err := hostdir.Resolve(cfg.HostDirs)
+	if err != nil {
+		return nil, err
+	}
 	store, err := state.Open(cfg.StateDir)
 	if err != nil {
 		return nil, err
@@ -141,10 +150,18 @@ func New(cfg Config) (*Driver, error) {
 	if err := os.MkdirAll(overlays, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	if f, ok := cfg.Mounter.(interface{ Features() string }); ok {
+		cfg.Logger.Info("host paths", "resolution", fdpath.Mode(), "mounts", f.Features())
+	}
+	for _, name := range sources.Names() {
+		src := sources.Get(name)
+		cfg.Logger.Info("hostdir entry", "entry", name, "path", src.Entry.Path, "resolved", src.Resolved, "kind", src.Kind(), "readOnly", src.Entry.ReadOnly, "create", src.Entry.Create)
+	}
 	return &Driver{
 		cfg:         cfg,
 		log:         cfg.Logger,
 		mounter:     cfg.Mounter,
+		sources:     sources,
 		store:       store,
 		podsDir:     filepath.Join(cfg.KubeletDir, "pods"),
 		overlaysDir: overlays,

@@ -215,8 +215,14 @@ func TestPublishValidation(t *testing.T) {
 	}{
 		{name: "no volume id", mutate: func(r *csi.NodePublishVolumeRequest) { r.VolumeId = "" }, code: codes.InvalidArgument, contains: []string{"volume_id"}},
 		{name: "no target", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = "" }, code: codes.InvalidArgument, contains: []string{"target_path"}},
-		{name: "target outside pods", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = filepath.Join(f.kubelet, "plugins", "x") }, code: codes.InvalidArgument, contains: []string{"not under"}},
-		{name: "target escaping pods", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = f.kubelet + "/pods/../etc/x" }, code: codes.InvalidArgument, contains: []string{"not under"}},
+		{name: "target outside pods", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = filepath.Join(f.kubelet, "plugins", "x") }, code: codes.InvalidArgument, contains: []string{"not a kubelet CSI volume target", "/pods/<pod-uid>/volumes/kubernetes.io~csi/<volume>/mount"}},
+		{name: "target escaping pods", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = f.kubelet + "/pods/../etc/x" }, code: codes.InvalidArgument, contains: []string{"not a kubelet CSI volume target"}},
+		{name: "target with dotdot in the shape", mutate: func(r *csi.NodePublishVolumeRequest) {
+			r.TargetPath = f.kubelet + "/pods/pod-a/volumes/kubernetes.io~csi/../mount"
+		}, code: codes.InvalidArgument, contains: []string{"<volume>/mount"}},
+		{name: "target in another plugin's dir", mutate: func(r *csi.NodePublishVolumeRequest) {
+			r.TargetPath = f.kubelet + "/pods/pod-a/volumes/kubernetes.io~empty-dir/vol/mount"
+		}, code: codes.InvalidArgument, contains: []string{"<volume>/mount"}},
 		{name: "target is the pods dir", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = f.kubelet + "/pods" }, code: codes.InvalidArgument},
 		{name: "relative target", mutate: func(r *csi.NodePublishVolumeRequest) { r.TargetPath = "pods/x" }, code: codes.InvalidArgument},
 		{name: "no capability", mutate: func(r *csi.NodePublishVolumeRequest) { r.VolumeCapability = nil }, code: codes.InvalidArgument, contains: []string{"volume_capability"}},
@@ -374,7 +380,7 @@ func TestPublishAfterLostMount(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Someone unmounted it behind the plugin's back; kubelet publishes again.
-	if err := f.m.Unmount(target); err != nil {
+	if err := f.m.Forget(target); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
@@ -574,7 +580,7 @@ func TestPublishNotReady(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := &csi.NodePublishVolumeRequest{VolumeId: "v", TargetPath: filepath.Join(root, "k", "pods", "u", "t"), VolumeCapability: mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER), VolumeContext: hostdirAttrs("x")}
+	req := &csi.NodePublishVolumeRequest{VolumeId: "v", TargetPath: filepath.Join(root, "k", "pods", "u", "volumes", "kubernetes.io~csi", "v", "mount"), VolumeCapability: mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER), VolumeContext: hostdirAttrs("x")}
 	_, err = d.NodePublishVolume(context.Background(), req)
 	wantCode(t, err, codes.Unavailable, "starting")
 	probe, _ := d.Probe(context.Background(), &csi.ProbeRequest{})
@@ -595,8 +601,16 @@ func TestUnpublish(t *testing.T) {
 	}
 	wantCode(t, unpublish("", target), codes.InvalidArgument, "volume_id")
 	wantCode(t, unpublish("v", ""), codes.InvalidArgument, "target_path")
-	wantCode(t, unpublish("v", "/etc/passwd"), codes.InvalidArgument, "not under")
-	wantCode(t, unpublish("v", f.kubelet+"/pods/../plugins/x"), codes.InvalidArgument, "not under")
+	// Paths that are not kubelet CSI targets are not this plugin's to touch: OK, nothing done.
+	f.m.Calls = nil
+	for _, p := range []string{"/etc/passwd", f.kubelet + "/pods/../plugins/x", f.kubelet + "/pods/u/volumes/kubernetes.io~csi/v/mount/.."} {
+		if err := unpublish("v", p); err != nil {
+			t.Fatalf("unpublish of %s: %v", p, err)
+		}
+	}
+	if len(f.m.Calls) != 0 {
+		t.Fatalf("unpublish of paths that are not targets called the mounter: %q", f.m.Calls)
+	}
 	if err := unpublish("never", target); err != nil {
 		t.Fatalf("unpublish of a never-published target: %v", err)
 	}
@@ -692,7 +706,7 @@ func TestReconcile(t *testing.T) {
 		}
 	}
 	// The node rebooted (or someone unmounted): one target lost its mount.
-	if err := f.m.Unmount(lost); err != nil {
+	if err := f.m.Forget(lost); err != nil {
 		t.Fatal(err)
 	}
 	// An overlay dir that no record references, and one a live mount still uses.

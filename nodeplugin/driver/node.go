@@ -6,17 +6,15 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
@@ -53,6 +51,9 @@ type publishRequest struct {
 	attrs    map[string]string
 	readOnly bool
 	log      *slog.Logger
+	// dir is the target's volume dir, opened from the pods dir without following links;
+	// every step of the publish works relative to it.
+	dir int
 }
 
 // NodePublishVolume implements csi.NodeServer. It is idempotent: a repeated call for a target
@@ -76,6 +77,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, status.FromContextError(err).Err()
 	}
 	defer unlock()
+
+	r.dir, err = d.openTargetDir(r.target, true)
+	if err != nil {
+		r.log.Warn("publish refused", "error", err)
+		return nil, targetDirError(r.target, err)
+	}
+	defer unix.Close(r.dir)
 
 	done, err := d.checkExisting(r)
 	if err != nil || done {
@@ -138,23 +146,10 @@ func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (*publishReq
 	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, log: log}, nil
 }
 
-// checkTarget cleans a target path and refuses any outside <kubelet-dir>/pods/: publish and
-// unpublish create, mount and remove things there and nowhere else.
-func (d *Driver) checkTarget(p string) (string, error) {
-	if p == "" {
-		return "", status.Error(codes.InvalidArgument, "target_path is missing")
-	}
-	clean := filepath.Clean(p)
-	if !filepath.IsAbs(p) || strings.Contains(p, "\x00") || !strings.HasPrefix(clean, d.podsDir+string(filepath.Separator)) {
-		return "", status.Errorf(codes.InvalidArgument, "target_path %q is not under %s/: this plugin only mounts into kubelet's pod directories (is --kubelet-dir right?)", p, d.podsDir)
-	}
-	return clean, nil
-}
-
 // checkExisting handles a target that already has a record or a mount. done means the volume is
 // already published there and nothing is left to do.
 func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
-	mounted, err := d.isMounted(r.target)
+	mounted, err := d.isMountedAt(r.dir)
 	if err != nil {
 		return false, status.Errorf(codes.Internal, "checking whether %s is mounted: %v", r.target, err)
 	}
@@ -183,15 +178,6 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 	return false, nil
 }
 
-// isMounted is IsMountPoint with a missing path meaning "not mounted".
-func (d *Driver) isMounted(p string) (bool, error) {
-	mounted, err := d.mounter.IsMountPoint(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
-	}
-	return mounted, err
-}
-
 // newRecord starts the record of a publish.
 func (r *publishRequest) newRecord() *state.Record {
 	return &state.Record{
@@ -214,7 +200,7 @@ func (d *Driver) mountWithRecord(r *publishRequest, rec *state.Record, mount fun
 	if err := d.putRecord(rec); err != nil {
 		return status.Errorf(codes.Internal, "recording the publish of %s: %v", r.target, err)
 	}
-	err := prepareTarget(rec.TargetPath, rec.TargetIsFile)
+	err := prepareTarget(r.dir, rec.TargetPath, rec.TargetIsFile)
 	if err == nil {
 		err = mount()
 	}
@@ -231,13 +217,24 @@ func (d *Driver) mountWithRecord(r *publishRequest, rec *state.Record, mount fun
 }
 
 // release undoes a publish: unmounts the target if it is still mounted, removes the target, the
-// overlay dirs and the record. Each step tolerates having been done already.
+// overlay dirs and the record. Each step tolerates having been done already. The target is
+// reached from the pods dir without following links; one that now leads through a link is
+// left alone, with its record (errTargetLink).
 func (d *Driver) release(rec *state.Record) error {
-	if err := d.unmountAll(rec.TargetPath); err != nil {
+	dir, err := d.openTargetDir(rec.TargetPath, false)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		// Neither the volume dir nor the target exists: nothing is mounted there.
+	case err != nil:
 		return err
-	}
-	if err := removeTarget(rec.TargetPath); err != nil {
-		return err
+	default:
+		defer unix.Close(dir)
+		if err := d.unmountAll(dir, rec.TargetPath); err != nil {
+			return err
+		}
+		if err := d.removeTarget(dir, rec.TargetPath); err != nil {
+			return err
+		}
 	}
 	if err := d.removeOverlayDir(rec.OverlayDir); err != nil {
 		return err
@@ -245,110 +242,35 @@ func (d *Driver) release(rec *state.Record) error {
 	return d.deleteRecord(rec)
 }
 
+// overlayKey returns the name of dir in the overlays dir, if dir is exactly
+// <overlays>/<name> with a plain name.
+func (d *Driver) overlayKey(dir string) (string, bool) {
+	name, ok := strings.CutPrefix(dir, d.overlaysDir+"/")
+	if !ok || name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
+		return "", false
+	}
+	return name, true
+}
+
 // removeOverlayDir removes a record's private upper/work dirs and frees their size limit. Only
-// paths inside the plugin's overlays dir are ever removed.
+// a direct child of the plugin's overlays dir is ever removed, through a handle on the overlays
+// dir (writablelayer.Release uses os.Root: the removal cannot leave it, and follows no link).
 func (d *Driver) removeOverlayDir(dir string) error {
 	if dir == "" {
 		return nil
 	}
-	if filepath.Dir(dir) != d.overlaysDir {
+	name, ok := d.overlayKey(dir)
+	if !ok {
 		return fmt.Errorf("refusing to remove %s: not an overlay dir of this plugin", dir)
 	}
-	return d.writable.Release(dir)
-}
-
-// unmountAll peels every mount off target.
-func (d *Driver) unmountAll(target string) error {
-	for range maxStackedMounts {
-		mounted, err := d.isMounted(target)
-		if err != nil {
-			return fmt.Errorf("checking whether %s is mounted: %w", target, err)
-		}
-		if !mounted {
-			return nil
-		}
-		if err := d.mounter.Unmount(target); err != nil && !errors.Is(err, mounter.ErrNotMounted) {
-			return err
-		}
-	}
-	return fmt.Errorf("%s still has mounts after %d unmounts", target, maxStackedMounts)
-}
-
-// prepareTarget creates the target as a directory or an empty file. kubelet creates only its
-// parent. An existing target of the right kind is reused; an empty one of the wrong kind is
-// replaced.
-func prepareTarget(target string, isFile bool) error {
-	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
-		return fmt.Errorf("creating the parent of %s: %w", target, err)
-	}
-	fi, err := os.Lstat(target)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-	case err != nil:
-		return err
-	case isFile && fi.Mode().IsRegular(), !isFile && fi.IsDir():
-		return nil
-	default:
-		if err := os.Remove(target); err != nil {
-			return status.Errorf(codes.FailedPrecondition, "target %s exists as a %s and is not empty; the volume needs a %s there: %v", target, kindName(fi.Mode()), kindName(wantMode(isFile)), err)
-		}
-	}
-	if !isFile {
-		return os.Mkdir(target, 0o750)
-	}
-	f, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	return f.Close()
-}
-
-func wantMode(isFile bool) fs.FileMode {
-	if isFile {
-		return 0
-	}
-	return fs.ModeDir
-}
-
-func kindName(m fs.FileMode) string {
-	switch {
-	case m.IsDir():
-		return "directory"
-	case m.IsRegular():
-		return "file"
-	case m&fs.ModeSymlink != 0:
-		return "symlink"
-	default:
-		return "special file"
-	}
-}
-
-// removeTarget removes a target that is no longer mounted: an empty directory, or an empty file
-// (what publish created). Anything else is left in place and reported: it holds data that did
-// not come from this plugin.
-func removeTarget(target string) error {
-	fi, err := os.Lstat(target)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if fi.Mode().IsRegular() && fi.Size() != 0 {
-		return fmt.Errorf("target %s is a non-empty file after unmount; left in place", target)
-	}
-	err = os.Remove(target)
-	if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
-		return fmt.Errorf("target %s is a non-empty directory after unmount; left in place", target)
-	}
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	return err
+	return d.writable.Release(filepath.Join(d.overlaysDir, name))
 }
 
 // NodeUnpublishVolume implements csi.NodeServer: unmount, remove the target, free the overlay
-// dirs and the record. A target that was never published, or is already gone, is OK.
+// dirs and the record. A target that was never published, or is already gone, is OK. So is a
+// target that is not this plugin's to touch: not of kubelet's CSI target shape, or leading
+// through a symbolic link below the pods dir; it is left exactly as it is (and logged), so
+// that kubelet does not retry forever.
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (_ *csi.NodeUnpublishVolumeResponse, err error) {
 	start := time.Now()
 	kind := kindUnknown
@@ -357,9 +279,13 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if req.GetVolumeId() == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume_id is missing")
 	}
-	target, err := d.checkTarget(req.GetTargetPath())
-	if err != nil {
-		return nil, err
+	target := req.GetTargetPath()
+	if target == "" {
+		return nil, status.Error(codes.InvalidArgument, "target_path is missing")
+	}
+	if _, ok := parseTarget(d.podsDir, target); !ok {
+		d.log.Warn("unpublish of a path that is not a kubelet CSI volume target; nothing done", "volume", req.GetVolumeId(), "target", target, "want", d.targetShape())
+		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
 	unlock, err := d.locks.lock(ctx, "volume/"+req.GetVolumeId(), "target/"+target)
 	if err != nil {
@@ -384,10 +310,23 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	} else {
 		// No record (never published, already unpublished, or state lost): the target is still
 		// kubelet's to clean, so unmount whatever is there and remove it.
-		err = d.unmountAll(target)
-		if err == nil {
-			err = removeTarget(target)
+		var dir int
+		dir, err = d.openTargetDir(target, false)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			err = nil
+		case err != nil:
+		default:
+			err = d.unmountAll(dir, target)
+			if err == nil {
+				err = d.removeTarget(dir, target)
+			}
+			unix.Close(dir)
 		}
+	}
+	if errors.Is(err, errTargetLink) {
+		log.Warn("the target leads through a symbolic link or a non-directory below the kubelet pods dir; nothing done", "error", err)
+		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
 	if err != nil {
 		log.Warn("unpublish failed", "error", err)

@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -42,23 +42,45 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 	}
 	readOnly := r.readOnly || entry.ReadOnly
 
-	mode, err := entry.Source()
+	src := d.sources.Get(name)
+	if src == nil {
+		return status.Errorf(codes.Internal, "%shostdir %q was not resolved at start", via, name)
+	}
+	fd, mode, err := src.Open()
 	switch {
-	case errors.Is(err, hostdir.ErrSourceMissing):
+	case errors.Is(err, hostdir.ErrSourceMissing), errors.Is(err, hostdir.ErrSourceChanged), errors.Is(err, hostdir.ErrSourceKind):
 		return status.Errorf(codes.FailedPrecondition, "%s%v", via, err)
 	case err != nil:
 		return status.Errorf(codes.Internal, "%s%v", via, err)
-	case mode&(fs.ModeDevice|fs.ModeCharDevice|fs.ModeNamedPipe|fs.ModeIrregular) != 0:
-		return status.Errorf(codes.FailedPrecondition, "%shostdir %q: %s is not a directory, regular file or socket", via, name, entry.Path)
 	}
+	defer unix.Close(fd)
 	rec := r.newRecord()
 	rec.HostDir = name
-	rec.Source = entry.Path
+	rec.Source = src.Resolved
 	rec.TargetIsFile = !mode.IsDir()
 	rec.ReadOnly = readOnly
 	return d.mountWithRecord(r, rec, func() error {
-		return d.mounter.Bind(entry.Path, r.target, readOnly)
+		return d.mounter.BindFrom(fd, r.dir, targetName, readOnly)
 	})
+}
+
+// bindPath bind-mounts a path of the library store (a layer dir, a generated file) onto the
+// target. The store is the plugin's own; the last component is still not followed if it is a
+// link.
+func (d *Driver) bindPath(r *publishRequest, source string, readOnly bool) error {
+	fd, err := unix.Open(source, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", source, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", source, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		return fmt.Errorf("library store path %s is a symbolic link; refusing to mount it", source)
+	}
+	return d.mounter.BindFrom(fd, r.dir, targetName, readOnly)
 }
 
 // describeEntries lists the declared entries with their modes, for error messages.
@@ -113,11 +135,11 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	case r.readOnly && len(lower) == 1:
 		rec.Source = lower[0]
 		return d.mountWithRecord(r, rec, func() error {
-			return d.mounter.Bind(lower[0], r.target, true)
+			return d.bindPath(r, lower[0], true)
 		})
 	case r.readOnly:
 		return d.mountWithRecord(r, rec, func() error {
-			return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower})
+			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower})
 		})
 	}
 	rec.OverlayDir = filepath.Join(d.overlaysDir, rec.Key())
@@ -130,7 +152,7 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 			return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
 		}
 		return d.writable.Mount(func() error {
-			return d.mounter.Overlay(r.target, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
+			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
 		})
 	})
 }
@@ -206,6 +228,6 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 	rec.TargetIsFile = true
 	rec.ReadOnly = true
 	return d.mountWithRecord(r, rec, func() error {
-		return d.mounter.Bind(rec.Source, r.target, true)
+		return d.bindPath(r, rec.Source, true)
 	})
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 )
@@ -30,9 +29,12 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 			return err
 		}
 		log := d.log.With("volume", rec.VolumeID, "target", rec.TargetPath, "type", rec.Type)
-		if !strings.HasPrefix(rec.TargetPath, d.podsDir+string(filepath.Separator)) {
-			log.Error("state record names a target outside the kubelet pods dir; left alone (was --kubelet-dir changed?)")
-			if rec.OverlayDir != "" {
+		if err := d.checkRecord(rec); err != nil {
+			// Records are read back from disk: untrusted input. One that is not what this
+			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
+			// kept too.
+			log.Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
+			if _, ok := d.overlayKey(rec.OverlayDir); ok {
 				referenced[rec.OverlayDir] = true
 			}
 			continue
@@ -75,6 +77,23 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 	d.mu.Unlock()
 	d.ready.Store(true)
 	d.log.Info("reconciled state with the mount table", "kept", kept, "dropped", dropped, "orphanOverlayDirsRemoved", removed)
+	return nil
+}
+
+// checkRecord validates a record read from the state dir: its target must be exactly of
+// kubelet's CSI target shape under this plugin's pods dir, and its overlay dirs exactly
+// <overlays>/<record key>/{upper,work}.
+func (d *Driver) checkRecord(rec *state.Record) error {
+	if _, ok := parseTarget(d.podsDir, rec.TargetPath); !ok {
+		return fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
+	}
+	if rec.OverlayDir == "" && rec.UpperDir == "" && rec.WorkDir == "" {
+		return nil
+	}
+	want := filepath.Join(d.overlaysDir, rec.Key())
+	if rec.OverlayDir != want || rec.UpperDir != filepath.Join(want, "upper") || rec.WorkDir != filepath.Join(want, "work") {
+		return fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
+	}
 	return nil
 }
 

@@ -4,9 +4,7 @@
 package hostdir
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -189,29 +187,6 @@ func (e Entry) Validate() error {
 		return fmt.Errorf("hostdir %q: %w", e.Name, err)
 	}
 	return nil
-}
-
-// ErrSourceMissing is returned by Source when the entry's path does not exist and the entry
-// does not ask for it to be created.
-var ErrSourceMissing = errors.New("host path does not exist")
-
-// Source returns the kind of the entry's host path, creating it as a directory first when it is
-// missing and the entry has the create option. A symlink is followed: the administrator chose it.
-func (e Entry) Source() (fs.FileMode, error) {
-	fi, err := os.Stat(e.Path)
-	if errors.Is(err, fs.ErrNotExist) && e.Create {
-		if err := os.MkdirAll(e.Path, 0o755); err != nil {
-			return 0, fmt.Errorf("hostdir %q: creating %s: %w", e.Name, e.Path, err)
-		}
-		fi, err = os.Stat(e.Path)
-	}
-	if errors.Is(err, fs.ErrNotExist) {
-		return 0, fmt.Errorf("hostdir %q: %s: %w (declare it with ,create to have it created)", e.Name, e.Path, ErrSourceMissing)
-	}
-	if err != nil {
-		return 0, fmt.Errorf("hostdir %q: %w", e.Name, err)
-	}
-	return fi.Mode().Type(), nil
 }
 
 // Set is a validated allowlist, looked up by name.

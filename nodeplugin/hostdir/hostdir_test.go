@@ -1,9 +1,6 @@
 package hostdir
 
 import (
-	"io/fs"
-	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -168,38 +165,5 @@ func TestParseSocketMapping(t *testing.T) {
 	}
 	if len(DefaultDatadogSockets()) != 4 {
 		t.Fatal("every Datadog socket type needs a default entry")
-	}
-}
-
-func TestEntrySource(t *testing.T) {
-	dir := t.TempDir()
-	file := filepath.Join(dir, "file")
-	if err := os.WriteFile(file, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	tests := []struct {
-		name    string
-		entry   Entry
-		want    fs.FileMode
-		wantErr error
-	}{
-		{name: "dir", entry: Entry{Name: "d", Path: dir}, want: fs.ModeDir},
-		{name: "file", entry: Entry{Name: "f", Path: file}, want: 0},
-		{name: "missing", entry: Entry{Name: "m", Path: filepath.Join(dir, "missing")}, wantErr: ErrSourceMissing},
-		{name: "created", entry: Entry{Name: "c", Path: filepath.Join(dir, "a", "b"), Create: true}, want: fs.ModeDir},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := tt.entry.Source()
-			if tt.wantErr != nil {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr.Error()) {
-					t.Fatalf("error = %v, want %v", err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil || got != tt.want {
-				t.Fatalf("Source() = %v, %v; want %v", got, err, tt.want)
-			}
-		})
 	}
 }

@@ -4,14 +4,16 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 )
 
 // Fake is an in-memory mount table for unit tests of the driver's logic. Targets are real
-// paths (tests use t.TempDir), so existence checks behave as they do for real; only the mounts
-// themselves are simulated.
+// directories and descriptors (tests use t.TempDir), so existence and link checks behave as
+// they do for real; only the mounts themselves are simulated, keyed by the path the kernel
+// reports for the target's directory descriptor.
 type Fake struct {
 	mu      sync.Mutex
 	entries []Entry
@@ -34,39 +36,89 @@ func (f *Fake) fail(op, target string) error {
 	return nil
 }
 
-// IsMountPoint implements Interface.
-func (f *Fake) IsMountPoint(path string) (bool, error) {
+// fdPath is the path of an open descriptor, as the kernel reports it.
+func fdPath(fd int) (string, error) {
+	p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+	if err != nil {
+		return "", fmt.Errorf("descriptor %d: %w", fd, err)
+	}
+	return p, nil
+}
+
+// at is the path of name in the directory dirfd.
+func at(dirfd int, name string) (string, error) {
+	dir, err := fdPath(dirfd)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, name), nil
+}
+
+// IsMountPointAt implements Interface.
+func (f *Fake) IsMountPointAt(dirfd int, name string) (bool, error) {
+	path, err := at(dirfd, name)
+	if err != nil {
+		return false, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.fail("ismountpoint", path); err != nil {
 		return false, err
 	}
-	if _, err := os.Lstat(path); err != nil {
+	fi, err := os.Lstat(path)
+	if err != nil {
 		return false, err
+	}
+	if fi.Mode()&fs.ModeSymlink != 0 {
+		return false, nil
 	}
 	return slices.ContainsFunc(f.entries, func(e Entry) bool { return e.MountPoint == path }), nil
 }
 
-// Bind implements Interface.
-func (f *Fake) Bind(source, target string, readOnly bool) error {
+// BindFrom implements Interface.
+func (f *Fake) BindFrom(source, dirfd int, name string, readOnly bool) error {
+	src, err := fdPath(source)
+	if err != nil {
+		return err
+	}
+	target, err := at(dirfd, name)
+	if err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.fail("bind", target); err != nil {
 		return err
 	}
-	if _, err := os.Stat(target); err != nil {
+	if err := notLink(target); err != nil {
 		return err
 	}
 	opts := []string{"rw", "nosuid", "nodev"}
 	if readOnly {
 		opts[0] = "ro"
 	}
-	f.entries = append(f.entries, Entry{MountPoint: target, FsType: "bind", Source: source, Root: source, MountOptions: opts})
+	f.entries = append(f.entries, Entry{MountPoint: target, FsType: "bind", Source: src, Root: src, MountOptions: opts})
 	return nil
 }
 
-// Overlay implements Interface.
-func (f *Fake) Overlay(target string, o Overlay) error {
+// notLink fails for a missing target or a symbolic link, as the real mounter does.
+func notLink(target string) error {
+	fi, err := os.Lstat(target)
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&fs.ModeSymlink != 0 {
+		return fmt.Errorf("%s is a symbolic link", target)
+	}
+	return nil
+}
+
+// OverlayAt implements Interface.
+func (f *Fake) OverlayAt(dirfd int, name string, o Overlay) error {
+	target, err := at(dirfd, name)
+	if err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := o.Validate(); err != nil {
@@ -75,7 +127,7 @@ func (f *Fake) Overlay(target string, o Overlay) error {
 	if err := f.fail("overlay", target); err != nil {
 		return err
 	}
-	if _, err := os.Stat(target); err != nil {
+	if err := notLink(target); err != nil {
 		return err
 	}
 	super := []string{"lowerdir=" + strings.Join(o.Lower, ":")}
@@ -88,21 +140,28 @@ func (f *Fake) Overlay(target string, o Overlay) error {
 	return nil
 }
 
-// Unmount implements Interface: it removes the most recent mount at target.
-func (f *Fake) Unmount(target string) error {
+// UnmountAt implements Interface: it removes the most recent mount at name.
+func (f *Fake) UnmountAt(dirfd int, name string) error {
+	target, err := at(dirfd, name)
+	if err != nil {
+		return err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.fail("unmount", target); err != nil {
 		return err
 	}
-	for i := len(f.entries) - 1; i >= 0; i-- {
-		if f.entries[i].MountPoint == target {
-			f.entries = slices.Delete(f.entries, i, i+1)
-			return nil
-		}
-	}
-	if _, err := os.Lstat(target); err != nil {
+	fi, err := os.Lstat(target)
+	if err != nil {
 		return fmt.Errorf("unmount %s: %w", target, fs.ErrNotExist)
+	}
+	if fi.Mode()&fs.ModeSymlink == 0 {
+		for i := len(f.entries) - 1; i >= 0; i-- {
+			if f.entries[i].MountPoint == target {
+				f.entries = slices.Delete(f.entries, i, i+1)
+				return nil
+			}
+		}
 	}
 	return fmt.Errorf("unmount %s: %w", target, ErrNotMounted)
 }
@@ -142,4 +201,18 @@ func (f *Fake) Add(e Entry) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.entries = append(f.entries, e)
+}
+
+// Forget drops the most recent mount at target, as a mount removed behind the plugin's back
+// (or lost in a reboot) would be.
+func (f *Fake) Forget(target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i := len(f.entries) - 1; i >= 0; i-- {
+		if f.entries[i].MountPoint == target {
+			f.entries = slices.Delete(f.entries, i, i+1)
+			return nil
+		}
+	}
+	return fmt.Errorf("forget %s: %w", target, ErrNotMounted)
 }

@@ -11,6 +11,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/fdpath"
 )
 
 // overlaySource is the "device" name overlay mounts get, so that they are recognisable in the
@@ -42,12 +44,14 @@ func New() *Linux {
 	return &Linux{mountInfo: "/proc/self/mountinfo", detector: mount.New("")}
 }
 
-// IsMountPoint implements Interface.
+// IsMountPoint reports whether path is a mount point (symlinks followed), including a bind
+// mount of a directory of the same filesystem.
 func (l *Linux) IsMountPoint(path string) (bool, error) {
 	return l.detector.IsMountPoint(path)
 }
 
-// Bind implements Interface. The mount is made complete, with nosuid, nodev and (when readOnly)
+// Bind bind-mounts source onto target, both given by path (symlinks followed): BindFrom for
+// paths the caller has not verified. The mount is made complete, with nosuid, nodev and (when readOnly)
 // rdonly, before it is attached at target. That order matters: the node plugin mounts into
 // kubelet's pods dir, a shared mount, and the host's copy of the mount, the one kubelet hands
 // to the pod, is cloned at the moment of attaching. A remount afterwards (MS_REMOUNT|MS_BIND)
@@ -57,29 +61,67 @@ func (l *Linux) IsMountPoint(path string) (bool, error) {
 // The clone keeps the per-mount flags of the source's mount (noexec, ro, atime); Bind only
 // adds restrictions, never lifts one.
 func (l *Linux) Bind(source, target string, readOnly bool) error {
+	src, err := unix.Open(source, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", source, target, &os.PathError{Op: "open", Path: source, Err: err})
+	}
+	defer unix.Close(src)
+	tgt, err := unix.Open(target, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", source, target, &os.PathError{Op: "open", Path: target, Err: err})
+	}
+	defer unix.Close(tgt)
+	return l.bindFD(src, tgt, target, readOnly)
+}
+
+// BindFrom implements Interface: Bind from the descriptor source onto name in the directory
+// dirfd, which is opened without following links. The mount is attached to the descriptors
+// themselves, so neither side can be swapped for a link between the check and the mount.
+func (l *Linux) BindFrom(source, dirfd int, name string, readOnly bool) error {
+	tgt, err := fdpath.Open(dirfd, name, unix.O_PATH)
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", fdpath.Path(source), atPath(dirfd, name), err)
+	}
+	defer unix.Close(tgt)
+	return l.bindFD(source, tgt, atPath(dirfd, name), readOnly)
+}
+
+// bindFD binds the open source onto the open target. undo is a path that reaches the target
+// without following a link in its last component, to detach the mount should the legacy path
+// fail after attaching it.
+func (l *Linux) bindFD(source, target int, undo string, readOnly bool) error {
 	if !l.LegacyBind {
 		err := bindDetached(source, target, readOnly)
 		if !errors.Is(err, errNoMountSetattr) {
 			return err
 		}
 	}
-	return bindStaged(source, target, readOnly)
+	return bindStaged(source, target, undo, readOnly)
 }
+
+// procFD is the magic link that reaches exactly what fd refers to, for mount(2), which takes
+// paths only (the legacy paths).
+func procFD(fd int) string { return fmt.Sprintf("/proc/self/fd/%d", fd) }
+
+// atPath is a path to name in the directory dirfd: the magic link of the directory, which
+// reaches exactly that directory whatever happened to the path it was opened by, then a plain
+// name looked up in it.
+func atPath(dirfd int, name string) string { return procFD(dirfd) + "/" + name }
 
 // errNoMountSetattr marks a kernel without open_tree/move_mount (Linux 5.2) or mount_setattr
 // (Linux 5.12).
 var errNoMountSetattr = errors.New("kernel lacks mount_setattr")
 
 // bindDetached clones the source's mount into a detached mount (open_tree), sets its flags
-// (mount_setattr) and only then attaches it at target (move_mount). Not recursive: mounts
-// below source are not carried over, as with a plain MS_BIND.
-func bindDetached(source, target string, readOnly bool) error {
-	fd, err := unix.OpenTree(unix.AT_FDCWD, source, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+// (mount_setattr) and only then attaches it onto the target's descriptor (move_mount). Not
+// recursive: mounts below source are not carried over, as with a plain MS_BIND.
+func bindDetached(source, target int, readOnly bool) error {
+	fd, err := unix.OpenTree(source, "", unix.AT_EMPTY_PATH|unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
 	if errors.Is(err, unix.ENOSYS) {
 		return errNoMountSetattr
 	}
 	if err != nil {
-		return fmt.Errorf("bind mount %s on %s: clone the mount of %s: %w", source, target, source, err)
+		return fmt.Errorf("bind mount %s on %s: clone the mount of the source: %w", fdpath.Path(source), fdpath.Path(target), err)
 	}
 	// Closing the descriptor of a mount that was never attached discards it.
 	defer unix.Close(fd)
@@ -91,28 +133,31 @@ func bindDetached(source, target string, readOnly bool) error {
 		if errors.Is(err, unix.ENOSYS) {
 			return errNoMountSetattr
 		}
-		return fmt.Errorf("bind mount %s on %s: set nosuid,nodev (read-only %t): %w", source, target, readOnly, err)
+		return fmt.Errorf("bind mount %s on %s: set nosuid,nodev (read-only %t): %w", fdpath.Path(source), fdpath.Path(target), readOnly, err)
 	}
-	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
-		return fmt.Errorf("bind mount %s on %s: attach: %w", source, target, err)
+	if err := unix.MoveMount(fd, "", target, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+		return fmt.Errorf("bind mount %s on %s: attach: %w", fdpath.Path(source), fdpath.Path(target), err)
 	}
 	return nil
 }
 
-// bindStaged is Bind for kernels without mount_setattr, with mount(2) only. The source is
+// bindStaged is Bind for kernels without mount_setattr, with mount(2) only, which takes paths:
+// source and target are reached through their descriptors' magic links. The source is
 // bound at a staging point inside a private mount of its own, where nothing propagates;
 // remounted there with the flags; then bound onto target: a bind mount is a clone of its
 // source mount, flags included, and so are the copies propagation makes of it. The staging
 // mounts are then detached and the staging dir removed. The staging dir is created in the
 // temporary dir ($TMPDIR, else /tmp: in the node plugin's container, an emptyDir).
-func bindStaged(source, target string, readOnly bool) (err error) {
-	fi, err := os.Stat(source)
-	if err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+func bindStaged(sourceFD, targetFD int, undo string, readOnly bool) (err error) {
+	source, target := procFD(sourceFD), procFD(targetFD)
+	name := func() string { return fdpath.Path(sourceFD) + " on " + fdpath.Path(targetFD) }
+	var fst unix.Stat_t
+	if err := unix.Fstat(sourceFD, &fst); err != nil {
+		return fmt.Errorf("bind mount %s: %w", name(), err)
 	}
 	dir, err := os.MkdirTemp("", "apm-csi-bind-")
 	if err != nil {
-		return fmt.Errorf("bind mount %s on %s: staging dir: %w", source, target, err)
+		return fmt.Errorf("bind mount %s: staging dir: %w", name(), err)
 	}
 	attached := false
 	defer func() {
@@ -121,8 +166,8 @@ func bindStaged(source, target string, readOnly bool) (err error) {
 		err = errors.Join(err, os.Remove(dir))
 		if err != nil && attached {
 			// An error means nothing is mounted at target, as for the other failures.
-			if uerr := unix.Unmount(target, unix.UMOUNT_NOFOLLOW); uerr != nil {
-				err = errors.Join(err, fmt.Errorf("undo bind mount of %s: %w", target, uerr))
+			if uerr := unix.Unmount(undo, unix.UMOUNT_NOFOLLOW); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("undo bind mount of %s: %w", undo, uerr))
 			}
 		}
 	}()
@@ -130,25 +175,25 @@ func bindStaged(source, target string, readOnly bool) (err error) {
 	// A mount point of its own, private: the staging mount below is not copied anywhere, even
 	// when the temporary dir is on a shared mount.
 	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: staging dir %s: %w", source, target, dir, err)
+		return fmt.Errorf("bind mount %s: staging dir %s: %w", name(), dir, err)
 	}
 	defer func() { err = errors.Join(err, detach(dir)) }()
 	if err := unix.Mount("", dir, "", unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: make staging dir %s private: %w", source, target, dir, err)
+		return fmt.Errorf("bind mount %s: make staging dir %s private: %w", name(), dir, err)
 	}
 	stage := filepath.Join(dir, "m")
-	if fi.IsDir() {
+	if fst.Mode&unix.S_IFMT == unix.S_IFDIR {
 		err = os.Mkdir(stage, 0o700)
 	} else {
 		err = os.WriteFile(stage, nil, 0o600)
 	}
 	if err != nil {
-		return fmt.Errorf("bind mount %s on %s: staging point: %w", source, target, err)
+		return fmt.Errorf("bind mount %s: staging point: %w", name(), err)
 	}
 	defer func() { err = errors.Join(err, os.Remove(stage)) }()
 
 	if err := unix.Mount(source, stage, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: staging bind mount at %s: %w", source, target, stage, err)
+		return fmt.Errorf("bind mount %s: staging bind mount at %s: %w", name(), stage, err)
 	}
 	defer func() { err = errors.Join(err, detach(stage)) }()
 	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_NOSUID | unix.MS_NODEV)
@@ -159,7 +204,7 @@ func bindStaged(source, target string, readOnly bool) (err error) {
 	// of bindDetached does (and the kernel refuses to clear a flag locked on the source).
 	var st unix.Statfs_t
 	if err := unix.Statfs(stage, &st); err != nil {
-		return fmt.Errorf("bind mount %s on %s: statfs %s: %w", source, target, stage, err)
+		return fmt.Errorf("bind mount %s: statfs %s: %w", name(), stage, err)
 	}
 	if st.Flags&unix.ST_NOEXEC != 0 {
 		flags |= unix.MS_NOEXEC
@@ -168,10 +213,10 @@ func bindStaged(source, target string, readOnly bool) (err error) {
 		flags |= unix.MS_RDONLY
 	}
 	if err := unix.Mount("", stage, "", flags, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: remount with nosuid,nodev (read-only %t): %w", source, target, readOnly, err)
+		return fmt.Errorf("bind mount %s: remount with nosuid,nodev (read-only %t): %w", name(), readOnly, err)
 	}
 	if err := unix.Mount(stage, target, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+		return fmt.Errorf("bind mount %s: %w", name(), err)
 	}
 	attached = true
 	return nil
@@ -185,26 +230,49 @@ func detach(path string) error {
 	return nil
 }
 
-// Overlay implements Interface. It uses the fsopen/fsconfig mount API, which takes each lower
+// Overlay mounts an overlayfs on target, given by path. It uses the fsopen/fsconfig mount API, which takes each lower
 // dir as its own "lowerdir+" parameter and so has no one-page limit on the option string, and
 // falls back to mount(2) where the kernel lacks it.
 func (l *Linux) Overlay(target string, o Overlay) error {
 	if err := o.Validate(); err != nil {
 		return err
 	}
+	tgt, err := unix.Open(target, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("mount overlay on %s: %w", target, &os.PathError{Op: "open", Path: target, Err: err})
+	}
+	defer unix.Close(tgt)
+	return l.overlayFD(tgt, target, o)
+}
+
+// OverlayAt implements Interface: Overlay onto name in the directory dirfd, opened without
+// following links; the new mount is attached to that descriptor.
+func (l *Linux) OverlayAt(dirfd int, name string, o Overlay) error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	tgt, err := fdpath.Open(dirfd, name, unix.O_PATH)
+	if err != nil {
+		return fmt.Errorf("mount overlay on %s: %w", atPath(dirfd, name), err)
+	}
+	defer unix.Close(tgt)
+	return l.overlayFD(tgt, fdpath.Path(tgt), o)
+}
+
+func (l *Linux) overlayFD(tgt int, target string, o Overlay) error {
 	if !l.LegacyOverlay {
-		err := overlayFsconfig(target, o)
+		err := overlayFsconfig(tgt, target, o)
 		if !errors.Is(err, errNoNewMountAPI) {
 			return err
 		}
 	}
-	return overlayLegacy(target, o)
+	return overlayLegacy(tgt, target, o)
 }
 
 // errNoNewMountAPI marks a kernel without fsopen or without fsconfig "lowerdir+".
 var errNoNewMountAPI = errors.New("kernel lacks the overlayfs new mount API")
 
-func overlayFsconfig(target string, o Overlay) error {
+func overlayFsconfig(tgt int, target string, o Overlay) error {
 	fsfd, err := unix.Fsopen("overlay", unix.FSOPEN_CLOEXEC)
 	if errors.Is(err, unix.ENOSYS) {
 		return errNoNewMountAPI
@@ -265,7 +333,7 @@ func overlayFsconfig(target string, o Overlay) error {
 		return fmt.Errorf("fsmount overlay for %s: %w%s", target, err, fsLog(fsfd))
 	}
 	defer unix.Close(mfd)
-	if err := unix.MoveMount(mfd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+	if err := unix.MoveMount(mfd, "", tgt, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
 		return fmt.Errorf("attach overlay at %s: %w", target, err)
 	}
 	return nil
@@ -289,7 +357,7 @@ func fsLog(fsfd int) string {
 	return " (kernel: " + strings.Join(msgs, "; ") + ")"
 }
 
-func overlayLegacy(target string, o Overlay) error {
+func overlayLegacy(tgt int, target string, o Overlay) error {
 	data := "lowerdir=" + strings.Join(o.Lower, ":")
 	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV)
 	if o.ReadOnly() {
@@ -303,13 +371,13 @@ func overlayLegacy(target string, o Overlay) error {
 	if limit := os.Getpagesize() - 1; len(data) > limit {
 		return fmt.Errorf("overlay options for %s are %d bytes, over the %d-byte limit of mount(2) on a kernel without fsconfig lowerdir+ (Linux 6.8); use fewer libraries per volume or a shorter --state-dir", target, len(data), limit)
 	}
-	if err := unix.Mount(overlaySource, target, "overlay", flags, data); err != nil {
+	if err := unix.Mount(overlaySource, procFD(tgt), "overlay", flags, data); err != nil {
 		return fmt.Errorf("mount overlay on %s: %w", target, err)
 	}
 	return nil
 }
 
-// Unmount implements Interface. UMOUNT_NOFOLLOW: a target that became a symlink is not
+// Unmount removes the top mount at target, given by path. UMOUNT_NOFOLLOW: a target that became a symlink is not
 // followed to somewhere else.
 func (l *Linux) Unmount(target string) error {
 	err := unix.Unmount(target, unix.UMOUNT_NOFOLLOW)
@@ -341,4 +409,81 @@ func (l *Linux) MountTable() ([]Entry, error) {
 		})
 	}
 	return out, nil
+}
+
+// IsMountPointAt implements Interface. statx(2) on name in dirfd, without following a link:
+// STATX_ATTR_MOUNT_ROOT (Linux 5.8) says whether it is the root of a mount, which a bind mount
+// of a directory of the same filesystem is; on older kernels the mount ids of name and its
+// directory are compared.
+func (l *Linux) IsMountPointAt(dirfd int, name string) (bool, error) {
+	var st unix.Statx_t
+	if err := unix.Statx(dirfd, name, unix.AT_SYMLINK_NOFOLLOW|unix.AT_NO_AUTOMOUNT, unix.STATX_TYPE|unix.STATX_MNT_ID, &st); err != nil {
+		return false, fmt.Errorf("statx %s: %w", atPath(dirfd, name), err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		// A link is never a mount point here: it is not followed.
+		return false, nil
+	}
+	if st.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT != 0 {
+		return st.Attributes&unix.STATX_ATTR_MOUNT_ROOT != 0, nil
+	}
+	var parent unix.Statx_t
+	if err := unix.Statx(dirfd, "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID, &parent); err != nil {
+		return false, fmt.Errorf("statx %s: %w", fdpath.Path(dirfd), err)
+	}
+	if st.Mask&unix.STATX_MNT_ID != 0 && parent.Mask&unix.STATX_MNT_ID != 0 {
+		return st.Mnt_id != parent.Mnt_id, nil
+	}
+	// Before Linux 5.8: a different device is surely a mount point; a bind mount of the same
+	// filesystem is told apart through the mount table.
+	if st.Dev_major != parent.Dev_major || st.Dev_minor != parent.Dev_minor {
+		return true, nil
+	}
+	return l.detector.IsMountPoint(fdpath.Path(dirfd) + "/" + name)
+}
+
+// UnmountAt implements Interface. The unmount goes through the magic link of dirfd, which
+// reaches exactly the directory that was verified, whatever became of the path it was opened
+// by, and then the plain name, with UMOUNT_NOFOLLOW: a name that became a link is not
+// followed. The name is checked to be a mount point first, so that a name that is not one
+// returns ErrNotMounted rather than reaching a mount of the directory itself.
+func (l *Linux) UnmountAt(dirfd int, name string) error {
+	if err := fdpath.CheckRelative(name); err != nil || strings.Contains(name, "/") {
+		return fmt.Errorf("unmount %q: not a plain name", name)
+	}
+	mounted, err := l.IsMountPointAt(dirfd, name)
+	if err != nil {
+		return fmt.Errorf("unmount: %w", err)
+	}
+	if !mounted {
+		return fmt.Errorf("unmount %s: %w", fdpath.Path(dirfd)+"/"+name, ErrNotMounted)
+	}
+	err = unix.Unmount(atPath(dirfd, name), unix.UMOUNT_NOFOLLOW)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EINVAL):
+		return fmt.Errorf("unmount %s: %w", fdpath.Path(dirfd)+"/"+name, ErrNotMounted)
+	default:
+		return fmt.Errorf("unmount %s: %w", fdpath.Path(dirfd)+"/"+name, err)
+	}
+}
+
+// Features names the mount system calls in use on this kernel, for the startup log.
+func (l *Linux) Features() string {
+	var parts []string
+	// A call on an invalid descriptor answers EBADF where the call exists, ENOSYS where not.
+	if _, err := unix.OpenTree(-1, "", 0); errors.Is(err, unix.ENOSYS) || l.LegacyBind {
+		parts = append(parts, "bind: mount(2) through a private staging mount (no open_tree/move_mount, Linux 5.2)")
+	} else if err := unix.MountSetattr(-1, "", 0, &unix.MountAttr{}); errors.Is(err, unix.ENOSYS) {
+		parts = append(parts, "bind: mount(2) through a private staging mount (no mount_setattr, Linux 5.12)")
+	} else {
+		parts = append(parts, "bind: open_tree+mount_setattr+move_mount onto descriptors")
+	}
+	if _, err := unix.Fsopen("", 0); errors.Is(err, unix.ENOSYS) || l.LegacyOverlay {
+		parts = append(parts, "overlay: mount(2) onto the target's descriptor")
+	} else {
+		parts = append(parts, "overlay: fsopen+fsmount, moved onto the target's descriptor")
+	}
+	return strings.Join(parts, "; ")
 }

@@ -9,19 +9,24 @@ import (
 	"strings"
 )
 
-// Interface is every mount operation the driver needs.
+// Interface is every mount operation the driver needs. Targets are named by an open directory
+// (a descriptor the driver obtained without following links) and a plain name in it; sources
+// by descriptor. No method follows a symbolic link in the name.
 type Interface interface {
-	// IsMountPoint reports whether path is a mount point, including a bind mount of a directory
-	// of the same filesystem. It returns an error wrapping fs.ErrNotExist when path is missing.
-	IsMountPoint(path string) (bool, error)
-	// Bind bind-mounts source (a directory or a file) onto target, which must exist and be of
-	// the same kind. The mount is nosuid,nodev, and really read-only when readOnly is set.
-	Bind(source, target string, readOnly bool) error
-	// Overlay mounts an overlayfs on target.
-	Overlay(target string, o Overlay) error
-	// Unmount removes the top mount at target. It returns an error wrapping ErrNotMounted when
-	// target is not a mount point.
-	Unmount(target string) error
+	// IsMountPointAt reports whether name in the directory dirfd is the root of a mount,
+	// including a bind mount of a directory of the same filesystem. A symbolic link is not
+	// followed and is not a mount point. It returns an error wrapping fs.ErrNotExist when
+	// name is missing.
+	IsMountPointAt(dirfd int, name string) (bool, error)
+	// BindFrom bind-mounts what the descriptor source refers to (a directory or a file) onto
+	// name in dirfd, which must exist and be of the same kind. The mount is nosuid,nodev,
+	// and really read-only when readOnly is set, before it is attached.
+	BindFrom(source, dirfd int, name string, readOnly bool) error
+	// OverlayAt mounts an overlayfs on name in dirfd.
+	OverlayAt(dirfd int, name string, o Overlay) error
+	// UnmountAt removes the top mount at name in dirfd. It returns an error wrapping
+	// ErrNotMounted when name is not a mount point (a symbolic link included).
+	UnmountAt(dirfd int, name string) error
 	// MountTable lists the mounts of the plugin's mount namespace.
 	MountTable() ([]Entry, error)
 }

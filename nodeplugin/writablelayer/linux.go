@@ -399,7 +399,7 @@ func (m *Manager) Release(dir string) error {
 	// A project quota: the id is read from the dir itself, so an orphan dir (no record) is
 	// released as well as a recorded one.
 	id, idErr := projectOf(dir)
-	if err := os.RemoveAll(dir); err != nil {
+	if err := m.removeLayerDir(dir); err != nil {
 		return err
 	}
 	if idErr != nil || id < firstProjectID || id-firstProjectID >= projectIDSpan {
@@ -415,4 +415,22 @@ func (m *Manager) Release(dir string) error {
 		return nil // quotas are off now: nothing to clear
 	}
 	return err
+}
+
+// removeLayerDir removes a volume's layer dir, a direct child of the manager's dir, through a
+// handle on that dir: the removal follows no link and cannot leave it, whatever a pod left in
+// its upper dir.
+func (m *Manager) removeLayerDir(dir string) error {
+	if filepath.Dir(dir) != filepath.Clean(m.dir) {
+		return fmt.Errorf("refusing to remove %s: not a writable layer dir under %s", dir, m.dir)
+	}
+	root, err := os.OpenRoot(m.dir)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	defer root.Close()
+	return root.RemoveAll(filepath.Base(dir))
 }

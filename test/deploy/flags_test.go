@@ -222,8 +222,12 @@ func TestConfigFiles(t *testing.T) {
 			if err != nil {
 				t.Fatalf("node plugin --config %s is refused by the node plugin: %v\n%s", p, err, data)
 			}
-			if _, err := hostdir.NewSet(cfg.HostDirs); err != nil {
+			set, err := hostdir.NewSet(cfg.HostDirs)
+			if err != nil {
 				t.Errorf("node plugin --config: %v", err)
+			} else if _, err := hostdir.Resolve(set); err != nil {
+				// Nesting: an entry inside a writable or created entry is refused at start.
+				t.Errorf("node plugin --config is refused at start: %v", err)
 			}
 			// Every allowlisted path must exist inside the container: the node plugin
 			// bind-mounts it by that path, so it needs a hostPath volume mounted at the same

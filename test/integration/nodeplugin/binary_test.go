@@ -267,7 +267,7 @@ func TestBinary(t *testing.T) {
 		{Image: reg.Repo(pythonRepo) + ":v3.1.0", Target: libref.LanguageTarget("python")},
 		{Image: reg.Repo(javaRepo) + ":v1.40.0", Target: libref.LanguageTarget("java")},
 	}}
-	libTarget := filepath.Join(targetDir, "lib")
+	libTarget := filepath.Join(kubelet, "pods", "uid-1", "volumes", "kubernetes.io~csi", "lib", "mount")
 	libReq := &csi.NodePublishVolumeRequest{VolumeId: "csi-lib", TargetPath: libTarget, VolumeCapability: req.VolumeCapability,
 		VolumeContext: libSpec.Attributes()}
 	if _, err := node.NodePublishVolume(context.Background(), libReq); err != nil {
@@ -327,7 +327,7 @@ func TestBinary(t *testing.T) {
 		t.Fatal("the volume must stay mounted while the plugin restarts")
 	}
 	// Every log line is JSON; the publish line carries pod and volume.
-	var sawPublish bool
+	var sawPublish, sawPaths, sawEntry bool
 	sc := bufio.NewScanner(strings.NewReader(logs.String()))
 	for sc.Scan() {
 		var line map[string]any
@@ -337,9 +337,16 @@ func TestBinary(t *testing.T) {
 		if line["msg"] == "published" && line["pod"] == "shop/web" && line["volume"] == "csi-bin" {
 			sawPublish = true
 		}
+		// At start: which path and mount calls are in use, and each entry's resolved path.
+		if line["msg"] == "host paths" && strings.HasPrefix(fmt.Sprint(line["resolution"]), "openat2") && strings.Contains(fmt.Sprint(line["mounts"]), "move_mount") {
+			sawPaths = true
+		}
+		if line["msg"] == "hostdir entry" && line["entry"] == "demo" && line["resolved"] == filepath.Join(host, "demo") {
+			sawEntry = true
+		}
 	}
-	if !sawPublish {
-		t.Fatalf("no structured publish log line:\n%s", logs.String())
+	if !sawPublish || !sawPaths || !sawEntry {
+		t.Fatalf("no structured publish log line (%t), host paths line (%t) or resolved hostdir entry line (%t):\n%s", sawPublish, sawPaths, sawEntry, logs.String())
 	}
 
 	// Restart: the mounted volume is reconciled, kubelet's republish is a no-op.
@@ -362,5 +369,14 @@ func TestBinary(t *testing.T) {
 	stop(cmd, logs)
 	if left := nodeplugintest.MountsUnder(t, root); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
+	}
+
+	// An entry inside a writable entry is refused at start, naming both.
+	nested := exec.Command(bin, "--kubelet-dir", kubelet, "--health-addr", "", "--metrics-addr", "", "--kubelet-registration=false",
+		"--endpoint", "unix://"+filepath.Join(root, "nested.sock"), "--state-dir", filepath.Join(root, "state"), "--node-id", "n",
+		"--hostdir", "apm-socket-dir="+host, "--hostdir", "apm-socket="+filepath.Join(host, "data"))
+	out, err := nested.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), `hostdir "apm-socket" (`) || !strings.Contains(string(out), `inside hostdir "apm-socket-dir"`) {
+		t.Fatalf("nested entries: exit %v, output:\n%s", err, out)
 	}
 }

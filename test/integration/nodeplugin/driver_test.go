@@ -299,6 +299,8 @@ func TestRestartReconcile(t *testing.T) {
 	}
 }
 
+// TestTargetConfinement: a target outside the pods dir is refused on publish; its unpublish is
+// OK and touches nothing (the path is not this plugin's).
 func TestTargetConfinement(t *testing.T) {
 	p := startPlugin(t)
 	outside := filepath.Join(p.Root, "outside")
@@ -310,7 +312,7 @@ func TestTargetConfinement(t *testing.T) {
 		if err := p.Publish("v", target, hostdirData, false); status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("publish at %s: %v", target, err)
 		}
-		if err := p.Unpublish("v", target); status.Code(err) != codes.InvalidArgument {
+		if err := p.Unpublish("v", target); err != nil {
 			t.Fatalf("unpublish at %s: %v", target, err)
 		}
 	}

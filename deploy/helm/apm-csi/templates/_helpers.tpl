@@ -112,8 +112,9 @@ MiB/GiB suffixes, not Kubernetes quantities); empty (no limit) otherwise.
 
 {{/*
 Every hostdir entry, as a JSON list: node.hostDirs plus, with node.datadogAgentSockets.enabled,
-the Datadog Agent's socket entries (read-only, every namespace; the directory entries writable
-only with writableDirectory). The node plugin's and the webhook's configurations and the
+the Datadog Agent's socket entries (read-only, every namespace; with writableDirectory the
+directory entries are writable and the single-socket entries are left out, since the node plugin
+refuses an entry inside a writable one: a pod could replace the socket with a link). The node plugin's and the webhook's configurations and the
 DaemonSet's host mounts are all rendered from this one list.
 */}}
 {{- define "apm-csi.hostDirs" -}}
@@ -124,10 +125,12 @@ DaemonSet's host mounts are all rendered from this one list.
 {{- $dir := $dd.path | default "/var/run/datadog" -}}
 {{- $every := list "*" -}}
 {{- range list "apm-socket-dir" "dsd-socket-dir" -}}
-{{- $all = append $all (dict "name" . "path" $dir "type" "Directory" "create" true "readOnly" (not $dd.writableDirectory) "namespaces" $every) -}}
+{{- $all = append $all (dict "name" . "path" $dir "type" "Directory" "readOnly" (not $dd.writableDirectory) "namespaces" $every) -}}
 {{- end -}}
+{{- if not $dd.writableDirectory -}}
 {{- $all = append $all (dict "name" "apm-socket" "path" (printf "%s/apm.socket" $dir) "type" "Socket" "readOnly" true "namespaces" $every) -}}
 {{- $all = append $all (dict "name" "dsd-socket" "path" (printf "%s/dsd.socket" $dir) "type" "Socket" "readOnly" true "namespaces" $every) -}}
+{{- end -}}
 {{- end -}}
 {{- toJson $all -}}
 {{- end -}}
