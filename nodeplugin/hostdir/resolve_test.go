@@ -14,8 +14,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// mustSet builds a set; entries that declare no tenancy get every namespace, which these
+// path tests do not exercise.
 func mustSet(t *testing.T, entries ...Entry) *Set {
 	t.Helper()
+	for i := range entries {
+		if len(entries[i].Namespaces) == 0 {
+			entries[i].Namespaces = []string{"*"}
+		}
+	}
 	s, err := NewSet(entries)
 	if err != nil {
 		t.Fatal(err)
