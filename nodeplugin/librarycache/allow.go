@@ -13,7 +13,6 @@ import (
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
-
 // transportRejectionTTL is how long an image is refused after every location served
 // corrupted bytes: long enough that a pod's retries do not download it in a loop, short
 // enough that a repaired mirror or proxy is used at once. Content that breaks the archive
