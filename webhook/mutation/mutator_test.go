@@ -290,12 +290,70 @@ func TestNoContainerToInstrument(t *testing.T) {
 	}
 }
 
+// TestWindowsPodSkipped: every way a pod can be pinned to Windows nodes (where the node plugin
+// does not run and the Linux libraries cannot load) leaves the pod uninstrumented with the
+// reason; a pod that may still land on Linux is instrumented.
 func TestWindowsPodSkipped(t *testing.T) {
-	pod := webPod()
-	pod.Spec.OS = &corev1.PodOS{Name: corev1.Windows}
-	res := newTestMutator(t).Mutate(input(pod, ssiNamespace()))
-	if res.Outcome != OutcomeSkipped || volume(res.Pod, VolumeName) != nil {
-		t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+	osReq := func(op corev1.NodeSelectorOperator, values ...string) corev1.NodeSelectorTerm {
+		return corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{{Key: corev1.LabelOSStable, Operator: op, Values: values}}}
+	}
+	zone := corev1.NodeSelectorRequirement{Key: corev1.LabelTopologyZone, Operator: corev1.NodeSelectorOpIn, Values: []string{"a"}}
+	required := func(terms ...corev1.NodeSelectorTerm) func(*corev1.Pod) {
+		return func(p *corev1.Pod) {
+			p.Spec.Affinity = &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{
+				RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: terms}}}
+		}
+	}
+	tests := []struct {
+		name    string
+		shape   func(*corev1.Pod)
+		windows string // status fragment; "" means the pod may run on Linux and is instrumented
+	}{
+		{name: "spec.os windows", shape: func(p *corev1.Pod) { p.Spec.OS = &corev1.PodOS{Name: corev1.Windows} }, windows: "(spec.os.name: windows)"},
+		{name: "nodeSelector windows", shape: func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{corev1.LabelOSStable: "windows"} },
+			windows: "(nodeSelector kubernetes.io/os: windows)"},
+		{name: "deprecated beta nodeSelector windows", shape: func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{"beta.kubernetes.io/os": "windows"} },
+			windows: "(nodeSelector beta.kubernetes.io/os: windows)"},
+		{name: "required affinity, one term In [windows]", shape: required(osReq(corev1.NodeSelectorOpIn, "windows")),
+			windows: "(required node affinity kubernetes.io/os In [windows])"},
+		{name: "required affinity, a zone term ANDed with windows", shape: required(corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+			zone, {Key: corev1.LabelOSStable, Operator: corev1.NodeSelectorOpIn, Values: []string{"windows"}}}}),
+			windows: "kubernetes.io/os In [windows]"},
+		{name: "required affinity, every term windows", shape: required(osReq(corev1.NodeSelectorOpIn, "windows"), osReq(corev1.NodeSelectorOpNotIn, "linux")),
+			windows: "(required node affinity kubernetes.io/os In [windows] or kubernetes.io/os NotIn [linux])"},
+		{name: "nodeSelector linux", shape: func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{corev1.LabelOSStable: "linux"} }},
+		{name: "required affinity, one term linux and one windows: not Windows-only",
+			shape: required(osReq(corev1.NodeSelectorOpIn, "linux"), osReq(corev1.NodeSelectorOpIn, "windows"))},
+		{name: "required affinity, one term windows and one without an OS: not Windows-only",
+			shape: required(osReq(corev1.NodeSelectorOpIn, "windows"), corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{zone}})},
+		{name: "required affinity In [linux, windows]", shape: required(osReq(corev1.NodeSelectorOpIn, "linux", "windows"))},
+		{name: "preferred windows affinity only", shape: func(p *corev1.Pod) {
+			p.Spec.Affinity = &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{PreferredDuringSchedulingIgnoredDuringExecution: []corev1.PreferredSchedulingTerm{
+				{Weight: 1, Preference: osReq(corev1.NodeSelectorOpIn, "windows")}}}}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := webPod()
+			tt.shape(pod)
+			res := newTestMutator(t).Mutate(input(pod, ssiNamespace()))
+			if tt.windows == "" {
+				if res.Outcome != OutcomeInjected {
+					t.Fatalf("a pod that may run on Linux must be instrumented; got %s: %s", res.Outcome, res.Reason)
+				}
+				return
+			}
+			if res.Outcome != OutcomeSkipped || res.Pod == nil || volume(res.Pod, VolumeName) != nil {
+				t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+			}
+			if !equality.Semantic.DeepEqual(res.Pod.Spec, pod.Spec) {
+				t.Error("a Windows pod must keep its spec (no volume, mounts or LD_PRELOAD)")
+			}
+			status := res.Pod.Annotations[annotations.InjectionStatus]
+			if !strings.HasPrefix(status, "skipped: Windows pods cannot load the Linux tracer libraries") || !strings.Contains(status, tt.windows) {
+				t.Errorf("status = %q, want the Windows reason with %q", status, tt.windows)
+			}
+		})
 	}
 }
 

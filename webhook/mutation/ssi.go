@@ -56,8 +56,8 @@ func (m *Mutator) applySSI(pod *corev1.Pod, in Input) ssiResult {
 	}
 	rewriteOnly := m.cfg.RewriteOnly || nsLabels[m.cfg.SSINamespaceLabel] == annotations.SSIRewrite
 
-	if pod.Spec.OS != nil && pod.Spec.OS.Name == corev1.Windows {
-		return ssiResult{outcome: OutcomeSkipped, reason: "Windows pods cannot load the Linux tracer libraries"}
+	if windows, pin := windowsPod(pod); windows {
+		return ssiResult{outcome: OutcomeSkipped, reason: fmt.Sprintf("Windows pods cannot load the Linux tracer libraries (%s)", pin)}
 	}
 	mode, modeNote, err := m.resolveMode(pod, nsAnnotations, in.DriverInstalled)
 	if err != nil {

@@ -1,0 +1,60 @@
+package webhook_test
+
+import (
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+
+	"github.com/apm-csi/apm-csi/webhook/annotations"
+)
+
+// TestPodShapes creates pods of unusual shapes in an SSI namespace through a real API server
+// and checks what it stored.
+func TestPodShapes(t *testing.T) {
+	h := startHarness(t)
+	h.setDriver(t, true)
+	h.namespace(t, "shapes", map[string]string{"apm-csi.io/ssi": "enabled"}, nil)
+
+	assertSkipped := func(t *testing.T, p *corev1.Pod, sent *corev1.Pod, reason string) {
+		t.Helper()
+		if libraryVolume(p) != nil || len(p.Spec.InitContainers) != len(sent.Spec.InitContainers) {
+			t.Errorf("pod %s must not get the libraries: volumes %+v", p.Name, p.Spec.Volumes)
+		}
+		for i := range sent.Spec.Containers {
+			if !equality.Semantic.DeepEqual(p.Spec.Containers[i].Env, sent.Spec.Containers[i].Env) ||
+				!equality.Semantic.DeepEqual(p.Spec.Containers[i].VolumeMounts, sent.Spec.Containers[i].VolumeMounts) {
+				t.Errorf("container %s changed: env %+v, mounts %+v", p.Spec.Containers[i].Name, p.Spec.Containers[i].Env, p.Spec.Containers[i].VolumeMounts)
+			}
+		}
+		if s := p.Annotations[annotations.InjectionStatus]; !strings.HasPrefix(s, "skipped: ") || !strings.Contains(s, reason) {
+			t.Errorf("status = %q, want skipped with %q", s, reason)
+		}
+	}
+
+	t.Run("Windows by nodeSelector", func(t *testing.T) {
+		p := pod("shapes", "win-selector", nil, nil)
+		p.Spec.NodeSelector = map[string]string{corev1.LabelOSStable: "windows"}
+		assertSkipped(t, h.create(t, p.DeepCopy()), p, "Windows pods cannot load the Linux tracer libraries (nodeSelector kubernetes.io/os: windows)")
+	})
+
+	t.Run("Windows by required node affinity", func(t *testing.T) {
+		p := pod("shapes", "win-affinity", nil, nil)
+		p.Spec.Affinity = &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{
+			NodeSelectorTerms: []corev1.NodeSelectorTerm{{MatchExpressions: []corev1.NodeSelectorRequirement{
+				{Key: corev1.LabelOSStable, Operator: corev1.NodeSelectorOpIn, Values: []string{"windows"}}}}}}}}
+		assertSkipped(t, h.create(t, p.DeepCopy()), p, "Windows pods cannot load the Linux tracer libraries (required node affinity kubernetes.io/os In [windows])")
+	})
+
+	t.Run("Linux or Windows by node affinity is instrumented", func(t *testing.T) {
+		p := pod("shapes", "either-os", nil, nil)
+		req := func(os string) corev1.NodeSelectorTerm {
+			return corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+				{Key: corev1.LabelOSStable, Operator: corev1.NodeSelectorOpIn, Values: []string{os}}}}
+		}
+		p.Spec.Affinity = &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{
+			NodeSelectorTerms: []corev1.NodeSelectorTerm{req("linux"), req("windows")}}}}
+		assertCSIInjected(t, h.create(t, p))
+	})
+}
