@@ -58,7 +58,63 @@ func envBlocker(c *corev1.Container, edits []envEdit) string {
 			return fmt.Sprintf("%s is already set to %q", e.name, c.Env[i].Value)
 		}
 	}
-	return ""
+	return envFromBlocker(c, edits)
+}
+
+// envFromBlocker returns why envFrom stops the edits, or "". A variable a container takes
+// from a ConfigMap or Secret through envFrom has a value the webhook cannot read, and an env
+// entry (which is what the webhook writes) wins over envFrom: writing it would silently
+// replace the user's value (LD_PRELOAD, JAVA_TOOL_OPTIONS, ...) instead of extending it. So a
+// container is left alone when any variable the webhook writes may come from envFrom and is
+// not also defined in env (an env entry already wins, and is extended as usual). A source
+// with a prefix can only define names that start with it.
+func envFromBlocker(c *corev1.Container, edits []envEdit) string {
+	var names []string
+	var sources []string
+	for _, e := range edits {
+		if lastEnv(c, e.name) >= 0 {
+			continue
+		}
+		for _, src := range c.EnvFrom {
+			if !strings.HasPrefix(e.name, src.Prefix) {
+				continue
+			}
+			if !slices.Contains(names, e.name) {
+				names = append(names, e.name)
+			}
+			if d := describeEnvFrom(src); !slices.Contains(sources, d) {
+				sources = append(sources, d)
+			}
+		}
+	}
+	if len(names) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%s may be set by envFrom (%s), whose value the webhook cannot read and would override; define %[3]s in env to have %[3]s extended",
+		strings.Join(names, ", "), strings.Join(sources, ", "), pronoun(len(names)))
+}
+
+func pronoun(n int) string {
+	if n == 1 {
+		return "it"
+	}
+	return "them"
+}
+
+func describeEnvFrom(src corev1.EnvFromSource) string {
+	var d string
+	switch {
+	case src.ConfigMapRef != nil:
+		d = "configMapRef " + src.ConfigMapRef.Name
+	case src.SecretRef != nil:
+		d = "secretRef " + src.SecretRef.Name
+	default:
+		d = "a source"
+	}
+	if src.Prefix != "" {
+		d += fmt.Sprintf(" with prefix %q", src.Prefix)
+	}
+	return d
 }
 
 // applyEnv applies edits that envBlocker accepted. A value already present in a list is not

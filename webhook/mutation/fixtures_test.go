@@ -251,3 +251,13 @@ func csiSpec(t testing.TB, pod *corev1.Pod, name string) *volumeattrs.Spec {
 func hasMount(c *corev1.Container, want corev1.VolumeMount) bool {
 	return slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return reflect.DeepEqual(m, want) })
 }
+
+// envFromConfigMap and envFromSecret are how applications commonly take their whole
+// environment from a ConfigMap or Secret.
+func envFromConfigMap(name, prefix string) corev1.EnvFromSource {
+	return corev1.EnvFromSource{Prefix: prefix, ConfigMapRef: &corev1.ConfigMapEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: name}}}
+}
+
+func envFromSecret(name, prefix string) corev1.EnvFromSource {
+	return corev1.EnvFromSource{Prefix: prefix, SecretRef: &corev1.SecretEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: name}}}
+}

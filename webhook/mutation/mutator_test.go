@@ -268,6 +268,89 @@ func TestValueFromSkipsOnlyThatContainer(t *testing.T) {
 	}
 }
 
+// TestEnvFromSkipsContainer: a variable the webhook writes may come from a ConfigMap or Secret
+// through envFrom, whose value it cannot read; an env entry wins over envFrom, so writing one
+// would replace the user's value. Such a container is left alone with the reason, unless the
+// source's prefix cannot produce the name or env defines the variable (then it is extended).
+func TestEnvFromSkipsContainer(t *testing.T) {
+	injectorVars := "LD_PRELOAD, DD_INJECT_SENDER_TYPE, DD_INJECT_START_TIME may be set by envFrom"
+	tests := []struct {
+		name    string
+		direct  bool
+		langs   string
+		env     []corev1.EnvVar
+		envFrom []corev1.EnvFromSource
+		skipped string            // reason fragment when the container is left alone
+		want    map[string]string // env of the instrumented container otherwise
+	}{
+		{name: "injector layout, configMapRef", envFrom: []corev1.EnvFromSource{envFromConfigMap("app-env", "")},
+			skipped: injectorVars + " (configMapRef app-env), whose value the webhook cannot read and would override; define them in env to have them extended"},
+		{name: "injector layout, secretRef", envFrom: []corev1.EnvFromSource{envFromSecret("app-secrets", "")},
+			skipped: injectorVars + " (secretRef app-secrets)"},
+		{name: "injector layout, both", envFrom: []corev1.EnvFromSource{envFromConfigMap("app-env", ""), envFromSecret("app-secrets", "")},
+			skipped: injectorVars + " (configMapRef app-env, secretRef app-secrets)"},
+		{name: "a prefix that can produce LD_PRELOAD", envFrom: []corev1.EnvFromSource{envFromConfigMap("ld", "LD_")},
+			skipped: `LD_PRELOAD may be set by envFrom (configMapRef ld with prefix "LD_")`},
+		{name: "a prefix that cannot produce any variable written", envFrom: []corev1.EnvFromSource{envFromConfigMap("app-env", "APP_")},
+			want: map[string]string{"LD_PRELOAD": launcherLD, "DD_INJECT_SENDER_TYPE": "k8s"}},
+		{name: "env defines the variables: env wins over envFrom and is extended",
+			env:     []corev1.EnvVar{{Name: "LD_PRELOAD", Value: "/lib/jemalloc.so"}, {Name: "DD_INJECT_SENDER_TYPE", Value: "k8s"}, {Name: "DD_INJECT_START_TIME", Value: "1"}},
+			envFrom: []corev1.EnvFromSource{envFromConfigMap("app-env", "")},
+			want:    map[string]string{"LD_PRELOAD": "/lib/jemalloc.so:" + launcherLD, "DD_INJECT_START_TIME": "1"}},
+		{name: "env defines only LD_PRELOAD", env: []corev1.EnvVar{{Name: "LD_PRELOAD", Value: "/lib/jemalloc.so"}},
+			envFrom: []corev1.EnvFromSource{envFromConfigMap("app-env", "")},
+			skipped: "DD_INJECT_SENDER_TYPE, DD_INJECT_START_TIME may be set by envFrom (configMapRef app-env)"},
+		{name: "direct java", direct: true, langs: "java", envFrom: []corev1.EnvFromSource{envFromConfigMap("jvm", "")},
+			skipped: "JAVA_TOOL_OPTIONS may be set by envFrom (configMapRef jvm), whose value the webhook cannot read and would override; define it in env to have it extended"},
+		{name: "direct js", direct: true, langs: "js", envFrom: []corev1.EnvFromSource{envFromSecret("node", "")}, skipped: "NODE_OPTIONS may be set by envFrom (secretRef node)"},
+		{name: "direct python", direct: true, langs: "python", envFrom: []corev1.EnvFromSource{envFromConfigMap("py", "")}, skipped: "PYTHONPATH may be set by envFrom"},
+		{name: "direct ruby", direct: true, langs: "ruby", envFrom: []corev1.EnvFromSource{envFromConfigMap("rb", "")}, skipped: "RUBYOPT may be set by envFrom"},
+		{name: "direct dotnet", direct: true, langs: "dotnet", envFrom: []corev1.EnvFromSource{envFromConfigMap("clr", "CORECLR_")},
+			skipped: "CORECLR_ENABLE_PROFILING, CORECLR_PROFILER, CORECLR_PROFILER_PATH may be set by envFrom"},
+		{name: "direct java, the source's prefix cannot produce JAVA_TOOL_OPTIONS", direct: true, langs: "java",
+			envFrom: []corev1.EnvFromSource{envFromConfigMap("py", "PYTHON")},
+			want:    map[string]string{"JAVA_TOOL_OPTIONS": "-javaagent:/datadog-lib/dd-java-agent.jar"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newTestMutator(t)
+			pod := webPod()
+			if tt.direct {
+				m = newTestMutator(t, directLayout)
+				pod = withAnnotations(pod, annotations.Libraries, tt.langs)
+			}
+			pod.Spec.InitContainers = nil
+			pod.Spec.Containers = pod.Spec.Containers[:2]
+			pod.Spec.Containers[0].Env = tt.env
+			pod.Spec.Containers[0].EnvFrom = tt.envFrom
+			pod.Spec.Containers[1].Env = nil
+			res := m.Mutate(input(pod, ssiNamespace()))
+			if res.Outcome != OutcomeInjected {
+				t.Fatalf("the worker has no envFrom and must be instrumented; got %s: %s", res.Outcome, res.Reason)
+			}
+			status := res.Pod.Annotations[annotations.InjectionStatus]
+			app := container(t, res.Pod, "app")
+			if tt.skipped != "" {
+				if !equality.Semantic.DeepEqual(app, &pod.Spec.Containers[0]) {
+					t.Errorf("app takes its environment from envFrom and must be left alone: env %+v", app.Env)
+				}
+				if !strings.Contains(status, "container app not instrumented: "+tt.skipped) {
+					t.Errorf("status = %q, want %q", status, tt.skipped)
+				}
+				return
+			}
+			if strings.Contains(status, "not instrumented") {
+				t.Errorf("status = %q", status)
+			}
+			for k, v := range tt.want {
+				if got, _ := envValue(app, k); got != v {
+					t.Errorf("%s = %q, want %q", k, got, v)
+				}
+			}
+		})
+	}
+}
+
 func TestMountConflictSkipsContainer(t *testing.T) {
 	pod := webPod()
 	pod.Spec.Containers[0].VolumeMounts = append(pod.Spec.Containers[0].VolumeMounts, corev1.VolumeMount{Name: "logs", MountPath: "/etc/ld.so.preload"})

@@ -57,4 +57,30 @@ func TestPodShapes(t *testing.T) {
 			NodeSelectorTerms: []corev1.NodeSelectorTerm{req("linux"), req("windows")}}}}
 		assertCSIInjected(t, h.create(t, p))
 	})
+
+	t.Run("envFrom ConfigMap: that container is left alone, the others instrumented", func(t *testing.T) {
+		p := pod("shapes", "env-from", nil, nil)
+		p.Spec.Containers[0].EnvFrom = []corev1.EnvFromSource{{ConfigMapRef: &corev1.ConfigMapEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "app-env"}}}}
+		p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "worker", Image: "registry.example.com/worker:1"})
+		stored := h.create(t, p.DeepCopy())
+		if libraryVolume(stored) == nil {
+			t.Fatalf("the worker must be instrumented: status %q", stored.Annotations[annotations.InjectionStatus])
+		}
+		app := stored.Spec.Containers[0]
+		if !equality.Semantic.DeepEqual(app.Env, p.Spec.Containers[0].Env) || len(app.VolumeMounts) != 0 {
+			t.Errorf("app takes LD_PRELOAD from envFrom and must be left alone: env %+v, mounts %+v", app.Env, app.VolumeMounts)
+		}
+		want := "container app not instrumented: DD_INJECT_SENDER_TYPE, DD_INJECT_START_TIME may be set by envFrom (configMapRef app-env)"
+		if s := stored.Annotations[annotations.InjectionStatus]; !strings.HasPrefix(s, "injected: csi mode, injector layout, containers worker") || !strings.Contains(s, want) {
+			t.Errorf("status = %q, want %q", s, want)
+		}
+	})
+
+	t.Run("envFrom Secret on the only container: skipped", func(t *testing.T) {
+		p := pod("shapes", "env-from-secret", nil, nil)
+		p.Spec.Containers[0].Env = nil
+		p.Spec.Containers[0].EnvFrom = []corev1.EnvFromSource{{SecretRef: &corev1.SecretEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "app-secrets"}}}}
+		assertSkipped(t, h.create(t, p.DeepCopy()), p,
+			"no container to instrument; container app not instrumented: LD_PRELOAD, DD_INJECT_SENDER_TYPE, DD_INJECT_START_TIME may be set by envFrom (secretRef app-secrets)")
+	})
 }
