@@ -110,6 +110,11 @@ const maxReason = 1024
 // Mutate decides what to do with a pod at creation.
 func (m *Mutator) Mutate(in Input) Result {
 	pod := in.Pod
+	if _, mirror := pod.Annotations[corev1.MirrorPodAnnotationKey]; mirror {
+		// kubelet runs the static pod from its manifest file; the API object only mirrors it,
+		// so a change would never reach the containers (and the API server refuses most).
+		return Result{Outcome: OutcomeIgnored, Reason: "mirror pod of a static pod (" + corev1.MirrorPodAnnotationKey + "): kubelet runs its manifest, not this object"}
+	}
 	if slices.Contains(m.excludedNamespaces, pod.Namespace) {
 		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("namespace %s is excluded", pod.Namespace)}
 	}

@@ -83,4 +83,20 @@ func TestPodShapes(t *testing.T) {
 		assertSkipped(t, h.create(t, p.DeepCopy()), p,
 			"no container to instrument; container app not instrumented: LD_PRELOAD, DD_INJECT_SENDER_TYPE, DD_INJECT_START_TIME may be set by envFrom (secretRef app-secrets)")
 	})
+
+	t.Run("mirror pod of a static pod is left alone", func(t *testing.T) {
+		p := pod("shapes", "static-web-node1", nil, map[string]string{corev1.MirrorPodAnnotationKey: "3f2a9c0d", "kubernetes.io/config.source": "file"})
+		p.Spec.NodeName = "node1"
+		before := admissions(t)
+		stored := h.create(t, p.DeepCopy())
+		if admissions(t) == before {
+			t.Fatal("the selectors send this pod to the webhook; it must have been asked")
+		}
+		assertUnmutated(t, stored)
+		for i, c := range stored.Spec.Containers {
+			if !equality.Semantic.DeepEqual(c.Env, p.Spec.Containers[i].Env) || len(c.VolumeMounts) != 0 {
+				t.Errorf("container %s changed: env %+v, mounts %+v", c.Name, c.Env, c.VolumeMounts)
+			}
+		}
+	})
 }
