@@ -118,8 +118,12 @@ func (m *Mutator) Mutate(in Input) Result {
 	if slices.Contains(m.excludedNamespaces, pod.Namespace) {
 		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("namespace %s is excluded", pod.Namespace)}
 	}
-	if processed, why := alreadyProcessed(pod); processed {
-		return Result{Outcome: OutcomeIgnored, Reason: why}
+	if s, ok := pod.Annotations[annotations.InjectionStatus]; ok {
+		// Reinvocation, or a pod created from a copy of a processed pod: unchanged.
+		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("already processed (%s=%q)", annotations.InjectionStatus, s)}
+	}
+	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeName }) {
+		return m.reservedVolumeTaken(pod, in)
 	}
 	vols, err := annotations.ParseVolumes(pod.Annotations)
 	if err != nil {
@@ -187,14 +191,29 @@ func joinReason(a, b string) string {
 	return a + "; " + b
 }
 
-// alreadyProcessed recognises a pod this webhook already handled: on reinvocation, or a pod
-// created from a copy of a mutated pod's spec. Either way it must come out unchanged.
-func alreadyProcessed(pod *corev1.Pod) (bool, string) {
-	if s, ok := pod.Annotations[annotations.InjectionStatus]; ok {
-		return true, fmt.Sprintf("already processed (%s=%q)", annotations.InjectionStatus, s)
+// reservedVolumeTaken decides for a pod that already has a volume named VolumeName but no
+// status annotation. If it is apm-csi's own volume (the CSI driver's, or the emptyDir its init
+// containers fill), the pod's spec was copied from an instrumented pod: it is already wired and
+// comes out unchanged. Otherwise it is the user's volume and the webhook cannot add its own: the
+// pod is left as it is, and a pod the webhook would act on (an SSI target, or one with manual
+// volume annotations) gets the reason in its status and counts as skipped.
+func (m *Mutator) reservedVolumeTaken(pod *corev1.Pod, in Input) Result {
+	v := pod.Spec.Volumes[slices.IndexFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeName })]
+	ours := (v.CSI != nil && v.CSI.Driver == m.cfg.DriverName) ||
+		(v.EmptyDir != nil && slices.ContainsFunc(pod.Spec.InitContainers, func(c corev1.Container) bool { return strings.HasPrefix(c.Name, InitContainerPrefix) }))
+	if ours {
+		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("already processed (volume %s exists)", VolumeName)}
 	}
-	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeName }) {
-		return true, fmt.Sprintf("already processed (volume %s exists)", VolumeName)
+	_, ssi := m.ssiTarget(pod, in)
+	manual := slices.ContainsFunc(sortedKeys(pod.Annotations), annotations.IsVolumeKey)
+	if !ssi && !manual {
+		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("not a target, and has a volume named %s", VolumeName)}
 	}
-	return false, ""
+	reason := fmt.Sprintf("the pod already has a volume named %s that apm-csi did not add; rename that volume to have the pod instrumented", VolumeName)
+	work := pod.DeepCopy()
+	if work.Annotations == nil {
+		work.Annotations = map[string]string{}
+	}
+	work.Annotations[annotations.InjectionStatus] = statusWord(OutcomeSkipped) + ": " + reason
+	return Result{Outcome: OutcomeSkipped, Reason: reason, Pod: work}
 }

@@ -359,6 +359,85 @@ func TestEnvFromSkipsContainer(t *testing.T) {
 	}
 }
 
+// TestReservedVolumeNameTaken: a pod that already has a volume named apm-csi-libraries (and no
+// status) cannot get the webhook's volume. It is left as it is; a pod the webhook would act on
+// gets the reason in its status, any other pod is not touched. A copy of an instrumented pod's
+// spec carries apm-csi's own volume: it is already wired and comes out unchanged.
+func TestReservedVolumeNameTaken(t *testing.T) {
+	userVolume := func(p *corev1.Pod) *corev1.Pod {
+		p = p.DeepCopy()
+		p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: VolumeName, VolumeSource: corev1.VolumeSource{
+			ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: "libraries"}}}})
+		p.Spec.Containers[0].VolumeMounts = append(p.Spec.Containers[0].VolumeMounts, corev1.VolumeMount{Name: VolumeName, MountPath: "/usr/share/app/lib"})
+		return p
+	}
+	// copiedSpec is an instrumented pod's spec without its annotations, as a pod made from a
+	// copy of it (kubectl get -o yaml, edited) arrives.
+	copiedSpec := func(t *testing.T, mode string) *corev1.Pod {
+		res := newTestMutator(t).Mutate(input(withAnnotations(webPod(), annotations.InjectionMode, mode), ssiNamespace()))
+		if res.Outcome != OutcomeInjected {
+			t.Fatalf("setup: %s %s", res.Outcome, res.Reason)
+		}
+		p := res.Pod
+		p.Annotations = nil
+		return p
+	}
+	const userReason = "skipped: the pod already has a volume named apm-csi-libraries that apm-csi did not add; rename that volume to have the pod instrumented"
+	tests := []struct {
+		name   string
+		pod    func(t *testing.T) *corev1.Pod
+		ns     *corev1.Namespace
+		status string // "" means ignored: no change at all
+	}{
+		{name: "SSI namespace", pod: func(*testing.T) *corev1.Pod { return userVolume(webPod()) }, ns: ssiNamespace(), status: userReason},
+		{name: "labelled pod in a plain namespace", pod: func(*testing.T) *corev1.Pod {
+			return userVolume(withLabels(webPod(), annotations.DatadogEnabled, "true"))
+		}, ns: plainNamespace(), status: userReason},
+		{name: "rewrite namespace", pod: func(*testing.T) *corev1.Pod { return userVolume(webPod()) },
+			ns: withNSLabel(plainNamespace(), config.DefaultSSINamespaceLabel, "rewrite"), status: userReason},
+		{name: "manual volume annotations", pod: func(*testing.T) *corev1.Pod {
+			return userVolume(withAnnotations(withLabels(webPod(), annotations.Volumes, "enabled"), annotations.VolumePrefix+"sock", "hostdir=apm-socket; mountPath=/var/run/datadog"))
+		}, ns: plainNamespace(), status: userReason},
+		{name: "copy of a CSI-instrumented pod's spec: already wired, unchanged", pod: func(t *testing.T) *corev1.Pod { return copiedSpec(t, "csi") }, ns: ssiNamespace()},
+		{name: "copy of an init-container-instrumented pod's spec: already wired, unchanged", pod: func(t *testing.T) *corev1.Pod { return copiedSpec(t, "init-container") }, ns: ssiNamespace()},
+		{name: "user emptyDir with our name and no apm-csi init container", pod: func(*testing.T) *corev1.Pod {
+			p := webPod()
+			p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: VolumeName, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
+			return p
+		}, ns: ssiNamespace(), status: userReason},
+		{name: "opted out", pod: func(*testing.T) *corev1.Pod {
+			return userVolume(withLabels(webPod(), annotations.DatadogEnabled, "false"))
+		}, ns: ssiNamespace()},
+		{name: "not a target", pod: func(*testing.T) *corev1.Pod { return userVolume(webPod()) }, ns: plainNamespace()},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := tt.pod(t)
+			m := newTestMutator(t)
+			res := m.Mutate(input(pod, tt.ns))
+			if tt.status == "" {
+				if res.Outcome != OutcomeIgnored || res.Pod != nil {
+					t.Fatalf("got %s (%s), want the pod ignored", res.Outcome, res.Reason)
+				}
+				return
+			}
+			if res.Outcome != OutcomeSkipped || res.Pod == nil {
+				t.Fatalf("got %s (%s), want skipped with a status", res.Outcome, res.Reason)
+			}
+			if got := res.Pod.Annotations[annotations.InjectionStatus]; got != tt.status {
+				t.Errorf("status = %q\nwant     %q", got, tt.status)
+			}
+			if !equality.Semantic.DeepEqual(res.Pod.Spec, pod.Spec) {
+				t.Error("the pod's spec must be left as it is")
+			}
+			again := m.Mutate(input(res.Pod, tt.ns))
+			if again.Outcome != OutcomeIgnored || again.Pod != nil {
+				t.Errorf("reinvocation: got %s (%s), want an unchanged pod", again.Outcome, again.Reason)
+			}
+		})
+	}
+}
+
 func TestMountConflictSkipsContainer(t *testing.T) {
 	pod := webPod()
 	pod.Spec.Containers[0].VolumeMounts = append(pod.Spec.Containers[0].VolumeMounts, corev1.VolumeMount{Name: "logs", MountPath: "/etc/ld.so.preload"})

@@ -32,23 +32,8 @@ func ssiError(format string, args ...any) ssiResult {
 // applySSI instruments pod (a copy it may change) when it is an SSI target. Problems never
 // deny: the pod is admitted uninstrumented and the result says why.
 func (m *Mutator) applySSI(pod *corev1.Pod, in Input) ssiResult {
-	switch pod.Labels[annotations.DatadogEnabled] {
-	case "false":
-		return ssiResult{outcome: OutcomeIgnored, reason: "opted out by " + annotations.DatadogEnabled + "=false"}
-	case "true":
-	default:
-		if in.Namespace == nil {
-			if pod.Labels[annotations.Volumes] == annotations.VolumesEnabled {
-				// Called for manual volumes only; SSI does not depend on the namespace.
-				return ssiResult{outcome: OutcomeIgnored}
-			}
-			return ssiError("namespace %s could not be read: %v", pod.Namespace, in.NamespaceError)
-		}
-		switch in.Namespace.Labels[m.cfg.SSINamespaceLabel] {
-		case annotations.SSIEnabled, annotations.SSIRewrite:
-		default:
-			return ssiResult{outcome: OutcomeIgnored, reason: "not an SSI target"}
-		}
+	if res, target := m.ssiTarget(pod, in); !target {
+		return res
 	}
 	var nsLabels, nsAnnotations map[string]string
 	if in.Namespace != nil {
@@ -81,6 +66,30 @@ func (m *Mutator) applySSI(pod *corev1.Pod, in Input) ssiResult {
 	res := m.inject(pod, mode, libs, perContainer, in.Now)
 	res.reason = joinReason(res.reason, modeNote)
 	return res
+}
+
+// ssiTarget reports whether SSI applies to the pod (opted in by label, or in an SSI or
+// rewrite namespace and not opted out); when it does not, the result says why.
+func (m *Mutator) ssiTarget(pod *corev1.Pod, in Input) (ssiResult, bool) {
+	switch pod.Labels[annotations.DatadogEnabled] {
+	case "false":
+		return ssiResult{outcome: OutcomeIgnored, reason: "opted out by " + annotations.DatadogEnabled + "=false"}, false
+	case "true":
+	default:
+		if in.Namespace == nil {
+			if pod.Labels[annotations.Volumes] == annotations.VolumesEnabled {
+				// Called for manual volumes only; SSI does not depend on the namespace.
+				return ssiResult{outcome: OutcomeIgnored}, false
+			}
+			return ssiError("namespace %s could not be read: %v", pod.Namespace, in.NamespaceError), false
+		}
+		switch in.Namespace.Labels[m.cfg.SSINamespaceLabel] {
+		case annotations.SSIEnabled, annotations.SSIRewrite:
+		default:
+			return ssiResult{outcome: OutcomeIgnored, reason: "not an SSI target"}, false
+		}
+	}
+	return ssiResult{}, true
 }
 
 // resolveMode picks the injection mode: pod annotation, else namespace annotation, else the

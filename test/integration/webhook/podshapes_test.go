@@ -1,13 +1,18 @@
 package webhook_test
 
 import (
+	"context"
+	"slices"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	eventsv1 "k8s.io/api/events/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/apm-csi/apm-csi/webhook/annotations"
+	"github.com/apm-csi/apm-csi/webhook/mutation"
 )
 
 // TestPodShapes creates pods of unusual shapes in an SSI namespace through a real API server
@@ -98,5 +103,31 @@ func TestPodShapes(t *testing.T) {
 				t.Errorf("container %s changed: env %+v, mounts %+v", c.Name, c.Env, c.VolumeMounts)
 			}
 		}
+	})
+
+	t.Run("a user volume with the library volume's name: left as it is, with the reason", func(t *testing.T) {
+		p := pod("shapes", "own-volume", nil, nil)
+		p.Spec.Volumes = []corev1.Volume{{Name: mutation.VolumeName, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
+		p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: mutation.VolumeName, MountPath: "/usr/share/app/lib"}}
+		stored := h.create(t, p.DeepCopy())
+		want := "skipped: the pod already has a volume named apm-csi-libraries that apm-csi did not add; rename that volume to have the pod instrumented"
+		if s := stored.Annotations[annotations.InjectionStatus]; s != want {
+			t.Errorf("status = %q, want %q", s, want)
+		}
+		if v := libraryVolume(stored); v == nil || v.EmptyDir == nil || len(stored.Spec.Volumes) != 1 {
+			t.Errorf("the user's volume must stay as it is: %+v", stored.Spec.Volumes)
+		}
+		if app := stored.Spec.Containers[0]; !equality.Semantic.DeepEqual(app.Env, p.Spec.Containers[0].Env) || len(app.VolumeMounts) != 1 {
+			t.Errorf("app changed: env %+v, mounts %+v", app.Env, app.VolumeMounts)
+		}
+		h.eventually(t, "an InjectionSkipped event for pod shapes/own-volume", func() bool {
+			var list eventsv1.EventList
+			if err := h.client.List(context.Background(), &list, client.InNamespace("shapes")); err != nil {
+				return false
+			}
+			return slices.ContainsFunc(list.Items, func(e eventsv1.Event) bool {
+				return e.Regarding.Name == "own-volume" && e.Reason == "InjectionSkipped" && strings.Contains(e.Note, "that apm-csi did not add")
+			})
+		})
 	})
 }
