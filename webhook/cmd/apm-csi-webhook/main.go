@@ -47,6 +47,7 @@ type flags struct {
 	port              int
 	certDir           string
 	certMode          string
+	clientCA          string
 	secretName        string
 	serviceName       string
 	webhookConfigName string
@@ -69,6 +70,7 @@ func parseFlags() flags {
 	flag.IntVar(&f.port, "webhook-port", 9443, "Port of the webhook server.")
 	flag.StringVar(&f.certDir, "cert-dir", filepath.Join(os.TempDir(), "k8s-webhook-server", "serving-certs"), "Directory holding tls.crt and tls.key; reloaded when they change.")
 	flag.StringVar(&f.certMode, "cert-mode", certModeFiles, "cert-manager: serve the certificate mounted in --cert-dir. self-managed: create a CA and serving certificate in --secret-name, write them to --cert-dir, set the caBundle and renew them.")
+	flag.StringVar(&f.clientCA, "client-ca", "", "PEM file of the CA that signs the API server's webhook client certificate; when set, callers without such a certificate are refused. Empty: callers are not authenticated.")
 	flag.StringVar(&f.secretName, "secret-name", "apm-csi-webhook-tls", "Secret of the self-managed certificate.")
 	flag.StringVar(&f.serviceName, "service-name", names.WebhookBinary, "Service in front of the webhook (names in the self-managed certificate).")
 	flag.StringVar(&f.webhookConfigName, "webhook-config-name", names.WebhookBinary, "MutatingWebhookConfiguration whose caBundle the self-managed mode sets.")
@@ -108,7 +110,7 @@ func run(f flags, log *slog.Logger) error {
 		}
 	}
 	log.Info("starting", "version", version.Version, "namespace", f.namespace, "mode", cfg.Mode,
-		"layout", cfg.EffectiveLayout(), "languages", cfg.LanguageNames(), "certMode", f.certMode)
+		"layout", cfg.EffectiveLayout(), "languages", cfg.LanguageNames(), "certMode", f.certMode, "clientCA", f.clientCA)
 
 	ctx := ctrl.SetupSignalHandler()
 	restConfig, err := ctrl.GetConfig()
@@ -150,6 +152,18 @@ func run(f flags, log *slog.Logger) error {
 		selfManaged.Reload = watcher.ReadCertificate
 	}
 
+	tlsOpts := []func(*tls.Config){func(c *tls.Config) {
+		c.MinVersion = tls.VersionTLS12
+		c.GetCertificate = watcher.GetCertificate
+	}}
+	if f.clientCA != "" {
+		opt, err := certs.ClientCA(f.clientCA)
+		if err != nil {
+			return err
+		}
+		tlsOpts = append(tlsOpts, opt)
+	}
+
 	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
 		Scheme:                  scheme,
 		Cache:                   cache.Options{ByObject: byObject},
@@ -157,12 +171,9 @@ func run(f flags, log *slog.Logger) error {
 		HealthProbeBindAddress:  f.probeAddr,
 		GracefulShutdownTimeout: &f.shutdownTimeout,
 		WebhookServer: webhook.NewServer(webhook.Options{
-			Host: f.host,
-			Port: f.port,
-			TLSOpts: []func(*tls.Config){func(c *tls.Config) {
-				c.MinVersion = tls.VersionTLS12
-				c.GetCertificate = watcher.GetCertificate
-			}},
+			Host:    f.host,
+			Port:    f.port,
+			TLSOpts: tlsOpts,
 		}),
 	})
 	if err != nil {
