@@ -5,6 +5,7 @@ package webhook_test
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -52,9 +53,22 @@ type harness struct {
 	mgr    manager.Manager
 	stop   context.CancelFunc
 	done   chan error
+	// webhookAddr is host:port of the webhook server.
+	webhookAddr string
 }
 
 func startHarness(tb testing.TB) *harness {
+	tb.Helper()
+	return startHarnessWith(tb, harnessOptions{})
+}
+
+// harnessOptions changes the API server's flags or the webhook server's TLS.
+type harnessOptions struct {
+	apiServerFlags map[string]string
+	tlsOpts        []func(*tls.Config)
+}
+
+func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	tb.Helper()
 	assets := testenv.KubebuilderAssets(tb)
 	log := slog.New(slog.NewTextHandler(tb.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -66,6 +80,9 @@ func startHarness(tb testing.TB) *harness {
 			Paths:            []string{manifest(tb)},
 			LocalServingHost: "127.0.0.1",
 		},
+	}
+	for k, v := range opts.apiServerFlags {
+		env.ControlPlane.GetAPIServer().Configure().Set(k, v)
 	}
 	cfg, err := env.Start()
 	if err != nil {
@@ -97,7 +114,7 @@ func startHarness(tb testing.TB) *harness {
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
 		WebhookServer: webhook.NewServer(webhook.Options{
-			Host: wio.LocalServingHost, Port: wio.LocalServingPort, CertDir: wio.LocalServingCertDir,
+			Host: wio.LocalServingHost, Port: wio.LocalServingPort, CertDir: wio.LocalServingCertDir, TLSOpts: opts.tlsOpts,
 		}),
 	})
 	if err != nil {
@@ -107,7 +124,8 @@ func startHarness(tb testing.TB) *harness {
 	if _, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log}); err != nil {
 		tb.Fatal(err)
 	}
-	h := &harness{cfg: cfg, mgr: mgr, stop: cancel, done: make(chan error, 1)}
+	h := &harness{cfg: cfg, mgr: mgr, stop: cancel, done: make(chan error, 1),
+		webhookAddr: fmt.Sprintf("%s:%d", wio.LocalServingHost, wio.LocalServingPort)}
 	go func() { h.done <- mgr.Start(ctx) }()
 	tb.Cleanup(h.shutdown)
 
