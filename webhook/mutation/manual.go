@@ -31,6 +31,10 @@ func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume
 		deny := func(problem, fix string) error {
 			return &annotations.Error{Annotation: key, Value: value, Problem: problem, Fix: fix}
 		}
+		if windows, pin := windowsPod(pod); windows {
+			return res, deny(fmt.Sprintf("the pod runs only on Windows nodes (%s), where the apm-csi node plugin does not run, so the volume could never be mounted", pin),
+				"remove the annotation from Windows pods, or let the pod run on Linux nodes")
+		}
 		if v.Name == VolumeName {
 			return res, deny(fmt.Sprintf("volume name %s is reserved for the libraries the webhook injects", VolumeName), "choose another name in the annotation key, e.g. "+annotations.VolumePrefix+"tracer")
 		}

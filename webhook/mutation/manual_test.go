@@ -96,8 +96,15 @@ func TestManualVolumeDenials(t *testing.T) {
 		name  string
 		key   string
 		value string
+		shape func(*corev1.Pod)
 		want  []string // fragments of the denial
 	}{
+		{name: "Windows pod by nodeSelector", key: "tracer", value: "libraries=java; mountPath=/dd",
+			shape: func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{corev1.LabelOSStable: "windows"} },
+			want:  []string{"annotation apm-csi.io/volume.tracer", "the pod runs only on Windows nodes (nodeSelector kubernetes.io/os: windows), where the apm-csi node plugin does not run", "fix: remove the annotation from Windows pods"}},
+		{name: "Windows pod by spec.os", key: "sock", value: "hostdir=apm; mountPath=/x",
+			shape: func(p *corev1.Pod) { p.Spec.OS = &corev1.PodOS{Name: corev1.Windows} },
+			want:  []string{"the pod runs only on Windows nodes (spec.os.name: windows)"}},
 		{name: "syntax", key: "tracer", value: "libraries=jav; mountPath=/x",
 			want: []string{"annotation apm-csi.io/volume.tracer", `bad value "jav"`, `unknown library "jav"`, "fix:"}},
 		{name: "name clash", key: "logs", value: "hostdir=apm; mountPath=/x",
@@ -123,7 +130,11 @@ func TestManualVolumeDenials(t *testing.T) {
 			if tt.key == "" {
 				key = "apm-csi.io/volumes.s"
 			}
-			res := newTestMutator(t).Mutate(input(withAnnotations(webPod(), key, tt.value), ssiNamespace()))
+			pod := withAnnotations(webPod(), key, tt.value)
+			if tt.shape != nil {
+				tt.shape(pod)
+			}
+			res := newTestMutator(t).Mutate(input(pod, ssiNamespace()))
 			if res.Outcome != OutcomeDenied || res.Pod != nil {
 				t.Fatalf("got %s: %s", res.Outcome, res.Reason)
 			}

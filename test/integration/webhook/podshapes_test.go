@@ -52,6 +52,21 @@ func TestPodShapes(t *testing.T) {
 		assertSkipped(t, h.create(t, p.DeepCopy()), p, "Windows pods cannot load the Linux tracer libraries (required node affinity kubernetes.io/os In [windows])")
 	})
 
+	t.Run("Windows pod asking for a manual volume is denied", func(t *testing.T) {
+		p := pod("shapes", "win-manual", nil, map[string]string{annotations.VolumePrefix + "tracer": "libraries=java; mountPath=/dd"})
+		p.Spec.NodeSelector = map[string]string{corev1.LabelOSStable: "windows"}
+		err := h.client.Create(context.Background(), p)
+		if err == nil {
+			t.Fatal("the pod was created with a volume no Windows node can mount")
+		}
+		for _, frag := range []string{`admission webhook "ssi-namespaces.pods.apm-csi.io" denied the request`, "annotation apm-csi.io/volume.tracer",
+			"the pod runs only on Windows nodes (nodeSelector kubernetes.io/os: windows), where the apm-csi node plugin does not run"} {
+			if !strings.Contains(err.Error(), frag) {
+				t.Errorf("the client's error lacks %q:\n%v", frag, err)
+			}
+		}
+	})
+
 	t.Run("Linux or Windows by node affinity is instrumented", func(t *testing.T) {
 		p := pod("shapes", "either-os", nil, nil)
 		req := func(os string) corev1.NodeSelectorTerm {
