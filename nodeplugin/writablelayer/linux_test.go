@@ -135,13 +135,7 @@ func TestProjectQuotaStopsAPodAtItsLimit(t *testing.T) {
 		t.Fatalf("volumes got projects %d and %d, limit %d", id, otherID, limit)
 	}
 	// The pod sees its limit as the size of its volume.
-	var st unix.Statfs_t
-	if err := unix.Statfs(target, &st); err != nil {
-		t.Fatal(err)
-	}
-	if size := int64(st.Blocks) * st.Bsize; size != testLimit {
-		t.Errorf("statfs of the volume reports %d bytes, want the limit %d", size, testLimit)
-	}
+	checkVolumeSize(t, target, testLimit)
 
 	before := statfsUsed(t, dir)
 	checkFilledToLimit(t, nodeplugintest.Fill(t, filepath.Join(target, "fill"), 4*testLimit), testLimit)
@@ -176,13 +170,7 @@ func TestTmpfsStopsAPodAtItsLimit(t *testing.T) {
 	}
 	vol, target := layerOverlay(t, m, dir, testLimit)
 	_, otherTarget := layerOverlay(t, m, dir, testLimit)
-	var st unix.Statfs_t
-	if err := unix.Statfs(target, &st); err != nil {
-		t.Fatal(err)
-	}
-	if size := int64(st.Blocks) * st.Bsize; size != testLimit {
-		t.Errorf("statfs of the volume reports %d bytes, want the limit %d", size, testLimit)
-	}
+	checkVolumeSize(t, target, testLimit)
 	before := statfsUsed(t, dir)
 	checkFilledToLimit(t, nodeplugintest.Fill(t, filepath.Join(target, "fill"), 4*testLimit), testLimit)
 	if grew := statfsUsed(t, dir) - before; grew > 1<<20 {
@@ -243,5 +231,17 @@ func TestMountRunsWithoutTheQuotaOverride(t *testing.T) {
 	}
 	if effectiveCaps(t)&bit == 0 {
 		t.Error("CAP_SYS_RESOURCE was not restored")
+	}
+}
+
+// checkVolumeSize checks that a pod sees its limit as the size of its volume.
+func checkVolumeSize(t *testing.T, target string, limit int64) {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		t.Fatal(err)
+	}
+	if size := int64(st.Blocks) * st.Bsize; size != limit {
+		t.Errorf("statfs of the volume reports %d bytes, want the limit %d", size, limit)
 	}
 }

@@ -632,17 +632,7 @@ func scenarioRegistryDown(t *testing.T, ctx context.Context, e *env) {
 	}
 	uncachedRef := e.reg.Repo(e.repo) + ":" + uncachedTag
 	checkInstrumented(t, e, admitted, uncachedRef)
-	var failed string
-	if err := framework.Poll(ctx, 2*time.Minute, "kubelet to report the failed mount of the uncached library", func() (bool, error) {
-		ev, err := e.cs.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + u.Name + ",reason=FailedMount"})
-		if err != nil || len(ev.Items) == 0 {
-			return false, nil
-		}
-		failed = ev.Items[0].Message
-		return true, nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	failed := waitFailedMount(t, ctx, e, ns, u.Name, "the failed mount of the uncached library")
 	t.Logf("while the registry is down: %s", failed)
 	if !strings.Contains(failed, "Unavailable") {
 		t.Errorf("the failed mount is not reported as Unavailable (which kubelet retries): %s", failed)
@@ -1005,17 +995,7 @@ func scenarioHostDirTenancyAtMount(t *testing.T, ctx context.Context, e *env) {
 	if err != nil {
 		t.Fatalf("the admission policy refused a hostdir volume in listed namespace %s: %v", ns, err)
 	}
-	var failed string
-	if err := framework.Poll(ctx, 2*time.Minute, "kubelet to report the refused mount", func() (bool, error) {
-		ev, err := e.cs.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + p.Name + ",reason=FailedMount"})
-		if err != nil || len(ev.Items) == 0 {
-			return false, nil
-		}
-		failed = ev.Items[0].Message
-		return true, nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	failed := waitFailedMount(t, ctx, e, ns, p.Name, "the refused mount")
 	t.Logf("FailedMount: %s", failed)
 	for _, want := range []string{"PermissionDenied", `hostdir entry "` + dataEntry + `" may not be used by pod ` + ns + "/" + p.Name,
 		"namespace " + ns + " is not allowed; the entry allows namespaces " + strings.Join(dataEntryNamespaces, ", ")} {
@@ -1043,4 +1023,22 @@ func scenarioHostDirTenancyAtMount(t *testing.T, ctx context.Context, e *env) {
 			t.Errorf("the webhook's denial lacks %q: %v", want, err)
 		}
 	}
+}
+
+// waitFailedMount waits for kubelet's first FailedMount event on a pod and returns its
+// message: what a person sees in `kubectl describe pod`.
+func waitFailedMount(t *testing.T, ctx context.Context, e *env, ns, pod, what string) string {
+	t.Helper()
+	var failed string
+	if err := framework.Poll(ctx, 2*time.Minute, "kubelet to report "+what, func() (bool, error) {
+		ev, err := e.cs.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + pod + ",reason=FailedMount"})
+		if err != nil || len(ev.Items) == 0 {
+			return false, nil
+		}
+		failed = ev.Items[0].Message
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return failed
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -16,7 +15,6 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
 )
@@ -33,8 +31,10 @@ import (
 const childManyEnv = "APM_CSI_LIBRARYCACHE_CHILD_MANY"
 
 type childManyRequest struct {
-	Store  string
-	Images []string
+	// Registry is the test registry's host:port, which every image names.
+	Registry string
+	Store    string
+	Images   []string
 }
 
 // runChildMany publishes every image at once and reports each outcome and the peak RSS,
@@ -45,16 +45,12 @@ func runChildMany(raw string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	c, err := librarycache.New(librarycache.Config{StoreDir: req.Store, Logger: slog.New(slog.DiscardHandler)})
+	c, err := startChildCache(req.Store, req.Registry)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	defer c.Close()
-	if err := c.Start(context.Background()); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -93,7 +89,8 @@ func peakRSSMany(b *testing.B, images []string) {
 	b.ResetTimer()
 	for range b.N {
 		store := filepath.Join(base, "store")
-		raw, err := json.Marshal(childManyRequest{Store: store, Images: images})
+		registry, _, _ := strings.Cut(images[0], "/")
+		raw, err := json.Marshal(childManyRequest{Registry: registry, Store: store, Images: images})
 		if err != nil {
 			b.Fatal(err)
 		}

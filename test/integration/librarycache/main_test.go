@@ -50,17 +50,12 @@ func runChild(raw string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	c, err := librarycache.New(librarycache.Config{StoreDir: req.Store, Logger: slog.New(slog.DiscardHandler),
-		AllowedRepositories: []string{req.Registry}, InsecureRegistries: []string{req.Registry}})
+	c, err := startChildCache(req.Store, req.Registry)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	defer c.Close()
-	if err := c.Start(context.Background()); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	layer, err := c.Layer(ctx, volumeattrs.Library{Image: req.Image, Target: req.Target})
@@ -118,4 +113,19 @@ func merge(maps ...map[string]string) map[string]string {
 		}
 	}
 	return out
+}
+
+// startChildCache opens and starts the library cache of a plugin process, with the test
+// registry allowed and reached over plain HTTP.
+func startChildCache(store, registry string) (*librarycache.Cache, error) {
+	c, err := librarycache.New(librarycache.Config{StoreDir: store, Logger: slog.New(slog.DiscardHandler),
+		AllowedRepositories: []string{registry}, InsecureRegistries: []string{registry}})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Start(context.Background()); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
 }
