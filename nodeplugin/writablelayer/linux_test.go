@@ -163,7 +163,12 @@ func TestProjectQuotaStopsAPodAtItsLimit(t *testing.T) {
 
 func TestTmpfsStopsAPodAtItsLimit(t *testing.T) {
 	testenv.RequireRoot(t)
-	dir := t.TempDir()
+	// The state dir on a filesystem of its own, so that its usage is not moved by other
+	// writers on the machine.
+	dir := filepath.Join(nodeplugintest.Ext4(t, 64, "", ""), "overlays")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"maps"
 	"path"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -257,11 +258,20 @@ func Parse(attrs map[string]string) (*Spec, error) {
 	return spec, nil
 }
 
+// exponentNotation matches the decimal exponent form of a quantity (1e9, 5E+3), not the E and
+// Ei suffixes.
+var exponentNotation = regexp.MustCompile(`[eE][+-]?[0-9]`)
+
 // ParseWritableLimit parses a writableLimit value: a whole number of bytes written as a
 // Kubernetes quantity (64Mi, 1Gi, 500M, 1048576), at least MinWritableLimit.
 func ParseWritableLimit(v string) (int64, error) {
 	if len(v) > 32 {
 		return 0, errorf(KeyWritableLimit, v, "must be a size such as 64Mi or 1Gi")
+	}
+	// Exponent notation ("1e12700019") is refused before parsing: comparing such a quantity
+	// computes the power of ten, which a pod could make take minutes of the plugin's CPU.
+	if exponentNotation.MatchString(v) {
+		return 0, errorf(KeyWritableLimit, v, "must be a size such as 64Mi or 1Gi, without exponent notation")
 	}
 	q, err := resource.ParseQuantity(v)
 	if err != nil {

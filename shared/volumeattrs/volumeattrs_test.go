@@ -78,6 +78,7 @@ func TestParse(t *testing.T) {
 		{name: "writable limit fraction of a byte", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "1500m"}, wantErr: "whole number of bytes"},
 		{name: "writable limit too small", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "4Ki"}, wantErr: "at least 1Mi"},
 		{name: "writable limit negative", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "-1Gi"}, wantErr: "at least 1Mi"},
+		{name: "writable limit in exponent notation (a huge power of ten costs minutes to compare)", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "1e12700019"}, wantErr: "without exponent notation"},
 		{name: "writable limit overflows", attrs: map[string]string{"type": "library", "library.0.image": "r.local/a:v1", "writableLimit": "100Ei"}, wantErr: "at most 1Pi"},
 		{name: "writable limit on a hostdir", attrs: map[string]string{"type": "hostdir", "name": "d", "writableLimit": "64Mi"}, wantErr: "unknown attribute"},
 		{name: "library none", attrs: map[string]string{"type": "library"}, wantErr: "at least one library"},
