@@ -18,8 +18,8 @@ import (
 // slot: slots.go counts images, not blobs).
 const maxLayerDownloads = 4
 
-// layerFiles downloads the compressed blobs of an image's layers concurrently into a temp dir
-// of the store, each verified against its digest and size as go-containerregistry reads it,
+// layerFiles downloads the compressed blobs of an image's layers (but the top one, which
+// streams into the extractor) concurrently into a temp dir of the store, each verified against its digest and size as go-containerregistry reads it,
 // while extraction reads them, in its own order, as soon as each is complete: downloads never
 // wait for extraction, extraction waits only for the layer it needs next. Nothing is buffered
 // in memory beyond copy buffers.
@@ -39,6 +39,8 @@ type fileLayer struct {
 	file  string
 	ready chan struct{}
 	err   error
+	// stream is set on the layer extraction reads first: it is read from the registry.
+	stream bool
 }
 
 // prefetchLayers starts downloading layers, in the order extraction consumes them: mutate.Extract
@@ -51,6 +53,9 @@ func (c *Cache) prefetchLayers(ctx context.Context, layers []v1.Layer, maxBlob i
 	}
 	lf := &layerFiles{c: c, dir: dir}
 	lf.ctx, lf.cancel = context.WithCancel(ctx)
+	if len(layers) == 0 {
+		return lf, nil
+	}
 	for i, l := range layers {
 		size, err := l.Size()
 		if err != nil {
@@ -64,12 +69,17 @@ func (c *Cache) prefetchLayers(ctx context.Context, layers []v1.Layer, maxBlob i
 		}
 		lf.layers = append(lf.layers, &fileLayer{Layer: l, lf: lf, file: path.Join(dir, fmt.Sprintf("layer-%d", i)), ready: make(chan struct{})})
 	}
+	// The top layer is what extraction reads first: it streams from the registry into the
+	// extractor as before, so a one-layer image is extracted while it downloads. The layers
+	// below download to files meanwhile.
+	top := lf.layers[len(lf.layers)-1]
+	top.stream = true
 	next := make(chan *fileLayer, len(layers))
-	for i := len(lf.layers) - 1; i >= 0; i-- {
+	for i := len(lf.layers) - 2; i >= 0; i-- {
 		next <- lf.layers[i]
 	}
 	close(next)
-	for range min(len(layers), maxLayerDownloads) {
+	for range min(len(layers)-1, maxLayerDownloads-1) {
 		lf.wg.Add(1)
 		go func() {
 			defer lf.wg.Done()
@@ -130,8 +140,12 @@ func (lf *layerFiles) stop() {
 	}
 }
 
-// Compressed waits for the blob's download and opens its file.
+// Compressed waits for the blob's download and opens its file (or, for the layer extraction
+// reads first, streams it from the registry).
 func (l *fileLayer) Compressed() (io.ReadCloser, error) {
+	if l.stream {
+		return l.Layer.Compressed()
+	}
 	select {
 	case <-l.ready:
 	case <-l.lf.ctx.Done():
