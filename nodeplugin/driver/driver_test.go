@@ -40,12 +40,20 @@ type fakeStore struct {
 	mu   sync.Mutex
 	// calls counts Layer calls.
 	calls int
+	// before, when set, runs first in every LayerFor call; an error it returns is the call's.
+	before func(ctx context.Context, image string) error
 }
 
 func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (Layer, error) {
 	s.mu.Lock()
 	s.calls++
+	before := s.before
 	s.mu.Unlock()
+	if before != nil {
+		if err := before(ctx, lib.Image); err != nil {
+			return Layer{}, err
+		}
+	}
 	if err := s.errs[lib.Image]; err != nil {
 		return Layer{}, err
 	}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -158,6 +159,10 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 }
 
 // resolveLayers asks the library store for every layer, top first, within the publish budget.
+// The libraries of a volume are resolved and downloaded concurrently (the store bounds
+// downloads node-wide with its download slots); the first final error (not found, not
+// allowed, rejected, ...) cancels the others and is what the publish returns. A retryable
+// error (Unavailable) is returned only when no library failed for good.
 func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec, namespace string) ([]state.Layer, error) {
 	var layers []state.Layer
 	if spec.Preload != "" {
@@ -169,17 +174,51 @@ func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec, name
 	}
 	budget, cancel := context.WithTimeout(ctx, d.cfg.PublishDownloadBudget)
 	defer cancel()
-	for _, lib := range spec.Libraries {
-		l, err := d.cfg.Libraries.LayerFor(budget, namespace, lib)
-		if err != nil {
-			return nil, d.libraryError(ctx, lib.Image, err)
-		}
-		if !filepath.IsAbs(l.Dir) {
-			return nil, status.Errorf(codes.Internal, "library cache returned a relative layer dir %q for %s", l.Dir, lib.Image)
-		}
-		layers = append(layers, state.Layer{Dir: l.Dir, Digest: l.Digest})
+	libs := make([]state.Layer, len(spec.Libraries))
+	retryable := make([]error, len(spec.Libraries))
+	g, gctx := errgroup.WithContext(budget)
+	for i, lib := range spec.Libraries {
+		g.Go(func() error {
+			l, err := d.cfg.Libraries.LayerFor(gctx, namespace, lib)
+			if err != nil {
+				if gctx.Err() != nil && budget.Err() == nil {
+					// Cancelled because another library failed for good.
+					return nil
+				}
+				serr := d.libraryError(ctx, lib.Image, err)
+				if !finalLibraryError(serr) {
+					retryable[i] = serr
+					return nil
+				}
+				return serr
+			}
+			if !filepath.IsAbs(l.Dir) {
+				return status.Errorf(codes.Internal, "library cache returned a relative layer dir %q for %s", l.Dir, lib.Image)
+			}
+			libs[i] = state.Layer{Dir: l.Dir, Digest: l.Digest}
+			return nil
+		})
 	}
-	return layers, nil
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	for _, err := range retryable {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return append(layers, libs...), nil
+}
+
+// finalLibraryError reports whether a mapped library error would fail the publish again on a
+// retry: everything but Unavailable (still downloading, registry down, slots busy, budget
+// spent) and the caller's own cancellation.
+func finalLibraryError(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.Canceled, codes.DeadlineExceeded:
+		return false
+	}
+	return true
 }
 
 // libraryError maps a LibraryStore error to the gRPC code kubelet acts on. Unavailable is

@@ -380,12 +380,21 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 	}
 }
 
-// partial reports whether a download has written a library file into tmp/.
+// partial reports whether a download has written part of a layer blob or a library file into
+// tmp/.
 func partial(t *testing.T, store string) bool {
 	found := false
 	_ = filepath.WalkDir(filepath.Join(store, tmpDir), func(p string, d os.DirEntry, err error) error {
-		if err == nil && strings.HasSuffix(p, ".jar") {
+		if err != nil {
+			return nil
+		}
+		if strings.HasSuffix(p, ".jar") {
 			found = true
+		}
+		if strings.HasPrefix(d.Name(), "layer-") {
+			if info, err := d.Info(); err == nil && info.Size() > 0 {
+				found = true
+			}
 		}
 		return nil
 	})

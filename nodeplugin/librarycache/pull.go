@@ -302,14 +302,21 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 	if err := c.root.Mkdir(rootfs, 0o755); err != nil {
 		return nil, localErr(err)
 	}
-	rc := mutate.Extract(&limitedImage{Image: img, max: c.layerLimit()})
+	// The layers' blobs download concurrently to files while mutate.Extract flattens them in
+	// its order (prefetch.go).
+	files, err := c.prefetchLayers(ctx, layers, c.layerLimit())
+	if err != nil {
+		return nil, err
+	}
+	rc := mutate.Extract(&limitedImage{Image: img, layers: files.wrap(), max: c.layerLimit()})
 	stats, err := extract.Extract(ctx, rc, filepath.Join(c.dir, rootfs), extract.Options{
 		MaxBytes:          c.cfg.MaxLibraryBytes,
 		MaxEntries:        c.cfg.MaxLibraryFiles,
 		PreserveOwnership: os.Geteuid() == 0,
 	})
-	// Closing the pipe ends mutate.Extract's goroutine and the layer download under it.
+	// Closing the pipe ends mutate.Extract's goroutine; stop ends the downloads under it.
 	_ = rc.Close()
+	files.stop()
 	if err != nil {
 		var re *extract.ReadError
 		if errors.As(err, &re) || errors.Is(err, extract.ErrRejected) || ctx.Err() != nil {
@@ -408,16 +415,21 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// limitedImage caps the decompressed size of each layer mutate.Extract reads.
+// limitedImage caps the decompressed size of each layer mutate.Extract reads; layers, when
+// set, replace the image's own (downloaded blobs: prefetch.go).
 type limitedImage struct {
 	v1.Image
-	max int64
+	layers []v1.Layer
+	max    int64
 }
 
 func (l *limitedImage) Layers() ([]v1.Layer, error) {
-	layers, err := l.Image.Layers()
-	if err != nil {
-		return nil, err
+	layers := l.layers
+	if layers == nil {
+		var err error
+		if layers, err = l.Image.Layers(); err != nil {
+			return nil, err
+		}
 	}
 	out := make([]v1.Layer, len(layers))
 	for i, layer := range layers {

@@ -38,6 +38,8 @@ type options struct {
 	grace time.Duration
 	// tagTTL is how long the cache trusts a tag.
 	tagTTL time.Duration
+	// downloads is the cache's --max-parallel-downloads.
+	downloads int
 	// stateDir replaces the plugin's state dir (default: a dir in the plugin's temporary root).
 	stateDir string
 	// writable is the --writable-layer-mechanism (default auto); defaultWritable and
@@ -94,15 +96,16 @@ func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
 		insecure = append([]string{p.opts.registry.Addr()}, insecure...)
 	}
 	cache, err := librarycache.New(librarycache.Config{
-		AllowedRepositories: allowed,
-		InsecureRegistries:  insecure,
-		PullSecretDir:       p.opts.trust.PullSecretDir,
-		PullSecretScopes:    p.opts.trust.PullSecretScopes,
-		StoreDir:            p.store,
-		GCGracePeriod:       p.opts.grace,
-		TagTTL:              p.opts.tagTTL,
-		Logger:              p.Log,
-		Registerer:          prometheus.NewRegistry(),
+		AllowedRepositories:  allowed,
+		InsecureRegistries:   insecure,
+		PullSecretDir:        p.opts.trust.PullSecretDir,
+		PullSecretScopes:     p.opts.trust.PullSecretScopes,
+		StoreDir:             p.store,
+		GCGracePeriod:        p.opts.grace,
+		TagTTL:               p.opts.tagTTL,
+		MaxParallelDownloads: p.opts.downloads,
+		Logger:               p.Log,
+		Registerer:           prometheus.NewRegistry(),
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("library cache: %w", err)

@@ -92,11 +92,12 @@ func TestPluginKilledMidDownload(t *testing.T) {
 	}
 }
 
-// extractedBytes sums the library files written in the store's tmp/ so far.
+// extractedBytes sums the library files and downloaded layer blobs written in the store's
+// tmp/ so far.
 func extractedBytes(store string) int64 {
 	var n int64
 	_ = filepath.WalkDir(filepath.Join(store, "tmp"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && strings.HasSuffix(p, ".jar") {
+		if err == nil && (strings.HasSuffix(p, ".jar") || strings.HasPrefix(d.Name(), "layer-")) {
 			if fi, err := d.Info(); err == nil {
 				n += fi.Size()
 			}
