@@ -37,7 +37,7 @@ func TestWritableLayerStopsAPodAtItsLimit(t *testing.T) {
 			reg := libimages.Start(t)
 			stateFS := nodeplugintest.Ext4(t, 256, tc.features, tc.options)
 			state := filepath.Join(stateFS, "state")
-			p := startPlugin(t, options{stateDir: state})
+			p := startPlugin(t, options{registry: reg, stateDir: state})
 			if m := p.Writable.Mechanism(); m != tc.want {
 				t.Fatalf("writable layers by %s (%s), want %s", m, p.Writable.Reason(), tc.want)
 			}
@@ -119,7 +119,7 @@ func TestWritableLayerStopsAPodAtItsLimit(t *testing.T) {
 // is left allocated.
 func TestWritableLimitAboveTheNodeMaximumIsRefused(t *testing.T) {
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{defaultWritable: 16 << 20, maxWritable: 64 << 20})
+	p := startPlugin(t, options{registry: reg, defaultWritable: 16 << 20, maxWritable: 64 << 20})
 	vol := pushInjectorVolume(t, reg, "1.0.0")
 	attrs := vol.attrs()
 	attrs["writableLimit"] = "100Mi"

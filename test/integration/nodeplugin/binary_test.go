@@ -149,7 +149,7 @@ func TestBinary(t *testing.T) {
 	health, metrics := freeAddr(t), freeAddr(t)
 	start := func() (*exec.Cmd, *syncBuffer) {
 		cmd := exec.Command(bin, "--kubelet-dir", kubelet, "--health-addr", health, "--metrics-addr", metrics, "--config", config,
-			"--insecure-registry", reg.Addr(), "--prefetch", reg.Repo(pythonRepo)+":v3.1.0")
+			"--insecure-registry", reg.Addr(), "--allowed-repository", reg.Addr(), "--prefetch", reg.Repo(pythonRepo)+":v3.1.0")
 		cmd.Env = append(os.Environ(),
 			"APM_CSI_STATE_DIR="+filepath.Join(root, "state"),
 			"APM_CSI_NODE_ID=node-bin",
@@ -238,7 +238,7 @@ func TestBinary(t *testing.T) {
 		t.Fatal("the --config entry with create was not created")
 	}
 	// The demo entry is for namespace shop only: a pod of another namespace is refused.
-	intruder := &csi.NodePublishVolumeRequest{VolumeId: "csi-intruder", TargetPath: filepath.Join(targetDir, "intruder"), VolumeCapability: req.VolumeCapability,
+	intruder := &csi.NodePublishVolumeRequest{VolumeId: "csi-intruder", TargetPath: filepath.Join(kubelet, "pods", "uid-intruder", "volumes", "kubernetes.io~csi", "data", "mount"), VolumeCapability: req.VolumeCapability,
 		VolumeContext: map[string]string{"type": "hostdir", "name": "demo", "csi.storage.k8s.io/pod.name": "thief", "csi.storage.k8s.io/pod.namespace": "other"}}
 	if _, err := node.NodePublishVolume(context.Background(), intruder); status.Code(err) != codes.PermissionDenied ||
 		!strings.Contains(err.Error(), "namespace other is not allowed; the entry allows namespaces shop") {
@@ -374,7 +374,7 @@ func TestBinary(t *testing.T) {
 	// An entry inside a writable entry is refused at start, naming both.
 	nested := exec.Command(bin, "--kubelet-dir", kubelet, "--health-addr", "", "--metrics-addr", "", "--kubelet-registration=false",
 		"--endpoint", "unix://"+filepath.Join(root, "nested.sock"), "--state-dir", filepath.Join(root, "state"), "--node-id", "n",
-		"--hostdir", "apm-socket-dir="+host, "--hostdir", "apm-socket="+filepath.Join(host, "data"))
+		"--hostdir", "apm-socket-dir="+host+",namespaces=*", "--hostdir", "apm-socket="+filepath.Join(host, "data")+",namespaces=*")
 	out, err := nested.CombinedOutput()
 	if err == nil || !strings.Contains(string(out), `hostdir "apm-socket" (`) || !strings.Contains(string(out), `inside hostdir "apm-socket-dir"`) {
 		t.Fatalf("nested entries: exit %v, output:\n%s", err, out)

@@ -3,6 +3,7 @@ package nodeplugin
 import (
 	"context"
 	"errors"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"net"
 	"os"
 	"path/filepath"
@@ -97,8 +98,8 @@ func TestSocketSwappedForALinkIsRefused(t *testing.T) {
 			sensitive := filepath.Join(np.Kubelet, "pods")
 			must(t, os.MkdirAll(sensitive, 0o750))
 			set, err := hostdir.NewSet([]hostdir.Entry{
-				{Name: "apm-socket-dir", Path: dir, ReadOnly: true},
-				{Name: "apm-socket", Path: sock},
+				{Name: "apm-socket-dir", Path: dir, ReadOnly: true, Namespaces: []string{"*"}},
+				{Name: "apm-socket", Path: sock, Namespaces: []string{"*"}},
 			})
 			must(t, err)
 			np.Config.HostDirs = set
@@ -133,11 +134,11 @@ func TestNestedEntriesAreRefusedAtStart(t *testing.T) {
 	must(t, os.MkdirAll(dir, 0o755))
 	listenSocket(t, filepath.Join(dir, "apm.socket"))
 	set, err := hostdir.NewSet([]hostdir.Entry{
-		{Name: "apm-socket-dir", Path: dir, Create: true},
-		{Name: "apm-socket", Path: filepath.Join(dir, "apm.socket")},
+		{Name: "apm-socket-dir", Path: dir, Create: true, Namespaces: []string{"*"}},
+		{Name: "apm-socket", Path: filepath.Join(dir, "apm.socket"), Namespaces: []string{"*"}},
 	})
 	must(t, err)
-	_, err = driver.New(driver.Config{NodeID: "n", KubeletDir: filepath.Join(root, "kubelet"), StateDir: filepath.Join(root, "state"), HostDirs: set, Mounter: mounter.New()})
+	_, err = driver.New(driver.Config{NodeID: "n", KubeletDir: filepath.Join(root, "kubelet"), StateDir: filepath.Join(root, "state"), HostDirs: set, Mounter: mounter.New(), WritableLayers: writablelayer.NewFake()})
 	if err == nil || !strings.Contains(err.Error(), `hostdir "apm-socket" (`) || !strings.Contains(err.Error(), `inside hostdir "apm-socket-dir"`) {
 		t.Fatalf("driver.New with a socket entry inside a writable entry: %v; want an error naming both", err)
 	}
