@@ -1,8 +1,6 @@
 package library
 
 import (
-	"archive/tar"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -18,10 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
@@ -280,7 +275,7 @@ func benchColdVolume(b *testing.B, bitsPerSecond float64) {
 				g.SetLimit(1)
 			}
 			for n, ref := range refs {
-				g.Go(func() error { return plainPullExtract(ref, filepath.Join(dir, coldLibs[n].name)) })
+				g.Go(func() error { return libimages.PlainPull(ref, filepath.Join(dir, coldLibs[n].name)) })
 			}
 			err := g.Wait()
 			d := time.Since(start)
@@ -319,51 +314,4 @@ func benchColdVolume(b *testing.B, bitsPerSecond float64) {
 	b.ReportMetric(medians["plugin-4lib"]/medians["plain-par"], "ratio-4lib/par")
 	b.ReportMetric(medians["plugin-4lib-5slots"]/medians["plain-par"], "ratio-4lib5/par")
 	b.Logf("%d files, %d compressed bytes in 4 images", coldSet.files, coldSet.bytes)
-}
-
-// plainPullExtract is the baseline: a go-containerregistry pull flattened into dir, with no
-// checks, limits, fsync or bookkeeping.
-func plainPullExtract(image, dir string) error {
-	ref, err := name.ParseReference(image)
-	if err != nil {
-		return err
-	}
-	img, err := remote.Image(ref)
-	if err != nil {
-		return err
-	}
-	rc := mutate.Extract(img)
-	defer rc.Close()
-	tr := tar.NewReader(rc)
-	for {
-		hdr, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		p := filepath.Join(dir, hdr.Name)
-		switch hdr.Typeflag {
-		case tar.TypeDir:
-			if err := os.MkdirAll(p, 0o755); err != nil {
-				return err
-			}
-		case tar.TypeReg:
-			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-				return err
-			}
-			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
-			if err != nil {
-				return err
-			}
-			_, err = io.Copy(f, tr)
-			if cerr := f.Close(); err == nil {
-				err = cerr
-			}
-			if err != nil {
-				return err
-			}
-		}
-	}
 }
