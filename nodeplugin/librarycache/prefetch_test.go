@@ -1,10 +1,12 @@
 package librarycache
 
 import (
+	"context"
 	"testing"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -50,12 +52,10 @@ func TestImageLayersDownloadConcurrentlyAndApplyInOrder(t *testing.T) {
 		}
 		return n
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for requested() < len(layers) && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := requested(); n < len(layers) {
-		t.Fatalf("%d of %d layer blobs were requested while the first was held, want all", n, len(layers))
+	if err := wait.PollUntilContextTimeout(t.Context(), 10*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		return requested() == len(layers), nil
+	}); err != nil {
+		t.Fatalf("%d of %d layer blobs were requested while the first was held, want all", requested(), len(layers))
 	}
 	release()
 	r := <-done

@@ -385,9 +385,9 @@ func (m *Manager) Mount(mount func() error) error {
 func (m *Manager) Release(dir string) error {
 	// A tmpfs (or a stack of them, after a crash and a retried publish) on the dir.
 	for range 16 {
-		err := unix.Unmount(dir, 0)
+		err := unix.Unmount(dir, unix.UMOUNT_NOFOLLOW)
 		if errors.Is(err, unix.EBUSY) {
-			err = unix.Unmount(dir, unix.MNT_DETACH)
+			err = unix.Unmount(dir, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
 		}
 		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
 			break // not a mount point (any more), or no dir at all

@@ -12,6 +12,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/apm-csi/apm-csi/shared/names"
@@ -90,16 +91,12 @@ func TestAdmissionPolicyOnAPIServer(t *testing.T) {
 	}
 	// The policies take effect once the API server's policy informers have them: wait until a
 	// pod the policy must refuse is refused.
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := create(csiPod("plain", "probe", driver, map[string]string{"type": "no-such-type"}))
-		if err != nil && strings.Contains(err.Error(), "ValidatingAdmissionPolicy") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the admission policies never took effect (last create: %v)", err)
-		}
-		time.Sleep(200 * time.Millisecond)
+	var last error
+	if err := wait.PollUntilContextTimeout(t.Context(), 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		last = create(csiPod("plain", "probe", driver, map[string]string{"type": "no-such-type"}))
+		return last != nil && strings.Contains(last.Error(), "ValidatingAdmissionPolicy"), nil
+	}); err != nil {
+		t.Fatalf("the admission policies never took effect (last create: %v)", last)
 	}
 	for _, msg := range w.take() {
 		t.Logf("warning while waiting: %s", msg)

@@ -1,6 +1,7 @@
 package library
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -19,6 +20,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -150,38 +152,22 @@ func coldImages(b *testing.B) {
 	}
 }
 
-// throttle is a reverse proxy in front of the registry whose responses share one bandwidth
-// limit: a node's link to its registry.
-type throttle struct {
-	bytesPerSecond float64
-	mu             sync.Mutex
-	next           time.Time
-}
-
-func (t *throttle) wait(n int) {
-	t.mu.Lock()
-	now := time.Now()
-	if t.next.Before(now) {
-		t.next = now
-	}
-	t.next = t.next.Add(time.Duration(float64(n) / t.bytesPerSecond * float64(time.Second)))
-	until := t.next
-	t.mu.Unlock()
-	time.Sleep(time.Until(until))
-}
-
+// throttledBody delays a response body so that every body through one proxy shares one
+// bandwidth limit: a node's link to its registry.
 type throttledBody struct {
 	io.ReadCloser
-	t *throttle
+	limit *rate.Limiter
 }
 
 func (b *throttledBody) Read(p []byte) (int, error) {
-	if len(p) > 32<<10 {
-		p = p[:32<<10]
+	if burst := b.limit.Burst(); len(p) > burst {
+		p = p[:burst]
 	}
 	n, err := b.ReadCloser.Read(p)
 	if n > 0 {
-		b.t.wait(n)
+		if werr := b.limit.WaitN(context.Background(), n); werr != nil && err == nil {
+			err = werr
+		}
 	}
 	return n, err
 }
@@ -190,12 +176,12 @@ func (b *throttledBody) Read(p []byte) (int, error) {
 // it returns the proxy's host:port.
 func startThrottle(b *testing.B, addr string, bitsPerSecond float64) string {
 	b.Helper()
-	t := &throttle{bytesPerSecond: bitsPerSecond / 8}
+	limit := rate.NewLimiter(rate.Limit(bitsPerSecond/8), 32<<10)
 	target := &url.URL{Scheme: "http", Host: addr}
 	proxy := &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(target); r.Out.Host = addr },
 		ModifyResponse: func(resp *http.Response) error {
-			resp.Body = &throttledBody{ReadCloser: resp.Body, t: t}
+			resp.Body = &throttledBody{ReadCloser: resp.Body, limit: limit}
 			return nil
 		},
 	}
