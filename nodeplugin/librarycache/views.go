@@ -11,8 +11,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
@@ -179,57 +180,29 @@ type dirAttrs struct {
 // farm mirrors the tree at src into dst (which must not exist) with hardlinks. It returns
 // what the new inodes are charged: a block per directory and symlink (hardlinks share the
 // image's inodes, already charged to the image).
+//
+// Directories are resolved through the store's root, once each; the entries of a directory
+// are then linked, read and created by name relative to the open source and view
+// directories. Resolving every file's path through the root instead re-walks every
+// component of both paths for each link, which cost four times the links themselves
+// (BenchmarkColdSteps).
 func (c *Cache) farm(src, dst string) (int64, error) {
 	chown := os.Geteuid() == 0
 	var dirs []dirAttrs
 	var charged int64
-	err := fs.WalkDir(c.root.FS(), src, func(p string, d fs.DirEntry, err error) error {
+	pending := []string{"."}
+	for len(pending) > 0 {
+		rel := pending[len(pending)-1]
+		pending = pending[:len(pending)-1]
+		subdirs, n, attrs, err := c.farmDir(path.Join(src, rel), path.Join(dst, rel), chown)
 		if err != nil {
-			return err
+			return 0, err
 		}
-		out := dst + strings.TrimPrefix(p, src)
-		info, err := d.Info()
-		if err != nil {
-			return err
+		charged += n
+		dirs = append(dirs, attrs)
+		for _, d := range subdirs {
+			pending = append(pending, path.Join(rel, d))
 		}
-		st, _ := info.Sys().(*syscall.Stat_t)
-		switch {
-		case d.IsDir():
-			if err := c.root.Mkdir(out, 0o700); err != nil {
-				return err
-			}
-			charged += extract.BlockSize
-			a := dirAttrs{rel: out, mode: info.Mode().Perm() | info.Mode()&fs.ModeSticky, mtime: info.ModTime()}
-			if st != nil {
-				a.uid, a.gid = int(st.Uid), int(st.Gid)
-			}
-			dirs = append(dirs, a)
-		case d.Type()&fs.ModeSymlink != 0:
-			target, err := c.root.Readlink(p)
-			if err != nil {
-				return err
-			}
-			if err := c.root.Symlink(target, out); err != nil {
-				return err
-			}
-			charged += extract.BlockSize
-			if chown && st != nil {
-				if err := c.root.Lchown(out, int(st.Uid), int(st.Gid)); err != nil {
-					return err
-				}
-			}
-		case d.Type().IsRegular():
-			if err := c.root.Link(p, out); err != nil {
-				return err
-			}
-		default:
-			// The extractor never creates anything else.
-			return fmt.Errorf("unexpected file type %v at %s", d.Type(), p)
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, err
 	}
 	// Deepest first, so a read-only directory never blocks its children.
 	slices.SortFunc(dirs, func(a, b dirAttrs) int { return strings.Count(b.rel, "/") - strings.Count(a.rel, "/") })
@@ -247,4 +220,83 @@ func (c *Cache) farm(src, dst string) (int64, error) {
 		}
 	}
 	return charged, nil
+}
+
+// farmDir creates the directory dst mirroring the directory src: hardlinks to its files and
+// copies of its symlinks. It returns the names of src's subdirectories (for the caller to
+// mirror next), what it charged, and the attributes to give dst once its tree is complete.
+func (c *Cache) farmDir(src, dst string, chown bool) (subdirs []string, charged int64, attrs dirAttrs, err error) {
+	from, err := c.root.Open(src)
+	if err != nil {
+		return nil, 0, attrs, err
+	}
+	defer from.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(from.Fd()), &st); err != nil {
+		return nil, 0, attrs, &os.PathError{Op: "fstat", Path: src, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return nil, 0, attrs, fmt.Errorf("%s is not a directory", src)
+	}
+	if err := c.root.Mkdir(dst, 0o700); err != nil {
+		return nil, 0, attrs, err
+	}
+	charged = extract.BlockSize
+	attrs = dirAttrs{rel: dst, mode: fs.FileMode(st.Mode).Perm(), uid: int(st.Uid), gid: int(st.Gid), mtime: time.Unix(st.Mtim.Unix())}
+	if st.Mode&unix.S_ISVTX != 0 {
+		attrs.mode |= fs.ModeSticky
+	}
+	to, err := c.root.Open(dst)
+	if err != nil {
+		return nil, 0, attrs, err
+	}
+	defer to.Close()
+	entries, err := from.ReadDir(-1)
+	if err != nil {
+		return nil, 0, attrs, err
+	}
+	sfd, dfd := int(from.Fd()), int(to.Fd())
+	for _, e := range entries {
+		name := e.Name()
+		switch t := e.Type(); {
+		case t.IsRegular():
+			if err := unix.Linkat(sfd, name, dfd, name, 0); err != nil {
+				return nil, 0, attrs, &os.PathError{Op: "linkat", Path: path.Join(src, name), Err: err}
+			}
+		case t.IsDir():
+			subdirs = append(subdirs, name)
+		case t&fs.ModeSymlink != 0:
+			if err := farmSymlink(sfd, dfd, name, chown); err != nil {
+				return nil, 0, attrs, &os.PathError{Op: "copying symlink", Path: path.Join(src, name), Err: err}
+			}
+			charged += extract.BlockSize
+		default:
+			// The extractor never creates anything else.
+			return nil, 0, attrs, fmt.Errorf("unexpected file type %v at %s", t, path.Join(src, name))
+		}
+	}
+	return subdirs, charged, attrs, nil
+}
+
+// farmSymlink copies the symlink name of directory sfd into directory dfd, with its owner.
+func farmSymlink(sfd, dfd int, name string, chown bool) error {
+	buf := make([]byte, unix.PathMax+1)
+	n, err := unix.Readlinkat(sfd, name, buf)
+	if err != nil {
+		return err
+	}
+	if n > unix.PathMax {
+		return errors.New("link target longer than PATH_MAX")
+	}
+	if err := unix.Symlinkat(string(buf[:n]), dfd, name); err != nil {
+		return err
+	}
+	if !chown {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(sfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return err
+	}
+	return unix.Fchownat(dfd, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
 }
