@@ -23,8 +23,19 @@ import (
 
 // Defaults applied by AddFlags, and by New to zero fields.
 const (
-	DefaultTagTTL               = 5 * time.Minute
-	DefaultMaxParallelDownloads = 3
+	DefaultTagTTL = 5 * time.Minute
+	// DefaultMaxParallelDownloads is 8 so that the largest volume the webhook writes (one
+	// image per language of libref.Languages, six, plus the injector: seven, all from one
+	// registry) downloads all at once within the per-registry share of total-1 = 7, instead
+	// of queueing behind a per-registry limit that registries themselves do not impose (a
+	// container runtime pulling the same images as image volumes runs the pulls side by
+	// side, each with a few layer connections). It stays a hard node-wide bound whatever
+	// pods ask for (a volume holds at most 16 libraries): at most 8 images x 4 blob
+	// connections (maxLayerDownloads), and memory of at most 8 bounded decoders (a zstd
+	// window of at most 8 MiB each) plus copy buffers; layers below the top one are spooled
+	// to files, not memory. One slot always stays free for another registry, so a volume
+	// from a slow registry cannot hold every slot.
+	DefaultMaxParallelDownloads = 8
 	DefaultMaxLibraryBytes      = 2 << 30
 	DefaultMaxLibraryFiles      = 200_000
 	DefaultGCGracePeriod        = time.Hour

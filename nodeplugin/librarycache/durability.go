@@ -6,6 +6,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,6 +18,15 @@ import (
 // previous process left unflushed. A power loss or kernel crash can tear files written
 // before the flush: entries of an earlier boot that were never marked durable are removed at
 // start. So after any crash an entry is complete or absent.
+//
+// The flush waits until no download is running (at most maxFlushDelay): syncfs writes back
+// every dirty page of the filesystem, so flushing the first library of a cold volume while
+// its siblings are still being extracted makes their writes queue behind the writeback. The
+// wait changes nothing about what a crash can leave: until the flush, the entry is served but
+// not yet recorded durable, as before.
+
+// maxFlushDelay bounds how long a busy node postpones the flush of finished entries.
+const maxFlushDelay = 10 * time.Second
 
 const bootIDFile = "/proc/sys/kernel/random/boot_id"
 
@@ -50,6 +60,7 @@ func (c *Cache) durabilityWorker() {
 			return
 		case <-c.durableSignal:
 		}
+		c.downloadSlots.waitIdle(c.bg, c.clock, maxFlushDelay)
 		c.mu.Lock()
 		pending := c.pendingDurable
 		c.pendingDurable = nil

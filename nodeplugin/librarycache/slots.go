@@ -65,6 +65,34 @@ func (s *downloadSlots) acquire(ctx context.Context, host, what string, wait tim
 	}
 }
 
+// waitIdle returns once no download holds a slot, after at most limit, or when ctx ends.
+func (s *downloadSlots) waitIdle(ctx context.Context, clk clock.Clock, limit time.Duration) {
+	var timer clock.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		s.mu.Lock()
+		n, changed := s.n, s.changed
+		s.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		if timer == nil {
+			timer = clk.NewTimer(limit)
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		case <-timer.C():
+			return
+		}
+	}
+}
+
 func (s *downloadSlots) release(host string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -175,3 +175,56 @@ func TestThroughputWatchdog(t *testing.T) {
 		t.Fatalf("cause = %v, want a stall after 5000 bytes", context.Cause(ctx))
 	}
 }
+
+// TestStoreFlushWaitsForRunningDownloads: the store flush (durability.go) waits while a
+// download holds a slot, goes ahead as soon as the last one ends, and waits no longer than
+// its bound on a node that is never idle.
+func TestStoreFlushWaitsForRunningDownloads(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	s := newDownloadSlots(2, 1, clk)
+	flush := func() <-chan struct{} {
+		done := make(chan struct{})
+		go func() {
+			s.waitIdle(t.Context(), clk, maxFlushDelay)
+			close(done)
+		}()
+		return done
+	}
+	select {
+	case <-flush():
+	case <-time.After(20 * time.Second):
+		t.Fatal("flush waited on an idle node")
+	}
+
+	release, err := s.acquire(t.Context(), "registry.test", "java", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := flush()
+	waitFor(t, "the flush to wait", clk.HasWaiters)
+	select {
+	case <-done:
+		t.Fatal("flush did not wait for the running download")
+	default:
+	}
+	release()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("flush still waiting after the last download ended")
+	}
+
+	release, err = s.acquire(t.Context(), "registry.test", "java", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	done = flush()
+	waitFor(t, "the flush to wait", clk.HasWaiters)
+	clk.Step(maxFlushDelay)
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("flush waited more than %s for a busy node", maxFlushDelay)
+	}
+}

@@ -38,6 +38,9 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrRejected is wrapped by every error caused by the content of the stream (as opposed to
@@ -138,9 +141,11 @@ func Extract(ctx context.Context, r io.Reader, dir string, opts Options) (Stats,
 		explicitDirs: map[string]bool{},
 		buf:          make([]byte, copyBufferSize),
 	}
+	defer x.closeParent()
 	if err := x.run(r); err != nil {
 		return x.stats, err
 	}
+	x.closeParent()
 	return x.stats, x.finishDirs()
 }
 
@@ -167,6 +172,37 @@ type extractor struct {
 	// ones included.
 	charged int64
 	buf     []byte
+	// parent is the directory of the last regular file written, opened beneath root:
+	// archives list a directory's files together, so each file is created by name in its
+	// parent rather than by resolving its whole path from root (one lookup per component).
+	parent    *os.Root
+	parentDir string
+}
+
+// parentOf returns the directory to create name's base name in: root itself, or name's
+// parent directory (verified a real directory by parentIsDir) opened beneath root.
+func (x *extractor) parentOf(name string) (*os.Root, error) {
+	dir := path.Dir(name)
+	if dir == "." {
+		return x.root, nil
+	}
+	if x.parent != nil && x.parentDir == dir {
+		return x.parent, nil
+	}
+	x.closeParent()
+	r, err := x.root.OpenRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	x.parent, x.parentDir = r, dir
+	return r, nil
+}
+
+func (x *extractor) closeParent() {
+	if x.parent != nil {
+		x.parent.Close()
+		x.parent, x.parentDir = nil, ""
+	}
 }
 
 func (x *extractor) run(r io.Reader) error {
@@ -372,7 +408,11 @@ func (x *extractor) mode(hdr *tar.Header) fs.FileMode {
 }
 
 func (x *extractor) file(tr *tar.Reader, name string, hdr *tar.Header) error {
-	f, err := x.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	dir, err := x.parentOf(name)
+	if err != nil {
+		return fmt.Errorf("extracting %q: %w", name, err)
+	}
+	f, err := dir.OpenFile(path.Base(name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if errors.Is(err, fs.ErrExist) {
 		// First entry wins: mutate.Extract emits upper layers first.
 		x.skip(name)
@@ -389,6 +429,10 @@ func (x *extractor) file(tr *tar.Reader, name string, hdr *tar.Header) error {
 		// After chown, which may clear mode bits.
 		err = f.Chmod(x.mode(hdr))
 	}
+	if err == nil {
+		// Last: nothing writes the file after this.
+		err = setTimes(f, hdr)
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -398,9 +442,6 @@ func (x *extractor) file(tr *tar.Reader, name string, hdr *tar.Header) error {
 			return err
 		}
 		return fmt.Errorf("extracting %q: %w", name, err)
-	}
-	if err := x.times(name, hdr); err != nil {
-		return err
 	}
 	x.stats.Files++
 	x.stats.Bytes += hdr.Size
@@ -430,7 +471,9 @@ func (x *extractor) copy(w io.Writer, r io.Reader, n int64) error {
 	return nil
 }
 
-func (x *extractor) times(name string, hdr *tar.Header) error {
+// setTimes gives the open file f the entry's times. Tracers compare timestamps (Python
+// checks .pyc files against their sources), so the image's modification times are kept.
+func setTimes(f *os.File, hdr *tar.Header) error {
 	if hdr.ModTime.IsZero() {
 		return nil
 	}
@@ -438,10 +481,17 @@ func (x *extractor) times(name string, hdr *tar.Header) error {
 	if atime.IsZero() {
 		atime = hdr.ModTime
 	}
-	// Tracers compare timestamps (Python checks .pyc files against their sources), so the
-	// image's modification times are kept.
-	if err := x.root.Chtimes(name, atime, hdr.ModTime); err != nil {
-		return fmt.Errorf("extracting %q: %w", name, err)
+	var ts [2]unix.Timespec
+	var err error
+	if ts[0], err = unix.TimeToTimespec(atime); err != nil {
+		return err
+	}
+	if ts[1], err = unix.TimeToTimespec(hdr.ModTime); err != nil {
+		return err
+	}
+	// utimensat(fd, NULL, times, 0) is futimens(3): it sets the times of fd itself.
+	if _, _, errno := unix.Syscall6(unix.SYS_UTIMENSAT, f.Fd(), 0, uintptr(unsafe.Pointer(&ts)), 0, 0, 0); errno != 0 {
+		return &os.PathError{Op: "futimens", Path: f.Name(), Err: errno}
 	}
 	return nil
 }
