@@ -174,3 +174,17 @@ func BenchmarkPeakRSSLibrarySet(b *testing.B) {
 	}
 	peakRSSMany(b, pushAll(b, imgs))
 }
+
+// BenchmarkPeakRSSEightLibraries: eight 20 MiB libraries from one registry published at
+// once, as many as the default download slots let run together (seven from one registry).
+func BenchmarkPeakRSSEightLibraries(b *testing.B) {
+	imgs := map[string]v1.Image{}
+	for i := range 8 {
+		img, err := libimages.Large(20<<20, uint64(200+i))
+		if err != nil {
+			b.Fatal(err)
+		}
+		imgs[fmt.Sprintf("eight%d", i)] = img
+	}
+	peakRSSMany(b, pushAll(b, imgs))
+}
