@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
 func TestAddFlags(t *testing.T) {
@@ -135,5 +137,22 @@ func TestConfigValidation(t *testing.T) {
 	got, err := Config{StoreDir: "/var/lib/apm-csi/store/"}.withDefaults()
 	if err != nil || got.StoreDir != "/var/lib/apm-csi/store" || got.GCGracePeriod != DefaultGCGracePeriod || got.Logger == nil {
 		t.Errorf("withDefaults = %+v, %v", got, err)
+	}
+}
+
+// TestDefaultSlotsFitTheLargestWebhookVolume: with the default download slots, every library
+// of the largest volume the webhook writes (one image per language and the injector, all
+// from one registry) downloads at once, and one slot still stays free for another registry.
+func TestDefaultSlotsFitTheLargestWebhookVolume(t *testing.T) {
+	c, err := Config{StoreDir: "/var/lib/apm-csi/store"}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	largest := len(libref.Languages) + 1
+	if c.MaxDownloadsPerRegistry < largest {
+		t.Errorf("default downloads per registry = %d, fewer than the %d images of the webhook's largest volume", c.MaxDownloadsPerRegistry, largest)
+	}
+	if c.MaxDownloadsPerRegistry >= c.MaxParallelDownloads {
+		t.Errorf("one registry may take all %d download slots", c.MaxParallelDownloads)
 	}
 }
