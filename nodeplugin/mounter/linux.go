@@ -487,3 +487,51 @@ func (l *Linux) Features() string {
 	}
 	return strings.Join(parts, "; ")
 }
+
+// OwnMount makes dir (created if missing) the root of a mount of its own, with no mount below
+// it, by bind-mounting it onto itself (not recursively) unless it is a mount point already,
+// and returns a function that undoes what it did.
+//
+// The library store needs this. For every lower dir of an overlay, the kernel clones a private
+// copy of the mount that holds the dir (clone_private_mount), and that walks every mount
+// attached below that mount, checking whether it lies under the dir. A store on the node's
+// root filesystem, or in the state dir next to the writable layers' tmpfs mounts, shares its
+// mount with every pod's target and writable layer, so each overlay costs time in proportion
+// to the volumes already published. A mount of its own has nothing below it.
+//
+// It is idempotent: a dir that is a mount point already (this function's mount left by an
+// earlier process that did not stop cleanly, or a filesystem the administrator mounted there)
+// is used as it is, and release then does nothing, so mounts never stack. release unmounts
+// the bind mount it made (lazily if something still holds it open); overlays made meanwhile
+// keep their own private copies of it and are unaffected.
+func OwnMount(dir string) (release func() error, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+	}
+	clean := filepath.Clean(dir)
+	parent, err := unix.Open(filepath.Dir(clean), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+	}
+	defer unix.Close(parent)
+	mounted, err := New().IsMountPointAt(parent, filepath.Base(clean))
+	if err != nil {
+		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+	}
+	if mounted {
+		return func() error { return nil }, nil
+	}
+	if err := unix.Mount(clean, clean, "", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("bind-mounting %s onto itself: %w", dir, err)
+	}
+	return func() error {
+		err := unix.Unmount(clean, unix.UMOUNT_NOFOLLOW)
+		if errors.Is(err, unix.EBUSY) {
+			err = unix.Unmount(clean, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+		}
+		if err != nil && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("unmounting the own mount of %s: %w", dir, err)
+		}
+		return nil
+	}, nil
+}

@@ -265,3 +265,51 @@ func TestOverlayErrorsAreExplained(t *testing.T) {
 		t.Fatalf("error %v does not name the missing lower dir", err)
 	}
 }
+
+// TestOwnMountIsIdempotentAndLeavesNoChildren: the library store's own mount is one bind
+// mount of the dir onto itself, with none of the mounts of its parent below it; a second call
+// (a restart after a crash) reuses it instead of stacking another, and only the call that
+// made it unmounts it.
+func TestOwnMountIsIdempotentAndLeavesNoChildren(t *testing.T) {
+	root, dirs := mounterDirs(t, "state/overlays/a")
+	store := filepath.Join(root, "state", "store")
+	// A mount next to the store in the same parent, as a writable layer's tmpfs is.
+	if err := unix.Mount("tmpfs", dirs["state/overlays/a"], "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(dirs["state/overlays/a"], 0)
+
+	release, err := mounter.OwnMount(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 1 {
+		t.Fatalf("%d mounts on the store after OwnMount, want 1", n)
+	}
+	if e := nodeplugintest.EntryAt(t, store); e.FsType == "tmpfs" {
+		t.Fatalf("the store's mount is %+v, want a bind mount of the store dir", e)
+	}
+	if m := nodeplugintest.MountsUnder(t, store); len(m) != 0 {
+		t.Fatalf("mounts below the store: %q, want none", m)
+	}
+
+	again, err := mounter.OwnMount(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 1 {
+		t.Fatalf("%d mounts on the store after a second OwnMount, want 1 (no stacking)", n)
+	}
+	if err := again(); err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 1 {
+		t.Fatalf("the release of a call that reused the mount unmounted it: %d mounts", n)
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 0 {
+		t.Fatalf("%d mounts on the store after release, want 0", n)
+	}
+}
