@@ -191,6 +191,9 @@ func run() error {
 		regServer.Stop()
 	}
 	driver.Shutdown(csiServer, o.drainTimeout)
+	if err := d.Close(); err != nil {
+		log.Warn("closing the state journal", "error", err)
+	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for _, s := range httpServers {

@@ -24,6 +24,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -137,9 +138,17 @@ func (p *plugin) overlayDirs() []string {
 	return dirNames(p.T, filepath.Join(p.State, "overlays"))
 }
 
-// recordFiles lists the volume records on disk.
+// recordFiles lists the volume records on disk (volume id and target).
 func (p *plugin) recordFiles() []string {
-	return dirNames(p.T, filepath.Join(p.State, "volumes"))
+	recs, err := state.Read(p.State)
+	if err != nil {
+		p.T.Fatal(err)
+	}
+	var out []string
+	for _, r := range recs {
+		out = append(out, r.VolumeID+" at "+r.TargetPath)
+	}
+	return out
 }
 
 // storeEntries lists the cache's entries ("images/<hex>", "views/<key>", "generated/<key>")
