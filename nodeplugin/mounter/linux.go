@@ -310,6 +310,11 @@ func overlayFsconfig(tgt int, target string, o Overlay) error {
 		if err := set("workdir", o.Work); err != nil {
 			return err
 		}
+		if o.Volatile {
+			if err := unix.FsconfigSetFlag(fsfd, "volatile"); err != nil {
+				return fmt.Errorf("overlay option volatile: %w%s", err, fsLog(fsfd))
+			}
+		}
 	}
 	// Explicit, so that the behaviour does not depend on the kernel's build-time defaults.
 	if err := set("index", "off"); err != nil {
@@ -364,6 +369,9 @@ func overlayLegacy(tgt int, target string, o Overlay) error {
 		flags |= unix.MS_RDONLY
 	} else {
 		data += ",upperdir=" + o.Upper + ",workdir=" + o.Work
+		if o.Volatile {
+			data += ",volatile"
+		}
 	}
 	data += ",index=off,metacopy=off"
 	// mount(2) copies at most one page of options and silently truncates the rest, which
@@ -371,7 +379,12 @@ func overlayLegacy(tgt int, target string, o Overlay) error {
 	if limit := os.Getpagesize() - 1; len(data) > limit {
 		return fmt.Errorf("overlay options for %s are %d bytes, over the %d-byte limit of mount(2) on a kernel without fsconfig lowerdir+ (Linux 6.8); use fewer libraries per volume or a shorter --state-dir", target, len(data), limit)
 	}
-	if err := unix.Mount(overlaySource, procFD(tgt), "overlay", flags, data); err != nil {
+	err := unix.Mount(overlaySource, procFD(tgt), "overlay", flags, data)
+	if errors.Is(err, unix.EINVAL) && o.Volatile {
+		// Before Linux 5.10 overlayfs does not know "volatile": it syncs, as it always did.
+		err = unix.Mount(overlaySource, procFD(tgt), "overlay", flags, strings.Replace(data, ",volatile", "", 1))
+	}
+	if err != nil {
 		return fmt.Errorf("mount overlay on %s: %w", target, err)
 	}
 	return nil

@@ -187,6 +187,33 @@ func TestOverlaySharedLowerIsolatedWrites(t *testing.T) {
 	}
 }
 
+// TestOverlayVolatile: a volatile writable overlay (fsconfig and mount(2) alike) works as any
+// other and shows "volatile" in the mount table.
+func TestOverlayVolatile(t *testing.T) {
+	for _, legacy := range []bool{false, true} {
+		t.Run(fmt.Sprintf("legacy=%t", legacy), func(t *testing.T) {
+			_, d := mounterDirs(t, "lower", "upper", "work", "mnt")
+			writeFile(t, filepath.Join(d["lower"], "lib.so"), "library")
+			m := mounter.New()
+			m.LegacyOverlay = legacy
+			if err := m.Overlay(d["mnt"], mounter.Overlay{Lower: []string{d["lower"]}, Upper: d["upper"], Work: d["work"], Volatile: true}); err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, filepath.Join(d["mnt"], "log.txt"), "log")
+			if got := readFile(t, filepath.Join(d["upper"], "log.txt")); got != "log" {
+				t.Fatalf("upper dir holds %q", got)
+			}
+			// Shown as "volatile" before Linux 6.6, as "fsync=volatile" since.
+			if e := nodeplugintest.EntryAt(t, d["mnt"]); !slices.Contains(e.SuperOptions, "volatile") && !slices.Contains(e.SuperOptions, "fsync=volatile") {
+				t.Fatalf("overlay options %q lack volatile", e.SuperOptions)
+			}
+			if err := m.Unmount(d["mnt"]); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
 func TestOverlayReadOnly(t *testing.T) {
 	for _, legacy := range []bool{false, true} {
 		t.Run(fmt.Sprintf("legacy=%t", legacy), func(t *testing.T) {
