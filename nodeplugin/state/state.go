@@ -447,6 +447,12 @@ func (s *Store) append(op byte, key string, line []byte) (int64, error) {
 // compact rewrites the journal when it holds more dead lines than live ones (and at least
 // compactMin). A failed rewrite leaves the journal as it was, to be tried again later.
 func (s *Store) compact() {
+	s.mu.Lock()
+	due := s.broken == nil && s.dead >= compactMin && s.dead > len(s.live)
+	s.mu.Unlock()
+	if !due {
+		return // without waiting for a sync in progress: a Delete never waits for the disk
+	}
 	s.syncMu.Lock()
 	defer s.syncMu.Unlock()
 	s.mu.Lock()
