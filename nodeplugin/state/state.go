@@ -12,7 +12,7 @@
 // mounted). Each line carries a CRC-32C, so a line torn by a crash is recognised and dropped;
 // it was never acknowledged. The journal is rewritten with only the live records when it holds
 // more dead lines than live ones (and at least compactMin), and at Open when it ends in a torn
-// line.
+// or damaged line.
 //
 // Records of earlier versions, one JSON file per record in the same directory, are taken into
 // the journal by Open and then removed.
@@ -200,7 +200,10 @@ func Open(stateDir string) (*Store, error) {
 		s.live[r.Key()] = &entry{line: line, rec: r}
 	}
 	s.loadErr = errors.Join(errs...)
-	if torn || len(lineErrs) > 0 || len(migrated) > 0 || s.dead >= compactMin {
+	// Rewritten now only when it must be (a torn tail, damage, records taken in): a journal
+	// that is merely due for compaction gets it at the next change, not before the plugin
+	// is ready.
+	if torn || len(lineErrs) > 0 || len(migrated) > 0 {
 		if err := s.rewrite(); err != nil {
 			return nil, err
 		}
