@@ -173,6 +173,9 @@ func New(cfg Config) (*Driver, error) {
 	}, nil
 }
 
+// Close releases the state journal. Call it once the gRPC server has stopped; mounts stay.
+func (d *Driver) Close() error { return d.store.Close() }
+
 // Name returns the CSI driver name.
 func (d *Driver) Name() string { return d.cfg.DriverName }
 

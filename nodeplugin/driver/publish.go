@@ -153,7 +153,7 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 			return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
 		}
 		return d.writable.Mount(func() error {
-			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir})
+			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir, Volatile: d.volatileUpper()})
 		})
 	})
 }
@@ -269,4 +269,15 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 	return d.mountWithRecord(r, rec, func() error {
 		return d.bindPath(r, rec.Source, true)
 	})
+}
+
+// volatileUpper reports whether writable overlays skip syncing their upper dir's filesystem.
+// A project-quota upper dir lies on the state dir's filesystem, and unmounting a non-volatile
+// overlay writes that whole filesystem back, so every unpublish would wait for whatever else
+// writes to the disk. The upper dir is removed at unpublish, and a record whose target is not
+// mounted after a crash or reboot has its dir removed by the reconcile, so what volatile
+// gives up (an upper dir that is consistent after a crash) is never used. A tmpfs upper dir
+// has nothing to write back: volatile would change nothing there.
+func (d *Driver) volatileUpper() bool {
+	return d.writable.Mechanism() == writablelayer.ProjectQuota
 }

@@ -100,7 +100,23 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 // removeOrphanOverlayDirs removes overlay dirs that no kept record references, unless a mounted
 // overlay still uses one as its upper or work dir (its record was lost; removing the dir under
 // a live mount would corrupt it).
+//
+// The mount table is read only when some dir is not referenced by a record: a node with
+// thousands of volumes and nothing orphaned does not parse thousands of mount entries.
 func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error) {
+	entries, err := os.ReadDir(d.overlaysDir)
+	if err != nil {
+		return 0, fmt.Errorf("reconcile: %w", err)
+	}
+	var orphans []string
+	for _, e := range entries {
+		if dir := filepath.Join(d.overlaysDir, e.Name()); !referenced[dir] {
+			orphans = append(orphans, dir)
+		}
+	}
+	if len(orphans) == 0 {
+		return 0, nil
+	}
 	table, err := d.mounter.MountTable()
 	if err != nil {
 		return 0, fmt.Errorf("reconcile: %w", err)
@@ -112,14 +128,9 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 			}
 		}
 	}
-	entries, err := os.ReadDir(d.overlaysDir)
-	if err != nil {
-		return 0, fmt.Errorf("reconcile: %w", err)
-	}
 	removed := 0
 	var errs []error
-	for _, e := range entries {
-		dir := filepath.Join(d.overlaysDir, e.Name())
+	for _, dir := range orphans {
 		if referenced[dir] {
 			continue
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -154,5 +155,24 @@ func TestNewRefusesADefaultWritableLimitAboveTheMaximum(t *testing.T) {
 	}
 	if _, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "k"), StateDir: filepath.Join(root, "s"), Mounter: mounter.NewFake()}); err == nil {
 		t.Fatal("New accepted a config without writable layers")
+	}
+}
+
+// TestProjectQuotaUpperIsVolatile: an upper dir on the state dir's filesystem (project
+// quota) is mounted volatile, so that its unmount does not write back the whole filesystem;
+// a tmpfs one is not (it has nothing to write back).
+func TestProjectQuotaUpperIsVolatile(t *testing.T) {
+	for _, mech := range []writablelayer.Mechanism{writablelayer.ProjectQuota, writablelayer.Tmpfs} {
+		t.Run(string(mech), func(t *testing.T) {
+			f := newFixture(t)
+			f.wl.Mech = mech
+			if _, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", f.target("pod-a"), libraryAttrs("r.local/a:v1"))); err != nil {
+				t.Fatal(err)
+			}
+			table, _ := f.m.MountTable()
+			if got, want := slices.Contains(table[0].SuperOptions, "volatile"), mech == writablelayer.ProjectQuota; got != want {
+				t.Fatalf("overlay options %q: volatile %t, want %t", table[0].SuperOptions, got, want)
+			}
+		})
 	}
 }

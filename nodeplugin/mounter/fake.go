@@ -134,6 +134,9 @@ func (f *Fake) OverlayAt(dirfd int, name string, o Overlay) error {
 	opts := []string{"ro", "nosuid", "nodev"}
 	if !o.ReadOnly() {
 		super = append(super, "upperdir="+o.Upper, "workdir="+o.Work)
+		if o.Volatile {
+			super = append(super, "volatile")
+		}
 		opts[0] = "rw"
 	}
 	f.entries = append(f.entries, Entry{MountPoint: target, FsType: "overlay", Source: overlaySource, Root: "/", MountOptions: opts, SuperOptions: super})

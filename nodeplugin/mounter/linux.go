@@ -310,6 +310,11 @@ func overlayFsconfig(tgt int, target string, o Overlay) error {
 		if err := set("workdir", o.Work); err != nil {
 			return err
 		}
+		if o.Volatile {
+			if err := unix.FsconfigSetFlag(fsfd, "volatile"); err != nil {
+				return fmt.Errorf("overlay option volatile: %w%s", err, fsLog(fsfd))
+			}
+		}
 	}
 	// Explicit, so that the behaviour does not depend on the kernel's build-time defaults.
 	if err := set("index", "off"); err != nil {
@@ -364,6 +369,9 @@ func overlayLegacy(tgt int, target string, o Overlay) error {
 		flags |= unix.MS_RDONLY
 	} else {
 		data += ",upperdir=" + o.Upper + ",workdir=" + o.Work
+		if o.Volatile {
+			data += ",volatile"
+		}
 	}
 	data += ",index=off,metacopy=off"
 	// mount(2) copies at most one page of options and silently truncates the rest, which
@@ -371,7 +379,12 @@ func overlayLegacy(tgt int, target string, o Overlay) error {
 	if limit := os.Getpagesize() - 1; len(data) > limit {
 		return fmt.Errorf("overlay options for %s are %d bytes, over the %d-byte limit of mount(2) on a kernel without fsconfig lowerdir+ (Linux 6.8); use fewer libraries per volume or a shorter --state-dir", target, len(data), limit)
 	}
-	if err := unix.Mount(overlaySource, procFD(tgt), "overlay", flags, data); err != nil {
+	err := unix.Mount(overlaySource, procFD(tgt), "overlay", flags, data)
+	if errors.Is(err, unix.EINVAL) && o.Volatile {
+		// Before Linux 5.10 overlayfs does not know "volatile": it syncs, as it always did.
+		err = unix.Mount(overlaySource, procFD(tgt), "overlay", flags, strings.Replace(data, ",volatile", "", 1))
+	}
+	if err != nil {
 		return fmt.Errorf("mount overlay on %s: %w", target, err)
 	}
 	return nil
@@ -486,4 +499,52 @@ func (l *Linux) Features() string {
 		parts = append(parts, "overlay: fsopen+fsmount, moved onto the target's descriptor")
 	}
 	return strings.Join(parts, "; ")
+}
+
+// OwnMount makes dir (created if missing) the root of a mount of its own, with no mount below
+// it, by bind-mounting it onto itself (not recursively) unless it is a mount point already,
+// and returns a function that undoes what it did.
+//
+// The library store needs this. For every lower dir of an overlay, the kernel clones a private
+// copy of the mount that holds the dir (clone_private_mount), and that walks every mount
+// attached below that mount, checking whether it lies under the dir. A store on the node's
+// root filesystem, or in the state dir next to the writable layers' tmpfs mounts, shares its
+// mount with every pod's target and writable layer, so each overlay costs time in proportion
+// to the volumes already published. A mount of its own has nothing below it.
+//
+// It is idempotent: a dir that is a mount point already (this function's mount left by an
+// earlier process that did not stop cleanly, or a filesystem the administrator mounted there)
+// is used as it is, and release then does nothing, so mounts never stack. release unmounts
+// the bind mount it made (lazily if something still holds it open); overlays made meanwhile
+// keep their own private copies of it and are unaffected.
+func OwnMount(dir string) (release func() error, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+	}
+	clean := filepath.Clean(dir)
+	parent, err := unix.Open(filepath.Dir(clean), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+	}
+	defer unix.Close(parent)
+	mounted, err := New().IsMountPointAt(parent, filepath.Base(clean))
+	if err != nil {
+		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+	}
+	if mounted {
+		return func() error { return nil }, nil
+	}
+	if err := unix.Mount(clean, clean, "", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("bind-mounting %s onto itself: %w", dir, err)
+	}
+	return func() error {
+		err := unix.Unmount(clean, unix.UMOUNT_NOFOLLOW)
+		if errors.Is(err, unix.EBUSY) {
+			err = unix.Unmount(clean, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+		}
+		if err != nil && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("unmounting the own mount of %s: %w", dir, err)
+		}
+		return nil
+	}, nil
 }

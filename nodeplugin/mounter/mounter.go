@@ -41,6 +41,12 @@ type Overlay struct {
 	// Upper and Work are both set (a writable overlay) or both empty (a read-only one).
 	Upper string
 	Work  string
+	// Volatile (a writable overlay only) skips every sync of the upper dir's filesystem,
+	// the one at unmount included: that sync writes back the whole filesystem, so an
+	// unpublish would otherwise wait for whatever else is writing to it. After a crash the
+	// upper dir is in an unknown state and overlayfs refuses to mount it again; it must be
+	// discarded. Only for an upper dir that is removed when the volume goes (Linux 5.10).
+	Volatile bool
 }
 
 // Validate checks what the kernel would refuse with a less helpful error, and the characters
@@ -51,6 +57,9 @@ func (o Overlay) Validate() error {
 	}
 	if (o.Upper == "") != (o.Work == "") {
 		return errors.New("overlay needs both an upper and a work dir, or neither")
+	}
+	if o.Volatile && o.Upper == "" {
+		return errors.New("only a writable overlay can be volatile")
 	}
 	if o.Upper == "" && len(o.Lower) < 2 {
 		return errors.New("a read-only overlay needs at least two lower dirs; bind-mount a single one read-only instead")

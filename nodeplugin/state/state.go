@@ -1,20 +1,43 @@
 // Package state keeps what the node plugin must know after a restart: one record per
-// published volume target, each in its own file, written atomically. The driver writes a record
-// before it mounts and deletes it after it unmounts, so a crash at any point leaves either
-// nothing or a record that the startup reconcile can act on.
+// published volume target. The driver writes a record before it mounts and deletes it after it
+// unmounts, so a crash at any point leaves either nothing or a record that the startup
+// reconcile can act on.
+//
+// The records live in one append-only journal, <state-dir>/volumes/journal: a Put appends
+// the record and returns once the journal is synced to disk (one fdatasync; concurrent Puts
+// share one), so a record is durable before the mount it describes exists. A Delete appends a
+// tombstone without waiting for the disk: the next Put's sync carries it, and a Delete lost to
+// a crash only brings back the record of a target that was already unmounted, which the
+// startup reconcile drops (that is what it does for every record whose target is not
+// mounted). Each line carries a CRC-32C, so a line torn by a crash is recognised and dropped;
+// it was never acknowledged. The journal is rewritten with only the live records when it holds
+// more dead lines than live ones (and at least compactMin), and at Open when it ends in a torn
+// or damaged line.
+//
+// Records of earlier versions, one JSON file per record in the same directory, are taken into
+// the journal by Open and then removed.
 package state
 
 import (
+	"bufio"
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Record describes one published volume target.
@@ -74,17 +97,51 @@ func Key(volumeID, targetPath string) string {
 func (r *Record) Key() string { return Key(r.VolumeID, r.TargetPath) }
 
 const (
-	recordSuffix = ".json"
+	journalName  = "journal"
+	recordSuffix = ".json" // records of earlier versions, one file each
 	tempPrefix   = ".tmp-"
 )
 
-// Store is the directory of records.
+// compactMin is the fewest dead lines that make the journal worth rewriting (a variable for
+// the crash test, which rewrites often).
+var compactMin = 1024
+
+const (
+	opPut    = 'P'
+	opDelete = 'D'
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Store is the journal of records of one state dir. Its methods are safe for concurrent use.
+// One process uses a state dir at a time (the plugin's DaemonSet runs one pod per node).
 type Store struct {
 	dir string
+
+	// syncMu serialises fdatasync and rewrites, and is taken before mu.
+	syncMu sync.Mutex
+
+	mu      sync.Mutex
+	f       *os.File
+	size    int64             // bytes in the journal
+	synced  int64             // bytes known to be on disk
+	live    map[string]*entry // key -> the Put line that holds it
+	dead    int               // lines that no longer hold a live record
+	broken  error             // set when the journal can no longer be trusted in memory
+	loadErr error             // what Open could not read, reported by List
 }
 
-// Open opens (creating it if needed) the record directory under stateDir and removes temporary
-// files that a crash during a write left behind.
+// entry is a live record: its journal line, and the record decoded from it by Open until List
+// hands it out.
+type entry struct {
+	line []byte
+	rec  *Record
+}
+
+// Open opens (creating it if needed) the journal under stateDir, reads its records, takes in
+// records of earlier versions, and removes temporary files that a crash during a rewrite left
+// behind. Lines it cannot read are reported by List (the journal is copied aside first, for a
+// person to inspect); the others are kept.
 func Open(stateDir string) (*Store, error) {
 	dir := filepath.Join(stateDir, "volumes")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -94,114 +151,458 @@ func Open(stateDir string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), tempPrefix) {
-			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
-				return nil, fmt.Errorf("state dir: removing interrupted write: %w", err)
-			}
-		}
-	}
-	return &Store{dir: dir}, nil
-}
-
-// Dir returns the record directory.
-func (s *Store) Dir() string { return s.dir }
-
-func (s *Store) path(key string) string { return filepath.Join(s.dir, key+recordSuffix) }
-
-// Put writes r atomically: a temporary file is written and synced, then renamed over the
-// record, and the directory is synced so that the rename itself survives a power loss.
-func (s *Store) Put(r *Record) error {
-	data, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encode state record: %w", err)
-	}
-	f, err := os.CreateTemp(s.dir, tempPrefix)
-	if err != nil {
-		return fmt.Errorf("write state record: %w", err)
-	}
-	tmp := f.Name()
-	if _, err := f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, s.path(r.Key()))
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write state record for volume %q: %w", r.VolumeID, err)
-	}
-	return s.syncDir()
-}
-
-// Get reads the record of a volume id and target; ok is false when there is none.
-func (s *Store) Get(volumeID, targetPath string) (rec *Record, ok bool, err error) {
-	return s.read(s.path(Key(volumeID, targetPath)))
-}
-
-func (s *Store) read(path string) (*Record, bool, error) {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, false, nil
-	}
-	if err != nil {
-		return nil, false, fmt.Errorf("read state record: %w", err)
-	}
-	var r Record
-	if err := json.Unmarshal(data, &r); err != nil {
-		return nil, false, fmt.Errorf("state record %s is corrupt: %w", path, err)
-	}
-	return &r, true, nil
-}
-
-// Delete removes a record; a missing one is not an error.
-func (s *Store) Delete(key string) error {
-	err := os.Remove(s.path(key))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("delete state record: %w", err)
-	}
-	return s.syncDir()
-}
-
-// List returns every record. A record that cannot be read is reported in the error and left
-// in place for a person to inspect; the others are still returned.
-func (s *Store) List() ([]*Record, error) {
-	entries, err := os.ReadDir(s.dir)
-	if err != nil {
-		return nil, fmt.Errorf("list state records: %w", err)
-	}
-	var out []*Record
-	var errs []error
+	s := &Store{dir: dir, live: map[string]*entry{}}
+	var legacy []string
 	for _, e := range entries {
 		name := e.Name()
-		if !strings.HasSuffix(name, recordSuffix) || strings.HasPrefix(name, tempPrefix) {
-			continue
+		switch {
+		case strings.HasPrefix(name, tempPrefix):
+			if err := os.Remove(filepath.Join(dir, name)); err != nil {
+				return nil, fmt.Errorf("state dir: removing interrupted write: %w", err)
+			}
+		case strings.HasSuffix(name, recordSuffix):
+			legacy = append(legacy, name)
 		}
-		r, ok, err := s.read(filepath.Join(s.dir, name))
+	}
+	data, err := os.ReadFile(s.journalPath())
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("read state journal: %w", err)
+	}
+	good, torn, lineErrs := s.replay(data)
+	var errs []error
+	if len(lineErrs) > 0 {
+		aside := s.journalPath() + ".unreadable-" + strconv.FormatInt(time.Now().Unix(), 10)
+		if err := os.WriteFile(aside, data, 0o600); err != nil {
+			return nil, fmt.Errorf("state journal has unreadable lines and cannot be copied aside: %w", err)
+		}
+		errs = append(errs, fmt.Errorf("state journal %s has unreadable lines (a copy is kept at %s): %w", s.journalPath(), aside, errors.Join(lineErrs...)))
+	}
+	var migrated []string
+	for _, name := range legacy {
+		r, err := readLegacy(filepath.Join(dir, name))
 		if err != nil {
 			errs = append(errs, err)
 			continue
-		}
-		if !ok {
-			continue // deleted since ReadDir
 		}
 		if r.Key()+recordSuffix != name {
 			errs = append(errs, fmt.Errorf("state record %s holds volume %q at %q, which belongs in another file", name, r.VolumeID, r.TargetPath))
 			continue
 		}
+		migrated = append(migrated, name)
+		if _, ok := s.live[r.Key()]; ok {
+			continue // already taken into the journal by an earlier start
+		}
+		line, err := encodePut(r)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.live[r.Key()] = &entry{line: line, rec: r}
+	}
+	s.loadErr = errors.Join(errs...)
+	// Rewritten now only when it must be (a torn tail, damage, records taken in): a journal
+	// that is merely due for compaction gets it at the next change, not before the plugin
+	// is ready.
+	if torn || len(lineErrs) > 0 || len(migrated) > 0 {
+		if err := s.rewrite(); err != nil {
+			return nil, err
+		}
+		for _, name := range migrated {
+			if err := os.Remove(filepath.Join(dir, name)); err != nil {
+				return nil, fmt.Errorf("state dir: removing a record taken into the journal: %w", err)
+			}
+		}
+		return s, nil
+	}
+	f, err := os.OpenFile(s.journalPath(), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open state journal: %w", err)
+	}
+	s.f, s.size, s.synced = f, good, good
+	if len(data) == 0 {
+		// A new journal: its directory entry must be durable before a record in it is.
+		if err := syncDir(dir); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+func (s *Store) journalPath() string { return filepath.Join(s.dir, journalName) }
+
+// replay applies the journal's lines in order. good is the length of the part made of whole,
+// valid lines up to the last one; torn reports that something follows it (an append a crash
+// interrupted). A bad line followed by good ones is not a torn append: it is reported.
+func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
+	var pending []error
+	off := 0
+	lineNo := 0
+	for off < len(data) {
+		lineNo++
+		end := bytes.IndexByte(data[off:], '\n')
+		if end < 0 {
+			torn = true // no newline: the last append was cut short
+			break
+		}
+		line := data[off : off+end+1]
+		off += end + 1
+		op, key, _, err := parseLine(line)
+		if err != nil {
+			pending = append(pending, fmt.Errorf("line %d: %w", lineNo, err))
+			continue
+		}
+		// Bad lines followed by a good one are damage, not a torn tail.
+		errs = append(errs, pending...)
+		pending = nil
+		good = int64(off)
+		if _, ok := s.live[key]; ok {
+			s.dead++
+		}
+		switch op {
+		case opPut:
+			s.live[key] = &entry{line: line}
+		case opDelete:
+			delete(s.live, key)
+			s.dead++
+		}
+	}
+	if len(pending) > 0 {
+		torn = true
+	}
+	// Decode what survived, on every CPU: JSON is most of the start-up cost.
+	keys := make([]string, 0, len(s.live))
+	for k := range s.live {
+		keys = append(keys, k)
+	}
+	results := make([]error, len(keys))
+	var wg sync.WaitGroup
+	workers := runtime.GOMAXPROCS(0)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < len(keys); i += workers {
+				e := s.live[keys[i]]
+				e.rec, results[i] = decodePut(keys[i], e.line)
+			}
+		}()
+	}
+	wg.Wait()
+	for i, err := range results {
+		if err != nil {
+			delete(s.live, keys[i])
+			errs = append(errs, err)
+		}
+	}
+	return good, torn, errs
+}
+
+// A journal line is "<op> <crc32c of the rest, 8 hex digits> <key> <body>\n": for a Put the
+// body is the record as JSON (which never holds a raw newline), for a Delete it is empty.
+func encodeLine(op byte, key string, body []byte) []byte {
+	rest := make([]byte, 0, len(key)+1+len(body))
+	rest = append(rest, key...)
+	rest = append(rest, ' ')
+	rest = append(rest, body...)
+	line := make([]byte, 0, 11+len(rest)+1)
+	line = append(line, op, ' ')
+	line = fmt.Appendf(line, "%08x", crc32.Update(crc32.Checksum([]byte{op}, castagnoli), castagnoli, rest))
+	line = append(line, ' ')
+	line = append(line, rest...)
+	return append(line, '\n')
+}
+
+func encodePut(r *Record) ([]byte, error) {
+	body, err := json.Marshal(r)
+	if err != nil {
+		return nil, fmt.Errorf("encode state record: %w", err)
+	}
+	return encodeLine(opPut, r.Key(), body), nil
+}
+
+func parseLine(line []byte) (op byte, key string, body []byte, err error) {
+	line = bytes.TrimSuffix(line, []byte("\n"))
+	if len(line) < 11+64+1 || line[1] != ' ' || line[10] != ' ' || (line[0] != opPut && line[0] != opDelete) {
+		return 0, "", nil, errors.New("not a journal line")
+	}
+	op = line[0]
+	sum, err := strconv.ParseUint(string(line[2:10]), 16, 32)
+	if err != nil {
+		return 0, "", nil, errors.New("not a journal line")
+	}
+	rest := line[11:]
+	if crc32.Update(crc32.Checksum([]byte{op}, castagnoli), castagnoli, rest) != uint32(sum) {
+		return 0, "", nil, errors.New("checksum mismatch")
+	}
+	if rest[64] != ' ' {
+		return 0, "", nil, errors.New("not a journal line")
+	}
+	return op, string(rest[:64]), rest[65:], nil
+}
+
+func decodePut(key string, line []byte) (*Record, error) {
+	_, _, body, err := parseLine(line)
+	if err != nil {
+		return nil, err
+	}
+	var r Record
+	if err := json.Unmarshal(body, &r); err != nil {
+		return nil, fmt.Errorf("state record %s is corrupt: %w", key, err)
+	}
+	if r.Key() != key {
+		return nil, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
+	}
+	return &r, nil
+}
+
+func readLegacy(path string) (*Record, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read state record: %w", err)
+	}
+	var r Record
+	if err := json.Unmarshal(data, &r); err != nil {
+		return nil, fmt.Errorf("state record %s is corrupt: %w", path, err)
+	}
+	return &r, nil
+}
+
+// rewrite replaces the journal by one holding the live records only: written to a temporary
+// file, synced, renamed over the journal, and the directory synced. Called with s.mu held (or
+// before s is shared).
+func (s *Store) rewrite() error {
+	f, err := os.CreateTemp(s.dir, tempPrefix)
+	if err != nil {
+		return fmt.Errorf("rewrite state journal: %w", err)
+	}
+	tmp := f.Name()
+	w := bufio.NewWriterSize(f, 1<<16)
+	var size int64
+	for _, e := range s.live {
+		n, _ := w.Write(e.line)
+		size += int64(n)
+	}
+	err = w.Flush()
+	if err == nil {
+		err = f.Sync()
+	}
+	if err == nil {
+		err = os.Rename(tmp, s.journalPath())
+	}
+	if err == nil {
+		err = syncDir(s.dir)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("rewrite state journal: %w", err)
+	}
+	// The descriptor stays valid across the rename; appends need O_APPEND.
+	f.Close()
+	nf, err := os.OpenFile(s.journalPath(), os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("reopen state journal: %w", err)
+	}
+	if s.f != nil {
+		s.f.Close()
+	}
+	s.f, s.size, s.synced, s.dead = nf, size, size, 0
+	return nil
+}
+
+// Dir returns the record directory.
+func (s *Store) Dir() string { return s.dir }
+
+// append adds a line to the journal and applies it to the live set, and returns the journal
+// length that must be on disk for the line to be.
+func (s *Store) append(op byte, key string, line []byte) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.broken != nil {
+		return 0, s.broken
+	}
+	if op == opDelete {
+		if _, ok := s.live[key]; !ok {
+			return 0, nil
+		}
+	}
+	if _, err := s.f.Write(line); err != nil {
+		// Take back a partial line so that the next one starts clean.
+		if terr := s.f.Truncate(s.size); terr != nil {
+			s.broken = fmt.Errorf("state journal unusable after a failed write (%v); restart the node plugin", err)
+		}
+		return 0, fmt.Errorf("write state journal: %w", err)
+	}
+	s.size += int64(len(line))
+	if _, ok := s.live[key]; ok {
+		s.dead++
+	}
+	if op == opPut {
+		s.live[key] = &entry{line: line}
+	} else {
+		delete(s.live, key)
+		s.dead++
+	}
+	return s.size, nil
+}
+
+// compact rewrites the journal when it holds more dead lines than live ones (and at least
+// compactMin). A failed rewrite leaves the journal as it was, to be tried again later.
+func (s *Store) compact() {
+	s.mu.Lock()
+	due := s.broken == nil && s.dead >= compactMin && s.dead > len(s.live)
+	s.mu.Unlock()
+	if !due {
+		return // without waiting for a sync in progress: a Delete never waits for the disk
+	}
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.broken == nil && s.dead >= compactMin && s.dead > len(s.live) {
+		_ = s.rewrite()
+	}
+}
+
+// syncTo returns once the journal's first end bytes are on disk. Concurrent callers share one
+// fdatasync: whoever syncs covers everything appended before it started.
+func (s *Store) syncTo(end int64) error {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	s.mu.Lock()
+	f, size, synced, broken := s.f, s.size, s.synced, s.broken
+	s.mu.Unlock()
+	if synced >= end {
+		return nil
+	}
+	if broken != nil {
+		return broken
+	}
+	// The rewrite that could replace f waits for syncMu, so f stays open meanwhile.
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		// After a failed sync the page cache cannot be trusted to reach the disk.
+		s.mu.Lock()
+		s.broken = fmt.Errorf("state journal unusable after a failed sync (%v); restart the node plugin", err)
+		s.mu.Unlock()
+		return fmt.Errorf("sync state journal: %w", err)
+	}
+	s.mu.Lock()
+	s.synced = max(s.synced, size)
+	s.mu.Unlock()
+	return nil
+}
+
+// Put records r durably: it returns once the record is on disk.
+func (s *Store) Put(r *Record) error {
+	line, err := encodePut(r)
+	if err != nil {
+		return err
+	}
+	end, err := s.append(opPut, r.Key(), line)
+	if err != nil {
+		return fmt.Errorf("write state record for volume %q: %w", r.VolumeID, err)
+	}
+	if err := s.syncTo(end); err != nil {
+		return fmt.Errorf("write state record for volume %q: %w", r.VolumeID, err)
+	}
+	s.compact()
+	return nil
+}
+
+// Get reads the record of a volume id and target; ok is false when there is none.
+func (s *Store) Get(volumeID, targetPath string) (rec *Record, ok bool, err error) {
+	key := Key(volumeID, targetPath)
+	s.mu.Lock()
+	e, ok := s.live[key]
+	s.mu.Unlock()
+	if !ok {
+		return nil, false, nil
+	}
+	r, err := decodePut(key, e.line)
+	if err != nil {
+		return nil, false, err
+	}
+	return r, true, nil
+}
+
+// Delete removes a record; a missing one is not an error. It does not wait for the disk (see
+// the package documentation): the target it describes is unmounted already.
+func (s *Store) Delete(key string) error {
+	if _, err := s.append(opDelete, key, encodeLine(opDelete, key, nil)); err != nil {
+		return fmt.Errorf("delete state record: %w", err)
+	}
+	s.compact()
+	return nil
+}
+
+// Sync returns once every Delete so far is on disk.
+func (s *Store) Sync() error {
+	s.mu.Lock()
+	end := s.size
+	s.mu.Unlock()
+	return s.syncTo(end)
+}
+
+// List returns every record. What Open could not read is reported in the error (and kept in a
+// copy of the journal for a person to inspect); the other records are still returned.
+func (s *Store) List() ([]*Record, error) {
+	s.mu.Lock()
+	out := make([]*Record, 0, len(s.live))
+	var errs []error
+	for key, e := range s.live {
+		r := e.rec
+		e.rec = nil // handed out: the next List decodes afresh
+		if r == nil {
+			var err error
+			if r, err = decodePut(key, e.line); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
 		out = append(out, r)
+	}
+	loadErr := s.loadErr
+	s.mu.Unlock()
+	return out, errors.Join(append([]error{loadErr}, errs...)...)
+}
+
+// Close closes the journal.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.f == nil {
+		return nil
+	}
+	err := s.f.Close()
+	s.f = nil
+	if s.broken == nil {
+		s.broken = errors.New("state journal closed")
+	}
+	return err
+}
+
+// Read returns the records of the journal under stateDir without changing anything on disk,
+// for diagnostics and tests while a Store may have it open.
+func Read(stateDir string) ([]*Record, error) {
+	data, err := os.ReadFile(filepath.Join(stateDir, "volumes", journalName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	s := &Store{live: map[string]*entry{}}
+	_, _, errs := s.replay(data)
+	out := make([]*Record, 0, len(s.live))
+	for _, e := range s.live {
+		out = append(out, e.rec)
 	}
 	return out, errors.Join(errs...)
 }
 
-func (s *Store) syncDir() error {
-	d, err := os.Open(s.dir)
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("sync state dir: %w", err)
 	}
@@ -211,3 +612,5 @@ func (s *Store) syncDir() error {
 	}
 	return nil
 }
+
+var _ io.Closer = (*Store)(nil)

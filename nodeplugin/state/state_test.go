@@ -1,6 +1,7 @@
 package state
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -105,6 +106,11 @@ func TestStoreListReportsCorruptRecords(t *testing.T) {
 	if err := os.WriteFile(moved, []byte(`{"volumeID":"x","targetPath":"/y"}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// Records are read when the store is opened.
+	s, err = Open(filepath.Dir(s.Dir()))
+	if err != nil {
+		t.Fatal(err)
+	}
 	list, err := s.List()
 	if len(list) != 1 || list[0].VolumeID != "good" {
 		t.Fatalf("List = %+v, want the good record", list)
@@ -120,5 +126,40 @@ func TestStoreListReportsCorruptRecords(t *testing.T) {
 func TestKeyDistinguishesTargets(t *testing.T) {
 	if Key("v", "/a") == Key("v", "/b") || Key("v", "/a") == Key("w", "/a") {
 		t.Fatal("keys collide")
+	}
+}
+
+// TestOpenTakesInRecordsOfEarlierVersions: one JSON file per record, as earlier versions
+// wrote them, is read into the journal and then removed; a damaged one is reported and left.
+func TestOpenTakesInRecordsOfEarlierVersions(t *testing.T) {
+	stateDir := t.TempDir()
+	dir := filepath.Join(stateDir, "volumes")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	old := &Record{VolumeID: "old", TargetPath: "/t", Kind: "hostdir", Created: time.Unix(5, 0).UTC()}
+	data, _ := json.Marshal(old)
+	if err := os.WriteFile(filepath.Join(dir, old.Key()+recordSuffix), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "deadbeef.json"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.List(); err == nil || !strings.Contains(err.Error(), "deadbeef.json") {
+		t.Fatalf("List error = %v, want the damaged file reported", err)
+	}
+	back, err := Read(stateDir)
+	if err != nil || len(back) != 1 || !reflect.DeepEqual(back[0], old) {
+		t.Fatalf("journal holds %+v, %v; want the old record", back, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, old.Key()+recordSuffix)); !os.IsNotExist(err) {
+		t.Fatalf("the old record file is still there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "deadbeef.json")); err != nil {
+		t.Fatalf("the damaged file was not left for inspection: %v", err)
 	}
 }

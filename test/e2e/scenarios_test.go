@@ -23,6 +23,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/test/e2e/framework"
 	"github.com/apm-csi/apm-csi/test/tracer"
@@ -911,7 +912,6 @@ const libraryGCTimeout = 4 * time.Minute
 func checkNoLeftovers(t *testing.T, ctx context.Context, e *env) {
 	t.Helper()
 	overlays := filepath.Join(e.d.StateDir, "overlays")
-	records := filepath.Join(e.d.StateDir, "volumes")
 	var last string
 	if err := framework.Poll(ctx, 2*time.Minute, "volumes to be unpublished and cleaned up", func() (bool, error) {
 		all, err := framework.Mounts()
@@ -925,14 +925,19 @@ func checkNoLeftovers(t *testing.T, ctx context.Context, e *env) {
 		for _, m := range framework.MountsWithOptionUnder(all, e.d.StateDir) {
 			left = append(left, "overlay "+m.MountPoint)
 		}
-		for _, d := range []string{overlays, records} {
-			names, err := framework.Entries(d)
-			if err != nil {
-				return false, err
-			}
-			for _, n := range names {
-				left = append(left, filepath.Join(d, n))
-			}
+		names, err := framework.Entries(overlays)
+		if err != nil {
+			return false, err
+		}
+		for _, n := range names {
+			left = append(left, filepath.Join(overlays, n))
+		}
+		records, err := state.Read(e.d.StateDir)
+		if err != nil {
+			return false, err
+		}
+		for _, r := range records {
+			left = append(left, "record of "+r.VolumeID+" at "+r.TargetPath)
 		}
 		last = strings.Join(left, "\n")
 		return len(left) == 0, nil

@@ -172,6 +172,9 @@ func (p *Plugin) Stop() {
 		}
 		driver.Shutdown(p.srv, p.Config.DrainTimeout)
 		p.srv, p.conn = nil, nil
+		if err := p.Driver.Close(); err != nil {
+			p.T.Errorf("closing the driver: %v", err)
+		}
 	}
 	if p.closeLibraries != nil {
 		if err := p.closeLibraries(); err != nil {

@@ -57,6 +57,18 @@ func run() error {
 	}
 	o.cache.Logger = log
 	o.cache.Registerer = ctrlmetrics.Registry
+	// The store is a mount of its own, so that composing an overlay from its layers costs
+	// the same however many volumes are published (mounter.OwnMount). Undone after the cache
+	// is closed; a crash leaves it for the next start to reuse.
+	releaseStore, err := mounter.OwnMount(o.cache.StoreDir)
+	if err != nil {
+		return fmt.Errorf("library cache: %w", err)
+	}
+	defer func() {
+		if err := releaseStore(); err != nil {
+			log.Warn("leaving the library store's own mount in place", "error", err)
+		}
+	}()
 	cache, err := librarycache.New(o.cache)
 	if err != nil {
 		return fmt.Errorf("library cache: %w", err)
@@ -179,6 +191,9 @@ func run() error {
 		regServer.Stop()
 	}
 	driver.Shutdown(csiServer, o.drainTimeout)
+	if err := d.Close(); err != nil {
+		log.Warn("closing the state journal", "error", err)
+	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for _, s := range httpServers {

@@ -23,6 +23,8 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -95,6 +97,10 @@ func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
 		allowed = append([]string{p.opts.registry.Addr()}, allowed...)
 		insecure = append([]string{p.opts.registry.Addr()}, insecure...)
 	}
+	releaseStore, err := mounter.OwnMount(p.store)
+	if err != nil {
+		return nil, nil, err
+	}
 	cache, err := librarycache.New(librarycache.Config{
 		AllowedRepositories:  allowed,
 		InsecureRegistries:   insecure,
@@ -108,13 +114,14 @@ func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
 		Registerer:           prometheus.NewRegistry(),
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("library cache: %w", err)
+		return nil, nil, errors.Join(fmt.Errorf("library cache: %w", err), releaseStore())
 	}
+	closeStore := func() error { return errors.Join(cache.Close(), releaseStore()) }
 	if err := cache.Start(context.Background()); err != nil {
-		return nil, nil, fmt.Errorf("library cache start: %w", err)
+		return nil, nil, errors.Join(fmt.Errorf("library cache start: %w", err), closeStore())
 	}
 	p.cache = cache
-	return cache, cache.Close, nil
+	return cache, closeStore, nil
 }
 
 // gc runs the cache's garbage collector with the driver's view of what is in use, as the
@@ -131,9 +138,17 @@ func (p *plugin) overlayDirs() []string {
 	return dirNames(p.T, filepath.Join(p.State, "overlays"))
 }
 
-// recordFiles lists the volume records on disk.
+// recordFiles lists the volume records on disk (volume id and target).
 func (p *plugin) recordFiles() []string {
-	return dirNames(p.T, filepath.Join(p.State, "volumes"))
+	recs, err := state.Read(p.State)
+	if err != nil {
+		p.T.Fatal(err)
+	}
+	var out []string
+	for _, r := range recs {
+		out = append(out, r.VolumeID+" at "+r.TargetPath)
+	}
+	return out
 }
 
 // storeEntries lists the cache's entries ("images/<hex>", "views/<key>", "generated/<key>")

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
@@ -229,8 +230,7 @@ func TestLibraryVolumes(t *testing.T) {
 		t.Fatalf("mounts left: %q", left)
 	}
 	// No record outlives its volume.
-	recs, _ := os.ReadDir(filepath.Join(p.State, "volumes"))
-	if len(recs) != 0 {
+	if recs := recordsOnDisk(t, p.State); len(recs) != 0 {
 		t.Fatalf("records left: %v", recs)
 	}
 }
@@ -246,10 +246,11 @@ func TestLibraryFailureLeavesNothing(t *testing.T) {
 	if _, err := os.Stat(target); !os.IsNotExist(err) {
 		t.Fatal("target left after a failed publish")
 	}
-	for _, sub := range []string{"volumes", "overlays"} {
-		if entries, _ := os.ReadDir(filepath.Join(p.State, sub)); len(entries) != 0 {
-			t.Fatalf("%s left after a failed publish: %v", sub, entries)
-		}
+	if recs := recordsOnDisk(t, p.State); len(recs) != 0 {
+		t.Fatalf("records left after a failed publish: %v", recs)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(p.State, "overlays")); len(entries) != 0 {
+		t.Fatalf("overlay dirs left after a failed publish: %v", entries)
 	}
 }
 
@@ -319,4 +320,18 @@ func TestTargetConfinement(t *testing.T) {
 	if got := readFile(t, filepath.Join(outside, "keep")); got != "x" {
 		t.Fatal("a refused call touched a directory outside the pods dir")
 	}
+}
+
+// recordsOnDisk returns the volume ids and targets of the records in the state dir's journal.
+func recordsOnDisk(t testing.TB, stateDir string) []string {
+	t.Helper()
+	recs, err := state.Read(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, r := range recs {
+		out = append(out, r.VolumeID+" at "+r.TargetPath)
+	}
+	return out
 }

@@ -74,10 +74,11 @@ func TestMountLeak(t *testing.T) {
 	if !slices.Equal(before, after) {
 		t.Fatalf("mount table changed:\nbefore %q\nafter  %q", before, after)
 	}
-	for _, sub := range []string{"volumes", "overlays"} {
-		if entries, _ := os.ReadDir(filepath.Join(p.State, sub)); len(entries) != 0 {
-			t.Fatalf("state %s left: %d entries", sub, len(entries))
-		}
+	if recs := recordsOnDisk(t, p.State); len(recs) != 0 {
+		t.Fatalf("state records left: %d", len(recs))
+	}
+	if entries, _ := os.ReadDir(filepath.Join(p.State, "overlays")); len(entries) != 0 {
+		t.Fatalf("overlay dirs left: %d entries", len(entries))
 	}
 	targets, _ := filepath.Glob(filepath.Join(p.Kubelet, "pods", "*", "volumes", "kubernetes.io~csi", "*", "mount"))
 	if len(targets) != 0 {

@@ -187,6 +187,33 @@ func TestOverlaySharedLowerIsolatedWrites(t *testing.T) {
 	}
 }
 
+// TestOverlayVolatile: a volatile writable overlay (fsconfig and mount(2) alike) works as any
+// other and shows "volatile" in the mount table.
+func TestOverlayVolatile(t *testing.T) {
+	for _, legacy := range []bool{false, true} {
+		t.Run(fmt.Sprintf("legacy=%t", legacy), func(t *testing.T) {
+			_, d := mounterDirs(t, "lower", "upper", "work", "mnt")
+			writeFile(t, filepath.Join(d["lower"], "lib.so"), "library")
+			m := mounter.New()
+			m.LegacyOverlay = legacy
+			if err := m.Overlay(d["mnt"], mounter.Overlay{Lower: []string{d["lower"]}, Upper: d["upper"], Work: d["work"], Volatile: true}); err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, filepath.Join(d["mnt"], "log.txt"), "log")
+			if got := readFile(t, filepath.Join(d["upper"], "log.txt")); got != "log" {
+				t.Fatalf("upper dir holds %q", got)
+			}
+			// Shown as "volatile" before Linux 6.6, as "fsync=volatile" since.
+			if e := nodeplugintest.EntryAt(t, d["mnt"]); !slices.Contains(e.SuperOptions, "volatile") && !slices.Contains(e.SuperOptions, "fsync=volatile") {
+				t.Fatalf("overlay options %q lack volatile", e.SuperOptions)
+			}
+			if err := m.Unmount(d["mnt"]); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
 func TestOverlayReadOnly(t *testing.T) {
 	for _, legacy := range []bool{false, true} {
 		t.Run(fmt.Sprintf("legacy=%t", legacy), func(t *testing.T) {
@@ -263,5 +290,53 @@ func TestOverlayErrorsAreExplained(t *testing.T) {
 	err := mounter.New().Overlay(d["mnt"], mounter.Overlay{Lower: []string{filepath.Join(root, "missing")}, Upper: d["upper"], Work: d["work"]})
 	if err == nil || !strings.Contains(err.Error(), filepath.Join(root, "missing")) {
 		t.Fatalf("error %v does not name the missing lower dir", err)
+	}
+}
+
+// TestOwnMountIsIdempotentAndLeavesNoChildren: the library store's own mount is one bind
+// mount of the dir onto itself, with none of the mounts of its parent below it; a second call
+// (a restart after a crash) reuses it instead of stacking another, and only the call that
+// made it unmounts it.
+func TestOwnMountIsIdempotentAndLeavesNoChildren(t *testing.T) {
+	root, dirs := mounterDirs(t, "state/overlays/a")
+	store := filepath.Join(root, "state", "store")
+	// A mount next to the store in the same parent, as a writable layer's tmpfs is.
+	if err := unix.Mount("tmpfs", dirs["state/overlays/a"], "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(dirs["state/overlays/a"], 0)
+
+	release, err := mounter.OwnMount(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 1 {
+		t.Fatalf("%d mounts on the store after OwnMount, want 1", n)
+	}
+	if e := nodeplugintest.EntryAt(t, store); e.FsType == "tmpfs" {
+		t.Fatalf("the store's mount is %+v, want a bind mount of the store dir", e)
+	}
+	if m := nodeplugintest.MountsUnder(t, store); len(m) != 0 {
+		t.Fatalf("mounts below the store: %q, want none", m)
+	}
+
+	again, err := mounter.OwnMount(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 1 {
+		t.Fatalf("%d mounts on the store after a second OwnMount, want 1 (no stacking)", n)
+	}
+	if err := again(); err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 1 {
+		t.Fatalf("the release of a call that reused the mount unmounted it: %d mounts", n)
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, store); n != 0 {
+		t.Fatalf("%d mounts on the store after release, want 0", n)
 	}
 }

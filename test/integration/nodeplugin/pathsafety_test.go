@@ -308,7 +308,7 @@ func TestReconcileLeavesCraftedRecordsAlone(t *testing.T) {
 	}
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)

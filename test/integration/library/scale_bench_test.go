@@ -1,0 +1,243 @@
+package library
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/apm-csi/apm-csi/test/libimages"
+	"github.com/apm-csi/apm-csi/test/nodeplugintest"
+)
+
+// Sizes of BenchmarkWarmPathAtScale: how many of the plugin's own volumes stay published
+// around the measured calls, and how many unrelated mounts the node has in the second case.
+var scaleLive = []int{0, 500, 2000}
+
+const (
+	scaleUnrelated = 2000
+	// scalePairs publish+unpublish pairs are measured per case.
+	scalePairs = 150
+	// scaleStarts start-ups are measured per case.
+	scaleStarts = 3
+)
+
+// BenchmarkWarmPathAtScale: a node with thousands of live volumes publishes, unpublishes and
+// starts as fast as an empty one. One plugin (the real library cache, a warm writable
+// injector volume of three libraries plus the preload file, as BenchmarkCacheHitPublish) is
+// measured, in this one process, while the node holds:
+//
+//	live0, live500, live2000   that many of the plugin's own published volumes
+//	unrelated2000              2,000 tmpfs mounts that are not the plugin's (and none of its own)
+//	writer                     no live volume, another process-like goroutine writing to the
+//	                           state dir's filesystem all the time
+//
+// Per case it reports the median and p99 of publish and unpublish (ms), and the ratios to
+// live0 of the medians (p99 for writer), so that the figures compare within one run.
+// Start-up (library store, driver and reconcile, as apm-csi-node before it answers Probe
+// ready) is timed with no record and with 2,000 records and mounts: start-empty-ms,
+// start-2000-ms and their ratio, and the same in CPU time (start-*-cpu-ms), which a loaded
+// machine does not inflate.
+//
+//	go test -run '^$' -bench WarmPathAtScale -benchtime 1x -timeout 30m ./test/integration/library/
+func BenchmarkWarmPathAtScale(b *testing.B) {
+	reg := libimages.Start(b)
+	p := startPlugin(b, options{registry: reg})
+	vol := pushInjectorVolume(b, reg, "1.0.0")
+	attrs := func(pod string) map[string]string { return nodeplugintest.Ephemeral(vol.attrs(), pod) }
+	warm := p.Target("warm", "apm")
+	p.MustPublish("csi-warm", warm, attrs("warm"), false)
+	p.MustUnpublish("csi-warm", warm)
+
+	type sample struct{ pub, unpub []time.Duration }
+	measure := func(name string) sample {
+		var s sample
+		for i := range scalePairs {
+			pod := fmt.Sprintf("m-%s-%d", name, i)
+			target := p.Target(pod, "apm")
+			a := attrs(pod)
+			start := time.Now()
+			p.MustPublish("csi-"+pod, target, a, false)
+			s.pub = append(s.pub, time.Since(start))
+			start = time.Now()
+			p.MustUnpublish("csi-"+pod, target)
+			s.unpub = append(s.unpub, time.Since(start))
+		}
+		slices.Sort(s.pub)
+		slices.Sort(s.unpub)
+		return s
+	}
+	// startup returns the median wall time and CPU time (user and system, of this process:
+	// nothing else in it runs meanwhile) of a start. On a loaded machine the wall time
+	// follows the CPU other processes take; the CPU time does not.
+	startup := func() (wall, cpu time.Duration) {
+		var walls, cpus []time.Duration
+		for range scaleStarts {
+			p.Stop()
+			cpu0 := processCPU(b)
+			start := time.Now()
+			p.Start()
+			walls = append(walls, time.Since(start))
+			cpus = append(cpus, processCPU(b)-cpu0)
+		}
+		slices.Sort(walls)
+		slices.Sort(cpus)
+		return walls[len(walls)/2], cpus[len(cpus)/2]
+	}
+
+	var live []string
+	grow := func(n int) {
+		for len(live) < n {
+			pod := fmt.Sprintf("live-%d", len(live))
+			target := p.Target(pod, "apm")
+			p.MustPublish("csi-"+pod, target, attrs(pod), false)
+			live = append(live, pod)
+		}
+	}
+	shrink := func() {
+		for _, pod := range live {
+			p.MustUnpublish("csi-"+pod, filepath.Join(p.Kubelet, "pods", pod, "volumes", "kubernetes.io~csi", "apm", "mount"))
+		}
+		live = nil
+	}
+
+	b.ResetTimer()
+	results := map[string]sample{}
+	startEmpty, startEmptyCPU := startup()
+	for _, n := range scaleLive {
+		grow(n)
+		results[fmt.Sprintf("live%d", n)] = measure(fmt.Sprintf("live%d", n))
+	}
+	startFull, startFullCPU := startup()
+	shrink()
+
+	unmount := mountUnrelated(b, filepath.Join(p.Root, "unrelated"), scaleUnrelated)
+	results["unrelated2000"] = measure("unrelated")
+	unmount()
+
+	stop := startWriter(b, filepath.Join(p.Root, "writer"))
+	results["writer"] = measure("writer")
+	stop()
+	b.StopTimer()
+
+	base := results["live0"]
+	for _, name := range []string{"live0", "live500", "live2000", "unrelated2000", "writer"} {
+		s, ok := results[name]
+		if !ok {
+			continue
+		}
+		b.ReportMetric(ms(percentile(s.pub, 50)), name+"-pub-median-ms")
+		b.ReportMetric(ms(percentile(s.pub, 99)), name+"-pub-p99-ms")
+		b.ReportMetric(ms(percentile(s.unpub, 50)), name+"-unpub-median-ms")
+		b.ReportMetric(ms(percentile(s.unpub, 99)), name+"-unpub-p99-ms")
+		if name != "live0" {
+			b.ReportMetric(ratio(percentile(s.pub, 50), percentile(base.pub, 50)), name+"/live0-pub-median-x")
+			b.ReportMetric(ratio(percentile(s.unpub, 50), percentile(base.unpub, 50)), name+"/live0-unpub-median-x")
+		}
+	}
+	b.ReportMetric(ratio(percentile(results["writer"].unpub, 99), percentile(base.unpub, 99)), "writer/live0-unpub-p99-x")
+	b.ReportMetric(ms(startEmpty), "start-empty-ms")
+	b.ReportMetric(ms(startFull), "start-2000-ms")
+	b.ReportMetric(ratio(startFull, startEmpty), "start-2000/empty-x")
+	b.ReportMetric(ms(startEmptyCPU), "start-empty-cpu-ms")
+	b.ReportMetric(ms(startFullCPU), "start-2000-cpu-ms")
+	b.ReportMetric(ratio(startFullCPU, startEmptyCPU), "start-2000/empty-cpu-x")
+}
+
+// processCPU returns the user and system CPU time this process has used.
+func processCPU(b *testing.B) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func ratio(a, b time.Duration) float64 { return float64(a) / float64(b) }
+
+// mountUnrelated mounts n small tmpfs filesystems below dir, as other software on a node
+// does; the returned function unmounts them.
+func mountUnrelated(b *testing.B, dir string, n int) func() {
+	b.Helper()
+	var mounted []string
+	undo := func() {
+		for _, m := range mounted {
+			if err := unix.Unmount(m, 0); err != nil {
+				b.Errorf("unmount %s: %v", m, err)
+			}
+		}
+		mounted = nil
+	}
+	b.Cleanup(undo)
+	for i := range n {
+		m := filepath.Join(dir, fmt.Sprint(i))
+		if err := os.MkdirAll(m, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.Mount("unrelated", m, "tmpfs", 0, "size=1m"); err != nil {
+			b.Fatal(err)
+		}
+		mounted = append(mounted, m)
+	}
+	return undo
+}
+
+// startWriter writes to a file in dir without pause until the returned function is called:
+// buffered writes, a sync every 8 MiB and a truncate every 64 MiB, as a busy neighbour on the
+// node's disk does.
+func startWriter(b *testing.B, dir string) func() {
+	b.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(dir, "data"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 1<<20)
+		for i := 1; ; i++ {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			buf[0] = byte(i)
+			if _, err := f.Write(buf); err != nil {
+				b.Error(err)
+				return
+			}
+			if i%8 == 0 {
+				if err := f.Sync(); err != nil && !errors.Is(err, os.ErrClosed) {
+					b.Error(err)
+					return
+				}
+			}
+			if i%64 == 0 {
+				if err := f.Truncate(0); err != nil {
+					b.Error(err)
+					return
+				}
+				if _, err := f.Seek(0, 0); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		wg.Wait()
+		f.Close()
+	}
+}
