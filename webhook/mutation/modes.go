@@ -1,0 +1,243 @@
+package mutation
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/version"
+	schedulingcorev1 "k8s.io/component-helpers/scheduling/corev1"
+	"k8s.io/component-helpers/scheduling/corev1/nodeaffinity"
+
+	"github.com/apm-csi/apm-csi/webhook/annotations"
+	"github.com/apm-csi/apm-csi/webhook/config"
+)
+
+// modeRequest is the mode asked for, before the cluster is looked at, and who asked.
+type modeRequest struct {
+	mode config.Mode
+	// source is "" for the configuration, else the annotation that chose the mode.
+	source string
+}
+
+// requestedMode reads the mode a pod asks for: the pod's annotations (apm-csi's or Datadog's;
+// both set to different modes is an error), else its namespace's annotation, else the
+// configuration.
+func (m *Mutator) requestedMode(pod *corev1.Pod, nsAnnotations map[string]string) (modeRequest, error) {
+	req := modeRequest{mode: m.cfg.Mode}
+	if v, ok := nsAnnotations[annotations.InjectionMode]; ok {
+		parsed, err := config.ParseMode(v)
+		if err != nil {
+			return modeRequest{}, fmt.Errorf("namespace annotation %s: %v", annotations.InjectionMode, err)
+		}
+		req = modeRequest{mode: parsed, source: "namespace annotation " + annotations.InjectionMode}
+	}
+	var fromPod []modeRequest
+	for _, key := range []string{annotations.InjectionMode, annotations.DatadogInjectionMode} {
+		v, ok := pod.Annotations[key]
+		if !ok {
+			continue
+		}
+		parsed, err := config.ParseMode(v)
+		if err != nil {
+			return modeRequest{}, fmt.Errorf("pod annotation %s: %v", key, err)
+		}
+		fromPod = append(fromPod, modeRequest{mode: parsed, source: "pod annotation " + key})
+	}
+	switch {
+	case len(fromPod) == 2 && fromPod[0].mode != fromPod[1].mode:
+		return modeRequest{}, fmt.Errorf("pod annotations %s=%q and %s=%q ask for different injection modes; keep one",
+			annotations.InjectionMode, pod.Annotations[annotations.InjectionMode],
+			annotations.DatadogInjectionMode, pod.Annotations[annotations.DatadogInjectionMode])
+	case len(fromPod) > 0:
+		req = fromPod[0]
+	}
+	return req, nil
+}
+
+// NeedsNodes reports whether deciding about pod reads the cluster's nodes (Input.Nodes): when
+// it asks for image volumes, or for auto while the CSI driver is not installed. The admission
+// handler lists nodes only then.
+func (m *Mutator) NeedsNodes(pod *corev1.Pod, ns *corev1.Namespace, driverInstalled bool) bool {
+	var nsAnnotations map[string]string
+	if ns != nil {
+		nsAnnotations = ns.Annotations
+	}
+	req, err := m.requestedMode(pod, nsAnnotations)
+	if err != nil {
+		return false
+	}
+	return req.mode == config.ModeImageVolume || (req.mode == config.ModeAuto && !driverInstalled)
+}
+
+// resolveMode picks the injection mode and says why when it is not simply the one asked for:
+// CSI falls back to init containers when the driver is not installed, image-volume when the
+// cluster cannot serve image volumes to this pod, and auto tries CSI, image volumes and init
+// containers in that order.
+func (m *Mutator) resolveMode(pod *corev1.Pod, nsAnnotations map[string]string, in Input) (config.Mode, string, error) {
+	req, err := m.requestedMode(pod, nsAnnotations)
+	if err != nil {
+		return "", "", err
+	}
+	noDriver := fmt.Sprintf("CSI driver %s is not installed", m.cfg.DriverName)
+	switch req.mode {
+	case config.ModeCSI:
+		if !in.DriverInstalled {
+			return config.ModeInitContainer, noDriver + ", fell back to init-container mode", nil
+		}
+		return config.ModeCSI, "", nil
+	case config.ModeImageVolume:
+		ok, why := m.imageVolumeSupport(pod, in)
+		if !ok {
+			return config.ModeInitContainer, "image volumes cannot be used: " + why + "; fell back to init-container mode", nil
+		}
+		return config.ModeImageVolume, "image volumes: " + why, nil
+	case config.ModeAuto:
+		auto := "auto mode"
+		if req.source != "" {
+			auto += " (" + req.source + ")"
+		}
+		if in.DriverInstalled {
+			return config.ModeCSI, fmt.Sprintf("%s chose csi: CSI driver %s is installed", auto, m.cfg.DriverName), nil
+		}
+		if ok, why := m.imageVolumeSupport(pod, in); ok {
+			return config.ModeImageVolume, fmt.Sprintf("%s chose image-volume: %s; image volumes: %s", auto, noDriver, why), nil
+		} else {
+			return config.ModeInitContainer, fmt.Sprintf("%s chose init-container: %s; image volumes cannot be used: %s", auto, noDriver, why), nil
+		}
+	}
+	return req.mode, "", nil
+}
+
+// imageVolumeSupport decides whether the pod can get image volumes, and says why (or why not)
+// in words for the status. Supported means: the API server is at least
+// imageVolumes.minKubernetesVersion, and there is at least one Linux node the pod can be
+// scheduled to (spec.nodeName, nodeSelector, required node affinity, NoSchedule/NoExecute
+// taints it does not tolerate) and every such node runs a kubelet of at least that version and
+// a container runtime of at least its imageVolumes.runtimes version. Nodes that join later are
+// unknown: a pod admitted with image volumes and scheduled to an older node does not start.
+func (m *Mutator) imageVolumeSupport(pod *corev1.Pod, in Input) (bool, string) {
+	iv := m.cfg.ImageVolumes
+	minVersion, err := version.ParseGeneric(iv.MinKubernetesVersion)
+	if err != nil {
+		return false, fmt.Sprintf("imageVolumes.minKubernetesVersion %q is invalid", iv.MinKubernetesVersion)
+	}
+	if in.ServerVersion == "" {
+		return false, "the API server version is not known yet"
+	}
+	server, err := version.ParseGeneric(in.ServerVersion)
+	if err != nil {
+		return false, fmt.Sprintf("the API server version %q cannot be read", in.ServerVersion)
+	}
+	if server.LessThan(minVersion) {
+		return false, fmt.Sprintf("API server %s is older than %s (configuration imageVolumes.minKubernetesVersion)", in.ServerVersion, iv.MinKubernetesVersion)
+	}
+	if in.NodesError != nil {
+		return false, fmt.Sprintf("the nodes could not be read: %v", in.NodesError)
+	}
+	candidates := schedulableLinuxNodes(pod, in.Nodes)
+	if len(candidates) == 0 {
+		return false, "no Linux node the pod can be scheduled to is known"
+	}
+	var bad []string
+	runtimes := map[string]bool{}
+	for _, n := range candidates {
+		info := n.Status.NodeInfo
+		if why := m.nodeImageVolumeProblem(info, minVersion); why != "" {
+			bad = append(bad, fmt.Sprintf("node %s %s", n.Name, why))
+			continue
+		}
+		runtimes[strings.Replace(info.ContainerRuntimeVersion, "://", " ", 1)] = true
+	}
+	if len(bad) > 0 {
+		why := bad[0]
+		if len(bad) > 1 {
+			why += fmt.Sprintf(" (and %d more of the %d nodes the pod can be scheduled to)", len(bad)-1, len(candidates))
+		}
+		return false, why
+	}
+	seen := sortedKeys(runtimes)
+	if len(seen) > 3 {
+		seen = append(seen[:3], "...")
+	}
+	return true, fmt.Sprintf("API server %s, and the %d Linux nodes the pod can be scheduled to run %s", in.ServerVersion, len(candidates), strings.Join(seen, ", "))
+}
+
+// nodeImageVolumeProblem says why a node cannot serve image volumes with subPath, or "".
+func (m *Mutator) nodeImageVolumeProblem(info corev1.NodeSystemInfo, minKubelet *version.Version) string {
+	kubelet, err := version.ParseGeneric(info.KubeletVersion)
+	if err != nil {
+		return fmt.Sprintf("reports no readable kubelet version (%q)", info.KubeletVersion)
+	}
+	if kubelet.LessThan(minKubelet) {
+		return fmt.Sprintf("runs kubelet %s, older than %s", info.KubeletVersion, m.cfg.ImageVolumes.MinKubernetesVersion)
+	}
+	name, ver, ok := strings.Cut(info.ContainerRuntimeVersion, "://")
+	if !ok {
+		return fmt.Sprintf("reports no readable container runtime (%q)", info.ContainerRuntimeVersion)
+	}
+	want, known := m.cfg.ImageVolumes.Runtimes[name]
+	if !known {
+		return fmt.Sprintf("runs %s %s, not a runtime configured to serve image volumes (imageVolumes.runtimes: %s)", name, ver, runtimeList(m.cfg.ImageVolumes.Runtimes))
+	}
+	have, err := version.ParseGeneric(ver)
+	if err != nil {
+		return fmt.Sprintf("reports an unreadable %s version %q", name, ver)
+	}
+	minRuntime, err := version.ParseGeneric(want)
+	if err != nil || have.LessThan(minRuntime) {
+		return fmt.Sprintf("runs %s %s (image volumes with subPath need %s %s or newer)", name, ver, name, want)
+	}
+	return ""
+}
+
+func runtimeList(r map[string]string) string {
+	var out []string
+	for _, k := range sortedKeys(r) {
+		out = append(out, k+" "+r[k])
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
+}
+
+// schedulableLinuxNodes are the Linux nodes the scheduler could put the pod on, judged by
+// what the pod says at admission: spec.nodeName, its nodeSelector and required node
+// affinity, and the NoSchedule and NoExecute taints it does not tolerate.
+func schedulableLinuxNodes(pod *corev1.Pod, nodes []corev1.Node) []*corev1.Node {
+	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
+	var out []*corev1.Node
+	for i := range nodes {
+		n := &nodes[i]
+		if !linuxNode(n) {
+			continue
+		}
+		if pod.Spec.NodeName != "" {
+			if n.Name == pod.Spec.NodeName {
+				out = append(out, n)
+			}
+			continue
+		}
+		if ok, err := affinity.Match(n); err != nil || !ok {
+			continue
+		}
+		if _, untolerated := schedulingcorev1.FindMatchingUntoleratedTaint(logr.Discard(), n.Spec.Taints, pod.Spec.Tolerations, func(t *corev1.Taint) bool {
+			return t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute
+		}, false); untolerated {
+			continue
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// linuxNode reports whether a node runs Linux, by its kubernetes.io/os label or, without it,
+// by what kubelet reports.
+func linuxNode(n *corev1.Node) bool {
+	if osName, ok := n.Labels[corev1.LabelOSStable]; ok {
+		return osName == string(corev1.Linux)
+	}
+	return n.Status.NodeInfo.OperatingSystem == "" || n.Status.NodeInfo.OperatingSystem == string(corev1.Linux)
+}
