@@ -55,9 +55,6 @@ func ParseMode(s string) (Mode, error) {
 		s, ModeCSI, ModeImageVolume, ModeInitContainer, ModeAuto)
 }
 
-// DatadogMode is a mode as the Datadog Cluster Agent spells it (image_volume, init_container).
-func DatadogMode(m Mode) string { return strings.ReplaceAll(string(m), "-", "_") }
-
 // ImageVolumes says when the cluster counts as able to serve image volumes (image-volume and
 // auto modes).
 type ImageVolumes struct {
@@ -240,6 +237,9 @@ func Parse(data []byte) (*Config, error) {
 	}
 	if c.Mode == "" {
 		c.Mode = d.Mode
+	}
+	if m, err := ParseMode(string(c.Mode)); err == nil {
+		c.Mode = m // Datadog's spelling
 	}
 	if c.ImageVolumes.MinKubernetesVersion == "" {
 		c.ImageVolumes.MinKubernetesVersion = d.ImageVolumes.MinKubernetesVersion
