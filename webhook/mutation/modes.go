@@ -203,9 +203,14 @@ func runtimeList(r map[string]string) string {
 	return strings.Join(out, ", ")
 }
 
+// transientTaintPrefix starts the taints Kubernetes sets from a node's condition or cordon.
+const transientTaintPrefix = "node.kubernetes.io/"
+
 // schedulableLinuxNodes are the Linux nodes the scheduler could put the pod on, judged by
 // what the pod says at admission: spec.nodeName, its nodeSelector and required node
-// affinity, and the NoSchedule and NoExecute taints it does not tolerate.
+// affinity, and the NoSchedule and NoExecute taints it does not tolerate, except the
+// node.kubernetes.io/ taints of a node that is not ready, under pressure or cordoned, which
+// it can lose at any time.
 func schedulableLinuxNodes(pod *corev1.Pod, nodes []corev1.Node) []*corev1.Node {
 	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
 	var out []*corev1.Node
@@ -224,7 +229,9 @@ func schedulableLinuxNodes(pod *corev1.Pod, nodes []corev1.Node) []*corev1.Node 
 			continue
 		}
 		if _, untolerated := schedulingcorev1.FindMatchingUntoleratedTaint(logr.Discard(), n.Spec.Taints, pod.Spec.Tolerations, func(t *corev1.Taint) bool {
-			return t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute
+			// node.kubernetes.io/ taints (not-ready, unreachable, pressure, unschedulable)
+			// come and go with the node's condition: such a node still counts.
+			return (t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute) && !strings.HasPrefix(t.Key, transientTaintPrefix)
 		}, false); untolerated {
 			continue
 		}
