@@ -117,6 +117,10 @@ func (m *Mutator) resolveMode(pod *corev1.Pod, nsAnnotations map[string]string, 
 // taints it does not tolerate) and every such node runs a kubelet of at least that version and
 // a container runtime of at least its imageVolumes.runtimes version. Nodes that join later are
 // unknown: a pod admitted with image volumes and scheduled to an older node does not start.
+//
+// Each node's capability is judged first (versions parsed once per distinct string); the
+// scheduling constraints, the costly part on a large cluster, are then evaluated only for the
+// nodes that cannot serve image volumes, and for the others until one is found.
 func (m *Mutator) imageVolumeSupport(pod *corev1.Pod, in Input) (bool, string) {
 	iv := m.cfg.ImageVolumes
 	minVersion, err := version.ParseGeneric(iv.MinKubernetesVersion)
@@ -136,38 +140,67 @@ func (m *Mutator) imageVolumeSupport(pod *corev1.Pod, in Input) (bool, string) {
 	if in.NodesError != nil {
 		return false, fmt.Sprintf("the nodes could not be read: %v", in.NodesError)
 	}
-	candidates := schedulableLinuxNodes(pod, in.Nodes)
-	if len(candidates) == 0 {
-		return false, "no Linux node the pod can be scheduled to is known"
-	}
-	var bad []string
+	judge := m.nodeJudge(minVersion)
+	schedulable := false
 	runtimes := map[string]bool{}
-	for _, n := range candidates {
-		info := n.Status.NodeInfo
-		if why := m.nodeImageVolumeProblem(info, minVersion); why != "" {
-			bad = append(bad, fmt.Sprintf("node %s %s", n.Name, why))
+	sched := newSchedulability(pod)
+	for i := range in.Nodes {
+		n := &in.Nodes[i]
+		if !linuxNode(n) {
 			continue
 		}
-		runtimes[strings.Replace(info.ContainerRuntimeVersion, "://", " ", 1)] = true
-	}
-	if len(bad) > 0 {
-		why := bad[0]
-		if len(bad) > 1 {
-			why += fmt.Sprintf(" (and %d more of the %d nodes the pod can be scheduled to)", len(bad)-1, len(candidates))
+		if why := judge(n.Status.NodeInfo); why != "" {
+			if sched.admits(n) {
+				return false, fmt.Sprintf("node %s %s", n.Name, why)
+			}
+			continue
 		}
-		return false, why
+		if !schedulable {
+			schedulable = sched.admits(n)
+		}
+		runtimes[n.Status.NodeInfo.ContainerRuntimeVersion] = true
 	}
-	seen := sortedKeys(runtimes)
+	if !schedulable {
+		return false, "no Linux node the pod can be scheduled to is known"
+	}
+	var seen []string
+	for _, rt := range sortedKeys(runtimes) {
+		seen = append(seen, strings.Replace(rt, "://", " ", 1))
+	}
 	if len(seen) > 3 {
 		seen = append(seen[:3], "...")
 	}
-	return true, fmt.Sprintf("API server %s, and the %d Linux nodes the pod can be scheduled to run %s", in.ServerVersion, len(candidates), strings.Join(seen, ", "))
+	return true, fmt.Sprintf("API server %s, and every Linux node the pod can be scheduled to serves them (capable nodes run %s)", in.ServerVersion, strings.Join(seen, ", "))
+}
+
+// nodeJudge returns a function that says why a node cannot serve image volumes with subPath,
+// or "", parsing each distinct version string once.
+func (m *Mutator) nodeJudge(minKubelet *version.Version) func(corev1.NodeSystemInfo) string {
+	parsed := map[string]*version.Version{}
+	parse := func(s string) *version.Version {
+		v, ok := parsed[s]
+		if !ok {
+			v, _ = version.ParseGeneric(s)
+			parsed[s] = v
+		}
+		return v
+	}
+	verdicts := map[[2]string]string{}
+	return func(info corev1.NodeSystemInfo) string {
+		key := [2]string{info.KubeletVersion, info.ContainerRuntimeVersion}
+		if why, ok := verdicts[key]; ok {
+			return why
+		}
+		why := m.nodeImageVolumeProblem(info, minKubelet, parse)
+		verdicts[key] = why
+		return why
+	}
 }
 
 // nodeImageVolumeProblem says why a node cannot serve image volumes with subPath, or "".
-func (m *Mutator) nodeImageVolumeProblem(info corev1.NodeSystemInfo, minKubelet *version.Version) string {
-	kubelet, err := version.ParseGeneric(info.KubeletVersion)
-	if err != nil {
+func (m *Mutator) nodeImageVolumeProblem(info corev1.NodeSystemInfo, minKubelet *version.Version, parse func(string) *version.Version) string {
+	kubelet := parse(info.KubeletVersion)
+	if kubelet == nil {
 		return fmt.Sprintf("reports no readable kubelet version (%q)", info.KubeletVersion)
 	}
 	if kubelet.LessThan(minKubelet) {
@@ -181,12 +214,11 @@ func (m *Mutator) nodeImageVolumeProblem(info corev1.NodeSystemInfo, minKubelet 
 	if !known {
 		return fmt.Sprintf("runs %s %s, not a runtime configured to serve image volumes (imageVolumes.runtimes: %s)", name, ver, runtimeList(m.cfg.ImageVolumes.Runtimes))
 	}
-	have, err := version.ParseGeneric(ver)
-	if err != nil {
+	have := parse(ver)
+	if have == nil {
 		return fmt.Sprintf("reports an unreadable %s version %q", name, ver)
 	}
-	minRuntime, err := version.ParseGeneric(want)
-	if err != nil || have.LessThan(minRuntime) {
+	if minRuntime := parse(want); minRuntime == nil || have.LessThan(minRuntime) {
 		return fmt.Sprintf("runs %s %s (image volumes with subPath need %s %s or newer)", name, ver, name, want)
 	}
 	return ""
@@ -206,38 +238,30 @@ func runtimeList(r map[string]string) string {
 // transientTaintPrefix starts the taints Kubernetes sets from a node's condition or cordon.
 const transientTaintPrefix = "node.kubernetes.io/"
 
-// schedulableLinuxNodes are the Linux nodes the scheduler could put the pod on, judged by
-// what the pod says at admission: spec.nodeName, its nodeSelector and required node
-// affinity, and the NoSchedule and NoExecute taints it does not tolerate, except the
-// node.kubernetes.io/ taints of a node that is not ready, under pressure or cordoned, which
-// it can lose at any time.
-func schedulableLinuxNodes(pod *corev1.Pod, nodes []corev1.Node) []*corev1.Node {
-	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
-	var out []*corev1.Node
-	for i := range nodes {
-		n := &nodes[i]
-		if !linuxNode(n) {
-			continue
-		}
-		if pod.Spec.NodeName != "" {
-			if n.Name == pod.Spec.NodeName {
-				out = append(out, n)
-			}
-			continue
-		}
-		if ok, err := affinity.Match(n); err != nil || !ok {
-			continue
-		}
-		if _, untolerated := schedulingcorev1.FindMatchingUntoleratedTaint(logr.Discard(), n.Spec.Taints, pod.Spec.Tolerations, func(t *corev1.Taint) bool {
-			// node.kubernetes.io/ taints (not-ready, unreachable, pressure, unschedulable)
-			// come and go with the node's condition: such a node still counts.
-			return (t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute) && !strings.HasPrefix(t.Key, transientTaintPrefix)
-		}, false); untolerated {
-			continue
-		}
-		out = append(out, n)
+// schedulability says whether the scheduler could put the pod on a node, judged by what the
+// pod says at admission: spec.nodeName, its nodeSelector and required node affinity, and the
+// NoSchedule and NoExecute taints it does not tolerate, except the node.kubernetes.io/ taints
+// of a node that is not ready, under pressure or cordoned, which it can lose at any time.
+type schedulability struct {
+	pod      *corev1.Pod
+	affinity nodeaffinity.RequiredNodeAffinity
+}
+
+func newSchedulability(pod *corev1.Pod) schedulability {
+	return schedulability{pod: pod, affinity: nodeaffinity.GetRequiredNodeAffinity(pod)}
+}
+
+func (s schedulability) admits(n *corev1.Node) bool {
+	if s.pod.Spec.NodeName != "" {
+		return n.Name == s.pod.Spec.NodeName
 	}
-	return out
+	if ok, err := s.affinity.Match(n); err != nil || !ok {
+		return false
+	}
+	_, untolerated := schedulingcorev1.FindMatchingUntoleratedTaint(logr.Discard(), n.Spec.Taints, s.pod.Spec.Tolerations, func(t *corev1.Taint) bool {
+		return (t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute) && !strings.HasPrefix(t.Key, transientTaintPrefix)
+	}, false)
+	return !untolerated
 }
 
 // linuxNode reports whether a node runs Linux, by its kubernetes.io/os label or, without it,

@@ -105,7 +105,7 @@ func TestImageVolumeModeInjectorLayout(t *testing.T) {
 	if len(container(t, p, "istio-proxy").VolumeMounts) != 0 || len(container(t, p, "migrate").VolumeMounts) != 0 {
 		t.Error("istio-proxy and one-shot init containers are not instrumented")
 	}
-	if !strings.HasPrefix(p.Annotations[annotations.InjectionStatus], "injected: image-volume mode, injector layout, containers log-shipper,app,worker; image volumes: API server v1.35.2, and the 3 Linux nodes the pod can be scheduled to run containerd 2.2.1, containerd 2.3.0, cri-o 1.35.0") {
+	if !strings.HasPrefix(p.Annotations[annotations.InjectionStatus], "injected: image-volume mode, injector layout, containers log-shipper,app,worker; image volumes: API server v1.35.2, and every Linux node the pod can be scheduled to serves them (capable nodes run containerd 2.2.1, containerd 2.3.0, cri-o 1.35.0)") {
 		t.Errorf("status = %q", p.Annotations[annotations.InjectionStatus])
 	}
 	if !slices.Contains(res.Libraries, "injector=gcr.io/datadoghq/apm-inject:0") || len(res.Libraries) != 7 {
@@ -262,9 +262,9 @@ func TestModeSelection(t *testing.T) {
 		{name: "auto, unknown runtime", cfg: modeCfg(config.ModeAuto),
 			in: addNode(testNode("docker", "v1.35.2", "docker://28.0.1", nil)), want: config.ModeInitContainer,
 			reason: []string{"node docker runs docker 28.0.1, not a runtime configured to serve image volumes (imageVolumes.runtimes: containerd 2.2, cri-o 1.33)"}},
-		{name: "auto, several bad nodes are counted", cfg: modeCfg(config.ModeAuto),
+		{name: "auto, the first bad node is named", cfg: modeCfg(config.ModeAuto),
 			in: addNode(testNode("a", "v1.35.2", "containerd://1.7.27", nil), testNode("b", "v1.35.2", "containerd://1.7.27", nil)), want: config.ModeInitContainer,
-			reason: []string{"node a runs containerd 1.7.27", "(and 1 more of the 5 nodes the pod can be scheduled to)"}},
+			reason: []string{"node a runs containerd 1.7.27"}},
 		{name: "auto, runtimes {} turns image volumes off", cfg: func(c *config.Config) { c.Mode = config.ModeAuto; c.ImageVolumes.Runtimes = map[string]string{} },
 			want: config.ModeInitContainer, reason: []string{"not a runtime configured to serve image volumes (imageVolumes.runtimes: none)"}},
 		{name: "auto, an old node the pod's nodeSelector avoids", cfg: modeCfg(config.ModeAuto), pod: []string{"nodeSelector", "pool=new"},
@@ -273,7 +273,7 @@ func TestModeSelection(t *testing.T) {
 					testNode("new", "v1.35.2", "containerd://2.2.1", map[string]string{"pool": "new"}),
 					testNode("old", "v1.35.2", "containerd://1.7.27", map[string]string{"pool": "old"}),
 				}
-			}, want: config.ModeImageVolume, reason: []string{"the 1 Linux nodes the pod can be scheduled to run containerd 2.2.1"}},
+			}, want: config.ModeImageVolume, reason: []string{"every Linux node the pod can be scheduled to serves them (capable nodes run containerd 2.2.1)"}},
 		{name: "auto, an old node tainted against the pod", cfg: modeCfg(config.ModeAuto),
 			in: addNode(testNode("old", "v1.35.2", "containerd://1.7.27", nil, taint)), want: config.ModeImageVolume},
 		{name: "auto, an old node whose taint the pod tolerates", cfg: modeCfg(config.ModeAuto), pod: []string{"toleration", "old-runtime"},

@@ -149,7 +149,7 @@ func TestInjectionModes(t *testing.T) {
 		h.node(t, "node-a", "v1.35.0", "containerd://2.2.1")
 		p = next("auto", nil)
 		assertImageVolumes(t, p)
-		if want := "chose image-volume: CSI driver csi.apm-csi.io is not installed; image volumes: API server " + info.GitVersion + ", and the 1 Linux nodes the pod can be scheduled to run containerd 2.2.1"; !strings.Contains(status(p), want) {
+		if want := "chose image-volume: CSI driver csi.apm-csi.io is not installed; image volumes: API server " + info.GitVersion + ", and every Linux node the pod can be scheduled to serves them (capable nodes run containerd 2.2.1)"; !strings.Contains(status(p), want) {
 			t.Errorf("status %q lacks %q", status(p), want)
 		}
 
