@@ -50,6 +50,7 @@ var badValues = []struct {
 	{"tls-mode-typo", "webhook:\n  tls:\n    mode: certmanager\n", []string{"/webhook/tls/mode", "cert-manager", "self-managed"}},
 	{"registration-typo", "node:\n  registration: sidecar\n", []string{"/node/registration", "builtin", "sidecars"}},
 	{"injection-mode-typo", "webhook:\n  injectionMode: initcontainer\n", []string{"/webhook/injectionMode", "init-container"}},
+	{"image-volumes-bad-version", "webhook:\n  imageVolumes:\n    runtimes: {containerd: latest}\n", []string{"/webhook/imageVolumes/runtimes/containerd"}},
 	{"unknown-language", "libraries:\n  languages:\n  - name: golang\n", []string{"/libraries/languages/0/name", "java"}},
 	{"layout-typo", "libraries:\n  layout: inject\n", []string{"/libraries/layout", "injector"}},
 	{"kubelet-dir-relative", "kubeletDir: var/lib/kubelet\n", []string{"/kubeletDir"}},

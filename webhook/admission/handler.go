@@ -34,8 +34,11 @@ const apiReadTimeout = time.Second
 // PodMutator is the admission.Handler for pod CREATE.
 type PodMutator struct {
 	Mutator *mutation.Mutator
-	// Reader serves namespaces and the CSIDriver, normally from the manager's cache.
+	// Reader serves namespaces, the CSIDriver and nodes, normally from the manager's cache.
 	Reader client.Reader
+	// ServerVersion, when set, returns the API server's version ("" while unknown), for the
+	// image-volume and auto modes.
+	ServerVersion func() string
 	// APIReader, when set, reads a namespace the cache does not have yet (just created).
 	APIReader client.Reader
 	// Recorder, when set, receives one Event per decision that changed or refused nothing
@@ -76,6 +79,12 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 
 	in := mutation.Input{Pod: pod, DriverInstalled: h.driverInstalled(ctx), Now: h.now()}
 	in.Namespace, in.NamespaceError = h.namespace(ctx, req.Namespace)
+	if h.Mutator.NeedsNodes(pod, in.Namespace, in.DriverInstalled) {
+		if h.ServerVersion != nil {
+			in.ServerVersion = h.ServerVersion()
+		}
+		in.Nodes, in.NodesError = h.nodes(ctx)
+	}
 	res := h.Mutator.Mutate(in)
 
 	resp = h.respond(pod, res)
@@ -126,6 +135,16 @@ func (h *PodMutator) namespace(ctx context.Context, name string) (*corev1.Namesp
 		return nil, err
 	}
 	return ns, nil
+}
+
+// nodes lists the nodes from the cache (shared, never modified: the mutation only reads them).
+func (h *PodMutator) nodes(ctx context.Context) ([]corev1.Node, error) {
+	var list corev1.NodeList
+	if err := h.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
+		h.logger().Warn("cannot list nodes; image volumes count as unsupported", "error", err)
+		return nil, err
+	}
+	return list.Items, nil
 }
 
 // driverInstalled reports whether the CSIDriver object exists. Any doubt counts as not

@@ -296,3 +296,38 @@ func TestHandleNeverDeniesOnPanic(t *testing.T) {
 		t.Error("the panic must be counted as an error")
 	}
 }
+
+func TestHandleAutoModeReadsServerVersionAndNodes(t *testing.T) {
+	node := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "n1", Labels: map[string]string{corev1.LabelOSStable: "linux"}},
+		Status:     corev1.NodeStatus{NodeInfo: corev1.NodeSystemInfo{KubeletVersion: "v1.35.1", ContainerRuntimeVersion: "containerd://2.2.0"}},
+	}
+	ns := namespace(testNS, ssiLabels())
+	ns.Annotations = map[string]string{annotations.InjectionMode: "auto"}
+	for _, tt := range []struct {
+		name    string
+		version string
+		mode    string
+		status  string
+	}{
+		{"image volumes served", "v1.35.1", "image-volume", "auto mode (namespace annotation apm-csi.io/injection-mode) chose image-volume"},
+		{"API server version not read yet", "", "init-container", "image volumes cannot be used: the API server version is not known yet"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			h, rec := newHandler(t, []client.Object{ns, node}, nil)
+			h.ServerVersion = func() string { return tt.version }
+			before := counter("injected", tt.mode)
+			req := request(t, typicalPod(), admissionv1.Create, nil)
+			pod := decodePod(t, applyPatch(t, req, h.Handle(context.Background(), req)))
+			if s := pod.Annotations[annotations.InjectionStatus]; !strings.HasPrefix(s, "injected: "+tt.mode+" mode") || !strings.Contains(s, tt.status) {
+				t.Errorf("status = %q", s)
+			}
+			if got := counter("injected", tt.mode) - before; got != 1 {
+				t.Errorf("mutations_total{injected,%s} grew by %v", tt.mode, got)
+			}
+			if ev := <-rec.Events; !strings.Contains(ev, tt.status) {
+				t.Errorf("event %q does not say why", ev)
+			}
+		})
+	}
+}

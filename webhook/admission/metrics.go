@@ -18,7 +18,7 @@ var (
 		Namespace: "apm_csi",
 		Subsystem: "webhook",
 		Name:      "mutations_total",
-		Help:      "Pod admission decisions by result (injected, rewritten, skipped, error, denied, ignored) and mode (csi, init-container, none).",
+		Help:      "Pod admission decisions by result (injected, rewritten, skipped, error, denied, ignored) and mode (csi, image-volume, init-container, none).",
 	}, []string{"result", "mode"})
 
 	mutationDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -35,7 +35,7 @@ func init() {
 	// Every series exists from the start, so that rate() and alerts see zeros, not gaps.
 	for _, o := range mutation.Outcomes {
 		mutationDuration.WithLabelValues(string(o))
-		for _, m := range []string{string(config.ModeCSI), string(config.ModeInitContainer), modeNone} {
+		for _, m := range []string{string(config.ModeCSI), string(config.ModeImageVolume), string(config.ModeInitContainer), modeNone} {
 			mutationsTotal.WithLabelValues(string(o), m)
 		}
 	}

@@ -36,6 +36,10 @@ const (
 	// "injector=<image>" for apm-inject, "otel-<lang>=<image>" for converted OpenTelemetry
 	// libraries and "<volume>=<image>" for the libraries of manual volumes.
 	InjectedLibraries = names.Prefix + "injected-libraries"
+	// Preload holds the content of /etc/ld.so.preload in image-volume mode: a downward-API
+	// volume renders it into a file that containers mount with subPath, so that no init
+	// container has to write it.
+	Preload = names.Prefix + "ld.so.preload"
 )
 
 // Status values (the word before the reason in InjectionStatus).
@@ -47,8 +51,8 @@ const (
 
 // Annotations users write.
 const (
-	// InjectionMode ("csi" or "init-container") on a pod or namespace overrides the configured
-	// mode.
+	// InjectionMode ("csi", "image-volume", "init-container" or "auto") on a pod or namespace
+	// overrides the configured mode.
 	InjectionMode = names.Prefix + "injection-mode"
 	// Libraries on a namespace is the namespace's default library set; on a pod it is the pod's
 	// set. Syntax: comma-separated <lang>, <lang>:<version> or <lang>=<image>.
@@ -65,8 +69,11 @@ const (
 	DatadogPrefix = "admission.datadoghq.com/"
 	// DatadogAllVersion sets the version of every language.
 	DatadogAllVersion = DatadogPrefix + "all-lib.version"
-	datadogLibSuffix  = "-lib.version"
-	datadogImgSuffix  = "-lib.custom-image"
+	// DatadogInjectionMode is the Datadog Cluster Agent's per-pod injection mode: csi,
+	// image_volume, init_container or auto.
+	DatadogInjectionMode = DatadogPrefix + "apm-inject.injection-mode"
+	datadogLibSuffix     = "-lib.version"
+	datadogImgSuffix     = "-lib.custom-image"
 )
 
 // DatadogVersion is admission.datadoghq.com/<lang>-lib.version.

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/apimachinery/pkg/util/version"
 	"sigs.k8s.io/yaml"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
@@ -27,21 +28,51 @@ type Mode string
 const (
 	// ModeCSI serves libraries through one inline volume of the apm-csi CSI driver.
 	ModeCSI Mode = "csi"
+	// ModeImageVolume mounts each library image as a Kubernetes image volume (KEP-4639) with a
+	// subPath; the injector's preload file comes from a downward-API volume. No driver and no
+	// init container, but every node's container runtime pulls the images itself.
+	ModeImageVolume Mode = "image-volume"
 	// ModeInitContainer is the classic emptyDir plus one init container per library that copies
 	// it. It needs no driver, so it is also the fallback when the driver is not installed.
 	ModeInitContainer Mode = "init-container"
+	// ModeAuto picks, per pod: CSI when the driver is installed, else image volumes when the
+	// API server and every node the pod can run on support them, else init containers.
+	ModeAuto Mode = "auto"
 )
 
 // Modes lists the accepted modes.
-var Modes = []Mode{ModeCSI, ModeInitContainer}
+var Modes = []Mode{ModeCSI, ModeImageVolume, ModeInitContainer, ModeAuto}
 
-// ParseMode validates a mode written by a user (config file or annotation).
+// ParseMode validates a mode written by a user (config file or annotation). Datadog's
+// spellings (image_volume, init_container) are accepted too, so that the values of the
+// Datadog Cluster Agent's injection-mode setting carry over.
 func ParseMode(s string) (Mode, error) {
-	m := Mode(s)
+	m := Mode(strings.ReplaceAll(s, "_", "-"))
 	if slices.Contains(Modes, m) {
 		return m, nil
 	}
-	return "", fmt.Errorf("unknown injection mode %q: use %q or %q", s, ModeCSI, ModeInitContainer)
+	return "", fmt.Errorf("unknown injection mode %q: use %s, %s, %s or %s (Datadog's spellings image_volume and init_container are accepted too)",
+		s, ModeCSI, ModeImageVolume, ModeInitContainer, ModeAuto)
+}
+
+// ImageVolumes says when the cluster counts as able to serve image volumes (image-volume and
+// auto modes).
+type ImageVolumes struct {
+	// MinKubernetesVersion is the oldest API server, and the oldest kubelet of a node the pod
+	// can run on, that serves image volumes with subPath. Default 1.35, where the ImageVolume
+	// feature is on by default; lower it (not below 1.33) only where the feature gate is on.
+	MinKubernetesVersion string `json:"minKubernetesVersion,omitempty"`
+	// Runtimes maps a container runtime, as nodes report it in
+	// status.nodeInfo.containerRuntimeVersion ("containerd://2.2.1": containerd), to the oldest
+	// version that serves image volumes with subPath. Default containerd 2.2, cri-o 1.33.
+	// Another runtime never counts as able; {} turns image volumes off.
+	Runtimes map[string]string `json:"runtimes,omitempty"`
+}
+
+// DefaultImageVolumes are the versions that serve image volumes with subPath: Kubernetes 1.35
+// (on by default), containerd 2.2 (2.1 silently ignores subPath), CRI-O 1.33.
+func DefaultImageVolumes() ImageVolumes {
+	return ImageVolumes{MinKubernetesVersion: "1.35", Runtimes: map[string]string{"containerd": "2.2", "cri-o": "1.33"}}
 }
 
 // Layout is where the libraries appear inside a container and how the tracers are activated.
@@ -91,6 +122,8 @@ type Config struct {
 	Layout Layout `json:"layout,omitempty"`
 	// Mode is the default injection mode; namespaces and pods can override it. Default csi.
 	Mode Mode `json:"mode,omitempty"`
+	// ImageVolumes says when image volumes can be used (image-volume and auto modes).
+	ImageVolumes ImageVolumes `json:"imageVolumes,omitzero"`
 	// RewriteOnly makes the webhook convert init-container injection done by another injector
 	// (Datadog Cluster Agent, OpenTelemetry operator) to the CSI volume without ever adding
 	// instrumentation itself: for clusters that keep their existing injector.
@@ -155,6 +188,7 @@ func Default() *Config {
 		Registry:           libref.DefaultRegistry,
 		Injector:           Injector{Version: DefaultInjectorVersion},
 		Mode:               ModeCSI,
+		ImageVolumes:       DefaultImageVolumes(),
 		ExcludedNamespaces: []string{},
 		ExcludedContainers: []string{"istio-proxy"},
 		SSINamespaceLabel:  DefaultSSINamespaceLabel,
@@ -203,6 +237,15 @@ func Parse(data []byte) (*Config, error) {
 	}
 	if c.Mode == "" {
 		c.Mode = d.Mode
+	}
+	if m, err := ParseMode(string(c.Mode)); err == nil {
+		c.Mode = m // Datadog's spelling
+	}
+	if c.ImageVolumes.MinKubernetesVersion == "" {
+		c.ImageVolumes.MinKubernetesVersion = d.ImageVolumes.MinKubernetesVersion
+	}
+	if c.ImageVolumes.Runtimes == nil {
+		c.ImageVolumes.Runtimes = d.ImageVolumes.Runtimes
 	}
 	if !has("excludedContainers") {
 		c.ExcludedContainers = d.ExcludedContainers
@@ -282,6 +325,14 @@ func (c *Config) Validate() error {
 	}
 	if _, err := ParseMode(string(c.Mode)); err != nil {
 		bad("mode", "%v", err)
+	}
+	if _, err := version.ParseGeneric(c.ImageVolumes.MinKubernetesVersion); err != nil {
+		bad("imageVolumes.minKubernetesVersion", "%q is not a version such as 1.35: %v", c.ImageVolumes.MinKubernetesVersion, err)
+	}
+	for _, rt := range sortedKeys(c.ImageVolumes.Runtimes) {
+		if _, err := version.ParseGeneric(c.ImageVolumes.Runtimes[rt]); err != nil {
+			bad("imageVolumes.runtimes."+rt, "%q is not a version such as 2.2: %v", c.ImageVolumes.Runtimes[rt], err)
+		}
 	}
 	for _, ns := range c.ExcludedNamespaces {
 		if msgs := validation.IsDNS1123Label(ns); len(msgs) > 0 {
@@ -387,4 +438,13 @@ func (c *Config) LanguageNames() []string {
 // AllowedRepositories.
 func (c *Config) AllowList() (*repoallow.List, error) {
 	return repoallow.New(append([]string{c.Registry}, c.AllowedRepositories...)...)
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
 }

@@ -117,6 +117,23 @@ driverName: "CSI!"
 			`languages[0].name: unknown language "cobol"`, "languages[1]:", `languages[3].name: language "js" is listed twice`,
 			`mode: unknown injection mode "sidecar"`, `layout: unknown layout "merged"`, `excludedNamespaces: "Kube_System"`,
 			`excludedContainers: "istio proxy"`, `ssiNamespaceLabel: "apm csi"`, `driverName: "CSI!"`}},
+		{name: "image volume support defaults", yaml: "mode: auto", check: func(t *testing.T, c *Config) {
+			if c.Mode != ModeAuto || c.ImageVolumes.MinKubernetesVersion != "1.35" || c.ImageVolumes.Runtimes["containerd"] != "2.2" || c.ImageVolumes.Runtimes["cri-o"] != "1.33" {
+				t.Errorf("mode %s, imageVolumes %+v", c.Mode, c.ImageVolumes)
+			}
+		}},
+		{name: "image volume support configured", yaml: "mode: image_volume\nimageVolumes: {minKubernetesVersion: \"1.34\", runtimes: {containerd: \"2.3\"}}", check: func(t *testing.T, c *Config) {
+			if c.Mode != ModeImageVolume || c.ImageVolumes.MinKubernetesVersion != "1.34" || len(c.ImageVolumes.Runtimes) != 1 || c.ImageVolumes.Runtimes["containerd"] != "2.3" {
+				t.Errorf("mode %s, imageVolumes %+v (a runtimes map replaces the default one)", c.Mode, c.ImageVolumes)
+			}
+		}},
+		{name: "image volumes turned off", yaml: "imageVolumes: {runtimes: {}}", check: func(t *testing.T, c *Config) {
+			if c.ImageVolumes.Runtimes == nil || len(c.ImageVolumes.Runtimes) != 0 || c.ImageVolumes.MinKubernetesVersion != "1.35" {
+				t.Errorf("imageVolumes %+v", c.ImageVolumes)
+			}
+		}},
+		{name: "bad image volume versions", yaml: "imageVolumes: {minKubernetesVersion: latest, runtimes: {containerd: two}}",
+			err: []string{`imageVolumes.minKubernetesVersion: "latest" is not a version such as 1.35`, `imageVolumes.runtimes.containerd: "two" is not a version such as 2.2`}},
 		{name: "injector layout without injector", yaml: "injector: {}\nlayout: injector", err: []string{"the injector layout needs injector.image or injector.version"}},
 		{name: "configured images outside the allowed repositories", yaml: "allowedRepositories: [registry.example.com/team]\ninjector: {image: registry.example.com/team-evil/inject:1.2}\nlanguages: [{name: js, image: evil.example.com/js:1}]",
 			err: []string{"injector: image registry.example.com/team-evil/inject:1.2 is outside the allowed repositories", "languages[0]: image evil.example.com/js:1 is outside", "allowedRepositories"}},
@@ -162,5 +179,22 @@ func TestLoad(t *testing.T) {
 func TestDefaultIsValid(t *testing.T) {
 	if err := Default().Validate(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestParseMode(t *testing.T) {
+	for in, want := range map[string]Mode{
+		"csi": ModeCSI, "image-volume": ModeImageVolume, "init-container": ModeInitContainer, "auto": ModeAuto,
+		// The Datadog Cluster Agent's spellings.
+		"image_volume": ModeImageVolume, "init_container": ModeInitContainer,
+	} {
+		if got, err := ParseMode(in); err != nil || got != want {
+			t.Errorf("ParseMode(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "CSI", "imagevolume", "sidecar"} {
+		if _, err := ParseMode(bad); err == nil || !strings.Contains(err.Error(), "use csi, image-volume, init-container or auto") {
+			t.Errorf("ParseMode(%q) = %v", bad, err)
+		}
 	}
 }

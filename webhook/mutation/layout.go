@@ -58,16 +58,31 @@ func injectorEnv(now time.Time) []envEdit {
 	}
 }
 
-// containerEnv is what a container that gets langs needs in a layout.
-func containerEnv(layout config.Layout, langs []string, now time.Time) []envEdit {
+// containerEnv is what a container that gets langs needs in a layout and mode.
+func containerEnv(mode config.Mode, layout config.Layout, langs []string, now time.Time) []envEdit {
 	if layout == config.LayoutInjector {
 		return injectorEnv(now)
 	}
 	var edits []envEdit
 	for _, l := range langs {
-		edits = append(edits, directEnv[l]...)
+		for _, e := range directEnv[l] {
+			if mode == config.ModeImageVolume && e.name == "DD_TRACE_LOG_DIRECTORY" {
+				// The image is read-only: log to the emptyDir instead of next to the library.
+				e.value = dotnetImageVolumeLogDir
+			}
+			edits = append(edits, e)
+		}
 	}
 	return edits
+}
+
+// modeMounts are a container's mounts of the libraries in a mode (source: see
+// imageVolumeMounts).
+func modeMounts(mode config.Mode, layout config.Layout, langs, volumeLangs []string, source map[string]string) []corev1.VolumeMount {
+	if mode == config.ModeImageVolume {
+		return imageVolumeMounts(layout, source, langs)
+	}
+	return containerMounts(layout, langs, volumeLangs)
 }
 
 // containerMounts are the subPath mounts of the libraries volume for a container that gets

@@ -55,6 +55,13 @@ type Input struct {
 	NamespaceError error
 	// DriverInstalled reports whether the CSIDriver object of the configured driver exists.
 	DriverInstalled bool
+	// ServerVersion is the API server's version (e.g. v1.35.2); "" when not known. Image-volume
+	// and auto modes need it.
+	ServerVersion string
+	// Nodes are the cluster's nodes (name, labels, taints and status.nodeInfo are read), set
+	// when NeedsNodes says the decision reads them; NodesError says why they could not be read.
+	Nodes      []corev1.Node
+	NodesError error
 	// Now is the admission time, written into DD_INJECT_START_TIME.
 	Now time.Time
 }
@@ -124,6 +131,9 @@ func (m *Mutator) Mutate(in Input) Result {
 	}
 	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeName }) {
 		return m.reservedVolumeTaken(pod, in)
+	}
+	if hasOwnImageVolumes(pod) {
+		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("already processed (image volumes %s* exist)", ImageVolumePrefix)}
 	}
 	vols, err := annotations.ParseVolumes(pod.Annotations)
 	if err != nil {

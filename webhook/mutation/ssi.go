@@ -2,6 +2,7 @@ package mutation
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -44,13 +45,13 @@ func (m *Mutator) applySSI(pod *corev1.Pod, in Input) ssiResult {
 	if windows, pin := windowsPod(pod); windows {
 		return ssiResult{outcome: OutcomeSkipped, reason: fmt.Sprintf("Windows pods cannot load the Linux tracer libraries (%s)", pin)}
 	}
-	mode, modeNote, err := m.resolveMode(pod, nsAnnotations, in.DriverInstalled)
+	mode, modeNote, err := m.resolveMode(pod, nsAnnotations, in)
 	if err != nil {
 		return ssiError("%v", err)
 	}
 	if f := detectForeign(pod); f.found() {
 		if mode != config.ModeCSI {
-			return ssiResult{outcome: OutcomeSkipped, reason: joinReason(fmt.Sprintf("already instrumented by init containers %s; init-container mode keeps them", strings.Join(f.initNames(), ", ")), modeNote)}
+			return ssiResult{outcome: OutcomeSkipped, reason: joinReason(fmt.Sprintf("already instrumented by init containers %s; %s mode keeps them", strings.Join(f.initNames(), ", "), mode), modeNote)}
 		}
 		return m.rewrite(pod, f)
 	}
@@ -90,30 +91,6 @@ func (m *Mutator) ssiTarget(pod *corev1.Pod, in Input) (ssiResult, bool) {
 		}
 	}
 	return ssiResult{}, true
-}
-
-// resolveMode picks the injection mode: pod annotation, else namespace annotation, else the
-// configuration; CSI falls back to init containers when the driver is not installed.
-func (m *Mutator) resolveMode(pod *corev1.Pod, nsAnnotations map[string]string, driverInstalled bool) (config.Mode, string, error) {
-	mode := m.cfg.Mode
-	if v, ok := nsAnnotations[annotations.InjectionMode]; ok {
-		parsed, err := config.ParseMode(v)
-		if err != nil {
-			return "", "", fmt.Errorf("namespace annotation %s: %v", annotations.InjectionMode, err)
-		}
-		mode = parsed
-	}
-	if v, ok := pod.Annotations[annotations.InjectionMode]; ok {
-		parsed, err := config.ParseMode(v)
-		if err != nil {
-			return "", "", fmt.Errorf("pod annotation %s: %v", annotations.InjectionMode, err)
-		}
-		mode = parsed
-	}
-	if mode == config.ModeCSI && !driverInstalled {
-		return config.ModeInitContainer, fmt.Sprintf("CSI driver %s is not installed, fell back to init-container mode", m.cfg.DriverName), nil
-	}
-	return mode, "", nil
 }
 
 // selectLibraries returns the languages SSI injects into the pod with their images, in
@@ -241,7 +218,8 @@ func podLibraryChoices(podAnnotations map[string]string) ([]annotations.LibraryC
 	return choices, nil
 }
 
-// inject adds the libraries volume (CSI or emptyDir + init containers), mounts and env.
+// inject adds the libraries volume (CSI, image volumes, or emptyDir + init containers), mounts
+// and env.
 func (m *Mutator) inject(pod *corev1.Pod, mode config.Mode, libs []chosenLibrary, perContainer map[string][]string, now time.Time) ssiResult {
 	layout := m.cfg.EffectiveLayout()
 	var notes []string
@@ -260,29 +238,45 @@ func (m *Mutator) inject(pod *corev1.Pod, mode config.Mode, libs []chosenLibrary
 		c     *corev1.Container
 		langs []string
 	}
-	var plans []plan
-	for _, c := range targetContainers(pod) {
-		if slices.Contains(m.cfg.ExcludedContainers, c.Name) {
-			continue
-		}
-		langs := languagesOf(libs)
-		if perContainer != nil {
-			langs = perContainer[c.Name]
-			if len(langs) == 0 {
+	planFor := func(mode config.Mode) ([]plan, []string) {
+		var plans []plan
+		var notes []string
+		for _, c := range targetContainers(pod) {
+			if slices.Contains(m.cfg.ExcludedContainers, c.Name) {
 				continue
 			}
+			langs := languagesOf(libs)
+			if perContainer != nil {
+				langs = perContainer[c.Name]
+				if len(langs) == 0 {
+					continue
+				}
+			}
+			edits := containerEnv(mode, layout, langs, now)
+			if why := envBlocker(c, edits); why != "" {
+				notes = append(notes, fmt.Sprintf("container %s not instrumented: %s", c.Name, why))
+				continue
+			}
+			if why := mountConflict(c, modeMounts(mode, layout, langs, langs, nil)); why != "" {
+				notes = append(notes, fmt.Sprintf("container %s not instrumented: %s", c.Name, why))
+				continue
+			}
+			plans = append(plans, plan{c: c, langs: langs})
 		}
-		edits := containerEnv(layout, langs, now)
-		if why := envBlocker(c, edits); why != "" {
-			notes = append(notes, fmt.Sprintf("container %s not instrumented: %s", c.Name, why))
-			continue
-		}
-		if why := mountConflict(c, containerMounts(layout, langs, langs)); why != "" {
-			notes = append(notes, fmt.Sprintf("container %s not instrumented: %s", c.Name, why))
-			continue
-		}
-		plans = append(plans, plan{c: c, langs: langs})
+		return plans, notes
 	}
+	plans, planNotes := planFor(mode)
+	if mode == config.ModeImageVolume && layout == config.LayoutDirect {
+		// The direct layout merges every library at /datadog-lib; an image volume mount
+		// serves one image, so a container that gets several languages cannot have them.
+		if i := slices.IndexFunc(plans, func(p plan) bool { return len(p.langs) > 1 }); i >= 0 {
+			mode = config.ModeInitContainer
+			notes = append(notes, fmt.Sprintf("container %s gets %d languages, which the direct layout merges at %s and one image volume per mount cannot serve: fell back to init-container mode (use the injector layout, or one language per container with %s)",
+				plans[i].c.Name, len(plans[i].langs), DirectMountPath, annotations.ContainerLanguages))
+			plans, planNotes = planFor(mode)
+		}
+	}
+	notes = append(notes, planNotes...)
 	if len(plans) == 0 {
 		return ssiResult{outcome: OutcomeSkipped, reason: joinReason("no container to instrument", strings.Join(notes, "; "))}
 	}
@@ -308,23 +302,41 @@ func (m *Mutator) inject(pod *corev1.Pod, mode config.Mode, libs []chosenLibrary
 		recorded = append(recorded, keys[i]+"="+lib.Image)
 	}
 
-	var names []string
-	for _, p := range plans {
-		p.c.VolumeMounts = append(p.c.VolumeMounts, containerMounts(layout, p.langs, usedLangs)...)
-		applyEnv(p.c, containerEnv(layout, p.langs, now))
-		names = append(names, p.c.Name)
-	}
+	var podAnnotations map[string]string
 	switch mode {
 	case config.ModeCSI:
 		pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{Name: VolumeName, VolumeSource: corev1.VolumeSource{
 			CSI: &corev1.CSIVolumeSource{Driver: m.cfg.DriverName, VolumeAttributes: attrs},
 		}})
+	case config.ModeImageVolume:
+		dotnetLogs := layout == config.LayoutDirect && slices.Contains(usedLangs, "dotnet")
+		for _, name := range imageVolumeNames(keys, spec.Preload != "", dotnetLogs) {
+			if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == name }) {
+				return ssiResult{outcome: OutcomeSkipped, reason: fmt.Sprintf("the pod already has a volume named %s that apm-csi did not add; rename that volume to have the pod instrumented", name)}
+			}
+		}
+		var vols []corev1.Volume
+		vols, podAnnotations = imageVolumes(spec, keys, dotnetLogs)
+		pod.Spec.Volumes = append(pod.Spec.Volumes, vols...)
 	case config.ModeInitContainer:
 		pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{Name: VolumeName, VolumeSource: corev1.VolumeSource{
 			EmptyDir: &corev1.EmptyDirVolumeSource{},
 		}})
 		// First, so that native sidecars and other init containers already see the libraries.
 		pod.Spec.InitContainers = append(copyInitContainers(spec, keys), pod.Spec.InitContainers...)
+	}
+	source := imageSubPaths(spec, keys)
+	var names []string
+	for _, p := range plans {
+		p.c.VolumeMounts = append(p.c.VolumeMounts, modeMounts(mode, layout, p.langs, usedLangs, source)...)
+		applyEnv(p.c, containerEnv(mode, layout, p.langs, now))
+		names = append(names, p.c.Name)
+	}
+	if len(podAnnotations) > 0 {
+		if pod.Annotations == nil {
+			pod.Annotations = map[string]string{}
+		}
+		maps.Copy(pod.Annotations, podAnnotations)
 	}
 	reason := fmt.Sprintf("%s mode, %s layout, containers %s", mode, layout, strings.Join(names, ","))
 	return ssiResult{

@@ -12,7 +12,9 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/discovery"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
@@ -39,7 +41,9 @@ type Options struct {
 
 // CacheByObject limits what the manager caches for the webhook: every Namespace (their labels
 // and annotations steer SSI; a cluster has few) and only the one CSIDriver it checks, both
-// without managedFields, which the webhook never reads.
+// without managedFields, which the webhook never reads; and every Node, reduced to what the
+// image-volume and auto modes read (name, labels, taints, status.nodeInfo), so that a large
+// cluster's node images and conditions are not kept.
 func CacheByObject(cfg *config.Config) map[client.Object]cache.ByObject {
 	return map[client.Object]cache.ByObject{
 		&corev1.Namespace{}: {Transform: cache.TransformStripManagedFields()},
@@ -47,7 +51,28 @@ func CacheByObject(cfg *config.Config) map[client.Object]cache.ByObject {
 			Field:     fields.OneTermEqualSelector("metadata.name", cfg.DriverName),
 			Transform: cache.TransformStripManagedFields(),
 		},
+		&corev1.Node{}: {Transform: slimNode},
 	}
+}
+
+// slimNode keeps the part of a Node that decides whether it can serve image volumes to a pod.
+func slimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Node{
+		TypeMeta: n.TypeMeta,
+		ObjectMeta: metav1.ObjectMeta{
+			Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion, Labels: n.Labels,
+		},
+		Spec: corev1.NodeSpec{Taints: n.Spec.Taints, Unschedulable: n.Spec.Unschedulable},
+		Status: corev1.NodeStatus{NodeInfo: corev1.NodeSystemInfo{
+			KubeletVersion:          n.Status.NodeInfo.KubeletVersion,
+			ContainerRuntimeVersion: n.Status.NodeInfo.ContainerRuntimeVersion,
+			OperatingSystem:         n.Status.NodeInfo.OperatingSystem,
+		}},
+	}, nil
 }
 
 // Register adds the pod mutator to mgr, starts its informers with the manager (rather than
@@ -58,17 +83,26 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 	if log == nil {
 		log = slog.Default()
 	}
-	for _, obj := range []client.Object{&corev1.Namespace{}, &storagev1.CSIDriver{}} {
+	for _, obj := range []client.Object{&corev1.Namespace{}, &storagev1.CSIDriver{}, &corev1.Node{}} {
 		if _, err := mgr.GetCache().GetInformer(ctx, obj); err != nil {
 			return nil, err
 		}
 	}
+	dc, err := discovery.NewDiscoveryClientForConfig(mgr.GetConfig())
+	if err != nil {
+		return nil, err
+	}
+	sv := &ServerVersion{Discovery: dc, Log: log}
+	if err := mgr.Add(sv); err != nil {
+		return nil, err
+	}
 	h := &admission.PodMutator{
-		Mutator:   mutation.New(opts.Config, opts.Namespace),
-		Reader:    mgr.GetClient(),
-		APIReader: mgr.GetAPIReader(),
-		Recorder:  mgr.GetEventRecorder(names.WebhookBinary),
-		Log:       log,
+		Mutator:       mutation.New(opts.Config, opts.Namespace),
+		Reader:        mgr.GetClient(),
+		APIReader:     mgr.GetAPIReader(),
+		ServerVersion: sv.Get,
+		Recorder:      mgr.GetEventRecorder(names.WebhookBinary),
+		Log:           log,
 	}
 	mgr.GetWebhookServer().Register(admission.Path, &ctrladmission.Webhook{Handler: h})
 
@@ -76,6 +110,16 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 		return nil, err
 	}
 	if err := mgr.AddReadyzCheck("webhook-server", mgr.GetWebhookServer().StartedChecker()); err != nil {
+		return nil, err
+	}
+	// Not ready before the API server's version is known: image-volume and auto modes would
+	// fall back to init containers without it.
+	if err := mgr.AddReadyzCheck("apiserver-version", func(*http.Request) error {
+		if sv.Get() == "" {
+			return errors.New("API server version not read yet")
+		}
+		return nil
+	}); err != nil {
 		return nil, err
 	}
 	// Not ready before the namespaces are cached: a decision made without them would skip

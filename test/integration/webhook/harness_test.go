@@ -66,6 +66,8 @@ func startHarness(tb testing.TB) *harness {
 type harnessOptions struct {
 	apiServerFlags map[string]string
 	tlsOpts        []func(*tls.Config)
+	// config changes the webhook configuration.
+	config func(*config.Config)
 }
 
 func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
@@ -103,6 +105,9 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	wcfg.HostDirs = []config.HostDir{
 		{Name: "team-a", Tenancy: tenancy.Tenancy{Namespaces: []string{"team-a"}}},
 		{Name: "labelled", Tenancy: tenancy.Tenancy{Namespaces: []string{"*"}, NamespaceSelector: "apm-csi.io/hostdir=allowed"}},
+	}
+	if opts.config != nil {
+		opts.config(wcfg)
 	}
 	if err := wcfg.Validate(); err != nil {
 		tb.Fatal(err)
