@@ -78,7 +78,7 @@ func validateGenerated(files map[string]string) ([]string, error) {
 
 // buildGenerated writes generated/<key>/root holding exactly files (names sorted).
 func (c *Cache) buildGenerated(key string, names []string, files map[string]string) (*entry, error) {
-	return c.buildEntry(kindGenerated, key, "generated", "generated files", func(rootRel string) (entryMeta, error) {
+	return c.buildEntry(kindGenerated, key, "generated", func(rootRel string) (entryMeta, error) {
 		if err := c.mkdirs(rootRel, rootRel); err != nil {
 			return entryMeta{}, err
 		}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net/http"
 	"os"
 	"path"
@@ -334,16 +333,11 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 		return nil, err
 	}
 	key := d.Hex
-	err = c.publish(tmp, kindImage, key)
-	if errors.Is(err, fs.ErrExist) {
-		// Reached through another index or reference meanwhile: same content.
-		if e := c.peekDigest(d.String()); e != nil {
-			return e, nil
-		}
-		return nil, localErr(fmt.Errorf("%s appeared in the store but cannot be read", path.Join(kindImage.dir(), key)))
-	}
-	if err != nil {
-		return nil, err
+	// Reached through another index or reference meanwhile, the existing entry holds the
+	// same content.
+	existing, err := c.publishOrSettle(tmp, kindImage, key)
+	if err != nil || existing != nil {
+		return existing, err
 	}
 	published = true
 	c.metrics.extractedBytes.Add(float64(stats.Bytes))

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"golang.org/x/sys/unix"
 )
 
@@ -244,6 +245,50 @@ func (c *Cache) publish(tmpRel string, k kind, key string) error {
 		return localErr(err)
 	}
 	return nil
+}
+
+// publishOrSettle publishes the complete work dir tmpRel as k/key. When k/key is already on
+// disk it settles what is there instead of failing for good, so a leftover can never block a
+// library until the plugin restarts:
+//   - the index holds a live entry for the key: that entry (same key, same content);
+//   - the index holds it but garbage collection is removing it: ErrDownloadInProgress, which
+//     kubelet retries, and the next attempt publishes anew;
+//   - a complete entry is on disk but not indexed: it is adopted;
+//   - anything else there (an incomplete or unreadable directory): it is removed and tmpRel is
+//     published in its place.
+//
+// A nil entry with a nil error means tmpRel is now k/key and the caller indexes it.
+func (c *Cache) publishOrSettle(tmpRel string, k kind, key string) (*entry, error) {
+	err := c.publish(tmpRel, k, key)
+	if !errors.Is(err, fs.ErrExist) {
+		return nil, err
+	}
+	rel := path.Join(k.dir(), key)
+	c.mu.Lock()
+	live := c.entries(k)[key]
+	removing := live != nil && live.removing
+	c.mu.Unlock()
+	switch {
+	case removing:
+		return nil, localErr(fmt.Errorf("%w: %s is being removed from the cache; kubelet retries the mount", driver.ErrDownloadInProgress, rel))
+	case live != nil:
+		return live, nil
+	}
+	if e, ok := c.readEntry(k, key); ok {
+		c.log.Warn("adopted a complete cache entry that was on disk but not indexed", "entry", rel, "image", e.meta.Image)
+		return c.add(e), nil
+	}
+	if err := c.removeTree(rel); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, localErr(fmt.Errorf("%s is incomplete and cannot be removed to make room for a fresh copy: %w", rel, err))
+	}
+	c.log.Warn("replaced an incomplete cache entry with a fresh copy", "entry", rel)
+	if err := c.publish(tmpRel, k, key); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil, localErr(fmt.Errorf("%w: %s was written by another download meanwhile; kubelet retries the mount", driver.ErrDownloadInProgress, rel))
+		}
+		return nil, err
+	}
+	return nil, nil
 }
 
 func (c *Cache) writeMeta(dirRel string, m entryMeta) error {

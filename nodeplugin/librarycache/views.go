@@ -104,7 +104,7 @@ func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entr
 	if err := c.checkBudget(img.meta.Image); err != nil {
 		return nil, err
 	}
-	return c.buildEntry(kindView, key, "view", "view", func(rootRel string) (entryMeta, error) {
+	return c.buildEntry(kindView, key, "view", func(rootRel string) (entryMeta, error) {
 		if err := c.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
 			return entryMeta{}, err
 		}
@@ -123,10 +123,10 @@ func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entr
 // purpose, where fill writes the content into rootRel (<work dir>/<k.content()>, not created
 // yet) and returns the entry's metadata, then renamed into place in one step; a failed
 // build's work dir is removed. If a concurrent build published the same key first, that entry
-// is used: keys name content, so it holds the same. noun names the entry in the error if that
-// entry cannot be read. (extractImage follows the same steps for images, with a digest
-// lookup of its own and a logged cleanup failure.)
-func (c *Cache) buildEntry(k kind, key, purpose, noun string, fill func(rootRel string) (entryMeta, error)) (*entry, error) {
+// is used: keys name content, so it holds the same; publishOrSettle says how a leftover at
+// that key is settled. (extractImage follows the same steps for images, with a logged
+// cleanup failure.)
+func (c *Cache) buildEntry(k kind, key, purpose string, fill func(rootRel string) (entryMeta, error)) (*entry, error) {
 	tmp, err := c.mkTemp(purpose)
 	if err != nil {
 		return nil, err
@@ -144,15 +144,9 @@ func (c *Cache) buildEntry(k kind, key, purpose, noun string, fill func(rootRel 
 	if err := c.writeMeta(tmp, meta); err != nil {
 		return nil, err
 	}
-	err = c.publish(tmp, k, key)
-	if errors.Is(err, fs.ErrExist) {
-		if e, ok := c.readEntry(k, key); ok {
-			return c.add(e), nil
-		}
-		return nil, localErr(fmt.Errorf("%s %s appeared in the store but cannot be read", noun, key))
-	}
-	if err != nil {
-		return nil, err
+	existing, err := c.publishOrSettle(tmp, k, key)
+	if err != nil || existing != nil {
+		return existing, err
 	}
 	published = true
 	return c.add(&entry{kind: k, key: key, meta: meta}), nil
