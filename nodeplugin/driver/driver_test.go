@@ -769,7 +769,9 @@ func TestReconcile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{keptRec.Layers[0].Dir, keptRec.Layers[0].Digest, "/x"} {
+	// The lower dir "/x" of the record-less overlay is the cache collector's to find in the
+	// mount table: LibrariesInUse reports records and publishes in progress.
+	for _, want := range []string{keptRec.Layers[0].Dir, keptRec.Layers[0].Digest} {
 		if _, ok := inUse[want]; !ok {
 			t.Errorf("LibrariesInUse lacks %s: %v", want, inUse)
 		}

@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 )
@@ -23,28 +26,42 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 		d.log.Error("some state records cannot be read; they are left in place", "error", listErr)
 	}
 	var kept, dropped int
-	referenced := map[string]bool{}
+	referenced := make(map[string]bool, len(records))
+	// The pods dir is opened once: a target that the kernel reports as a mount root when
+	// resolved from it is mounted (one statx per record on a node with thousands of
+	// volumes); any other answer is confirmed with the full check, which never follows a
+	// link. A positive answer that came through a link would keep the record, which the
+	// full check does too (a target it cannot reach is kept).
+	pods, err := unix.Open(d.podsDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		pods = -1
+	} else {
+		defer unix.Close(pods)
+	}
 	for _, rec := range records {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		log := d.log.With("volume", rec.VolumeID, "target", rec.TargetPath, "type", rec.Type)
-		if err := d.checkRecord(rec); err != nil {
+		rel, err := d.checkRecord(rec)
+		if err != nil {
 			// Records are read back from disk: untrusted input. One that is not what this
 			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
 			// kept too.
-			log.Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
+			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
 			if _, ok := d.overlayKey(rec.OverlayDir); ok {
 				referenced[rec.OverlayDir] = true
 			}
 			continue
 		}
-		mounted, err := d.isMounted(rec.TargetPath)
-		if err != nil {
-			// Unknown is treated as mounted: forgetting a live mount is worse than keeping a
-			// record that a later unpublish removes.
-			log.Error("cannot tell whether the target is mounted; keeping its record", "error", err)
-			mounted = true
+		mounted := pods >= 0 && d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
+		if !mounted {
+			mounted, err = d.isMounted(rec.TargetPath)
+			if err != nil {
+				// Unknown is treated as mounted: forgetting a live mount is worse than keeping
+				// a record that a later unpublish removes.
+				d.recordLog(rec).Error("cannot tell whether the target is mounted; keeping its record", "error", err)
+				mounted = true
+			}
 		}
 		if mounted {
 			d.mu.Lock()
@@ -57,13 +74,13 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 			continue
 		}
 		if err := d.release(rec); err != nil {
-			log.Error("cannot drop the record of an unmounted target; keeping it", "error", err)
+			d.recordLog(rec).Error("cannot drop the record of an unmounted target; keeping it", "error", err)
 			if rec.OverlayDir != "" {
 				referenced[rec.OverlayDir] = true
 			}
 			continue
 		}
-		log.Info("dropped the record of a volume that is no longer mounted")
+		d.recordLog(rec).Info("dropped the record of a volume that is no longer mounted")
 		dropped++
 	}
 	removed, err := d.removeOrphanOverlayDirs(referenced)
@@ -82,19 +99,26 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 
 // checkRecord validates a record read from the state dir: its target must be exactly of
 // kubelet's CSI target shape under this plugin's pods dir, and its overlay dirs exactly
-// <overlays>/<record key>/{upper,work}.
-func (d *Driver) checkRecord(rec *state.Record) error {
-	if _, ok := parseTarget(d.podsDir, rec.TargetPath); !ok {
-		return fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
+// <overlays>/<record key>/{upper,work}. It returns the target's volume dir relative to the
+// pods dir.
+func (d *Driver) checkRecord(rec *state.Record) (string, error) {
+	rel, ok := parseTarget(d.podsDir, rec.TargetPath)
+	if !ok {
+		return "", fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
 	}
 	if rec.OverlayDir == "" && rec.UpperDir == "" && rec.WorkDir == "" {
-		return nil
+		return rel, nil
 	}
-	want := filepath.Join(d.overlaysDir, rec.Key())
-	if rec.OverlayDir != want || rec.UpperDir != filepath.Join(want, "upper") || rec.WorkDir != filepath.Join(want, "work") {
-		return fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
+	want := d.overlaysDir + "/" + rec.Key()
+	if rec.OverlayDir != want || rec.UpperDir != want+"/upper" || rec.WorkDir != want+"/work" {
+		return "", fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
 	}
-	return nil
+	return rel, nil
+}
+
+// recordLog is the logger for messages about rec.
+func (d *Driver) recordLog(rec *state.Record) *slog.Logger {
+	return d.log.With("volume", rec.VolumeID, "target", rec.TargetPath, "type", rec.Type)
 }
 
 // removeOrphanOverlayDirs removes overlay dirs that no kept record references, unless a mounted
@@ -143,18 +167,20 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 	return removed, errors.Join(errs...)
 }
 
-// LibrariesInUse returns what the library cache's garbage collector must keep: every layer dir
-// (absolute path) and image digest ("sha256:...") referenced by a state record, by a publish in
-// progress, or by an overlay mount in the mount table. The mount table is the truth for
-// overlays; records add what it cannot show (a single layer bind-mounted read-only, the
-// generated ld.so.preload file). It fails until the startup reconcile has run, so that a
-// collector never acts on a partial view.
+// LibrariesInUse returns what the library cache's garbage collector must keep besides what
+// the mount table shows: every layer dir (absolute path) and image digest ("sha256:...")
+// referenced by a state record or by a publish in progress. The collector reads the mount
+// table itself, once per pass (every overlay layer dir and every bind mount from the store),
+// so this does not read it again; records add what the table cannot show (a digest, a
+// publish whose mount does not exist yet). It fails until the startup reconcile has run, so
+// that a collector never acts on a partial view.
 func (d *Driver) LibrariesInUse() (map[string]struct{}, error) {
 	if !d.Ready() {
 		return nil, errors.New("the node plugin has not reconciled its state yet")
 	}
 	inUse := map[string]struct{}{}
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	for _, rec := range d.byTarget {
 		for _, k := range layerKeys(rec.Layers) {
 			inUse[k] = struct{}{}
@@ -162,17 +188,6 @@ func (d *Driver) LibrariesInUse() (map[string]struct{}, error) {
 	}
 	for k := range d.inFlight {
 		inUse[k] = struct{}{}
-	}
-	d.mu.Unlock()
-
-	table, err := d.mounter.MountTable()
-	if err != nil {
-		return nil, err
-	}
-	for _, e := range table {
-		for _, dir := range e.LowerDirs() {
-			inUse[dir] = struct{}{}
-		}
 	}
 	return inUse, nil
 }

@@ -75,6 +75,21 @@ func (f *Fake) IsMountPointAt(dirfd int, name string) (bool, error) {
 	return slices.ContainsFunc(f.entries, func(e Entry) bool { return e.MountPoint == path }), nil
 }
 
+// SurelyMountRoot implements Interface.
+// It answers from the fake's table without recording a call or failing on purpose.
+func (f *Fake) SurelyMountRoot(dirfd int, rel string) bool {
+	path, err := at(dirfd, rel)
+	if err != nil {
+		return false
+	}
+	if fi, err := os.Lstat(path); err != nil || fi.Mode()&fs.ModeSymlink != 0 {
+		return false
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.ContainsFunc(f.entries, func(e Entry) bool { return e.MountPoint == path })
+}
+
 // BindFrom implements Interface.
 func (f *Fake) BindFrom(source, dirfd int, name string, readOnly bool) error {
 	src, err := fdPath(source)

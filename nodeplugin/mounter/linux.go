@@ -455,6 +455,17 @@ func (l *Linux) IsMountPointAt(dirfd int, name string) (bool, error) {
 	return l.detector.IsMountPoint(fdpath.Path(dirfd) + "/" + name)
 }
 
+// SurelyMountRoot implements Interface: one statx(2), trusted only where the kernel reports
+// STATX_ATTR_MOUNT_ROOT (Linux 5.8).
+func (l *Linux) SurelyMountRoot(dirfd int, rel string) bool {
+	var st unix.Statx_t
+	if err := unix.Statx(dirfd, rel, unix.AT_SYMLINK_NOFOLLOW|unix.AT_NO_AUTOMOUNT, unix.STATX_TYPE, &st); err != nil {
+		return false
+	}
+	return st.Mode&unix.S_IFMT != unix.S_IFLNK &&
+		st.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT != 0 && st.Attributes&unix.STATX_ATTR_MOUNT_ROOT != 0
+}
+
 // UnmountAt implements Interface. The unmount goes through the magic link of dirfd, which
 // reaches exactly the directory that was verified, whatever became of the path it was opened
 // by, and then the plain name, with UMOUNT_NOFOLLOW: a name that became a link is not

@@ -18,6 +18,12 @@ type Interface interface {
 	// followed and is not a mount point. It returns an error wrapping fs.ErrNotExist when
 	// name is missing.
 	IsMountPointAt(dirfd int, name string) (bool, error)
+	// SurelyMountRoot reports true when rel, a relative path below the directory dirfd
+	// resolved as the kernel resolves any path (links in its directories are followed), is
+	// certainly the root of a mount; false means "not known", never "not mounted". One
+	// system call, for checking thousands of targets at start-up: a false must be confirmed
+	// with IsMountPointAt on a descriptor obtained without following links.
+	SurelyMountRoot(dirfd int, rel string) bool
 	// BindFrom bind-mounts what the descriptor source refers to (a directory or a file) onto
 	// name in dirfd, which must exist and be of the same kind. The mount is nosuid,nodev,
 	// and really read-only when readOnly is set, before it is attached.

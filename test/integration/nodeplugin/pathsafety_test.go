@@ -318,3 +318,42 @@ func must(t testing.TB, err error) {
 func unpublishReq(volumeID, target string) *csi.NodeUnpublishVolumeRequest {
 	return &csi.NodeUnpublishVolumeRequest{VolumeId: volumeID, TargetPath: target}
 }
+
+// TestReconcileKeepsAVolumeWhoseDirBecameALink: while the plugin is down, a published
+// writable volume's dir is moved out of the pods dir and a link to it put in its place. At
+// restart the record is kept and nothing is done through the link: the volume stays mounted
+// where it went, with its upper dir, and once the dir is back a normal unpublish cleans up.
+func TestReconcileKeepsAVolumeWhoseDirBecameALink(t *testing.T) {
+	p := startPlugin(t)
+	target := p.Target("pod-a", "data")
+	p.MustPublish("csi-a", target, nodeplugintest.Ephemeral(injectorAttrs(), "a"), false)
+	writeFile(t, filepath.Join(target, "tracer.log"), "written")
+	p.Stop()
+
+	volDir := filepath.Dir(target)
+	moved := filepath.Join(p.Root, "outside", "data")
+	must(t, os.MkdirAll(filepath.Dir(moved), 0o755))
+	must(t, os.Rename(volDir, moved))
+	must(t, os.Symlink(moved, volDir))
+	p.Start()
+
+	if len(p.Driver.Records()) != 1 {
+		t.Fatalf("records after restart: %+v, want the volume's kept", p.Driver.Records())
+	}
+	if n := nodeplugintest.CountMounts(t, filepath.Join(moved, "mount")); n != 1 {
+		t.Fatalf("the volume behind the link has %d mounts, want 1", n)
+	}
+	if got := readFile(t, filepath.Join(moved, "mount", "tracer.log")); got != "written" {
+		t.Fatalf("the volume's data after restart: %q", got)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(p.State, "overlays")); len(entries) != 1 {
+		t.Fatalf("overlay dirs after restart: %v, want the volume's", entries)
+	}
+
+	must(t, os.Remove(volDir))
+	must(t, os.Rename(moved, volDir))
+	p.MustUnpublish("csi-a", target)
+	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+		t.Fatalf("mounts left: %q", left)
+	}
+}
