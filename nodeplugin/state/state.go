@@ -14,8 +14,11 @@
 // more dead lines than live ones (and at least compactMin), and at Open when it ends in a torn
 // or damaged line.
 //
-// Records of earlier versions, one JSON file per record in the same directory, are taken into
-// the journal by Open and then removed.
+// A record is written in a compact tab-separated encoding (encoding.go) that start-up decodes
+// with a few allocations per record. Journals whose records earlier versions wrote as JSON
+// are read and rewritten compact by Open (versions before this one cannot read the compact
+// encoding). Records of still earlier versions, one JSON file per record in the same
+// directory, are taken into the journal by Open and then removed.
 package state
 
 import (
@@ -129,6 +132,9 @@ type Store struct {
 	dead    int               // lines that no longer hold a live record
 	broken  error             // set when the journal can no longer be trusted in memory
 	loadErr error             // what Open could not read, reported by List
+	// converted counts the live records that Open found in an earlier version's encoding
+	// (JSON) and re-encoded in memory: the journal is then rewritten.
+	converted int
 }
 
 // entry is a live record: its journal line, and the record decoded from it by Open until List
@@ -203,7 +209,7 @@ func Open(stateDir string) (*Store, error) {
 	// Rewritten now only when it must be (a torn tail, damage, records taken in): a journal
 	// that is merely due for compaction gets it at the next change, not before the plugin
 	// is ready.
-	if torn || len(lineErrs) > 0 || len(migrated) > 0 {
+	if torn || len(lineErrs) > 0 || len(migrated) > 0 || s.converted > 0 {
 		if err := s.rewrite(); err != nil {
 			return nil, err
 		}
@@ -270,14 +276,16 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 	if len(pending) > 0 {
 		torn = true
 	}
-	// Decode what survived, on every CPU: JSON is most of the start-up cost.
+	// Decode what survived, on every CPU. A record in an earlier version's encoding is
+	// re-encoded, for Open to rewrite the journal with.
 	keys := make([]string, 0, len(s.live))
 	for k := range s.live {
 		keys = append(keys, k)
 	}
 	results := make([]error, len(keys))
+	converted := make([]bool, len(keys))
 	var wg sync.WaitGroup
-	workers := runtime.GOMAXPROCS(0)
+	workers := min(runtime.GOMAXPROCS(0), 1+len(keys)/256)
 	for w := range workers {
 		wg.Add(1)
 		go func() {
@@ -285,6 +293,10 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 			for i := w; i < len(keys); i += workers {
 				e := s.live[keys[i]]
 				e.rec, results[i] = decodePut(keys[i], e.line)
+				if results[i] == nil && isJSONLine(e.line) {
+					e.line = encodeLine(opPut, keys[i], encodeCompact(e.rec))
+					converted[i] = true
+				}
 			}
 		}()
 	}
@@ -294,12 +306,16 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 			delete(s.live, keys[i])
 			errs = append(errs, err)
 		}
+		if converted[i] {
+			s.converted++
+		}
 	}
 	return good, torn, errs
 }
 
 // A journal line is "<op> <crc32c of the rest, 8 hex digits> <key> <body>\n": for a Put the
-// body is the record as JSON (which never holds a raw newline), for a Delete it is empty.
+// body is the record (encoding.go; neither encoding holds a raw newline), for a Delete it is
+// empty.
 func encodeLine(op byte, key string, body []byte) []byte {
 	rest := make([]byte, 0, len(key)+1+len(body))
 	rest = append(rest, key...)
@@ -314,11 +330,12 @@ func encodeLine(op byte, key string, body []byte) []byte {
 }
 
 func encodePut(r *Record) ([]byte, error) {
-	body, err := json.Marshal(r)
-	if err != nil {
-		return nil, fmt.Errorf("encode state record: %w", err)
-	}
-	return encodeLine(opPut, r.Key(), body), nil
+	return encodeLine(opPut, r.Key(), encodeCompact(r)), nil
+}
+
+// isJSONLine reports whether a Put line holds its record as JSON (earlier versions).
+func isJSONLine(line []byte) bool {
+	return len(line) > 11+64+1 && line[11+64+1] == '{'
 }
 
 func parseLine(line []byte) (op byte, key string, body []byte, err error) {
@@ -346,14 +363,14 @@ func decodePut(key string, line []byte) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	var r Record
-	if err := json.Unmarshal(body, &r); err != nil {
+	r, err := decodeRecord(body)
+	if err != nil {
 		return nil, fmt.Errorf("state record %s is corrupt: %w", key, err)
 	}
 	if r.Key() != key {
 		return nil, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
 	}
-	return &r, nil
+	return r, nil
 }
 
 func readLegacy(path string) (*Record, error) {
