@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -38,11 +40,12 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 	} else {
 		defer unix.Close(pods)
 	}
-	for _, rec := range records {
+	surely := d.surelyMounted(pods, records)
+	for i, rec := range records {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		rel, err := d.checkRecord(rec)
+		_, err := d.checkRecord(rec)
 		if err != nil {
 			// Records are read back from disk: untrusted input. One that is not what this
 			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
@@ -53,7 +56,7 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 			}
 			continue
 		}
-		mounted := pods >= 0 && d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
+		mounted := surely[i]
 		if !mounted {
 			mounted, err = d.isMounted(rec.TargetPath)
 			if err != nil {
@@ -95,6 +98,31 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 	d.ready.Store(true)
 	d.log.Info("reconciled state with the mount table", "kept", kept, "dropped", dropped, "orphanOverlayDirsRemoved", removed)
 	return nil
+}
+
+// surelyMounted tells, per record, whether its target is surely a mount root (see
+// mounter.SurelyMountRoot), checked from the pods dir on every CPU. A record that is not of
+// the target shape, or a pods dir that could not be opened (pods < 0), gives false.
+func (d *Driver) surelyMounted(pods int, records []*state.Record) []bool {
+	out := make([]bool, len(records))
+	if pods < 0 {
+		return out
+	}
+	workers := min(runtime.GOMAXPROCS(0), 1+len(records)/256)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < len(records); i += workers {
+				if rel, ok := parseTarget(d.podsDir, records[i].TargetPath); ok {
+					out[i] = d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return out
 }
 
 // checkRecord validates a record read from the state dir: its target must be exactly of
