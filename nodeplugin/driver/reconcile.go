@@ -45,8 +45,7 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		_, err := d.checkRecord(rec)
-		if err != nil {
+		if err := d.checkRecord(rec); err != nil {
 			// Records are read back from disk: untrusted input. One that is not what this
 			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
 			// kept too.
@@ -58,6 +57,7 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 		}
 		mounted := surely[i]
 		if !mounted {
+			var err error
 			mounted, err = d.isMounted(rec.TargetPath)
 			if err != nil {
 				// Unknown is treated as mounted: forgetting a live mount is worse than keeping
@@ -127,21 +127,19 @@ func (d *Driver) surelyMounted(pods int, records []*state.Record) []bool {
 
 // checkRecord validates a record read from the state dir: its target must be exactly of
 // kubelet's CSI target shape under this plugin's pods dir, and its overlay dirs exactly
-// <overlays>/<record key>/{upper,work}. It returns the target's volume dir relative to the
-// pods dir.
-func (d *Driver) checkRecord(rec *state.Record) (string, error) {
-	rel, ok := parseTarget(d.podsDir, rec.TargetPath)
-	if !ok {
-		return "", fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
+// <overlays>/<record key>/{upper,work}.
+func (d *Driver) checkRecord(rec *state.Record) error {
+	if _, ok := parseTarget(d.podsDir, rec.TargetPath); !ok {
+		return fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
 	}
 	if rec.OverlayDir == "" && rec.UpperDir == "" && rec.WorkDir == "" {
-		return rel, nil
+		return nil
 	}
 	want := d.overlaysDir + "/" + rec.Key()
 	if rec.OverlayDir != want || rec.UpperDir != want+"/upper" || rec.WorkDir != want+"/work" {
-		return "", fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
+		return fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
 	}
-	return rel, nil
+	return nil
 }
 
 // recordLog is the logger for messages about rec.
