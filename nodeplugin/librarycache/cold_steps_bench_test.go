@@ -3,9 +3,7 @@ package librarycache
 import (
 	"archive/tar"
 	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -20,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
+	"github.com/apm-csi/apm-csi/test/libimages"
 )
 
 // stepsTar is an uncompressed layer shaped like a tracer library: 3,000 small source files
@@ -70,40 +69,6 @@ func stepsTar(b *testing.B) []byte {
 	return buf.Bytes()
 }
 
-// plainExtract is what a plain pull does with a layer: create each directory and file, no
-// ownership, modes of directories or times, no confinement.
-func plainExtract(r io.Reader, dir string) error {
-	tr := tar.NewReader(r)
-	for {
-		hdr, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		p := filepath.Join(dir, hdr.Name)
-		switch hdr.Typeflag {
-		case tar.TypeDir:
-			if err := os.MkdirAll(p, 0o755); err != nil {
-				return err
-			}
-		case tar.TypeReg:
-			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, os.FileMode(hdr.Mode).Perm())
-			if err != nil {
-				return err
-			}
-			_, err = io.Copy(f, tr)
-			if cerr := f.Close(); err == nil {
-				err = cerr
-			}
-			if err != nil {
-				return err
-			}
-		}
-	}
-}
-
 // BenchmarkColdSteps measures, one after another on the same library-shaped layer, what the
 // cold path does besides downloading: the plugin's confined extraction (against a plain
 // extraction of the same tar), the hardlink view a library placed below the volume root gets,
@@ -141,7 +106,9 @@ func BenchmarkColdSteps(b *testing.B) {
 		}
 		unix.Sync()
 		order := []func(){
-			func() { timed("plain-extract", func() error { return plainExtract(bytes.NewReader(layer), plain) }) },
+			func() {
+				timed("plain-extract", func() error { return libimages.PlainExtract(bytes.NewReader(layer), plain) })
+			},
 			func() {
 				timed("extract", func() error {
 					_, err := extract.Extract(b.Context(), bytes.NewReader(layer), filepath.Join(c.dir, rootRel), extract.Options{PreserveOwnership: os.Geteuid() == 0})

@@ -25,7 +25,14 @@ func PlainPull(image, dir string) error {
 	}
 	rc := mutate.Extract(img)
 	defer rc.Close()
-	tr := tar.NewReader(rc)
+	return PlainExtract(rc, dir)
+}
+
+// PlainExtract is what a plain pull does with a tar stream: create each directory, file and
+// link under dir, with no ownership, directory modes or times, and no confinement. A file's
+// parent is created only when the archive did not list it first.
+func PlainExtract(r io.Reader, dir string) error {
+	tr := tar.NewReader(r)
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -41,18 +48,7 @@ func PlainPull(image, dir string) error {
 				return err
 			}
 		case tar.TypeReg:
-			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-				return err
-			}
-			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, os.FileMode(hdr.Mode).Perm())
-			if err != nil {
-				return err
-			}
-			_, err = io.Copy(f, tr)
-			if cerr := f.Close(); err == nil {
-				err = cerr
-			}
-			if err != nil {
+			if err := plainWriteFile(p, os.FileMode(hdr.Mode).Perm(), tr); err != nil {
 				return err
 			}
 		case tar.TypeSymlink:
@@ -64,4 +60,22 @@ func PlainPull(image, dir string) error {
 			_ = os.Link(filepath.Join(dir, hdr.Linkname), p)
 		}
 	}
+}
+
+func plainWriteFile(p string, mode os.FileMode, r io.Reader) error {
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+	if errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		f, err = os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
+	}
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(f, r)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
