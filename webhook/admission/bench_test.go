@@ -11,7 +11,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/client-go/tools/events"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
@@ -40,9 +39,7 @@ func benchPod() *corev1.Pod {
 }
 
 func benchHandler(b *testing.B) *PodMutator {
-	h, _ := newHandler(b, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
-	h.Recorder = &events.FakeRecorder{} // discards
-	return h
+	return newHandler(b, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
 }
 
 // BenchmarkHandleTypicalPod measures one admission request in-process, end to end: decode,

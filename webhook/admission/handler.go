@@ -1,7 +1,8 @@
 // Package admission is the apm-csi-webhook's controller-runtime admission handler: it reads
 // what a decision needs from the cluster (the namespace, whether the CSI driver is installed),
-// lets package mutation decide, and turns the decision into an admission response, a log
-// line, an Event and metrics.
+// lets package mutation decide, and turns the decision into an admission response, a log line
+// and metrics. It writes nothing to the API: Events are recorded from the stored pod by package
+// podevents, so that they describe what the API server kept, not what the webhook answered.
 package admission
 
 import (
@@ -16,9 +17,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/tools/events"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	ctrladmission "sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
@@ -41,10 +39,7 @@ type PodMutator struct {
 	ServerVersion func() string
 	// APIReader, when set, reads a namespace the cache does not have yet (just created).
 	APIReader client.Reader
-	// Recorder, when set, receives one Event per decision that changed or refused nothing
-	// silently (injected, rewritten, skipped, error).
-	Recorder events.EventRecorder
-	Log      *slog.Logger
+	Log       *slog.Logger
 	// Now defaults to time.Now.
 	Now func() time.Time
 }
@@ -91,9 +86,6 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 	elapsed := time.Since(start)
 	observe(res, elapsed)
 	h.log(pod, res, elapsed)
-	if req.DryRun == nil || !*req.DryRun {
-		h.event(pod, res)
-	}
 	return resp
 }
 
@@ -170,61 +162,6 @@ func (h *PodMutator) log(pod *corev1.Pod, res mutation.Result, elapsed time.Dura
 		"namespace", pod.Namespace, "pod", podName(pod),
 		"result", string(res.Outcome), "mode", string(res.Mode), "layout", string(res.Layout),
 		"libraries", res.Libraries, "reason", res.Reason, "duration", elapsed)
-}
-
-// Event reasons.
-const (
-	ReasonInjected  = "Injected"
-	ReasonRewritten = "Rewritten"
-	ReasonSkipped   = "InjectionSkipped"
-	ReasonError     = "InjectionFailed"
-)
-
-// maxNote is the events.k8s.io limit on an Event's note.
-const maxNote = 1024
-
-func (h *PodMutator) event(pod *corev1.Pod, res mutation.Result) {
-	if h.Recorder == nil {
-		return
-	}
-	var eventType, reason string
-	switch res.Outcome {
-	case mutation.OutcomeInjected:
-		eventType, reason = corev1.EventTypeNormal, ReasonInjected
-	case mutation.OutcomeRewritten:
-		eventType, reason = corev1.EventTypeNormal, ReasonRewritten
-	case mutation.OutcomeSkipped:
-		eventType, reason = corev1.EventTypeWarning, ReasonSkipped
-	case mutation.OutcomeError:
-		eventType, reason = corev1.EventTypeWarning, ReasonError
-	default:
-		return
-	}
-	regarding := eventSubject(pod)
-	if regarding == nil {
-		return
-	}
-	note := res.Reason
-	if len(note) > maxNote {
-		note = note[:maxNote-3] + "..."
-	}
-	h.Recorder.Eventf(regarding, nil, eventType, reason, "Admit", "%s", note)
-}
-
-// eventSubject is what the Event is about. At admission a pod created by a controller has
-// no name yet (generateName is resolved later), so its Event goes to the owner, where
-// `kubectl describe` of the Deployment's ReplicaSet shows it.
-func eventSubject(pod *corev1.Pod) runtime.Object {
-	if pod.Name != "" {
-		return pod
-	}
-	if owner := metav1.GetControllerOf(pod); owner != nil {
-		return &corev1.ObjectReference{
-			APIVersion: owner.APIVersion, Kind: owner.Kind, Name: owner.Name,
-			UID: owner.UID, Namespace: pod.Namespace,
-		}
-	}
-	return nil
 }
 
 func observe(res mutation.Result, elapsed time.Duration) {

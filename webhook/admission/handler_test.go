@@ -18,7 +18,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/tools/events"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 	ctrladmission "sigs.k8s.io/controller-runtime/pkg/webhook/admission"
@@ -46,19 +45,17 @@ func csiDriver() *storagev1.CSIDriver {
 	return &storagev1.CSIDriver{ObjectMeta: metav1.ObjectMeta{Name: "csi.apm-csi.io"}}
 }
 
-func newHandler(t testing.TB, cached []client.Object, live []client.Object) (*PodMutator, *events.FakeRecorder) {
-	rec := &events.FakeRecorder{Events: make(chan string, 16), Verbose: true}
+func newHandler(t testing.TB, cached []client.Object, live []client.Object) *PodMutator {
 	h := &PodMutator{
-		Mutator:  mutation.New(config.Default(), "apm-csi-system"),
-		Reader:   fake.NewClientBuilder().WithScheme(scheme(t)).WithObjects(cached...).Build(),
-		Recorder: rec,
-		Log:      slog.New(slog.DiscardHandler),
-		Now:      func() time.Time { return time.Unix(1_700_000_000, 0) },
+		Mutator: mutation.New(config.Default(), "apm-csi-system"),
+		Reader:  fake.NewClientBuilder().WithScheme(scheme(t)).WithObjects(cached...).Build(),
+		Log:     slog.New(slog.DiscardHandler),
+		Now:     func() time.Time { return time.Unix(1_700_000_000, 0) },
 	}
 	if live != nil {
 		h.APIReader = fake.NewClientBuilder().WithScheme(scheme(t)).WithObjects(live...).Build()
 	}
-	return h, rec
+	return h
 }
 
 // typicalPod is what a Deployment's ReplicaSet sends: no name yet, an owner, two containers.
@@ -142,7 +139,7 @@ func counter(result, mode string) float64 {
 }
 
 func TestHandleInjects(t *testing.T) {
-	h, rec := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
+	h := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
 	before := counter("injected", "csi")
 	req := request(t, typicalPod(), admissionv1.Create, map[string]any{"futureField": map[string]any{"kept": true}})
 	resp := h.Handle(context.Background(), req)
@@ -163,18 +160,10 @@ func TestHandleInjects(t *testing.T) {
 	if got := counter("injected", "csi") - before; got != 1 {
 		t.Errorf("mutations_total{injected,csi} grew by %v", got)
 	}
-	select {
-	case ev := <-rec.Events:
-		if !strings.HasPrefix(ev, "Normal Injected Admit csi mode") || !strings.Contains(ev, "{kind=ReplicaSet,apiVersion=apps/v1}") {
-			t.Errorf("event = %q; a pod without a name yet reports on its owner", ev)
-		}
-	default:
-		t.Error("no event")
-	}
 }
 
 func TestHandleFallsBackWithoutDriver(t *testing.T) {
-	h, _ := newHandler(t, []client.Object{namespace(testNS, ssiLabels())}, nil)
+	h := newHandler(t, []client.Object{namespace(testNS, ssiLabels())}, nil)
 	req := request(t, typicalPod(), admissionv1.Create, nil)
 	pod := decodePod(t, applyPatch(t, req, h.Handle(context.Background(), req)))
 	if len(pod.Spec.InitContainers) == 0 || !strings.Contains(pod.Annotations[annotations.InjectionStatus], "fell back to init-container mode") {
@@ -183,7 +172,7 @@ func TestHandleFallsBackWithoutDriver(t *testing.T) {
 }
 
 func TestHandleDeniesInvalidManualAnnotation(t *testing.T) {
-	h, rec := newHandler(t, []client.Object{namespace(testNS, nil), csiDriver()}, nil)
+	h := newHandler(t, []client.Object{namespace(testNS, nil), csiDriver()}, nil)
 	pod := typicalPod()
 	pod.Labels[annotations.Volumes] = "enabled"
 	pod.Annotations = map[string]string{annotations.VolumePrefix + "tracer": "libraries=jav; mountPath=/dd"}
@@ -196,14 +185,11 @@ func TestHandleDeniesInvalidManualAnnotation(t *testing.T) {
 			t.Errorf("message %q lacks %q", resp.Result.Message, frag)
 		}
 	}
-	if len(rec.Events) != 0 {
-		t.Error("a denied pod does not exist: no event")
-	}
 }
 
 func TestHandleNamespaceLookup(t *testing.T) {
 	// Not in the cache yet (just created): read from the API server.
-	h, _ := newHandler(t, []client.Object{csiDriver()}, []client.Object{namespace(testNS, ssiLabels())})
+	h := newHandler(t, []client.Object{csiDriver()}, []client.Object{namespace(testNS, ssiLabels())})
 	req := request(t, typicalPod(), admissionv1.Create, nil)
 	pod := decodePod(t, applyPatch(t, req, h.Handle(context.Background(), req)))
 	if !strings.HasPrefix(pod.Annotations[annotations.InjectionStatus], "injected") {
@@ -211,7 +197,7 @@ func TestHandleNamespaceLookup(t *testing.T) {
 	}
 
 	// Nowhere: admitted uninstrumented, with the reason recorded and a warning.
-	h, _ = newHandler(t, []client.Object{csiDriver()}, []client.Object{})
+	h = newHandler(t, []client.Object{csiDriver()}, []client.Object{})
 	resp := h.Handle(context.Background(), req)
 	pod = decodePod(t, applyPatch(t, req, resp))
 	if !resp.Allowed || !strings.HasPrefix(pod.Annotations[annotations.InjectionStatus], `error: namespace shop could not be read`) || len(pod.Spec.Volumes) != 0 {
@@ -223,7 +209,7 @@ func TestHandleNamespaceLookup(t *testing.T) {
 }
 
 func TestHandleLeavesOtherRequestsAlone(t *testing.T) {
-	h, rec := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
+	h := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
 	for name, req := range map[string]ctrladmission.Request{
 		"update": request(t, typicalPod(), admissionv1.Update, nil),
 		"not a pod": func() ctrladmission.Request {
@@ -250,42 +236,10 @@ func TestHandleLeavesOtherRequestsAlone(t *testing.T) {
 			}
 		})
 	}
-	if len(rec.Events) != 0 {
-		t.Errorf("%d events for requests that changed nothing", len(rec.Events))
-	}
-}
-
-func TestHandleDryRunRecordsNoEvent(t *testing.T) {
-	h, rec := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
-	req := request(t, typicalPod(), admissionv1.Create, nil)
-	req.DryRun = new(true)
-	if resp := h.Handle(context.Background(), req); len(resp.Patches) == 0 {
-		t.Fatal("a dry run is mutated like a real create")
-	}
-	if len(rec.Events) != 0 {
-		t.Error("sideEffects: None: a dry run must not record an Event")
-	}
-}
-
-func TestEventSubject(t *testing.T) {
-	named := typicalPod()
-	named.Name = "web-0"
-	if got := eventSubject(named); got != named {
-		t.Errorf("a named pod is its own subject; got %v", got)
-	}
-	orphan := typicalPod()
-	orphan.OwnerReferences = nil
-	if got := eventSubject(orphan); got != nil {
-		t.Errorf("an unnamed pod without owner has no subject; got %v", got)
-	}
-	ref, ok := eventSubject(typicalPod()).(*corev1.ObjectReference)
-	if !ok || ref.Kind != "ReplicaSet" || ref.Name != "web-7d9f8" || ref.UID != "u1" || ref.Namespace != "" && ref.Namespace != testNS {
-		t.Errorf("owner reference = %+v", ref)
-	}
 }
 
 func TestHandleNeverDeniesOnPanic(t *testing.T) {
-	h, _ := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
+	h := newHandler(t, []client.Object{namespace(testNS, ssiLabels()), csiDriver()}, nil)
 	h.Mutator = nil // any bug that panics
 	before := counter("error", "none")
 	resp := h.Handle(context.Background(), request(t, typicalPod(), admissionv1.Create, nil))
@@ -314,7 +268,7 @@ func TestHandleAutoModeReadsServerVersionAndNodes(t *testing.T) {
 		{"API server version not read yet", "", "init-container", "image volumes cannot be used: the API server version is not known yet"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			h, rec := newHandler(t, []client.Object{ns, node}, nil)
+			h := newHandler(t, []client.Object{ns, node}, nil)
 			h.ServerVersion = func() string { return tt.version }
 			before := counter("injected", tt.mode)
 			req := request(t, typicalPod(), admissionv1.Create, nil)
@@ -324,9 +278,6 @@ func TestHandleAutoModeReadsServerVersionAndNodes(t *testing.T) {
 			}
 			if got := counter("injected", tt.mode) - before; got != 1 {
 				t.Errorf("mutations_total{injected,%s} grew by %v", tt.mode, got)
-			}
-			if ev := <-rec.Events; !strings.Contains(ev, tt.status) {
-				t.Errorf("event %q does not say why", ev)
 			}
 		})
 	}

@@ -191,6 +191,30 @@ func statusWord(o Outcome) string {
 	return annotations.StatusError
 }
 
+// rewriteReasonPrefix starts the reason of every rewrite (OutcomeRewritten), which the status
+// annotation records with the word "injected": StatusOutcome tells the two apart by it.
+const rewriteReasonPrefix = string(config.ModeCSI) + " mode, replaced init containers "
+
+// StatusOutcome reads a stored status annotation back into the outcome that wrote it and its
+// reason: the inverse of what Mutate writes, for reporting a pod from what the API server
+// stored rather than from what the webhook answered. ok is false for a value the webhook does
+// not write (someone else's text, or an empty annotation).
+func StatusOutcome(status string) (outcome Outcome, reason string, ok bool) {
+	word, reason, _ := strings.Cut(status, ": ")
+	switch word {
+	case annotations.StatusInjected:
+		if strings.HasPrefix(reason, rewriteReasonPrefix) {
+			return OutcomeRewritten, reason, true
+		}
+		return OutcomeInjected, reason, true
+	case annotations.StatusSkipped:
+		return OutcomeSkipped, reason, true
+	case annotations.StatusError:
+		return OutcomeError, reason, true
+	}
+	return "", "", false
+}
+
 func joinReason(a, b string) string {
 	switch {
 	case a == "":

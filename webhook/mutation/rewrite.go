@@ -177,7 +177,7 @@ func (m *Mutator) rewrite(pod *corev1.Pod, f foreignInjection) ssiResult {
 	}
 	return ssiResult{
 		outcome:   OutcomeRewritten,
-		reason:    fmt.Sprintf("%s mode, replaced init containers %s by CSI volume %s", config.ModeCSI, strings.Join(f.initNames(), ", "), VolumeName),
+		reason:    fmt.Sprintf("%s%s by CSI volume %s", rewriteReasonPrefix, strings.Join(f.initNames(), ", "), VolumeName),
 		mode:      config.ModeCSI,
 		libraries: recorded,
 	}

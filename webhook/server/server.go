@@ -1,5 +1,5 @@
 // Package server wires the pod mutator into a controller-runtime manager: the cache it reads
-// from, the webhook path, the Event recorder and the readiness checks. The binary and the
+// from, the webhook path, the pod Event recorder and the readiness checks. The binary and the
 // integration tests share it, so the tests run the webhook exactly as deployed.
 package server
 
@@ -21,10 +21,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	ctrladmission "sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
-	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/webhook/admission"
 	"github.com/apm-csi/apm-csi/webhook/config"
 	"github.com/apm-csi/apm-csi/webhook/mutation"
+	"github.com/apm-csi/apm-csi/webhook/podevents"
 )
 
 // readyzWait bounds how long a readiness probe waits for the informers; a synced cache
@@ -37,13 +37,17 @@ type Options struct {
 	// Namespace is where apm-csi runs; it is never mutated.
 	Namespace string
 	Log       *slog.Logger
+	// Events configures the pod Event recorder (package podevents); its zero value records
+	// Events with the defaults.
+	Events podevents.Recorder
 }
 
 // CacheByObject limits what the manager caches for the webhook: every Namespace (their labels
 // and annotations steer SSI; a cluster has few) and only the one CSIDriver it checks, both
 // without managedFields, which the webhook never reads; and every Node, reduced to what the
 // image-volume and auto modes read (name, labels, taints, status.nodeInfo), so that a large
-// cluster's node images and conditions are not kept.
+// cluster's node images and conditions are not kept; and every Pod, metadata only, reduced to
+// name, UID, creation time and the status annotation, for the pod Events.
 func CacheByObject(cfg *config.Config) map[client.Object]cache.ByObject {
 	return map[client.Object]cache.ByObject{
 		&corev1.Namespace{}: {Transform: cache.TransformStripManagedFields()},
@@ -52,6 +56,7 @@ func CacheByObject(cfg *config.Config) map[client.Object]cache.ByObject {
 			Transform: cache.TransformStripManagedFields(),
 		},
 		&corev1.Node{}: {Transform: slimNode},
+		&corev1.Pod{}:  {Transform: podevents.CacheTransform},
 	}
 }
 
@@ -101,10 +106,18 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 		Reader:        mgr.GetClient(),
 		APIReader:     mgr.GetAPIReader(),
 		ServerVersion: sv.Get,
-		Recorder:      mgr.GetEventRecorder(names.WebhookBinary),
 		Log:           log,
 	}
 	mgr.GetWebhookServer().Register(admission.Path, &ctrladmission.Webhook{Handler: h})
+
+	rec := opts.Events
+	rec.Client = mgr.GetClient()
+	if rec.Log == nil {
+		rec.Log = log
+	}
+	if err := rec.SetupWithManager(mgr); err != nil {
+		return nil, err
+	}
 
 	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 		return nil, err

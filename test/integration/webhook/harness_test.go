@@ -8,8 +8,12 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"maps"
+	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,6 +59,34 @@ type harness struct {
 	done   chan error
 	// webhookAddr is host:port of the webhook server.
 	webhookAddr string
+	// answerDelay holds back every admission answer this long after the handler has run (a
+	// webhook that decided but whose answer arrives after the API server's timeout).
+	answerDelay atomic.Int64
+}
+
+// delayedServer holds back the answers of the handlers registered on it by *delay.
+type delayedServer struct {
+	webhook.Server
+	delay *atomic.Int64
+}
+
+func (s delayedServer) Register(path string, hook http.Handler) {
+	s.Server.Register(path, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		d := time.Duration(s.delay.Load())
+		if d == 0 {
+			hook.ServeHTTP(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		hook.ServeHTTP(rec, r)
+		select {
+		case <-time.After(d):
+		case <-r.Context().Done():
+		}
+		maps.Copy(w.Header(), rec.Header())
+		w.WriteHeader(rec.Code)
+		_, _ = w.Write(rec.Body.Bytes())
+	}))
 }
 
 func startHarness(tb testing.TB) *harness {
@@ -113,14 +145,16 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 		tb.Fatal(err)
 	}
 	wio := env.WebhookInstallOptions
+	h := &harness{cfg: cfg, done: make(chan error, 1),
+		webhookAddr: fmt.Sprintf("%s:%d", wio.LocalServingHost, wio.LocalServingPort)}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 scheme,
 		Cache:                  cache.Options{ByObject: server.CacheByObject(wcfg)},
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		WebhookServer: webhook.NewServer(webhook.Options{
+		WebhookServer: delayedServer{Server: webhook.NewServer(webhook.Options{
 			Host: wio.LocalServingHost, Port: wio.LocalServingPort, CertDir: wio.LocalServingCertDir, TLSOpts: opts.tlsOpts,
-		}),
+		}), delay: &h.answerDelay},
 	})
 	if err != nil {
 		tb.Fatal(err)
@@ -129,8 +163,7 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	if _, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log}); err != nil {
 		tb.Fatal(err)
 	}
-	h := &harness{cfg: cfg, mgr: mgr, stop: cancel, done: make(chan error, 1),
-		webhookAddr: fmt.Sprintf("%s:%d", wio.LocalServingHost, wio.LocalServingPort)}
+	h.mgr, h.stop = mgr, cancel
 	go func() { h.done <- mgr.Start(ctx) }()
 	tb.Cleanup(h.shutdown)
 

@@ -28,6 +28,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/version"
 	"github.com/apm-csi/apm-csi/webhook/certs"
 	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/podevents"
 	"github.com/apm-csi/apm-csi/webhook/server"
 )
 
@@ -56,6 +57,7 @@ type flags struct {
 	logLevel          string
 	shutdownTimeout   time.Duration
 	bootstrapTimeout  time.Duration
+	eventWindow       time.Duration
 }
 
 func parseFlags() flags {
@@ -79,6 +81,7 @@ func parseFlags() flags {
 	flag.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error.")
 	flag.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "How long in-flight admission requests may take to finish on shutdown.")
 	flag.DurationVar(&f.bootstrapTimeout, "bootstrap-timeout", 2*time.Minute, "How long the self-managed mode retries creating the first certificate.")
+	flag.DurationVar(&f.eventWindow, "event-window", podevents.DefaultWindow, "A pod gets its Event only if the webhook sees it within this time of its creation; keep it below the API server's --event-ttl (default 1h), or a restart may report a pod twice.")
 	flag.Parse()
 	return f
 }
@@ -102,6 +105,9 @@ func main() {
 }
 
 func run(f flags, log *slog.Logger) error {
+	if f.eventWindow <= 0 {
+		return fmt.Errorf("--event-window %s: must be positive (it bounds which pods get an Event after a restart)", f.eventWindow)
+	}
 	cfg := config.Default()
 	if f.configFile != "" {
 		var err error
@@ -187,7 +193,10 @@ func run(f flags, log *slog.Logger) error {
 			return err
 		}
 	}
-	if _, err := server.Register(ctx, mgr, server.Options{Config: cfg, Namespace: f.namespace, Log: log}); err != nil {
+	if _, err := server.Register(ctx, mgr, server.Options{
+		Config: cfg, Namespace: f.namespace, Log: log,
+		Events: podevents.Recorder{Window: f.eventWindow},
+	}); err != nil {
 		return err
 	}
 	return mgr.Start(ctx)
