@@ -18,11 +18,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	jsonpatch "github.com/evanphx/json-patch/v5"
 	admissionv1 "k8s.io/api/admission/v1"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -218,11 +220,28 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 		}
 	}
 
-	// A pod of the SSI namespace is mutated, and the decision is recorded as an Event.
+	// A pod of the SSI namespace is mutated; once the pod is stored as the webhook mutated it
+	// (this API server does not call the webhook: it is created here with the patch applied),
+	// the webhook's pod watch records the decision as an Event.
 	review := admissionReview(t, "shop")
 	resp := postReview(t, webhookPort, review)
 	if !resp.Allowed || len(resp.Patch) == 0 {
-		t.Errorf("pod of an SSI namespace not mutated: allowed=%v patch=%d bytes result=%v", resp.Allowed, len(resp.Patch), resp.Result)
+		t.Fatalf("pod of an SSI namespace not mutated: allowed=%v patch=%d bytes result=%v", resp.Allowed, len(resp.Patch), resp.Result)
+	}
+	patch, err := jsonpatch.DecodePatch(resp.Patch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mutated, err := patch.Apply(review.Request.Object.Raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := &corev1.Pod{}
+	if err := json.Unmarshal(mutated, stored); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.Create(ctx, stored); err != nil {
+		t.Fatalf("store the mutated pod: %v", err)
 	}
 	eventSeen := false
 	for end := time.Now().Add(20 * time.Second); time.Now().Before(end) && !eventSeen; time.Sleep(250 * time.Millisecond) {
@@ -230,10 +249,10 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 		if err := admin.List(ctx, list, client.InNamespace("shop")); err != nil {
 			t.Fatal(err)
 		}
-		eventSeen = len(list.Items) > 0
+		eventSeen = slices.ContainsFunc(list.Items, func(e eventsv1.Event) bool { return e.Regarding.UID == stored.UID })
 	}
 	if !eventSeen {
-		t.Errorf("no Event recorded in namespace shop (events.k8s.io create rights?)")
+		t.Errorf("no Event recorded about pod shop/%s (pods list/watch and events.k8s.io create rights?)", stored.Name)
 	}
 	if strings.Contains(logs.String(), "forbidden") {
 		t.Errorf("the webhook logged a forbidden request: its RBAC is missing a rule")
@@ -248,6 +267,9 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 		{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "mutatingwebhookconfigurations", Name: "another-webhook"},
 		{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "validatingwebhookconfigurations", Name: in.WebhookConfigs[0].Name},
 		{Verb: "get", Resource: "pods", Namespace: "shop"},
+		{Verb: "patch", Resource: "pods", Namespace: "shop", Name: "app"},
+		{Verb: "update", Resource: "pods", Namespace: "shop", Name: "app"},
+		{Verb: "patch", Group: "events.k8s.io", Resource: "events", Namespace: "shop"},
 		{Verb: "update", Resource: "namespaces", Name: "shop"},
 		{Verb: "update", Group: "storage.k8s.io", Resource: "csidrivers", Name: names.DriverName},
 		{Verb: "get", Group: "storage.k8s.io", Resource: "csidrivers", Name: "other.csi.example.com"},
