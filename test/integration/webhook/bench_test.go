@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -126,4 +127,66 @@ func webhookCallSeconds(tb testing.TB, h *harness, webhookName string) (sum, cou
 		}
 	}
 	return sum, count
+}
+
+// BenchmarkPodCreateAt200PerSecond creates b.N pods at a steady 200 creates/s (each create in
+// its own goroutine, started every 5 ms whatever the previous ones are doing), first in an SSI
+// namespace (mutated), then in an excluded one, and reports each side's median and p99 create
+// latency under that load and the ratios.
+func BenchmarkPodCreateAt200PerSecond(b *testing.B) {
+	h := startHarness(b)
+	h.setDriver(b, true)
+	h.namespace(b, "rate-ssi", map[string]string{"apm-csi.io/ssi": "enabled"}, nil)
+	h.namespace(b, "rate-plain", nil, nil)
+	ctx := context.Background()
+	for i := range 20 {
+		for _, ns := range []string{"rate-ssi", "rate-plain"} {
+			if err := h.client.Create(ctx, pod(ns, fmt.Sprintf("warm%d", i), nil, nil)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	paced := func(ns string, n int) []time.Duration {
+		lat := make([]time.Duration, n)
+		errs := make(chan error, n)
+		var wg sync.WaitGroup
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for i := range n {
+			<-tick.C
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				start := time.Now()
+				if err := h.client.Create(ctx, pod(ns, fmt.Sprintf("r%d", i), nil, nil)); err != nil {
+					errs <- err
+					return
+				}
+				lat[i] = time.Since(start)
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		if err := <-errs; err != nil {
+			b.Fatal(err)
+		}
+		slices.Sort(lat)
+		return lat
+	}
+	b.ResetTimer()
+	mutated := paced("rate-ssi", b.N)
+	excluded := paced("rate-plain", b.N)
+	b.StopTimer()
+	pct := func(s []time.Duration, p float64) time.Duration { return s[int(p*float64(len(s)-1))] }
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	b.ReportMetric(ms(pct(mutated, 0.5)), "mutated-p50-ms")
+	b.ReportMetric(ms(pct(excluded, 0.5)), "excluded-p50-ms")
+	b.ReportMetric(ms(pct(mutated, 0.99)), "mutated-p99-ms")
+	b.ReportMetric(ms(pct(excluded, 0.99)), "excluded-p99-ms")
+	b.ReportMetric(float64(pct(mutated, 0.5))/float64(pct(excluded, 0.5)), "p50-ratio")
+	b.ReportMetric(float64(pct(mutated, 0.99))/float64(pct(excluded, 0.99)), "p99-ratio")
+	b.ReportMetric(0, "ns/op")
+	if s := statusOf(b, h, "rate-ssi", "r0"); s == "" {
+		b.Fatal("the SSI namespace's pods were not mutated")
+	}
 }
