@@ -75,10 +75,13 @@ type Driver struct {
 	store       *state.Store
 	podsDir     string
 	overlaysDir string
-	writable    writablelayer.Interface
-	metrics     *Metrics
-	locks       keyedLocks
-	ready       atomic.Bool
+	// emptyDir is an empty directory the plugin owns: the second lower dir of a read-only
+	// overlay of a single layer.
+	emptyDir string
+	writable writablelayer.Interface
+	metrics  *Metrics
+	locks    keyedLocks
+	ready    atomic.Bool
 
 	mu sync.Mutex
 	// byTarget mirrors the records on disk, keyed by target path.
@@ -150,6 +153,13 @@ func New(cfg Config) (*Driver, error) {
 	if err := os.MkdirAll(overlays, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	empty := filepath.Join(cfg.StateDir, "empty")
+	if err := os.MkdirAll(empty, 0o755); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if err := os.Chmod(empty, 0o555); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
 	if f, ok := cfg.Mounter.(interface{ Features() string }); ok {
 		cfg.Logger.Info("host paths", "resolution", fdpath.Mode(), "mounts", f.Features())
 	}
@@ -165,6 +175,7 @@ func New(cfg Config) (*Driver, error) {
 		store:       store,
 		podsDir:     filepath.Join(cfg.KubeletDir, "pods"),
 		overlaysDir: overlays,
+		emptyDir:    empty,
 		writable:    cfg.WritableLayers,
 		metrics:     cfg.Metrics,
 		locks:       keyedLocks{held: map[string]*keyedLock{}},

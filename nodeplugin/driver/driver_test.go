@@ -282,10 +282,10 @@ func TestPublishHostDir(t *testing.T) {
 		wantFile   bool
 	}{
 		{name: "writable dir", attrs: hostdirAttrs("data"), wantSource: "data"},
-		{name: "read-only attribute", attrs: map[string]string{"type": "hostdir", "name": "data", "readOnly": "true"}, wantSource: "data", wantRO: true},
+		{name: "read-only attribute", attrs: map[string]string{"type": "hostdir", "name": "data", "readOnly": "true"}, readonly: true, wantSource: "data", wantRO: true},
 		{name: "read-only CSI flag", attrs: hostdirAttrs("data"), readonly: true, wantSource: "data", wantRO: true},
-		{name: "ReadOnlyMany persistent volume", attrs: map[string]string{"type": "hostdir", "name": "data"}, mode: csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY, wantSource: "data", wantRO: true},
-		{name: "read-only entry", attrs: hostdirAttrs("ro-data"), wantSource: "ro-data", wantRO: true},
+		{name: "ReadOnlyMany persistent volume", attrs: map[string]string{"type": "hostdir", "name": "data"}, readonly: true, mode: csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY, wantSource: "data", wantRO: true},
+		{name: "read-only entry", attrs: hostdirAttrs("ro-data"), readonly: true, wantSource: "ro-data", wantRO: true},
 		{name: "socket file", attrs: hostdirAttrs("apm-socket"), wantSource: "apm.socket", wantFile: true},
 		{name: "datadog APMSocket", attrs: map[string]string{"type": "APMSocket"}, wantSource: "apm.socket", wantFile: true},
 		{name: "created on demand", attrs: hostdirAttrs("demo"), wantSource: "demo"},
@@ -361,7 +361,9 @@ func TestPublishIdempotency(t *testing.T) {
 	// A read-only entry served read-only is not a conflict when repeated.
 	roTarget := f.target("pod-b")
 	for range 2 {
-		if _, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-3", roTarget, hostdirAttrs("ro-data"))); err != nil {
+		req := f.publishReq("vol-3", roTarget, hostdirAttrs("ro-data"))
+		req.Readonly = true
+		if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -417,7 +419,7 @@ func TestPublishLibrary(t *testing.T) {
 			a["preload"] = "/opt/x/launcher.so"
 			return a
 		}(), wantType: "overlay", wantLower: 3, wantUpper: true},
-		{name: "read-only one library is a bind mount", attrs: libraryAttrs("r.local/a:v1"), readonly: true, wantType: "bind"},
+		{name: "read-only one library is an overlay with the empty dir", attrs: libraryAttrs("r.local/a:v1"), readonly: true, wantType: "overlay", wantLower: 2},
 		{name: "read-only two libraries", attrs: libraryAttrs("r.local/a:v1", "r.local/b:v1"), readonly: true, wantType: "overlay", wantLower: 2},
 		{name: "datadog library", attrs: map[string]string{"type": "DatadogLibrary", volumeattrs.DDKeyPackage: "dd-lib-java-init", volumeattrs.DDKeyVersion: "v1", volumeattrs.DDKeyRegistry: "r.local"}, wantType: "overlay", wantLower: 1, wantUpper: true},
 	}
@@ -489,7 +491,9 @@ func TestPublishLibrary(t *testing.T) {
 func TestPublishPreload(t *testing.T) {
 	f := newFixture(t)
 	target := f.target("pod-a")
-	if _, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", target, map[string]string{"type": "DatadogInjectorPreload"})); err != nil {
+	req := f.publishReq("vol-1", target, map[string]string{"type": "DatadogInjectorPreload"})
+	req.Readonly = true
+	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
 	table, _ := f.m.MountTable()

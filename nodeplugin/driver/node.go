@@ -50,7 +50,10 @@ type publishRequest struct {
 	spec     *volumeattrs.Spec
 	attrs    map[string]string
 	readOnly bool
-	log      *slog.Logger
+	// podReadOnly is the CSI readonly flag: kubelet sets it when the pod's CSI volume source
+	// has readOnly: true, and then mounts the volume read-only into every container.
+	podReadOnly bool
+	log         *slog.Logger
 	// dir is the target's volume dir, opened from the pods dir without following links;
 	// every step of the publish works relative to it.
 	dir int
@@ -143,7 +146,7 @@ func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (*publishReq
 	if ns, name := attrs[attrPodNamespace], attrs[attrPodName]; name != "" {
 		log = log.With("pod", ns+"/"+name)
 	}
-	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, log: log}, nil
+	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, podReadOnly: req.GetReadonly(), log: log}, nil
 }
 
 // checkExisting handles a target that already has a record or a mount. done means the volume is

@@ -42,6 +42,15 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 		return status.Errorf(codes.InvalidArgument, "%shostdir entry %q is read-only on this node and the volume asks for readOnly: \"false\"; drop that attribute or use a writable entry (%s)", via, name, d.describeEntries())
 	}
 	readOnly := r.readOnly || entry.ReadOnly
+	if readOnly {
+		what := fmt.Sprintf("%shostdir entry %q", via, name)
+		if entry.ReadOnly {
+			what = fmt.Sprintf("%sread-only hostdir entry %q", via, name)
+		}
+		if err := requirePodReadOnly(r, what); err != nil {
+			return err
+		}
+	}
 
 	src := d.sources.Get(name)
 	if src == nil {
@@ -63,6 +72,21 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 	return d.mountWithRecord(r, rec, func() error {
 		return d.mounter.BindFrom(fd, r.dir, targetName, readOnly)
 	})
+}
+
+// requirePodReadOnly refuses a volume that would be served as a read-only bind mount of host
+// or shared data unless the pod's CSI volume source says readOnly: true. A bind mount is only
+// read-only through its per-mount flag: a container runtime that bind-mounts the target into a
+// container whose volumeMount is not readOnly (runc 1.2 and newer) remounts that new bind
+// read-write, and the container could then write into the host directory or the library store
+// other pods load from. With readOnly: true kubelet mounts the volume read-only into every
+// container. The code is FailedPrecondition, the CSI code for a capability the volume does not
+// support: the volume cannot be offered writable.
+func requirePodReadOnly(r *publishRequest, what string) error {
+	if r.podReadOnly {
+		return nil
+	}
+	return status.Errorf(codes.FailedPrecondition, "volume %s: %s is served read-only, and container runtimes re-enable writes on a read-only bind mount unless the pod's CSI volume is readOnly; set readOnly: true under the pod's csi: volume source (volumes[].csi.readOnly; for a persistent volume, readOnly: true on the pod's persistentVolumeClaim volume), then recreate the pod", r.volumeID, what)
 }
 
 // bindPath bind-mounts a path of the library store (a layer dir, a generated file) onto the
@@ -103,8 +127,11 @@ func (d *Driver) describeEntries() string {
 }
 
 // publishLibrary composes the volume's layers into one mount: a writable overlay with a private
-// upper dir by default, a read-only overlay without one, or a read-only bind mount of the only
-// layer (overlayfs needs two lower dirs when it has no upper dir).
+// upper dir by default, or a read-only overlay without one. A read-only overlay's superblock is
+// read-only, so no remount of a bind of it makes it writable. A single layer gets the plugin's
+// empty dir as a second lower dir (overlayfs needs two lower dirs when it has no upper dir)
+// rather than a bind mount of the shared layer, which a container runtime could remount
+// read-write.
 func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	if d.cfg.Libraries == nil {
 		return errNoLibraryStore
@@ -132,13 +159,10 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	for _, l := range layers {
 		lower = append(lower, l.Dir)
 	}
-	switch {
-	case r.readOnly && len(lower) == 1:
-		rec.Source = lower[0]
-		return d.mountWithRecord(r, rec, func() error {
-			return d.bindPath(r, lower[0], true)
-		})
-	case r.readOnly:
+	if r.readOnly {
+		if len(lower) == 1 {
+			lower = append(lower, d.emptyDir)
+		}
 		return d.mountWithRecord(r, rec, func() error {
 			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower})
 		})
@@ -248,10 +272,15 @@ func (d *Driver) libraryError(ctx context.Context, image string, err error) erro
 }
 
 // publishPreload bind-mounts the generated ld.so.preload file read-only onto a file target (the
-// pod mounts the volume at /etc/ld.so.preload, as with Datadog's DatadogInjectorPreload).
+// pod mounts the volume at /etc/ld.so.preload, as with Datadog's DatadogInjectorPreload). A
+// single file cannot be an overlay, and the file lies in the library store other pods share,
+// so the pod's CSI volume must be readOnly.
 func (d *Driver) publishPreload(r *publishRequest) error {
 	if d.cfg.Libraries == nil {
 		return errNoLibraryStore
+	}
+	if err := requirePodReadOnly(r, "the preload file (type "+r.spec.Type+")"); err != nil {
+		return err
 	}
 	dir, err := d.cfg.Libraries.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: r.spec.Preload + "\n"})
 	if err != nil {
