@@ -150,6 +150,10 @@ type Config struct {
 type HostDir struct {
 	// Name of the entry, as pods name it.
 	Name string `json:"name"`
+	// ReadOnly is the entry's mode on the nodes: the webhook marks the pod's CSI volume of a
+	// read-only entry readOnly, which the node plugin requires (a container runtime re-enables
+	// writes on a read-only bind mount otherwise).
+	ReadOnly bool `json:"readOnly,omitempty"`
 	tenancy.Tenancy
 }
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/utils/ptr"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
@@ -41,7 +42,11 @@ func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume
 		if slices.ContainsFunc(pod.Spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }) {
 			return res, deny(fmt.Sprintf("the pod already has a volume named %s", v.Name), "rename the volume in the annotation key, e.g. "+annotations.VolumePrefix+v.Name+"-apm")
 		}
+		entryReadOnly := false
 		if v.HostDir != "" {
+			if e, ok := m.cfg.HostDir(v.HostDir); ok {
+				entryReadOnly = e.ReadOnly
+			}
 			problem, fix, warning := m.hostDirRefusal(pod, v.HostDir, in)
 			if problem != "" {
 				return res, deny(problem, fix)
@@ -100,7 +105,7 @@ func (m *Mutator) applyManualVolumes(pod *corev1.Pod, vols []*annotations.Volume
 			}
 		}
 		pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{
-			CSI: &corev1.CSIVolumeSource{Driver: m.cfg.DriverName, VolumeAttributes: attrs},
+			CSI: &corev1.CSIVolumeSource{Driver: m.cfg.DriverName, VolumeAttributes: attrs, ReadOnly: csiReadOnly(spec, entryReadOnly)},
 		}})
 		res.volumes = append(res.volumes, v.Name)
 		res.libraries = append(res.libraries, recorded...)
@@ -171,4 +176,16 @@ func podMounts(pod *corev1.Pod, volume string) bool {
 		})
 	}
 	return uses(pod.Spec.Containers) || uses(pod.Spec.InitContainers)
+}
+
+// csiReadOnly is the readOnly of the CSI volume source the webhook writes: set (true) for a
+// volume that will be read-only, so that kubelet mounts it read-only into every container and
+// passes the CSI readonly flag. The node plugin refuses a read-only hostdir volume without
+// that flag: a container runtime re-enables writes on a read-only bind mount whose
+// volumeMount is not readOnly.
+func csiReadOnly(spec *volumeattrs.Spec, entryReadOnly bool) *bool {
+	if spec.ReadOnly || entryReadOnly {
+		return ptr.To(true)
+	}
+	return nil
 }

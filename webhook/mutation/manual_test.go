@@ -210,3 +210,37 @@ func TestManualHostDirTenancy(t *testing.T) {
 		})
 	}
 }
+
+// The node plugin serves a read-only hostdir volume as a read-only bind mount, which a
+// container runtime makes writable again unless kubelet mounts the volume read-only into every
+// container; kubelet does that (and passes the CSI readonly flag the node plugin requires)
+// only when the CSI volume source says readOnly: true.
+func TestManualReadOnlyVolumesAreReadOnlyCSIVolumes(t *testing.T) {
+	m := newTestMutator(t, func(c *config.Config) {
+		c.HostDirs = []config.HostDir{
+			{Name: "dsd-socket", ReadOnly: true, Tenancy: tenancy.Tenancy{Namespaces: []string{"*"}}},
+			{Name: "shared", Tenancy: tenancy.Tenancy{Namespaces: []string{"*"}}},
+		}
+	})
+	pod := withAnnotations(webPod(),
+		annotations.VolumePrefix+"ro-entry", "hostdir=dsd-socket; mountPath=/a",
+		annotations.VolumePrefix+"ro-asked", "hostdir=shared; mountPath=/b; readOnly=true",
+		annotations.VolumePrefix+"rw", "hostdir=shared; mountPath=/c",
+		annotations.VolumePrefix+"lib-ro", "libraries=java:v1.45.0; mountPath=/d; readOnly=true",
+		annotations.VolumePrefix+"lib-rw", "libraries=java:v1.45.0; mountPath=/e",
+	)
+	res := m.Mutate(input(pod, plainNamespace()))
+	if res.Outcome != OutcomeInjected {
+		t.Fatalf("got %s: %s", res.Outcome, res.Reason)
+	}
+	for name, want := range map[string]bool{"ro-entry": true, "ro-asked": true, "rw": false, "lib-ro": true, "lib-rw": false} {
+		v := volume(res.Pod, name)
+		if v == nil || v.CSI == nil {
+			t.Fatalf("no CSI volume %s", name)
+		}
+		got := v.CSI.ReadOnly != nil && *v.CSI.ReadOnly
+		if got != want {
+			t.Errorf("volume %s: csi.readOnly = %v, want %t", name, v.CSI.ReadOnly, want)
+		}
+	}
+}
