@@ -463,10 +463,29 @@ func scenarioSharedPV(t *testing.T, ctx context.Context, e *env) {
 		}
 	}
 
-	// The entry is read-only for every pod, also one that does not ask for read-only.
-	p := framework.BusyboxPod(ns, "not-asking-read-only", "true")
-	p.Spec.Volumes = []corev1.Volume{{Name: "shared", VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{
+	// A pod whose inline CSI volume of the read-only entry is not readOnly is refused at mount:
+	// the container runtime would remount its bind of the volume read-write (runc 1.2 and
+	// newer do for a volumeMount that is not readOnly).
+	notAsking := framework.BusyboxPod(ns, "not-asking-read-only", "true")
+	notAsking.Spec.Volumes = []corev1.Volume{{Name: "shared", VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{
 		Driver: names.DriverName, VolumeAttributes: map[string]string{"type": "hostdir", "name": sharedEntry},
+	}}}}
+	notAsking.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "shared", MountPath: "/shared"}}
+	if _, err := framework.CreatePod(ctx, e.cs, notAsking); err != nil {
+		t.Fatal(err)
+	}
+	failed := waitFailedMount(t, ctx, e, ns, notAsking.Name, "the refused mount of a read-only entry without readOnly")
+	for _, want := range []string{"FailedPrecondition", `read-only hostdir entry "` + sharedEntry + `"`, "readOnly: true under the pod's csi: volume source"} {
+		if !strings.Contains(failed, want) {
+			t.Errorf("the FailedMount event lacks %q: %s", want, failed)
+		}
+	}
+
+	// With readOnly: true on the CSI volume source, a container whose volumeMount does not ask
+	// for read-only still cannot write: kubelet mounts the volume read-only into it.
+	p := framework.BusyboxPod(ns, "csi-read-only", "true")
+	p.Spec.Volumes = []corev1.Volume{{Name: "shared", VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{
+		Driver: names.DriverName, ReadOnly: framework.Ptr(true), VolumeAttributes: map[string]string{"type": "hostdir", "name": sharedEntry},
 	}}}}
 	p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "shared", MountPath: "/shared"}}
 	inline := createReady(t, ctx, e, p)
