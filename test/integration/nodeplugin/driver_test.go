@@ -69,6 +69,7 @@ func TestHostDirSharedReadOnly(t *testing.T) {
 				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY},
 			},
 			VolumeContext: map[string]string{"type": "hostdir", "name": "data", "csi.storage.k8s.io/pod.name": "app"},
+			Readonly:      true, // the PV's csi.readOnly
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -95,9 +96,10 @@ func TestHostDirSharedReadOnly(t *testing.T) {
 	p.MustUnpublish("pv-shared-data", apps[1])
 	p.MustUnpublish("csi-agent", sidecar)
 
-	// A read-only entry is always mounted read-only.
+	// A read-only entry is mounted read-only (and served only to a pod whose CSI volume is
+	// readOnly: TestReadOnlyBindVolumesNeedThePodsReadOnlyFlag).
 	target := p.Target("app-3", "shared")
-	p.MustPublish("csi-3", target, nodeplugintest.Ephemeral(map[string]string{"type": "hostdir", "name": "shared"}, "app-3"), false)
+	p.MustPublish("csi-3", target, nodeplugintest.Ephemeral(map[string]string{"type": "hostdir", "name": "shared"}, "app-3"), true)
 	if err := os.WriteFile(filepath.Join(target, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("write through a read-only entry: %v, want EROFS", err)
 	}
@@ -203,16 +205,16 @@ func TestLibraryVolumes(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(ro, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("write to a read-only library volume: %v", err)
 	}
-	// Read-only with a single layer: a read-only bind mount.
+	// Read-only with a single layer: an overlay of the layer and the plugin's empty dir.
 	single := p.Target("pod-d", "apm")
 	p.MustPublish("csi-d", single, nodeplugintest.Ephemeral(map[string]string{"type": "library", "library.0.image": "registry.local/dd-lib-java-init:v1"}, "d"), true)
-	if e := nodeplugintest.EntryAt(t, single); e.FsType == "overlay" || !e.HasMountOption("ro") {
+	if e := nodeplugintest.EntryAt(t, single); e.FsType != "overlay" || !e.HasMountOption("ro") {
 		t.Fatalf("single read-only layer mount %+v", e)
 	}
 
 	// The ld.so.preload file on its own, as DatadogInjectorPreload.
 	preload := p.Target("pod-e", "preload")
-	p.MustPublish("csi-e", preload, nodeplugintest.Ephemeral(map[string]string{"type": "DatadogInjectorPreload"}, "e"), false)
+	p.MustPublish("csi-e", preload, nodeplugintest.Ephemeral(map[string]string{"type": "DatadogInjectorPreload"}, "e"), true)
 	if got := readFile(t, preload); got != libref.LauncherPath+"\n" {
 		t.Fatalf("preload file = %q", got)
 	}

@@ -23,12 +23,12 @@ func TestMountLeak(t *testing.T) {
 		readonly bool
 	}{
 		{"hostdir", hostdirData, false},
-		{"hostdir-ro-entry", map[string]string{"type": "hostdir", "name": "shared"}, false},
+		{"hostdir-ro-entry", map[string]string{"type": "hostdir", "name": "shared"}, true},
 		{"hostdir-readonly", hostdirData, true},
 		{"library-writable", injectorAttrs(), false},
 		{"library-readonly", injectorAttrs(), true},
 		{"library-single-readonly", map[string]string{"type": "library", "library.0.image": "registry.local/dd-lib-java-init:v1"}, true},
-		{"preload", map[string]string{"type": "DatadogInjectorPreload"}, false},
+		{"preload", map[string]string{"type": "DatadogInjectorPreload"}, true},
 	}
 	table, err := mounter.New().MountTable()
 	if err != nil {
