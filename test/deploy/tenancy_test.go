@@ -33,8 +33,12 @@ func checkHostDirTenancy(node hostdir.Config, web *webhookconfig.Config) []error
 		}
 	}
 	for _, w := range web.HostDirs {
-		if _, ok := nodeEntries[w.Name]; !ok {
+		e, ok := nodeEntries[w.Name]
+		switch {
+		case !ok:
 			errs = append(errs, fmt.Errorf("the webhook configuration lists hostdir entry %s, which the node plugin does not declare", w.Name))
+		case w.ReadOnly != e.ReadOnly:
+			errs = append(errs, fmt.Errorf("hostdir entry %s: the webhook has readOnly %t, the node plugin %t; the webhook marks the CSI volume of a read-only entry readOnly, which the node plugin requires", w.Name, w.ReadOnly, e.ReadOnly))
 		}
 	}
 	return errs
@@ -72,7 +76,12 @@ func TestHostDirTenancyCheckCatches(t *testing.T) {
 	}
 	extra := *web
 	extra.HostDirs = append(append([]webhookconfig.HostDir(nil), web.HostDirs...), webhookconfig.HostDir{Name: "ghost"})
-	for name, broken := range map[string]*webhookconfig.Config{"missing": &dropped, "different": &widened, "extra": &extra} {
+	modeFlipped := *web
+	modeFlipped.HostDirs = append([]webhookconfig.HostDir(nil), web.HostDirs...)
+	for i := range modeFlipped.HostDirs {
+		modeFlipped.HostDirs[i].ReadOnly = !modeFlipped.HostDirs[i].ReadOnly
+	}
+	for name, broken := range map[string]*webhookconfig.Config{"missing": &dropped, "different": &widened, "extra": &extra, "read-only mode": &modeFlipped} {
 		if errs := checkHostDirTenancy(node, broken); len(errs) == 0 {
 			t.Errorf("%s: the check did not notice", name)
 		}
