@@ -466,15 +466,15 @@ func TestGCThroughDriver(t *testing.T) {
 	vol := pushInjectorVolume(t, reg, "2.0.0")
 	python := vol.libs["python"]
 
-	// a: the injector layout (overlay); b: python alone, read-only (a bind mount of the image's
-	// own directory); c: the preload file alone (a bind mount of the generated file, the same
+	// a: the injector layout (overlay); b: python alone, read-only (an overlay of the image's
+	// own directory and the plugin's empty dir); c: the preload file alone (a bind mount of the generated file, the same
 	// entry a's overlay stacks).
 	a, b, c := p.Target("pod-a", "apm"), p.Target("pod-b", "apm"), p.Target("pod-c", "preload")
 	p.MustPublish("csi-a", a, nodeplugintest.Ephemeral(vol.attrs(), "pod-a"), false)
 	p.MustPublish("csi-b", b, nodeplugintest.Ephemeral((&volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: python.Ref}}}).Attributes(), "pod-b"), true)
 	p.MustPublish("csi-c", c, nodeplugintest.Ephemeral(map[string]string{"type": volumeattrs.TypeDatadogInjectorPreload}, "pod-c"), true)
-	if e := nodeplugintest.EntryAt(t, b); e.FsType == "overlay" {
-		t.Fatalf("pod-b's single read-only layer is an overlay, want a bind mount: %+v", e)
+	if e := nodeplugintest.EntryAt(t, b); e.FsType != "overlay" {
+		t.Fatalf("pod-b's single read-only layer is a %s, want an overlay (a bind of the shared layer could be remounted writable): %+v", e.FsType, e)
 	}
 	layers := map[string][]string{}
 	for _, r := range p.Driver.Records() {
@@ -530,7 +530,7 @@ func TestGCThroughDriver(t *testing.T) {
 		}
 	}
 	// ...and after it, what only pod-a used goes: apm-inject and js (images and views) and the
-	// python view. The python image stays (pod-b bind-mounts it), so does the preload file
+	// python view. The python image stays (pod-b's overlay stacks it), so does the preload file
 	// (pod-c bind-mounts it).
 	time.Sleep(grace + 200*time.Millisecond)
 	p.gc()
