@@ -145,19 +145,31 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
+	empty := filepath.Join(cfg.StateDir, "empty")
+	if err := os.MkdirAll(empty, 0o755); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if fi, err := os.Lstat(empty); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	} else if !fi.IsDir() {
+		return nil, fmt.Errorf("state dir: %s must be a directory (the empty lower dir of read-only library overlays); remove it and start again", empty)
+	}
+	if err := os.Chmod(empty, 0o555); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	names, err := os.ReadDir(empty)
+	if err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if len(names) > 0 {
+		return nil, fmt.Errorf("state dir: %s is the empty lower dir of read-only library overlays and must stay empty, but holds %d entries; remove them and start again", empty, len(names))
+	}
 	store, err := state.Open(cfg.StateDir)
 	if err != nil {
 		return nil, err
 	}
 	overlays := OverlaysDir(cfg.StateDir)
 	if err := os.MkdirAll(overlays, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	empty := filepath.Join(cfg.StateDir, "empty")
-	if err := os.MkdirAll(empty, 0o755); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	if err := os.Chmod(empty, 0o555); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	if f, ok := cfg.Mounter.(interface{ Features() string }); ok {

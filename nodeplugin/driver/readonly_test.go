@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"os"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -81,5 +82,21 @@ func TestReadOnlyVolumesNeedThePodsReadOnlyFlagOrAreOverlays(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// The empty lower dir of read-only single-layer library overlays shows through in every such
+// volume: a node plugin whose empty dir has content refuses to start rather than serve it.
+func TestStartRefusesANonEmptyEmptyDir(t *testing.T) {
+	f := newFixture(t)
+	if err := os.Chmod(f.state+"/empty", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(f.state+"/empty/planted", nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.d.cfg
+	if _, err := New(cfg); err == nil || !strings.Contains(err.Error(), "must stay empty") {
+		t.Fatalf("New with a non-empty empty dir: %v, want a refusal", err)
 	}
 }
