@@ -86,7 +86,9 @@ func requirePodReadOnly(r *publishRequest, what string) error {
 	if r.podReadOnly {
 		return nil
 	}
-	return status.Errorf(codes.FailedPrecondition, "volume %s: %s is served read-only, and container runtimes re-enable writes on a read-only bind mount unless the pod's CSI volume is readOnly; set readOnly: true under the pod's csi: volume source (volumes[].csi.readOnly; for a persistent volume, readOnly: true on the pod's persistentVolumeClaim volume), then recreate the pod", r.volumeID, what)
+	// The target is <kubelet-dir>/pods/<pod-uid>/volumes/kubernetes.io~csi/<volume>/mount: name
+	// the pod's own volume.
+	return status.Errorf(codes.FailedPrecondition, "volume %s: %s is served read-only, and container runtimes re-enable writes on a read-only bind mount unless the pod's CSI volume is readOnly; set readOnly: true under the pod's csi: volume source (volumes[].csi.readOnly; for a persistent volume, readOnly: true on the pod's persistentVolumeClaim volume), then recreate the pod", filepath.Base(filepath.Dir(r.target)), what)
 }
 
 // bindPath bind-mounts a path of the library store (a layer dir, a generated file) onto the

@@ -53,7 +53,7 @@ func TestReadOnlyVolumesNeedThePodsReadOnlyFlagOrAreOverlays(t *testing.T) {
 				req.Readonly = podReadOnly
 				_, err := f.d.NodePublishVolume(context.Background(), req)
 				if tt.refused != "" && !podReadOnly {
-					wantCode(t, err, codes.FailedPrecondition, tt.refused, "readOnly: true under the pod's csi: volume source", "re-enable writes")
+					wantCode(t, err, codes.FailedPrecondition, "volume vol: ", tt.refused, "readOnly: true under the pod's csi: volume source", "re-enable writes")
 					if f.m.Len() != 0 || len(f.d.Records()) != 0 {
 						t.Fatalf("a refused publish left %d mounts, records %+v", f.m.Len(), f.d.Records())
 					}
