@@ -475,7 +475,7 @@ func scenarioSharedPV(t *testing.T, ctx context.Context, e *env) {
 		t.Fatal(err)
 	}
 	failed := waitFailedMount(t, ctx, e, ns, notAsking.Name, "the refused mount of a read-only entry without readOnly")
-	for _, want := range []string{"FailedPrecondition", `read-only hostdir entry "` + sharedEntry + `"`, "readOnly: true under the pod's csi: volume source"} {
+	for _, want := range []string{"FailedPrecondition", "volume shared: ", `read-only hostdir entry "` + sharedEntry + `"`, "readOnly: true under the pod's csi: volume source"} {
 		if !strings.Contains(failed, want) {
 			t.Errorf("the FailedMount event lacks %q: %s", want, failed)
 		}
