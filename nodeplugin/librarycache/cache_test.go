@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -578,9 +579,13 @@ func TestPrefetch(t *testing.T) {
 	reg := libimages.Start(t)
 	image, _ := pushLibrary(t, reg, "python", "v4")
 	pinned := must[string](t)(reg.Push("datadog/dd-lib-java-init", "v4", must[v1.Image](t)(libimages.Library("java", "v4"))))
-	c := newCache(t, Config{Prefetch: []string{image, pinned}}, reg)
+	// The prefetches are over when each has logged its result: the libraries gauge alone
+	// rises before a prefetch's download has handed its entry back, and a Layer call in that
+	// window joins the download instead of hitting the cache.
+	var log syncBuffer
+	c := newCache(t, Config{Prefetch: []string{image, pinned}, Logger: slog.New(slog.NewJSONHandler(&log, nil))}, reg)
 	deadline := time.Now().Add(10 * time.Second)
-	for metricValue(t, c.metrics.libraries) < 2 && time.Now().Before(deadline) {
+	for strings.Count(log.String(), `"msg":"prefetched library"`) < 2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if n := metricValue(t, c.metrics.libraries); n != 2 {

@@ -160,7 +160,8 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	if _, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log}); err != nil {
+	mutator, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log})
+	if err != nil {
 		tb.Fatal(err)
 	}
 	h.mgr, h.stop = mgr, cancel
@@ -180,6 +181,14 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	}
 	if !mgr.GetCache().WaitForCacheSync(ctx) {
 		tb.Fatal("informers did not sync")
+	}
+	// What the webhook's readiness check waits for too: auto and image-volume decisions need
+	// the API server's version.
+	for mutator.ServerVersion() == "" {
+		if time.Now().After(deadline) {
+			tb.Fatal("the webhook did not read the API server's version")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	return h
 }
