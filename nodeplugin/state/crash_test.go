@@ -169,17 +169,7 @@ func TestStoreSurvivesKillAtAnyPoint(t *testing.T) {
 // rest without reporting damage, and the next Put lands on a clean line.
 func TestStoreDropsATornTail(t *testing.T) {
 	dir := t.TempDir()
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range 3 {
-		if err := s.Put(crashRecord(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	s.Close()
-	journal := filepath.Join(dir, "volumes", journalName)
+	journal := journalOfThreeRecords(t, dir)
 	full, err := os.ReadFile(journal)
 	if err != nil {
 		t.Fatal(err)
@@ -218,24 +208,14 @@ func TestStoreDropsATornTail(t *testing.T) {
 // records around it are kept.
 func TestStoreReportsDamageInTheMiddle(t *testing.T) {
 	dir := t.TempDir()
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range 3 {
-		if err := s.Put(crashRecord(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	s.Close()
-	journal := filepath.Join(dir, "volumes", journalName)
+	journal := journalOfThreeRecords(t, dir)
 	data, _ := os.ReadFile(journal)
 	second := strings.IndexByte(string(data), '\n') + 1
 	data[second+100] ^= 0x20 // one flipped bit in the second record
 	if err := os.WriteFile(journal, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s, err = Open(dir)
+	s, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -284,4 +264,21 @@ func TestStorePutsShareSyncs(t *testing.T) {
 	if err != nil || len(back) != 200 {
 		t.Fatalf("%d records on disk, %v; want 200", len(back), err)
 	}
+}
+
+// journalOfThreeRecords writes crashRecord(0..2) into a store in dir, closes it and returns
+// the journal's path.
+func journalOfThreeRecords(t *testing.T, dir string) string {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := s.Put(crashRecord(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	return filepath.Join(dir, "volumes", journalName)
 }
