@@ -24,6 +24,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -184,11 +185,11 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	}
 	// What the webhook's readiness check waits for too: auto and image-volume decisions need
 	// the API server's version.
-	for mutator.ServerVersion() == "" {
-		if time.Now().After(deadline) {
-			tb.Fatal("the webhook did not read the API server's version")
-		}
-		time.Sleep(50 * time.Millisecond)
+	err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Until(deadline), true, func(context.Context) (bool, error) {
+		return mutator.ServerVersion() != "", nil
+	})
+	if err != nil {
+		tb.Fatalf("the webhook did not read the API server's version: %v", err)
 	}
 	return h
 }
