@@ -817,7 +817,8 @@ func (c *Cluster) RegistryAddr() string { return c.opts.RegistryAddr }
 // ContainerdAddress is containerd's socket (for ctr --address or crictl --runtime-endpoint).
 func (c *Cluster) ContainerdAddress() string { return c.opts.containerdSocket() }
 
-// BinDir holds the Kubernetes binaries the cluster runs (kubectl among them).
+// BinDir holds the binaries the cluster runs: Kubernetes (kubectl among them), etcd and the
+// container runtime (containerd, containerd-shim-runc-v2, ctr, runc).
 func (c *Cluster) BinDir() string { return c.opts.BinDir }
 
 // LogPath is the log file of a component: etcd, containerd, registry, kube-apiserver,

@@ -51,13 +51,15 @@ func (o Options) etcdArgs() []string {
 	}
 }
 
-// writeContainerdConfig writes a containerd 2 config (version 3) that keeps everything under
-// Root: its own root, state, socket, runc root, CNI config and network namespaces. The CRI
+// writeContainerdConfig writes a containerd 2 config that keeps everything under Root: its own root, state, socket, runc root, CNI config and network namespaces. The CRI
 // plugin runs the shim and runc from BinDir by absolute path, so a containerd installed on the
 // host is never used. restrict_oom_score_adj is needed on these VMs: they refuse negative
 // oom_score_adj and every sandbox then fails in runc ("can't get final child's PID from pipe").
 // Images are pulled through the hosts directory that writeRegistryHosts fills: the loopback
 // registry is a plain-HTTP host there, as a registry mirror on a real node would be.
+// Config version 3 is read by every containerd 2.x (CONTAINERD_VERSION may go down to 2.2, the
+// oldest that mounts image volumes with subPath); 2.3 and newer migrate it in memory to their
+// version 4 at start, which only moves the socket addresses into server plugins.
 func (o Options) writeContainerdConfig() (string, error) {
 	q := func(s string) string { b, _ := json.Marshal(s); return string(b) } // TOML basic strings accept JSON escapes
 	cfg := fmt.Sprintf(`version = 3
