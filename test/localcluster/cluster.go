@@ -664,7 +664,7 @@ func (o Options) killLeftoverContainers(ctx context.Context) error {
 	var errs []error
 	nsDirs, _ := filepath.Glob(filepath.Join(o.runcRoot(), "*"))
 	for _, nsDir := range nsDirs {
-		out, err := run(ctx, o.program("runc"), "--root", nsDir, "list", "-q")
+		out, err := runStdout(ctx, o.program("runc"), "--root", nsDir, "list", "-q")
 		if err != nil {
 			continue
 		}
@@ -937,7 +937,8 @@ func tarballRefs(path string) ([]string, error) {
 
 // ctr runs containerd's CLI against the cluster's containerd, in the CRI namespace.
 func (o Options) ctr(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, o.program("ctr"), append([]string{"--address", o.containerdSocket(), "--namespace", "k8s.io"}, args...)...)
+	// stdout only: containerd's client prints warnings (cgroup v1 deprecation) on stderr.
+	return runStdout(ctx, o.program("ctr"), append([]string{"--address", o.containerdSocket(), "--namespace", "k8s.io"}, args...)...)
 }
 
 // CreateNamespace creates a namespace and waits until its default ServiceAccount exists
