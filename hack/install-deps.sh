@@ -8,7 +8,7 @@
 #
 # Prints the directory to use as KUBEBUILDER_ASSETS. With --packages-only, installs the Debian
 # packages and Node.js only (what `make images` needs) and prints nothing. With
-# --apiserver-only VERSION, builds only kube-apiserver and kubectl of that Kubernetes version
+# --apiserver-only VERSION, builds only kube-apiserver of that Kubernetes version
 # (the deploy validation on the oldest supported version) and prints their directory, etcd
 # linked next to them.
 set -euo pipefail
@@ -67,7 +67,7 @@ link() { # link TARGET NAME: replaces $bin/NAME atomically (concurrent runs read
 }
 
 if [[ -n "$apiserver_version" ]]; then
-	bin="$(K8S_VERSION="$apiserver_version" K8S_BINARIES="kube-apiserver kubectl" "$(dirname "$0")/k8s-binaries.sh")"
+	bin="$(K8S_VERSION="$apiserver_version" K8S_BINARIES="kube-apiserver" "$(dirname "$0")/k8s-binaries.sh")"
 	link "$etcd" etcd
 	echo "$bin"
 	exit 0

@@ -11,7 +11,7 @@
 # Usage: hack/k8s-binaries.sh            prints the directory holding the binaries
 # Env:   K8S_VERSION   Kubernetes version (default 1.37.2, the newest supported minor)
 #        K8S_BINARIES  space-separated subset to build (default: all five); the deploy
-#                      validation on an older minor only needs "kube-apiserver kubectl"
+#                      validation on an older minor only needs "kube-apiserver"
 #        APM_CSI_CACHE cache directory (default ~/.cache/apm-csi)
 set -euo pipefail
 
