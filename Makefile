@@ -38,6 +38,9 @@ build: ## Build apm-csi-node and apm-csi-webhook into ./bin (static).
 K8S_VERSION     ?= 1.37.2
 K8S_MIN_VERSION ?= 1.35.4
 export K8S_VERSION
+# envtest's kube-apiserver start timeout (its default, 20 s, is too short for kube-apiserver
+# 1.37 on a busy 2-core machine).
+export KUBEBUILDER_CONTROLPLANE_START_TIMEOUT ?= 60s
 
 .PHONY: test
 test: deps lint test-unit fuzz test-integration ## Everything CI runs: deps, lint, unit, fuzz, root integration, sanity, envtest, deploy, e2e.
