@@ -253,7 +253,11 @@ func (c *Cluster) start(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	if _, err := o.startProcess(compAPIServer, filepath.Join(o.BinDir, "kube-apiserver"), o.apiServerArgs()...); err != nil {
+	// busybox's wget, the in-pod HTTPS client of the tests and the demo, offers only SHA-1
+	// ECDSA signatures in TLS 1.2, which Go 1.25+ refuses by default (kube-apiserver 1.37 is
+	// built with Go 1.26 defaults); a test cluster accepts them.
+	apiServerEnv := append(os.Environ(), "GODEBUG=tlssha1=1")
+	if _, err := o.startProcessEnv(compAPIServer, filepath.Join(o.BinDir, "kube-apiserver"), apiServerEnv, o.apiServerArgs()...); err != nil {
 		return err
 	}
 	// The kubelet and kube-proxy retry until the API server answers: start them now.
