@@ -73,6 +73,12 @@ func apiServer(t *testing.T, api kubeAPI) (client.Client, *warnings) {
 		CRDDirectoryPaths:     []string{filepath.Join(repoRoot(t), "test/deploy/testdata/crds")},
 		ErrorIfCRDPathMissing: true,
 	}
+	// envtest prefers KUBEBUILDER_ASSETS over BinaryAssetsDirectory; the version under test
+	// must win, so its binaries are named explicitly.
+	env.ControlPlane.GetAPIServer().Path = filepath.Join(api.Assets, "kube-apiserver")
+	if _, err := os.Stat(filepath.Join(api.Assets, "etcd")); err == nil {
+		env.ControlPlane.Etcd = &envtest.Etcd{Path: filepath.Join(api.Assets, "etcd")}
+	}
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatalf("start kube-apiserver: %v", err)
