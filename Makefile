@@ -32,12 +32,23 @@ build: ## Build apm-csi-node and apm-csi-webhook into ./bin (static).
 
 ##@ Test
 
+# Supported Kubernetes versions: the newest (K8S_VERSION) runs everything, the oldest
+# (K8S_MIN_VERSION) also runs the deploy validation (dry run and admission policy on a real
+# kube-apiserver). Both are built through the Go module proxy and cached by version.
+K8S_VERSION     ?= 1.37.2
+K8S_MIN_VERSION ?= 1.35.4
+export K8S_VERSION
+# envtest's kube-apiserver start timeout (its default, 20 s, is too short for kube-apiserver
+# 1.37 on a busy 2-core machine).
+export KUBEBUILDER_CONTROLPLANE_START_TIMEOUT ?= 60s
+
 .PHONY: test
 test: deps lint test-unit fuzz test-integration ## Everything CI runs: deps, lint, unit, fuzz, root integration, sanity, envtest, deploy, e2e.
 
 .PHONY: deps
-deps: ## Install Debian packages and build/cache the Kubernetes binaries the tests need.
+deps: ## Install Debian packages and build/cache the Kubernetes binaries and container runtime the tests need.
 	@hack/install-deps.sh >/dev/null
+	@hack/install-deps.sh --apiserver-only $(K8S_MIN_VERSION) >/dev/null
 
 .PHONY: lint
 lint: ## gofmt and go vet.
@@ -59,7 +70,8 @@ fuzz: ## Run each fuzz target for its execution budget (default FUZZ_EXECS).
 
 .PHONY: test-integration
 test-integration: deps ## Root-only tests under test/: real mounts, registry, csi-sanity, envtest, deploy, e2e.
-	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" go test -count=1 -p 1 -timeout 60m ./test/...
+	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" KUBEBUILDER_ASSETS_MIN="$$(hack/install-deps.sh --apiserver-only $(K8S_MIN_VERSION))" \
+		go test -count=1 -p 1 -timeout 60m ./test/...
 
 ##@ Cleanup
 
@@ -106,7 +118,7 @@ cluster-down: ## Stop the local cluster and remove everything it started: proces
 
 MANIFESTS_DIR ?= _output/manifests
 CHART         := deploy/helm/apm-csi
-CHART_KUBE_VERSION ?= 1.34.2
+CHART_KUBE_VERSION ?= $(K8S_VERSION)
 
 .PHONY: helm
 helm: ## Build helm through the Go module proxy (cached under ~/.cache/apm-csi/helm) and print its path.
@@ -134,8 +146,9 @@ helm-lint: ## helm lint --strict the chart with its defaults and with every ci/*
 		for v in $(CHART)/ci/*-values.yaml; do "$$helm" lint $(CHART) --strict --kube-version $(CHART_KUBE_VERSION) --values "$$v"; done
 
 .PHONY: test-deploy
-test-deploy: deps ## Deploy checks alone: render, dry-run on a real kube-apiserver, flags vs binaries, RBAC, chart schema.
-	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" HELM="$$(hack/helm.sh)" go test -count=1 -timeout 20m ./test/deploy/...
+test-deploy: deps ## Deploy checks alone: render, dry-run on real kube-apiservers (oldest and newest supported), flags vs binaries, RBAC, chart schema.
+	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" KUBEBUILDER_ASSETS_MIN="$$(hack/install-deps.sh --apiserver-only $(K8S_MIN_VERSION))" \
+		HELM="$$(hack/helm.sh)" go test -count=1 -timeout 20m ./test/deploy/...
 
 ##@ Demo and end-to-end
 

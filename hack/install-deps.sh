@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # Installs what the test suites and the local cluster need on a Debian machine, idempotently:
 # Debian packages (only when one is missing, so repeated runs stay fast), the Kubernetes
-# binaries built through the Go module proxy (cached by version), and etcd next to them so
-# that controller-runtime's envtest finds everything in one directory.
+# binaries and the container runtime (containerd, its runc shim, ctr, runc) built through the
+# Go module proxy (cached by version), and links to etcd and the runtime next to the Kubernetes
+# binaries so that controller-runtime's envtest and the local cluster find everything in one
+# directory.
 #
 # Prints the directory to use as KUBEBUILDER_ASSETS. With --packages-only, installs the Debian
-# packages and Node.js only (what `make images` needs) and prints nothing.
+# packages and Node.js only (what `make images` needs) and prints nothing. With
+# --apiserver-only VERSION, builds only kube-apiserver of that Kubernetes version
+# (the deploy validation on the oldest supported version) and prints their directory, etcd
+# linked next to them.
 set -euo pipefail
 packages_only=false
-[[ "${1:-}" == "--packages-only" ]] && packages_only=true
+apiserver_version=""
+case "${1:-}" in
+--packages-only) packages_only=true ;;
+--apiserver-only)
+	apiserver_version="${2:?--apiserver-only needs a Kubernetes version, e.g. 1.35.4}"
+	;;
+esac
 
-packages=(etcd-server containerd runc containernetworking-plugins busybox-static iproute2 util-linux e2fsprogs curl ca-certificates)
+# gcc, libc6-dev, pkg-config and libseccomp-dev build runc (hack/containerd-binaries.sh);
+# Debian's containerd and runc are too old for the supported Kubernetes versions.
+packages=(etcd-server containernetworking-plugins busybox-static iproute2 iptables util-linux e2fsprogs curl ca-certificates gcc libc6-dev pkg-config libseccomp-dev)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,8 +37,8 @@ if ((${#missing[@]})); then
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq >&2
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-	# Debian starts containerd and etcd as services on install; the tests start their own.
-	systemctl disable --now containerd etcd >/dev/null 2>&1 || true
+	# Debian starts etcd as a service on install; the tests start their own.
+	systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 
 # Node.js and npm: the end-to-end tests and the demo build their application image from the
@@ -44,11 +57,26 @@ fi
 
 $packages_only && exit 0
 
-bin="$("$(dirname "$0")/k8s-binaries.sh")"
 etcd="$(command -v etcd || true)"
 if [[ -z "$etcd" ]]; then
 	echo "install-deps: etcd not found after installing etcd-server" >&2
 	exit 1
 fi
-ln -sf "$etcd" "$bin/etcd"
+link() { # link TARGET NAME: replaces $bin/NAME atomically (concurrent runs read it)
+	ln -sfn "$1" "$bin/.$2.tmp" && mv -Tf "$bin/.$2.tmp" "$bin/$2"
+}
+
+if [[ -n "$apiserver_version" ]]; then
+	bin="$(K8S_VERSION="$apiserver_version" K8S_BINARIES="kube-apiserver" "$(dirname "$0")/k8s-binaries.sh")"
+	link "$etcd" etcd
+	echo "$bin"
+	exit 0
+fi
+
+bin="$("$(dirname "$0")/k8s-binaries.sh")"
+runtime="$("$(dirname "$0")/containerd-binaries.sh")"
+link "$etcd" etcd
+for p in containerd containerd-shim-runc-v2 ctr runc; do
+	link "$(readlink -f "$runtime/$p")" "$p"
+done
 echo "$bin"

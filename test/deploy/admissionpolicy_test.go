@@ -61,9 +61,17 @@ func csiPod(ns, name, driver string, attrs map[string]string) *corev1.Pod {
 	}
 }
 
+// TestAdmissionPolicyOnAPIServer runs the chart's admission policy on a kube-apiserver of the
+// newest and of the oldest supported Kubernetes version.
 func TestAdmissionPolicyOnAPIServer(t *testing.T) {
+	for _, api := range kubeAPIs(t) {
+		t.Run("v"+api.Version, func(t *testing.T) { testAdmissionPolicyOnAPIServer(t, api) })
+	}
+}
+
+func testAdmissionPolicyOnAPIServer(t *testing.T, api kubeAPI) {
 	objs := policyObjects(t)
-	c, w := apiServer(t)
+	c, w := apiServer(t, api)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	for _, ns := range []string{hostdirNamespace, "plain"} {

@@ -3,6 +3,7 @@ package deploy
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -39,14 +41,43 @@ func (w *warnings) take() []string {
 	return m
 }
 
-// apiServer starts a real kube-apiserver (and etcd) with the cert-manager CRD fixtures
-// installed, and returns a client with a warning collector.
-func apiServer(t *testing.T) (client.Client, *warnings) {
+// kubeAPI is a supported Kubernetes version and the directory holding its kube-apiserver
+// (and etcd).
+type kubeAPI struct {
+	Version string
+	Assets  string
+}
+
+// kubeAPIs are the newest and the oldest supported Kubernetes versions: KUBEBUILDER_ASSETS and
+// KUBEBUILDER_ASSETS_MIN (the Makefile sets both).
+func kubeAPIs(t *testing.T) []kubeAPI {
+	t.Helper()
+	newest := kubeAPI{Version: KubeVersion, Assets: testenv.KubebuilderAssets(t)}
+	oldest := kubeAPI{Version: MinKubeVersion, Assets: os.Getenv("KUBEBUILDER_ASSETS_MIN")}
+	if oldest.Assets == "" {
+		testenv.Missing(t, "KUBEBUILDER_ASSETS_MIN is not set (kube-apiserver v%s, the oldest supported version); run through `make test-deploy`", MinKubeVersion)
+	}
+	if _, err := os.Stat(filepath.Join(oldest.Assets, "kube-apiserver")); err != nil {
+		testenv.Missing(t, "kube-apiserver not found in KUBEBUILDER_ASSETS_MIN=%s; run `make deps`", oldest.Assets)
+	}
+	return []kubeAPI{newest, oldest}
+}
+
+// apiServer starts a real kube-apiserver (and etcd) of the given version with the
+// cert-manager CRD fixtures installed, checks it is that version, and returns a client with a
+// warning collector.
+func apiServer(t *testing.T, api kubeAPI) (client.Client, *warnings) {
 	t.Helper()
 	env := &envtest.Environment{
-		BinaryAssetsDirectory: testenv.KubebuilderAssets(t),
+		BinaryAssetsDirectory: api.Assets,
 		CRDDirectoryPaths:     []string{filepath.Join(repoRoot(t), "test/deploy/testdata/crds")},
 		ErrorIfCRDPathMissing: true,
+	}
+	// envtest prefers KUBEBUILDER_ASSETS over BinaryAssetsDirectory; the version under test
+	// must win, so its binaries are named explicitly.
+	env.ControlPlane.GetAPIServer().Path = filepath.Join(api.Assets, "kube-apiserver")
+	if _, err := os.Stat(filepath.Join(api.Assets, "etcd")); err == nil {
+		env.ControlPlane.Etcd = &envtest.Etcd{Path: filepath.Join(api.Assets, "etcd")}
 	}
 	cfg, err := env.Start()
 	if err != nil {
@@ -57,6 +88,17 @@ func apiServer(t *testing.T) (client.Client, *warnings) {
 			t.Errorf("stop kube-apiserver: %v", err)
 		}
 	})
+	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sv, err := dc.ServerVersion()
+	if err != nil {
+		t.Fatalf("kube-apiserver version: %v", err)
+	}
+	if sv.GitVersion != "v"+api.Version {
+		t.Fatalf("kube-apiserver in %s is %s, want v%s (rebuild with `make deps`)", api.Assets, sv.GitVersion, api.Version)
+	}
 	w := &warnings{}
 	cfg = rest.CopyConfig(cfg)
 	cfg.WarningHandler = w
@@ -73,12 +115,19 @@ func dryRun(ctx context.Context, c client.Client, obj *unstructured.Unstructured
 	return c.Create(ctx, obj.DeepCopy(), client.DryRunAll, client.FieldValidation("Strict"))
 }
 
-// TestDryRun submits every object of every variant to a real kube-apiserver. Namespaces are
+// TestDryRun submits every object of every variant, rendered for that version, to a real
+// kube-apiserver of the newest and of the oldest supported Kubernetes version. Namespaces are
 // created for real first (a namespaced dry run needs its namespace), everything else is a
 // server-side dry run, so variants do not collide.
 func TestDryRun(t *testing.T) {
+	for _, api := range kubeAPIs(t) {
+		t.Run("v"+api.Version, func(t *testing.T) { testDryRun(t, api) })
+	}
+}
+
+func testDryRun(t *testing.T, api kubeAPI) {
 	variants := Variants(t)
-	c, w := apiServer(t)
+	c, w := apiServer(t, api)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
@@ -106,6 +155,7 @@ func TestDryRun(t *testing.T) {
 	})
 
 	for _, v := range variants {
+		v.KubeVersion = api.Version
 		t.Run(v.Name, func(t *testing.T) {
 			objs := Objects(t, v)
 			// Namespaces first, for real: the variant's own Namespace objects, then any other

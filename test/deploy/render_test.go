@@ -31,9 +31,15 @@ import (
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
-// KubeVersion is the Kubernetes version the chart is rendered for: the version of the
-// kube-apiserver the dry run uses (hack/k8s-binaries.sh).
-const KubeVersion = "1.34.2"
+// KubeVersion is the newest supported Kubernetes version, the one the chart is rendered for
+// by default: the version of the kube-apiserver in KUBEBUILDER_ASSETS (hack/k8s-binaries.sh's
+// default). MinKubeVersion is the oldest supported one: the dry run and the admission policy
+// run on a kube-apiserver of each (KUBEBUILDER_ASSETS_MIN holds the oldest, from
+// `hack/install-deps.sh --apiserver-only`).
+const (
+	KubeVersion    = "1.37.2"
+	MinKubeVersion = "1.35.4"
+)
 
 // chartDir is the chart, relative to the repository root.
 const chartDir = "deploy/helm/apm-csi"
@@ -51,6 +57,16 @@ type Variant struct {
 	Helm bool
 	// Namespace is the install namespace (helm --namespace); kustomize overlays set their own.
 	Namespace string
+	// KubeVersion is the Kubernetes version the chart is rendered for (helm --kube-version);
+	// "" is KubeVersion.
+	KubeVersion string
+}
+
+func (v Variant) kubeVersion() string {
+	if v.KubeVersion != "" {
+		return v.KubeVersion
+	}
+	return KubeVersion
 }
 
 // Required variants: the issue's list. Discovery below adds every other overlay and values
@@ -185,7 +201,7 @@ func runEnv(t testing.TB, env []string, name string, args ...string) ([]byte, er
 
 // helmTemplateArgs are the arguments of `helm template` for a variant (plus extra ones).
 func helmTemplateArgs(v Variant, extra ...string) []string {
-	args := []string{"template", "apm-csi", chartDir, "--namespace", v.Namespace, "--kube-version", KubeVersion}
+	args := []string{"template", "apm-csi", chartDir, "--namespace", v.Namespace, "--kube-version", v.kubeVersion()}
 	if v.Values != "" {
 		args = append(args, "--values", v.Values)
 	}
@@ -202,7 +218,8 @@ func Render(t testing.TB, v Variant) []byte {
 	t.Helper()
 	renders.Lock()
 	defer renders.Unlock()
-	if out, ok := renders.out[v.Name]; ok {
+	key := v.Name + "@" + v.kubeVersion()
+	if out, ok := renders.out[key]; ok {
 		return out
 	}
 	var (
@@ -220,7 +237,7 @@ func Render(t testing.TB, v Variant) []byte {
 	if renders.out == nil {
 		renders.out = map[string][]byte{}
 	}
-	renders.out[v.Name] = out
+	renders.out[key] = out
 	return out
 }
 

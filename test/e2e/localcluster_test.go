@@ -3,11 +3,13 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -104,6 +106,20 @@ func TestLocalClusterSmoke(t *testing.T) {
 	})
 	t.Run("services", func(t *testing.T) { checkServices(t, ctx, c, cs) })
 	t.Run("registry", func(t *testing.T) { checkRegistry(t, ctx, c) })
+	t.Run("containerd pulls from the loopback registry over plain HTTP", func(t *testing.T) {
+		checkRegistryPull(t, ctx, c, cs)
+	})
+	t.Run("imported images are pinned against image garbage collection", func(t *testing.T) {
+		pinned, err := c.PinnedImages(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ref := range []string{images.PauseRef, images.BusyboxRef} {
+			if !slices.Contains(pinned, ref) {
+				t.Errorf("%s is not pinned (pinned: %v); the kubelet's image GC could delete it and it cannot be pulled again", ref, pinned)
+			}
+		}
+	})
 
 	start = time.Now()
 	if err := c.Down(ctx); err != nil {
@@ -154,6 +170,46 @@ func checkNode(t *testing.T, ctx context.Context, c *localcluster.Cluster, cs ku
 	}
 	if internalIP != c.NodeIP() {
 		t.Errorf("node InternalIP %q, want the bridge address %s", internalIP, c.NodeIP())
+	}
+	// Image volumes with subPath need containerd 2.2 or newer.
+	runtime := node.Status.NodeInfo.ContainerRuntimeVersion
+	var major, minor int
+	if _, err := fmt.Sscanf(runtime, "containerd://%d.%d", &major, &minor); err != nil || major < 2 || (major == 2 && minor < 2) {
+		t.Errorf("node runtime %q, want containerd 2.2 or newer", runtime)
+	}
+}
+
+// checkRegistryPull runs a pod whose image exists only in the loopback registry (pushed by
+// checkRegistry, never imported): containerd must pull it itself, through the plain-HTTP
+// registry host the cluster configures.
+func checkRegistryPull(t *testing.T, ctx context.Context, c *localcluster.Cluster, cs kubernetes.Interface) {
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "registry-pull", Namespace: smokeNamespace},
+		Spec: corev1.PodSpec{
+			Containers: []corev1.Container{{
+				Name:            "pulled",
+				Image:           c.RegistryAddr() + "/dd-lib-smoke-init:v1",
+				ImagePullPolicy: corev1.PullAlways,
+				Command:         []string{"sh", "-c", "echo pulled"},
+			}},
+			RestartPolicy: corev1.RestartPolicyNever,
+		},
+	}
+	if _, err := cs.CoreV1().Pods(smokeNamespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p := waitPod(t, ctx, cs, pod.Name, func(p *corev1.Pod) bool {
+		return p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
+	})
+	if p.Status.Phase != corev1.PodSucceeded {
+		t.Fatalf("pod with an image from %s: %s %+v", c.RegistryAddr(), p.Status.Phase, p.Status.ContainerStatuses)
+	}
+	log, err := os.ReadFile(c.LogPath("registry"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(log), "/v2/dd-lib-smoke-init/manifests/v1") {
+		t.Errorf("the registry log shows no manifest request for the pod's image:\n%s", log)
 	}
 }
 

@@ -788,7 +788,7 @@ func killNodePlugin(t *testing.T, ctx context.Context, e *env) int32 {
 		if !ok {
 			t.Fatalf("node plugin container id %q", s.ContainerID)
 		}
-		cmd := exec.CommandContext(ctx, "ctr", "--address", e.c.ContainerdAddress(), "--namespace", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", id)
+		cmd := exec.CommandContext(ctx, filepath.Join(e.c.BinDir(), "ctr"), "--address", e.c.ContainerdAddress(), "--namespace", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", id)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("ctr tasks kill: %v\n%s", err, out)
 		}

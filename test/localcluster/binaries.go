@@ -13,11 +13,14 @@ import (
 	"syscall"
 )
 
-// kubeBinaries are the programs BinDir must hold.
-var kubeBinaries = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"}
+// kubeBinaries are the programs BinDir must hold: the Kubernetes binaries and the container
+// runtime, both built through the Go module proxy (hack/k8s-binaries.sh,
+// hack/containerd-binaries.sh), and etcd, all linked there by hack/install-deps.sh.
+var kubeBinaries = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl",
+	"containerd", "containerd-shim-runc-v2", "ctr", "runc", "etcd"}
 
 // Debian programs the cluster runs; hack/install-deps.sh installs their packages.
-var hostPrograms = []string{"etcd", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"}
+var hostPrograms = []string{"ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"}
 
 const projectModule = "github.com/apm-csi/apm-csi"
 
@@ -42,7 +45,8 @@ func FindRepoRoot(dir string) (string, error) {
 
 // resolveBinaries fills in RepoRoot, BinDir and KubeProxy, installing and building what is
 // missing: hack/install-deps.sh installs the Debian packages and builds the Kubernetes binaries
-// through the Go module proxy (cached by version); EnsureKubeProxy adds kube-proxy.
+// and the container runtime through the Go module proxy (cached by version); EnsureKubeProxy
+// adds kube-proxy.
 func (o *Options) resolveBinaries(ctx context.Context) error {
 	if o.BinDir == "" {
 		if o.RepoRoot == "" {
@@ -84,6 +88,22 @@ func (o *Options) resolveBinaries(ctx context.Context) error {
 		o.KubeProxy = kp
 	}
 	return nil
+}
+
+// program is the path of one of kubeBinaries: in BinDir, or looked up on PATH when BinDir is
+// unknown (Down of a cluster whose state file is gone).
+func (o Options) program(name string) string {
+	if o.BinDir != "" {
+		if p := filepath.Join(o.BinDir, name); fileExists(p) {
+			return p
+		}
+	}
+	return name
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // EnsureKubeProxy returns kube-proxy of the same Kubernetes version as the binaries in binDir

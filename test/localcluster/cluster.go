@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net/http"
 	"os"
@@ -24,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -171,6 +173,9 @@ func (c *Cluster) start(ctx context.Context) error {
 	if err := o.writeCNIConfig(); err != nil {
 		return err
 	}
+	if err := o.writeRegistryHosts(); err != nil {
+		return err
+	}
 	containerdConfig, err := o.writeContainerdConfig()
 	if err != nil {
 		return err
@@ -199,10 +204,13 @@ func (c *Cluster) start(ctx context.Context) error {
 	}
 	step.done("host prepared (bridge, certificates, configs, shared kubelet and hostPath dirs)")
 
-	if _, err := o.startProcess(compEtcd, "etcd", o.etcdArgs()...); err != nil {
+	if _, err := o.startProcess(compEtcd, o.program("etcd"), o.etcdArgs()...); err != nil {
 		return err
 	}
-	if _, err := o.startProcess(compContainerd, "containerd", o.containerdArgs(containerdConfig)...); err != nil {
+	// containerd's directory first on its PATH: it finds the shim there (the CRI runtime also
+	// names it by path), whatever other containerd the host has installed.
+	containerdEnv := append(os.Environ(), "PATH="+o.BinDir+":"+os.Getenv("PATH"))
+	if _, err := o.startProcessEnv(compContainerd, o.program("containerd"), containerdEnv, o.containerdArgs(containerdConfig)...); err != nil {
 		return err
 	}
 	if err := c.startRegistry(ctx); err != nil {
@@ -245,7 +253,11 @@ func (c *Cluster) start(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	if _, err := o.startProcess(compAPIServer, filepath.Join(o.BinDir, "kube-apiserver"), o.apiServerArgs()...); err != nil {
+	// busybox's wget, the in-pod HTTPS client of the tests and the demo, offers only SHA-1
+	// ECDSA signatures in TLS 1.2, which Go 1.25+ refuses by default (kube-apiserver 1.37 is
+	// built with Go 1.26 defaults); a test cluster accepts them.
+	apiServerEnv := append(os.Environ(), "GODEBUG=tlssha1=1")
+	if _, err := o.startProcessEnv(compAPIServer, filepath.Join(o.BinDir, "kube-apiserver"), apiServerEnv, o.apiServerArgs()...); err != nil {
 		return err
 	}
 	// The kubelet and kube-proxy retry until the API server answers: start them now.
@@ -656,13 +668,13 @@ func (o Options) killLeftoverContainers(ctx context.Context) error {
 	var errs []error
 	nsDirs, _ := filepath.Glob(filepath.Join(o.runcRoot(), "*"))
 	for _, nsDir := range nsDirs {
-		out, err := run(ctx, "runc", "--root", nsDir, "list", "-q")
+		out, err := runStdout(ctx, o.program("runc"), "--root", nsDir, "list", "-q")
 		if err != nil {
 			continue
 		}
 		for _, id := range strings.Fields(out) {
-			_, _ = run(ctx, "runc", "--root", nsDir, "kill", "--all", id, "KILL")
-			if _, err := run(ctx, "runc", "--root", nsDir, "delete", "--force", id); err != nil {
+			_, _ = run(ctx, o.program("runc"), "--root", nsDir, "kill", "--all", id, "KILL")
+			if _, err := run(ctx, o.program("runc"), "--root", nsDir, "delete", "--force", id); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -809,7 +821,8 @@ func (c *Cluster) RegistryAddr() string { return c.opts.RegistryAddr }
 // ContainerdAddress is containerd's socket (for ctr --address or crictl --runtime-endpoint).
 func (c *Cluster) ContainerdAddress() string { return c.opts.containerdSocket() }
 
-// BinDir holds the Kubernetes binaries the cluster runs (kubectl among them).
+// BinDir holds the binaries the cluster runs: Kubernetes (kubectl among them), etcd and the
+// container runtime (containerd, containerd-shim-runc-v2, ctr, runc).
 func (c *Cluster) BinDir() string { return c.opts.BinDir }
 
 // LogPath is the log file of a component: etcd, containerd, registry, kube-apiserver,
@@ -871,21 +884,65 @@ func manifestFlag(path string) string {
 	return "-f"
 }
 
-// ImportImage loads an image tarball (docker-archive or OCI archive, as written by
-// test/images) into containerd's k8s.io namespace, where the kubelet finds it. Pods then use
-// the image's reference with imagePullPolicy IfNotPresent or Never.
+// ImportImage loads an image tarball (docker-archive, as written by test/images) into
+// containerd's k8s.io namespace, where the kubelet finds it, and pins it: an imported image
+// cannot be pulled again, so the kubelet's image garbage collection must never remove it
+// (containerd's CRI plugin reports images labelled io.cri-containerd.pinned=pinned as pinned,
+// and the kubelet skips pinned images). Pods then use the image's reference with
+// imagePullPolicy IfNotPresent or Never. Images that pods or image volumes pull from the
+// loopback registry (RegistryAddr) are pulled by containerd instead.
 func (c *Cluster) ImportImage(ctx context.Context, tarballPath string) error {
+	refs, err := tarballRefs(tarballPath)
+	if err != nil {
+		return fmt.Errorf("import %s: %w", tarballPath, err)
+	}
 	out, err := c.opts.ctr(ctx, "images", "import", tarballPath)
 	if err != nil {
 		return fmt.Errorf("import %s: %w", tarballPath, err)
 	}
-	c.opts.logf("image: %s", strings.TrimSpace(out))
+	for _, ref := range refs {
+		if _, err := c.opts.ctr(ctx, "images", "label", ref, pinnedLabel+"=pinned"); err != nil {
+			return fmt.Errorf("pin %s imported from %s: %w", ref, tarballPath, err)
+		}
+	}
+	c.opts.logf("image: %s (pinned: %s)", strings.TrimSpace(out), strings.Join(refs, ", "))
 	return nil
+}
+
+// pinnedLabel is the containerd image label its CRI plugin reports as a pinned image.
+const pinnedLabel = "io.cri-containerd.pinned"
+
+// PinnedImages lists the references of the images in containerd's CRI namespace that carry
+// the pinned label.
+func (c *Cluster) PinnedImages(ctx context.Context) ([]string, error) {
+	out, err := c.opts.ctr(ctx, "images", "ls", "-q", `labels."`+pinnedLabel+`"==pinned`)
+	if err != nil {
+		return nil, err
+	}
+	return strings.Fields(out), nil
+}
+
+// tarballRefs returns the references an image tarball is tagged with (its manifest's
+// RepoTags), the names `ctr images import` gives the images.
+func tarballRefs(path string) ([]string, error) {
+	m, err := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(path) })
+	if err != nil {
+		return nil, fmt.Errorf("read the image tarball's manifest: %w", err)
+	}
+	var refs []string
+	for _, d := range m {
+		refs = append(refs, d.RepoTags...)
+	}
+	if len(refs) == 0 {
+		return nil, errors.New("the image tarball names no image (no RepoTags); build it with a reference")
+	}
+	return refs, nil
 }
 
 // ctr runs containerd's CLI against the cluster's containerd, in the CRI namespace.
 func (o Options) ctr(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, "ctr", append([]string{"--address", o.containerdSocket(), "--namespace", "k8s.io"}, args...)...)
+	// stdout only: containerd's client prints warnings (cgroup v1 deprecation) on stderr.
+	return runStdout(ctx, o.program("ctr"), append([]string{"--address", o.containerdSocket(), "--namespace", "k8s.io"}, args...)...)
 }
 
 // CreateNamespace creates a namespace and waits until its default ServiceAccount exists

@@ -51,13 +51,18 @@ func (o Options) etcdArgs() []string {
 	}
 }
 
-// writeContainerdConfig writes a containerd 1.6 config (version 2) that keeps everything
-// under Root: its own root, state, socket, runc root, CNI config and network namespaces.
-// restrict_oom_score_adj is needed on these VMs: they refuse negative oom_score_adj and every
-// sandbox then fails in runc ("can't get final child's PID from pipe").
+// writeContainerdConfig writes a containerd 2 config that keeps everything under Root: its own root, state, socket, runc root, CNI config and network namespaces. The CRI
+// plugin runs the shim and runc from BinDir by absolute path, so a containerd installed on the
+// host is never used. restrict_oom_score_adj is needed on these VMs: they refuse negative
+// oom_score_adj and every sandbox then fails in runc ("can't get final child's PID from pipe").
+// Images are pulled through the hosts directory that writeRegistryHosts fills: the loopback
+// registry is a plain-HTTP host there, as a registry mirror on a real node would be.
+// Config version 3 is read by every containerd 2.x (CONTAINERD_VERSION may go down to 2.2, the
+// oldest that mounts image volumes with subPath); 2.3 and newer migrate it in memory to their
+// version 4 at start, which only moves the socket addresses into server plugins.
 func (o Options) writeContainerdConfig() (string, error) {
 	q := func(s string) string { b, _ := json.Marshal(s); return string(b) } // TOML basic strings accept JSON escapes
-	cfg := fmt.Sprintf(`version = 2
+	cfg := fmt.Sprintf(`version = 3
 root = %s
 state = %s
 
@@ -67,27 +72,53 @@ state = %s
 [plugins."io.containerd.internal.v1.opt"]
   path = %s
 
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = %s
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = %s
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = %s
+
+[plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
     conf_dir = %s
-  [plugins."io.containerd.grpc.v1.cri".containerd]
+  [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
-    snapshotter = "overlayfs"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      runtime_path = %s
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = %s
         Root = %s
         SystemdCgroup = false
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 `, q(o.containerdRoot()), q(o.containerdState()), q(o.containerdSocket()), q(o.path("containerd", "opt")),
-		q(images.PauseRef), q(o.cniConfDir()), q(o.runcRoot()))
+		q(images.PauseRef), q(o.registryHostsDir()), q(o.cniConfDir()),
+		q(o.program("containerd-shim-runc-v2")), q(o.program("runc")), q(o.runcRoot()))
 	path := filepath.Join(o.configDir(), "containerd.toml")
 	return path, os.WriteFile(path, []byte(cfg), 0o644)
+}
+
+// writeRegistryHosts configures the loopback registry as a plain-HTTP registry host of
+// containerd (<registryHostsDir>/<host:port>/hosts.toml): pods whose images (or image volumes)
+// name RegistryAddr are pulled from it by containerd itself, like on a real node.
+func (o Options) writeRegistryHosts() error {
+	dir := filepath.Join(o.registryHostsDir(), o.RegistryAddr)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	hosts := fmt.Sprintf(`server = "http://%[1]s"
+
+[host."http://%[1]s"]
+  capabilities = ["pull", "resolve"]
+`, o.RegistryAddr)
+	return os.WriteFile(filepath.Join(dir, "hosts.toml"), []byte(hosts), 0o644)
 }
 
 // writeCNIConfig writes the bridge + host-local + loopback network. The bridge is the one

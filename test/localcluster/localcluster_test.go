@@ -8,7 +8,9 @@ import (
 	"log"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +20,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/yaml"
+
+	"github.com/apm-csi/apm-csi/test/images"
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 func TestOptionsDefaults(t *testing.T) {
@@ -305,5 +310,70 @@ func TestUnescapeMountPath(t *testing.T) {
 	}
 	if got := unescapeMountPath("/plain"); got != "/plain" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// TestContainerdConfigIsReadByContainerd writes the cluster's containerd config and has the
+// real containerd print its effective configuration (`containerd config dump`): every setting
+// the cluster depends on must be there with our value. A key under the wrong plugin or with a
+// wrong name would leave containerd's default in place and show up here.
+func TestContainerdConfigIsReadByContainerd(t *testing.T) {
+	assets := testenv.KubebuilderAssets(t)
+	containerd := filepath.Join(assets, "containerd")
+	if _, err := os.Stat(containerd); err != nil {
+		testenv.Missing(t, "containerd not found in KUBEBUILDER_ASSETS=%s; run `make deps`", assets)
+	}
+	o, err := Options{Root: t.TempDir(), BinDir: assets}.complete()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(o.configDir(), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.writeRegistryHosts(); err != nil {
+		t.Fatal(err)
+	}
+	path, err := o.writeContainerdConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(containerd, "--config", path, "config", "dump").CombinedOutput()
+	if err != nil {
+		t.Fatalf("containerd config dump: %v\n%s", err, out)
+	}
+	// The dump is in containerd's newest config version (2.3+ migrate version 3 in memory);
+	// the keys checked are the same in both.
+	dump := string(out)
+	for key, value := range map[string]string{
+		"root":                         o.containerdRoot(),
+		"address":                      o.containerdSocket(),
+		"restrict_oom_score_adj":       "true",
+		"netns_mounts_under_state_dir": "true",
+		"snapshotter":                  "overlayfs",
+		"sandbox":                      images.PauseRef,
+		"config_path":                  o.registryHostsDir(),
+		"conf_dir":                     o.cniConfDir(),
+		"runtime_path":                 filepath.Join(assets, "containerd-shim-runc-v2"),
+		"BinaryName":                   filepath.Join(assets, "runc"),
+		"Root":                         o.runcRoot(),
+		"SystemdCgroup":                "false",
+	} {
+		re := regexp.MustCompile(`(?m)^\s*` + regexp.QuoteMeta(key) + `\s*=\s*['"]?` + regexp.QuoteMeta(value) + `['"]?\s*$`)
+		if !re.MatchString(dump) {
+			t.Errorf("containerd's effective config lacks %s = %s", key, value)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^\s*bin_dirs\s*=\s*\[['"]/usr/lib/cni['"]\]`).MatchString(dump) {
+		t.Errorf("containerd's effective config lacks bin_dirs = [/usr/lib/cni]")
+	}
+	if t.Failed() {
+		t.Logf("effective config:\n%s", dump)
+	}
+	hosts, err := os.ReadFile(filepath.Join(o.registryHostsDir(), o.RegistryAddr, "hosts.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `server = "http://` + o.RegistryAddr + `"`; !strings.Contains(string(hosts), want) {
+		t.Errorf("hosts.toml of the loopback registry lacks %s:\n%s", want, hosts)
 	}
 }

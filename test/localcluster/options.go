@@ -199,7 +199,12 @@ func (o Options) runDir() string           { return o.path("run") }
 func (o Options) stateFile() string        { return o.path("run", "cluster.json") }
 func (o Options) hostStateFile() string    { return o.path("run", "host.json") }
 func (o Options) etcdDir() string          { return o.path("etcd") }
-func (o Options) containerdRoot() string   { return o.path("containerd", "root") }
+func (o Options) registryHostsDir() string { return o.path("config", "registry-hosts") }
+
+// containerdRoot (image content and snapshots, kept across runs) is apart from "root", where
+// containerd 1.x of older checkouts kept it: containerd 2 migrates a root's metadata in a way
+// containerd 1.x cannot read back.
+func (o Options) containerdRoot() string   { return o.path("containerd", "root-v2") }
 func (o Options) containerdState() string  { return o.path("containerd", "state") }
 func (o Options) containerdSocket() string { return o.path("containerd", "containerd.sock") }
 func (o Options) runcRoot() string         { return o.path("runc") }

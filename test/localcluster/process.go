@@ -36,6 +36,11 @@ func (o Options) LogPath(component string) string {
 // startProcess runs a component in the background, in its own session (so that it survives
 // the CLI exiting and gets no terminal signals), with stdout and stderr in its log file.
 func (o Options) startProcess(component, exe string, args ...string) (*processRecord, error) {
+	return o.startProcessEnv(component, exe, nil, args...)
+}
+
+// startProcessEnv is startProcess with the given environment (nil: this process's).
+func (o Options) startProcessEnv(component, exe string, env []string, args ...string) (*processRecord, error) {
 	logFile, err := os.OpenFile(o.LogPath(component), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, err
@@ -46,6 +51,7 @@ func (o Options) startProcess(component, exe string, args ...string) (*processRe
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.Dir = o.Root
+	cmd.Env = env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", component, err)

@@ -1154,7 +1154,7 @@ func (r *run) removeLibraryImages() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if out, err := exec.CommandContext(ctx, "ctr", args...).CombinedOutput(); err != nil {
+	if out, err := exec.CommandContext(ctx, filepath.Join(r.c.BinDir(), "ctr"), args...).CombinedOutput(); err != nil {
 		r.logf("removing the library images from containerd: %v: %s", err, out)
 	}
 }
