@@ -97,6 +97,9 @@ type Cache struct {
 	pendingDurable []*entry
 	durableSignal  chan struct{}
 	bootID         string
+	// beforeDurableRewrite, when set by a test, runs while an entry is held for its
+	// durability rewrite.
+	beforeDurableRewrite func()
 }
 
 type rejection struct {

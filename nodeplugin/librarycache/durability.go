@@ -73,22 +73,37 @@ func (c *Cache) durabilityWorker() {
 			continue
 		}
 		for _, e := range pending {
-			c.mu.Lock()
-			live := c.entries(e.kind)[e.key] == e && !e.removing
-			meta := e.meta
-			c.mu.Unlock()
-			if !live {
-				continue
-			}
-			meta.Durable = true
-			if err := c.rewriteMeta(e.rel(), meta); err != nil {
-				c.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
-				continue
-			}
-			c.mu.Lock()
-			e.meta.Durable = true
-			c.mu.Unlock()
+			c.recordDurable(e)
 		}
+	}
+}
+
+// recordDurable rewrites e's entry.json as durable. The entry is held busy meanwhile: GC
+// removing it under the rewrite would race the new file into a directory being deleted.
+func (c *Cache) recordDurable(e *entry) {
+	c.mu.Lock()
+	live := c.entries(e.kind)[e.key] == e && !e.removing
+	if live {
+		e.busy++
+	}
+	meta := e.meta
+	c.mu.Unlock()
+	if !live {
+		return
+	}
+	if c.beforeDurableRewrite != nil {
+		c.beforeDurableRewrite()
+	}
+	meta.Durable = true
+	err := c.rewriteMeta(e.rel(), meta)
+	c.mu.Lock()
+	e.busy--
+	if err == nil {
+		e.meta.Durable = true
+	}
+	c.mu.Unlock()
+	if err != nil {
+		c.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
 	}
 }
 
