@@ -80,7 +80,7 @@ type Cache struct {
 	// resolveSlots bounds concurrent tag resolutions (limits.go).
 	resolveSlots chan struct{}
 	clock        clock.Clock
-	// gcMu serialises GC passes.
+	// gcMu serialises GC passes, and excludes them while an entry is recorded durable.
 	gcMu sync.Mutex
 
 	mu        sync.Mutex
@@ -97,8 +97,8 @@ type Cache struct {
 	pendingDurable []*entry
 	durableSignal  chan struct{}
 	bootID         string
-	// beforeDurableRewrite, when set by a test, runs while an entry is held for its
-	// durability rewrite.
+	// beforeDurableRewrite, when set by a test, runs just before an entry's durability
+	// rewrite.
 	beforeDurableRewrite func()
 }
 

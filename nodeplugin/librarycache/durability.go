@@ -78,14 +78,14 @@ func (c *Cache) durabilityWorker() {
 	}
 }
 
-// recordDurable rewrites e's entry.json as durable. The entry is held busy meanwhile: GC
-// removing it under the rewrite would race the new file into a directory being deleted.
+// recordDurable rewrites e's entry.json as durable. It excludes GC passes meanwhile: a GC
+// removing the entry under the rewrite would race the new file into a directory being
+// deleted, and the removal would fail with "directory not empty".
 func (c *Cache) recordDurable(e *entry) {
+	c.gcMu.Lock()
+	defer c.gcMu.Unlock()
 	c.mu.Lock()
 	live := c.entries(e.kind)[e.key] == e && !e.removing
-	if live {
-		e.busy++
-	}
 	meta := e.meta
 	c.mu.Unlock()
 	if !live {
@@ -95,16 +95,13 @@ func (c *Cache) recordDurable(e *entry) {
 		c.beforeDurableRewrite()
 	}
 	meta.Durable = true
-	err := c.rewriteMeta(e.rel(), meta)
-	c.mu.Lock()
-	e.busy--
-	if err == nil {
-		e.meta.Durable = true
-	}
-	c.mu.Unlock()
-	if err != nil {
+	if err := c.rewriteMeta(e.rel(), meta); err != nil {
 		c.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
+		return
 	}
+	c.mu.Lock()
+	e.meta.Durable = true
+	c.mu.Unlock()
 }
 
 func (c *Cache) syncStore() error {

@@ -221,9 +221,6 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The durability worker holds each new entry while it records it durable; wait for that,
-	// so only the publish below holds it.
-	waitDurable(t, imageEntryDir(c, otherLayer))
 	// A publish between lookup and hand-out holds the entry.
 	busy := c.acquireDigest(otherLayer.Digest)
 	if err := c.GC(t.Context(), set()); err != nil {
@@ -507,41 +504,43 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	}
 }
 
-// TestGCSparesAnEntryBeingRecordedDurable: a GC pass while the durability worker rewrites an
-// entry's entry.json must neither remove the entry under the rewrite (the new file would land
-// in a directory being deleted, and the removal fail with "directory not empty") nor fail.
-func TestGCSparesAnEntryBeingRecordedDurable(t *testing.T) {
+// TestGCWaitsForAnEntryBeingRecordedDurable: a GC pass must not run while the durability
+// worker rewrites an entry's entry.json. Removing the entry under the rewrite raced the new
+// file into a directory being deleted, and the removal failed with "directory not empty".
+func TestGCWaitsForAnEntryBeingRecordedDurable(t *testing.T) {
 	reg := libimages.Start(t)
 	ref, _ := pushLibrary(t, reg, "php", "v1")
 	c := newCache(t, Config{GCGracePeriod: time.Nanosecond}, reg)
 	c.mountInfo = "/proc/self/mountinfo"
-	gcDuringRewrite := make(chan error, 1)
+	gcCouldRun := make(chan bool, 1)
+	gcDone := make(chan error, 1)
 	var once sync.Once
 	c.beforeDurableRewrite = func() {
-		once.Do(func() { gcDuringRewrite <- c.GC(context.Background(), set()) })
+		once.Do(func() {
+			free := c.gcMu.TryLock()
+			if free {
+				c.gcMu.Unlock()
+			}
+			gcCouldRun <- free
+			go func() { gcDone <- c.GC(context.Background(), set()) }()
+		})
 	}
 	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: ref})
 	if err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case err := <-gcDuringRewrite:
-		if err != nil {
-			t.Fatalf("GC while an entry is recorded durable: %v", err)
+	case free := <-gcCouldRun:
+		if free {
+			t.Errorf("a GC pass could start while an entry was being recorded durable")
 		}
 	case <-time.After(time.Minute):
 		t.Fatal("the durability worker never rewrote the entry")
 	}
-	waitDurable(t, imageEntryDir(c, layer))
-	if err := c.GC(t.Context(), set()); err != nil {
-		t.Fatal(err)
+	if err := <-gcDone; err != nil {
+		t.Fatalf("GC started during a durability rewrite: %v", err)
 	}
 	if exists(layer.Dir) {
-		t.Errorf("unused entry kept once its durability rewrite was done")
+		t.Errorf("unused entry kept by the GC pass that waited for its durability rewrite")
 	}
-}
-
-// imageEntryDir is the store directory of the image entry that holds l.
-func imageEntryDir(c *Cache, l driver.Layer) string {
-	return filepath.Join(c.dir, "images", strings.TrimPrefix(l.Digest, "sha256:"))
 }
