@@ -82,6 +82,10 @@ type Driver struct {
 	metrics  *Metrics
 	locks    keyedLocks
 	ready    atomic.Bool
+	// verified is closed when Start's background check of the records is done; stopVerify
+	// stops it (Close).
+	verified   chan struct{}
+	stopVerify context.CancelFunc
 
 	mu sync.Mutex
 	// byTarget mirrors the records on disk, keyed by target path.
@@ -193,11 +197,19 @@ func New(cfg Config) (*Driver, error) {
 		locks:       keyedLocks{held: map[string]*keyedLock{}},
 		byTarget:    map[string]*state.Record{},
 		inFlight:    map[string]int{},
+		verified:    make(chan struct{}),
 	}, nil
 }
 
-// Close releases the state journal. Call it once the gRPC server has stopped; mounts stay.
-func (d *Driver) Close() error { return d.store.Close() }
+// Close stops the background check of Start, waits for it, and releases the state journal.
+// Call it once the gRPC server has stopped; mounts stay.
+func (d *Driver) Close() error {
+	if d.stopVerify != nil {
+		d.stopVerify()
+		<-d.verified
+	}
+	return d.store.Close()
+}
 
 // Name returns the CSI driver name.
 func (d *Driver) Name() string { return d.cfg.DriverName }

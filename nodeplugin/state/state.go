@@ -292,7 +292,8 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 			defer wg.Done()
 			for i := w; i < len(keys); i += workers {
 				e := s.live[keys[i]]
-				e.rec, results[i] = decodePut(keys[i], e.line)
+				// replay checked the line already: decode its body.
+				e.rec, results[i] = decodeBody(keys[i], e.line[bodyStart:len(e.line)-1])
 				if results[i] == nil && isJSONLine(e.line) {
 					e.line = encodeLine(opPut, keys[i], encodeCompact(e.rec))
 					converted[i] = true
@@ -338,9 +339,12 @@ func isJSONLine(line []byte) bool {
 	return len(line) > 11+64+1 && line[11+64+1] == '{'
 }
 
+// bodyStart is where a line's body starts: after "<op> <crc> <key> ".
+const bodyStart = 11 + 64 + 1
+
 func parseLine(line []byte) (op byte, key string, body []byte, err error) {
 	line = bytes.TrimSuffix(line, []byte("\n"))
-	if len(line) < 11+64+1 || line[1] != ' ' || line[10] != ' ' || (line[0] != opPut && line[0] != opDelete) {
+	if len(line) < bodyStart || line[1] != ' ' || line[10] != ' ' || (line[0] != opPut && line[0] != opDelete) {
 		return 0, "", nil, errors.New("not a journal line")
 	}
 	op = line[0]
@@ -363,11 +367,16 @@ func decodePut(key string, line []byte) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decodeBody(key, body)
+}
+
+// decodeBody decodes the body of a checked Put line whose key is key.
+func decodeBody(key string, body []byte) (*Record, error) {
 	r, err := decodeRecord(body)
 	if err != nil {
 		return nil, fmt.Errorf("state record %s is corrupt: %w", key, err)
 	}
-	if r.Key() != key {
+	if Key(r.VolumeID, r.TargetPath) != key {
 		return nil, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
 	}
 	return r, nil

@@ -112,9 +112,19 @@ func New(t testing.TB, cfg Config) *Plugin {
 }
 
 // Start runs a new plugin over the directories, as a new apm-csi-node process does and in
-// its order: library store, driver, gRPC server, then Reconcile of what an earlier process
-// left mounted.
+// its order: library store, driver, gRPC server, then the reconcile of what an earlier
+// process left mounted; it returns once that reconcile is complete, its background check of
+// the records' targets included.
 func (p *Plugin) Start() {
+	p.T.Helper()
+	p.StartReady()
+	<-p.Driver.Verified()
+}
+
+// StartReady is Start returning as soon as the driver is ready (as apm-csi-node answers
+// Probe ready and registers with kubelet), while the records' targets may still be being
+// checked in the background (driver.Start; <-p.Driver.Verified() waits for it).
+func (p *Plugin) StartReady() {
 	p.T.Helper()
 	var libraries driver.LibraryStore
 	if p.Config.Libraries != nil {
@@ -152,7 +162,7 @@ func (p *Plugin) Start() {
 	p.Driver = d
 	p.srv = driver.NewGRPCServer(d, p.Log)
 	go p.srv.Serve(lis)
-	if err := d.Reconcile(context.Background()); err != nil {
+	if err := d.Start(context.Background()); err != nil {
 		p.T.Fatal(err)
 	}
 	p.conn, err = grpc.NewClient("unix://"+p.Sock, grpc.WithTransportCredentials(insecure.NewCredentials()))

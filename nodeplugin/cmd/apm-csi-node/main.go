@@ -159,7 +159,9 @@ func run() error {
 	}
 
 	// Serve Probe (not ready) while reconciling, and only register with kubelet once ready.
-	if err := d.Reconcile(ctx); err != nil {
+	// The check of each record's target against the mount table goes on in the background
+	// (driver.Start); d.Close stops and waits for it.
+	if err := d.Start(ctx); err != nil {
 		return fmt.Errorf("startup reconcile: %w", err)
 	}
 
