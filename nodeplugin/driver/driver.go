@@ -78,10 +78,12 @@ type Driver struct {
 	// emptyDir is an empty directory the plugin owns: the second lower dir of a read-only
 	// overlay of a single layer.
 	emptyDir string
-	writable writablelayer.Interface
-	metrics  *Metrics
-	locks    keyedLocks
-	ready    atomic.Bool
+	// releaseEmpty undoes the empty dir's own mount (Close).
+	releaseEmpty func() error
+	writable     writablelayer.Interface
+	metrics      *Metrics
+	locks        keyedLocks
+	ready        atomic.Bool
 	// verified is closed when Start's background check of the records is done; stopVerify
 	// stops it (Close).
 	verified   chan struct{}
@@ -168,13 +170,22 @@ func New(cfg Config) (*Driver, error) {
 	if len(names) > 0 {
 		return nil, fmt.Errorf("state dir: %s is the empty lower dir of read-only library overlays and must stay empty, but holds %d entries; remove them and start again", empty, len(names))
 	}
+	// The empty dir is a mount of its own: overlayfs clones the mount holding each lower
+	// dir and walks that mount's children, and the state dir's mount has every writable
+	// layer's tmpfs and often every pod's target below it, so an overlay with the empty dir
+	// as a lower would cost time in proportion to the volumes published
+	// (mounter.OwnMount). Released by Close; a crash leaves it for the next start to reuse.
+	releaseEmpty, err := cfg.Mounter.OwnMount(empty)
+	if err != nil {
+		return nil, fmt.Errorf("state dir: the empty lower dir %s: %w", empty, err)
+	}
 	store, err := state.Open(cfg.StateDir)
 	if err != nil {
-		return nil, err
+		return nil, errors.Join(err, releaseEmpty())
 	}
 	overlays := OverlaysDir(cfg.StateDir)
 	if err := os.MkdirAll(overlays, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return nil, errors.Join(fmt.Errorf("state dir: %w", err), store.Close(), releaseEmpty())
 	}
 	if f, ok := cfg.Mounter.(interface{ Features() string }); ok {
 		cfg.Logger.Info("host paths", "resolution", fdpath.Mode(), "mounts", f.Features())
@@ -184,31 +195,33 @@ func New(cfg Config) (*Driver, error) {
 		cfg.Logger.Info("hostdir entry", "entry", name, "path", src.Entry.Path, "resolved", src.Resolved, "kind", src.Kind(), "readOnly", src.Entry.ReadOnly, "create", src.Entry.Create)
 	}
 	return &Driver{
-		cfg:         cfg,
-		log:         cfg.Logger,
-		mounter:     cfg.Mounter,
-		sources:     sources,
-		store:       store,
-		podsDir:     filepath.Join(cfg.KubeletDir, "pods"),
-		overlaysDir: overlays,
-		emptyDir:    empty,
-		writable:    cfg.WritableLayers,
-		metrics:     cfg.Metrics,
-		locks:       keyedLocks{held: map[string]*keyedLock{}},
-		byTarget:    map[string]*state.Record{},
-		inFlight:    map[string]int{},
-		verified:    make(chan struct{}),
+		cfg:          cfg,
+		log:          cfg.Logger,
+		mounter:      cfg.Mounter,
+		sources:      sources,
+		store:        store,
+		podsDir:      filepath.Join(cfg.KubeletDir, "pods"),
+		overlaysDir:  overlays,
+		emptyDir:     empty,
+		releaseEmpty: releaseEmpty,
+		writable:     cfg.WritableLayers,
+		metrics:      cfg.Metrics,
+		locks:        keyedLocks{held: map[string]*keyedLock{}},
+		byTarget:     map[string]*state.Record{},
+		inFlight:     map[string]int{},
+		verified:     make(chan struct{}),
 	}, nil
 }
 
-// Close stops the background check of Start, waits for it, and releases the state journal.
-// Call it once the gRPC server has stopped; mounts stay.
+// Close stops the background check of Start, waits for it, releases the state journal and
+// the empty dir's own mount. Call it once the gRPC server has stopped; the volumes' mounts
+// stay (an overlay keeps its own private copy of the empty dir's mount).
 func (d *Driver) Close() error {
 	if d.stopVerify != nil {
 		d.stopVerify()
 		<-d.verified
 	}
-	return d.store.Close()
+	return errors.Join(d.store.Close(), d.releaseEmpty())
 }
 
 // Name returns the CSI driver name.

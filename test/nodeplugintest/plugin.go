@@ -14,6 +14,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -262,5 +263,22 @@ func Ephemeral(attrs map[string]string, pod string) map[string]string {
 	out["csi.storage.k8s.io/pod.name"] = pod
 	out["csi.storage.k8s.io/pod.namespace"] = "default"
 	out["csi.storage.k8s.io/pod.uid"] = pod + "-uid"
+	return out
+}
+
+// EmptyDir is the plugin's empty lower dir (<state>/empty), a mount of its own while the
+// plugin runs.
+func (p *Plugin) EmptyDir() string { return filepath.Join(p.State, "empty") }
+
+// MountsLeft is MountsUnder(Root) without the plugin's own mount of its empty dir: what a
+// volume left behind.
+func (p *Plugin) MountsLeft() []string {
+	p.T.Helper()
+	var out []string
+	for _, m := range MountsUnder(p.T, p.Root) {
+		if !strings.HasPrefix(m, p.EmptyDir()+" ") {
+			out = append(out, m)
+		}
+	}
 	return out
 }
