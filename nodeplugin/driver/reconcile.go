@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -117,14 +115,15 @@ func (d *Driver) verifyRecords(ctx context.Context, records []*state.Record) {
 	} else {
 		defer unix.Close(pods)
 	}
-	surely := d.surelyMounted(pods, records)
+	// One record after the other: the check runs while the driver serves, and needs no more
+	// than one CPU.
 	var kept, dropped, gone int
 	for i, rec := range records {
 		if ctx.Err() != nil {
 			d.log.Info("stopped checking state records against the mount table", "checked", i, "of", len(records))
 			return
 		}
-		if surely[i] {
+		if d.surelyMounted(pods, rec) {
 			kept++
 			continue
 		}
@@ -179,29 +178,15 @@ func (d *Driver) verifyRecord(ctx context.Context, rec *state.Record) verifyResu
 	return recordDropped
 }
 
-// surelyMounted tells, per record, whether its target is surely a mount root (see
-// mounter.SurelyMountRoot), checked from the pods dir on every CPU. A record that is not of
-// the target shape, or a pods dir that could not be opened (pods < 0), gives false.
-func (d *Driver) surelyMounted(pods int, records []*state.Record) []bool {
-	out := make([]bool, len(records))
+// surelyMounted tells whether rec's target is surely a mount root (see
+// mounter.SurelyMountRoot), checked from the pods dir. A record that is not of the target
+// shape, or a pods dir that could not be opened (pods < 0), gives false.
+func (d *Driver) surelyMounted(pods int, rec *state.Record) bool {
 	if pods < 0 {
-		return out
+		return false
 	}
-	workers := min(runtime.GOMAXPROCS(0), 1+len(records)/256)
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := w; i < len(records); i += workers {
-				if rel, ok := parseTarget(d.podsDir, records[i].TargetPath); ok {
-					out[i] = d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return out
+	rel, ok := parseTarget(d.podsDir, rec.TargetPath)
+	return ok && d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
 }
 
 // checkRecord validates a record read from the state dir: its target must be exactly of

@@ -57,11 +57,7 @@ func BenchmarkOpenWith2000Records(b *testing.B) {
 	}
 	var journal []byte
 	for i := range 2000 {
-		line, err := encodePut(scaleRecord(stateDir, i))
-		if err != nil {
-			b.Fatal(err)
-		}
-		journal = append(journal, line...)
+		journal = append(journal, s.encodePut(scaleRecord(stateDir, i))...)
 	}
 	s.Close()
 	if err := os.WriteFile(filepath.Join(stateDir, "volumes", journalName), journal, 0o600); err != nil {
