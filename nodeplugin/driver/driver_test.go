@@ -1006,7 +1006,9 @@ func TestStartServesBeforeCheckingTargetsAndKeepsWhatChangedMeanwhile(t *testing
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { d.Close() })
+	var openOnce sync.Once
+	openGate := func() { openOnce.Do(func() { close(gate.open) }) }
+	t.Cleanup(func() { openGate(); d.Close() })
 	if err := d.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -1023,7 +1025,7 @@ func TestStartServesBeforeCheckingTargetsAndKeepsWhatChangedMeanwhile(t *testing
 		t.Fatal(err)
 	}
 	fresh := d.record(republished)
-	close(gate.open)
+	openGate()
 	<-d.Verified()
 	if got := d.record(republished); got != fresh {
 		t.Fatalf("the republished record was replaced or dropped by the background check: %+v", got)
