@@ -51,6 +51,7 @@ func (d *Driver) Start(ctx context.Context) error {
 		// Unreadable records are left on disk for a person; everything else proceeds.
 		d.log.Error("some state records cannot be read; they are left in place", "error", listErr)
 	}
+	// The overlay dirs records reference, by name in the overlays dir.
 	referenced := make(map[string]bool, len(records))
 	loaded := make([]*state.Record, 0, len(records))
 	d.mu.Lock()
@@ -60,14 +61,14 @@ func (d *Driver) Start(ctx context.Context) error {
 			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
 			// kept too.
 			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
-			if _, ok := d.overlayKey(rec.OverlayDir); ok {
-				referenced[rec.OverlayDir] = true
+			if name, ok := d.overlayKey(rec.OverlayDir); ok {
+				referenced[name] = true
 			}
 			continue
 		}
 		d.byTarget[rec.TargetPath] = rec
-		if rec.OverlayDir != "" {
-			referenced[rec.OverlayDir] = true
+		if name, ok := d.overlayKey(rec.OverlayDir); ok {
+			referenced[name] = true
 		}
 		loaded = append(loaded, rec)
 	}
@@ -218,14 +219,19 @@ func (d *Driver) recordLog(rec *state.Record) *slog.Logger {
 // The mount table is read only when some dir is not referenced by a record: a node with
 // thousands of volumes and nothing orphaned does not parse thousands of mount entries.
 func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error) {
-	entries, err := os.ReadDir(d.overlaysDir)
+	f, err := os.Open(d.overlaysDir)
+	if err != nil {
+		return 0, fmt.Errorf("reconcile: %w", err)
+	}
+	names, err := f.Readdirnames(-1)
+	f.Close()
 	if err != nil {
 		return 0, fmt.Errorf("reconcile: %w", err)
 	}
 	var orphans []string
-	for _, e := range entries {
-		if dir := filepath.Join(d.overlaysDir, e.Name()); !referenced[dir] {
-			orphans = append(orphans, dir)
+	for _, name := range names {
+		if !referenced[name] {
+			orphans = append(orphans, name)
 		}
 	}
 	if len(orphans) == 0 {
@@ -237,18 +243,20 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 	}
 	for _, e := range table {
 		for _, key := range []string{"upperdir", "workdir"} {
-			if v, ok := e.Option(key); ok && filepath.Dir(filepath.Dir(v)) == d.overlaysDir {
-				referenced[filepath.Dir(v)] = true
+			if v, ok := e.Option(key); ok {
+				if name, ok := d.overlayKey(filepath.Dir(v)); ok {
+					referenced[name] = true
+				}
 			}
 		}
 	}
 	removed := 0
 	var errs []error
-	for _, dir := range orphans {
-		if referenced[dir] {
+	for _, name := range orphans {
+		if referenced[name] {
 			continue
 		}
-		if err := d.writable.Release(dir); err != nil {
+		if err := d.writable.Release(filepath.Join(d.overlaysDir, name)); err != nil {
 			errs = append(errs, err)
 			continue
 		}
