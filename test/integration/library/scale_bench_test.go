@@ -26,7 +26,7 @@ const (
 	// scalePairs publish+unpublish pairs are measured per case.
 	scalePairs = 150
 	// scaleStarts start-ups are measured per case.
-	scaleStarts = 3
+	scaleStarts = 9
 )
 
 // BenchmarkWarmPathAtScale: a node with thousands of live volumes publishes, unpublishes and
