@@ -58,7 +58,17 @@ type Config struct {
 	// writableLimit attribute, MaxWritableLimit the most an attribute may ask for. Zero takes
 	// writablelayer.DefaultLimit and writablelayer.DefaultMaxLimit.
 	DefaultWritableLimit, MaxWritableLimit int64
-	Logger                                 *slog.Logger
+	// KeepWritableLayers keeps a writable library volume's upper dir when its target is found
+	// unmounted (a node reboot) while its pod may still exist, and mounts it again when
+	// kubelet publishes the same volume at the same target (see keep.go). It needs
+	// ProjectQuota writable layers: a tmpfs one cannot outlive a reboot.
+	KeepWritableLayers bool
+	// KeptLayerGrace is how long a kept upper dir stays after its pod's dir in kubelet's pods
+	// dir is seen gone; zero takes DefaultKeptLayerGrace.
+	KeptLayerGrace time.Duration
+	// Now is the clock of the kept layers' grace period; nil takes time.Now.
+	Now    func() time.Time
+	Logger *slog.Logger
 	// Metrics defaults to an unregistered set (for tests).
 	Metrics *Metrics
 }
@@ -95,6 +105,8 @@ type Driver struct {
 	// inFlight counts, per layer dir and digest, the publishes that hold it before their record
 	// exists, so the cache's garbage collector does not remove a layer about to be mounted.
 	inFlight map[string]int
+	// podGone holds, per record key, when a kept layer's pod dir was first seen gone.
+	podGone map[string]time.Time
 }
 
 // New validates cfg and opens the state dir. The driver answers Probe with ready=false and
@@ -117,6 +129,15 @@ func New(cfg Config) (*Driver, error) {
 	}
 	if cfg.MaxWritableLimit == 0 {
 		cfg.MaxWritableLimit = writablelayer.DefaultMaxLimit
+	}
+	if cfg.KeepWritableLayers && cfg.WritableLayers.Mechanism() != writablelayer.ProjectQuota {
+		return nil, fmt.Errorf("keeping writable layers across node reboots (--keep-writable-layers) needs project-quota writable layers on the state dir's filesystem, not %s: a tmpfs layer does not outlive a reboot; enable project quotas there (see docs/node-plugin.md) or drop --keep-writable-layers", cfg.WritableLayers.Mechanism())
+	}
+	if cfg.KeptLayerGrace <= 0 {
+		cfg.KeptLayerGrace = DefaultKeptLayerGrace
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.DefaultWritableLimit < 0 || cfg.DefaultWritableLimit > cfg.MaxWritableLimit {
 		return nil, fmt.Errorf("the default writable layer size %s must be positive and at most the maximum %s (--default-writable-layer, --max-writable-layer)",
@@ -209,6 +230,7 @@ func New(cfg Config) (*Driver, error) {
 		locks:        keyedLocks{held: map[string]*keyedLock{}},
 		byTarget:     map[string]*state.Record{},
 		inFlight:     map[string]int{},
+		podGone:      map[string]time.Time{},
 		verified:     make(chan struct{}),
 	}, nil
 }

@@ -823,8 +823,9 @@ func TestKeyedLocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	unlockX()
-	got := make(chan struct{})
+	got, done := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(done)
 		u, _ := l.lock(context.Background(), "a")
 		close(got)
 		u()
@@ -836,6 +837,7 @@ func TestKeyedLocks(t *testing.T) {
 	}
 	unlockA()
 	<-got
+	<-done // the waiter has unlocked too
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.held) != 0 {

@@ -57,6 +57,8 @@ type publishRequest struct {
 	// dir is the target's volume dir, opened from the pods dir without following links;
 	// every step of the publish works relative to it.
 	dir int
+	// resume is the stale record whose kept writable layer this publish mounts again.
+	resume *state.Record
 }
 
 // NodePublishVolume implements csi.NodeServer. It is idempotent: a repeated call for a target
@@ -172,8 +174,14 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 		r.log.Info("already published: nothing to do")
 		return true, nil
 	}
-	// A record without a mount: a publish that crashed half-way, or a mount someone removed.
-	// Free what it held and publish afresh.
+	// A record without a mount: a publish that crashed half-way, a mount someone removed, or
+	// a node reboot. A kept writable layer of this very volume is mounted again (keep.go);
+	// otherwise free what the record held and publish afresh.
+	if d.canResume(r, rec) {
+		r.log.Info("mounting the kept writable layer of this volume again")
+		r.resume = rec
+		return false, nil
+	}
 	r.log.Info("dropping the stale record of an unmounted target", "staleVolume", rec.VolumeID)
 	if err := d.release(rec); err != nil {
 		return false, status.Errorf(codes.Internal, "cleaning up a stale publish of %s: %v", r.target, err)

@@ -172,10 +172,16 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	rec.OverlayDir = filepath.Join(d.overlaysDir, rec.Key())
 	rec.UpperDir, rec.WorkDir = writablelayer.Paths(rec.OverlayDir)
 	rec.WritableLimit, rec.WritableLayer = limit, string(d.writable.Mechanism())
+	resume := r.resume != nil && r.resume.OverlayDir == rec.OverlayDir
 	return d.mountWithRecord(r, rec, func() error {
-		// A world-writable upper dir (the volume's root, like an emptyDir) and a work dir,
-		// together bounded by the limit.
-		if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
+		if resume {
+			// The kept upper dir, with a fresh work dir and the limit set again.
+			if err := d.writable.Resume(rec.OverlayDir, limit); err != nil {
+				return fmt.Errorf("resuming the kept %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+			}
+		} else if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
+			// A world-writable upper dir (the volume's root, like an emptyDir) and a work
+			// dir, together bounded by the limit.
 			return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
 		}
 		return d.writable.Mount(func() error {
@@ -309,6 +315,9 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 // mounted after a crash or reboot has its dir removed by the reconcile, so what volatile
 // gives up (an upper dir that is consistent after a crash) is never used. A tmpfs upper dir
 // has nothing to write back: volatile would change nothing there.
+//
+// With KeepWritableLayers an upper dir is mounted again after a reboot, so it must be
+// consistent: not volatile, and every unpublish pays the sync (docs/node-plugin.md).
 func (d *Driver) volatileUpper() bool {
-	return d.writable.Mechanism() == writablelayer.ProjectQuota
+	return d.writable.Mechanism() == writablelayer.ProjectQuota && !d.cfg.KeepWritableLayers
 }

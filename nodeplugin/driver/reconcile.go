@@ -171,6 +171,10 @@ func (d *Driver) verifyRecord(ctx context.Context, rec *state.Record) verifyResu
 	if mounted {
 		return recordKept
 	}
+	if d.keepable(rec) {
+		d.recordLog(rec).Info("keeping the writable layer of a volume that is no longer mounted, for kubelet to publish again; removed at unpublish or once its pod is gone")
+		return recordKept
+	}
 	if err := d.release(rec); err != nil {
 		d.recordLog(rec).Error("cannot drop the record of an unmounted target; keeping it", "error", err)
 		return recordKept

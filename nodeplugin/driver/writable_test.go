@@ -176,3 +176,14 @@ func TestProjectQuotaUpperIsVolatile(t *testing.T) {
 		})
 	}
 }
+
+// TestKeepingWritableLayersNeedsProjectQuotas: --keep-writable-layers with tmpfs writable
+// layers (which a reboot empties) is refused at start with a message naming both settings.
+func TestKeepingWritableLayersNeedsProjectQuotas(t *testing.T) {
+	root := t.TempDir()
+	_, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "kubelet"), StateDir: filepath.Join(root, "state"),
+		Mounter: mounter.NewFake(), WritableLayers: writablelayer.NewFake(), KeepWritableLayers: true})
+	if err == nil || !strings.Contains(err.Error(), "--keep-writable-layers") || !strings.Contains(err.Error(), "project-quota") {
+		t.Fatalf("New with kept tmpfs layers: %v", err)
+	}
+}

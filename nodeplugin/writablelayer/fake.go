@@ -2,6 +2,7 @@ package writablelayer
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"sync"
@@ -51,6 +52,24 @@ func (f *Fake) Prepare(dir string, limit int64) error {
 	}
 	if err := os.Mkdir(work, 0o700); err != nil {
 		return errors.Join(err, os.RemoveAll(dir))
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.limits[dir] = limit
+	return nil
+}
+
+// Resume implements Interface: a fresh work dir, and the limit recorded again.
+func (f *Fake) Resume(dir string, limit int64) error {
+	upper, work := Paths(dir)
+	if fi, err := os.Lstat(upper); err != nil || !fi.IsDir() {
+		return fmt.Errorf("no upper dir to resume in %s: %v", dir, err)
+	}
+	if err := os.RemoveAll(work); err != nil {
+		return err
+	}
+	if err := os.Mkdir(work, 0o700); err != nil {
+		return err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -53,6 +53,15 @@ type Config struct {
 	// DefaultWritableLimit and MaxWritableLimit are the --default-writable-layer and
 	// --max-writable-layer sizes (bytes); zero takes the driver's defaults.
 	DefaultWritableLimit, MaxWritableLimit int64
+	// KeepWritableLayers and KeptLayerGrace are --keep-writable-layers and
+	// --kept-writable-layer-grace; Now the driver's clock (nil: time.Now).
+	KeepWritableLayers bool
+	KeptLayerGrace     time.Duration
+	Now                func() time.Time
+	// WritableLayers replaces the writable layer mechanism New would choose (Writable is
+	// then nil): writablelayer.Fake with Mech set stands in for project quotas on a kernel
+	// without them, the overlays staying real.
+	WritableLayers writablelayer.Interface
 }
 
 // Plugin is a node plugin over a temporary directory: the driver, its gRPC server on a unix
@@ -72,7 +81,8 @@ type Plugin struct {
 	Log *slog.Logger
 
 	// Driver and Node are those of the running plugin, replaced by each Start; Writable is
-	// the driver's writable layer mechanism, chosen by each Start as apm-csi-node does.
+	// the driver's writable layer mechanism, chosen by each Start as apm-csi-node does
+	// (nil when Config.WritableLayers replaces it).
 	Driver   *driver.Driver
 	Node     csi.NodeClient
 	Writable *writablelayer.Manager
@@ -135,11 +145,14 @@ func (p *Plugin) StartReady() {
 		}
 		libraries, p.closeLibraries = store, closeStore
 	}
-	writable, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
-	if err != nil {
-		p.T.Fatal(err)
+	var writable writablelayer.Interface = p.Config.WritableLayers
+	if writable == nil {
+		manager, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
+		if err != nil {
+			p.T.Fatal(err)
+		}
+		p.Writable, writable = manager, manager
 	}
-	p.Writable = writable
 	d, err := driver.New(driver.Config{
 		NodeID:                p.Config.NodeID,
 		KubeletDir:            p.Kubelet,
@@ -151,6 +164,9 @@ func (p *Plugin) StartReady() {
 		WritableLayers:        writable,
 		DefaultWritableLimit:  p.Config.DefaultWritableLimit,
 		MaxWritableLimit:      p.Config.MaxWritableLimit,
+		KeepWritableLayers:    p.Config.KeepWritableLayers,
+		KeptLayerGrace:        p.Config.KeptLayerGrace,
+		Now:                   p.Config.Now,
 		Logger:                p.Log,
 	})
 	if err != nil {

@@ -101,6 +101,8 @@ func run() error {
 		WritableLayers:        writable,
 		DefaultWritableLimit:  o.defaultWritableLayer,
 		MaxWritableLimit:      o.maxWritableLayer,
+		KeepWritableLayers:    o.keepWritableLayers,
+		KeptLayerGrace:        o.keptLayerGrace,
 		Logger:                log,
 		Metrics:               driver.NewMetrics(ctrlmetrics.Registry),
 	})
@@ -241,6 +243,10 @@ func collectGarbage(ctx context.Context, log *slog.Logger, cache *librarycache.C
 	for {
 		if err := cache.GC(ctx, d.LibrariesInUse); err != nil && ctx.Err() == nil {
 			log.Warn("library cache garbage collection failed; nothing was removed, retrying later", "error", err, "retryIn", interval)
+		}
+		// Kept writable layers (--keep-writable-layers) whose pod is gone.
+		if _, err := d.CollectKeptLayers(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("removing kept writable layers of gone pods failed; retrying later", "error", err, "retryIn", interval)
 		}
 		select {
 		case <-ctx.Done():
