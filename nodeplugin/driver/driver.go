@@ -66,6 +66,10 @@ type Config struct {
 	// KeptLayerGrace is how long a kept upper dir stays after its pod's dir in kubelet's pods
 	// dir is seen gone; zero takes DefaultKeptLayerGrace.
 	KeptLayerGrace time.Duration
+	// MaxKeptWritableBytes bounds the bytes all kept layers (those whose target is not
+	// mounted) take together; above it the oldest are removed. Zero: no bound beyond each
+	// layer's own limit.
+	MaxKeptWritableBytes int64
 	// Now is the clock of the kept layers' grace period; nil takes time.Now.
 	Now    func() time.Time
 	Logger *slog.Logger

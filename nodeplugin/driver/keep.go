@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -35,7 +37,8 @@ const DefaultKeptLayerGrace = 10 * time.Minute
 // is deleted and its volumes are cleaned up, so a kept layer whose pod dir has been gone for
 // KeptLayerGrace is removed (CollectKeptLayers, run periodically). Each kept layer stays
 // within its volume's project quota, as while it was mounted, so the disk kept is bounded by
-// the limits of volumes whose pods still exist on the node.
+// the limits of volumes whose pods still exist on the node; MaxKeptWritableBytes bounds all
+// kept layers together, the oldest going first.
 
 // keepable reports whether rec's writable layer is kept while its target is not mounted.
 func (d *Driver) keepable(rec *state.Record) bool {
@@ -72,9 +75,10 @@ func (d *Driver) podDirExists(rec *state.Record) (bool, error) {
 }
 
 // CollectKeptLayers removes the kept writable layers whose pod dir has been gone for the
-// grace period, and returns how many it removed. A layer whose target is mounted again, or
-// whose pod dir is back, is not kept any more or not yet due. Each removal takes the same
-// locks as publish and unpublish and checks the record again under them.
+// grace period, then, while the kept layers take more than MaxKeptWritableBytes together, the
+// oldest ones (by publish time), and returns how many it removed. A layer whose target is
+// mounted again, or whose pod dir is back, is not kept any more or not yet due. Each removal
+// takes the same locks as publish and unpublish and checks the record again under them.
 func (d *Driver) CollectKeptLayers(ctx context.Context) (int, error) {
 	if !d.cfg.KeepWritableLayers || !d.Ready() {
 		return 0, nil
@@ -88,26 +92,39 @@ func (d *Driver) CollectKeptLayers(ctx context.Context) (int, error) {
 	}
 	d.mu.Unlock()
 	removed := 0
+	var kept []*state.Record
 	var errs []error
 	for _, rec := range candidates {
 		if err := ctx.Err(); err != nil {
 			return removed, err
 		}
-		done, err := d.collectKept(ctx, rec)
+		stillKept, gone, err := d.collectKept(ctx, rec)
 		if err != nil {
 			errs = append(errs, err)
 		}
-		if done {
+		if gone {
 			removed++
+		}
+		if stillKept {
+			kept = append(kept, rec)
+		}
+	}
+	if d.cfg.MaxKeptWritableBytes > 0 {
+		n, err := d.enforceKeptBudget(ctx, kept)
+		removed += n
+		if err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return removed, errors.Join(errs...)
 }
 
-func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (bool, error) {
+// collectKept looks at one kept layer: stillKept when its target is not mounted and it stays,
+// gone when it was removed because its pod dir was gone for the grace period.
+func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (stillKept, gone bool, _ error) {
 	unlock, err := d.locks.lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
 	if err != nil {
-		return false, err
+		return false, false, err
 	}
 	defer unlock()
 	key := rec.Key()
@@ -118,17 +135,17 @@ func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (bool, erro
 	}
 	if d.record(rec.TargetPath) != rec {
 		forget()
-		return false, nil
+		return false, false, nil
 	}
 	mounted, err := d.isMounted(rec.TargetPath)
 	if err != nil || mounted {
 		forget()
-		return false, err
+		return false, false, err
 	}
 	exists, err := d.podDirExists(rec)
 	if err != nil || exists {
 		forget()
-		return false, err
+		return err == nil, false, err
 	}
 	now := d.cfg.Now()
 	d.mu.Lock()
@@ -139,14 +156,81 @@ func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (bool, erro
 	}
 	d.mu.Unlock()
 	if now.Sub(since) < d.cfg.KeptLayerGrace {
-		return false, nil
+		return true, false, nil
 	}
 	if err := d.release(rec); err != nil {
-		return false, fmt.Errorf("removing the kept writable layer of volume %s at %s: %w", rec.VolumeID, rec.TargetPath, err)
+		return true, false, fmt.Errorf("removing the kept writable layer of volume %s at %s: %w", rec.VolumeID, rec.TargetPath, err)
 	}
 	forget()
-	d.metrics.keptRemoved.Inc()
+	d.metrics.keptRemoved.WithLabelValues("pod-gone").Inc()
 	d.recordLog(rec).Info("removed a kept writable layer: its pod's dir has been gone from the kubelet pods dir for the grace period",
 		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "podUID", rec.Pod.UID, "goneSince", since, "grace", d.cfg.KeptLayerGrace)
-	return true, nil
+	return false, true, nil
+}
+
+// enforceKeptBudget removes the oldest kept layers (by publish time) while all of them take
+// more than MaxKeptWritableBytes.
+func (d *Driver) enforceKeptBudget(ctx context.Context, kept []*state.Record) (int, error) {
+	used := make(map[*state.Record]int64, len(kept))
+	var total int64
+	var errs []error
+	for _, rec := range kept {
+		n, err := d.writable.Used(rec.OverlayDir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("measuring the kept writable layer of volume %s: %w", rec.VolumeID, err))
+			continue
+		}
+		used[rec] = n
+		total += n
+	}
+	budget := d.cfg.MaxKeptWritableBytes
+	if total <= budget {
+		return 0, errors.Join(errs...)
+	}
+	slices.SortFunc(kept, func(a, b *state.Record) int { return a.Created.Compare(b.Created) })
+	removed := 0
+	for _, rec := range kept {
+		if total <= budget || ctx.Err() != nil {
+			break
+		}
+		n, ok := used[rec]
+		if !ok {
+			continue
+		}
+		if err := d.removeKeptForBudget(ctx, rec, total, budget); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		total -= n
+		removed++
+	}
+	if total > budget {
+		errs = append(errs, fmt.Errorf("the kept writable layers still take %s, above --max-kept-writable-bytes=%s", writablelayer.FormatBytes(total), writablelayer.FormatBytes(budget)))
+	}
+	return removed, errors.Join(errs...)
+}
+
+func (d *Driver) removeKeptForBudget(ctx context.Context, rec *state.Record, total, budget int64) error {
+	unlock, err := d.locks.lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if d.record(rec.TargetPath) != rec {
+		return nil // published again or unpublished meanwhile: not kept any more
+	}
+	if mounted, err := d.isMounted(rec.TargetPath); err != nil || mounted {
+		return err
+	}
+	if err := d.release(rec); err != nil {
+		return fmt.Errorf("removing the kept writable layer of volume %s at %s: %w", rec.VolumeID, rec.TargetPath, err)
+	}
+	d.mu.Lock()
+	delete(d.podGone, rec.Key())
+	d.mu.Unlock()
+	d.metrics.keptRemoved.WithLabelValues("budget").Inc()
+	d.recordLog(rec).Warn("removed a kept writable layer, oldest first: the kept layers took more than --max-kept-writable-bytes; the pod finds an empty volume at its next publish",
+		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "podUID", rec.Pod.UID, "published", rec.Created,
+		"keptBytes", total, "budget", budget)
+	return nil
 }

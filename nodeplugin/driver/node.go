@@ -189,8 +189,8 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 	return false, nil
 }
 
-// newRecord starts the record of a publish.
-func (r *publishRequest) newRecord() *state.Record {
+// newRecord starts the record of a publish made at now.
+func (r *publishRequest) newRecord(now time.Time) *state.Record {
 	return &state.Record{
 		VolumeID:   r.volumeID,
 		TargetPath: r.target,
@@ -200,7 +200,7 @@ func (r *publishRequest) newRecord() *state.Record {
 		Pod:        state.Pod{Namespace: r.attrs[attrPodNamespace], Name: r.attrs[attrPodName], UID: r.attrs[attrPodUID]},
 		Ephemeral:  r.attrs[attrEphemeral] == "true",
 		ReadOnly:   r.readOnly,
-		Created:    time.Now().UTC(),
+		Created:    now.UTC(),
 	}
 }
 

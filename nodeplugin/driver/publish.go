@@ -64,7 +64,7 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 		return status.Errorf(codes.Internal, "%s%v", via, err)
 	}
 	defer unix.Close(fd)
-	rec := r.newRecord()
+	rec := r.newRecord(d.cfg.Now())
 	rec.HostDir = name
 	rec.Source = src.Resolved
 	rec.TargetIsFile = !mode.IsDir()
@@ -155,7 +155,7 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	release := d.holdLayers(layers)
 	defer release()
 
-	rec := r.newRecord()
+	rec := r.newRecord(d.cfg.Now())
 	rec.Layers = layers
 	var lower []string
 	for _, l := range layers {
@@ -298,7 +298,7 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 	release := d.holdLayers(layers)
 	defer release()
 
-	rec := r.newRecord()
+	rec := r.newRecord(d.cfg.Now())
 	rec.Layers = layers
 	rec.Source = filepath.Join(dir, volumeattrs.PreloadFile)
 	rec.TargetIsFile = true

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"sync"
 )
 
@@ -86,6 +87,25 @@ func (f *Fake) Mount(mount func() error) error {
 		return f.MountErr
 	}
 	return mount()
+}
+
+// Used implements Interface: the sizes of the regular files below dir.
+func (f *Fake) Used(dir string) (int64, error) {
+	var n int64
+	err := filepath.WalkDir(dir, func(_ string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if e.Type().IsRegular() {
+			fi, err := e.Info()
+			if err != nil {
+				return err
+			}
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n, err
 }
 
 // Release implements Interface.

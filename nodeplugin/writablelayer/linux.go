@@ -436,6 +436,20 @@ func (m *Manager) Resume(dir string, limit int64) error {
 	return setProjectLimits(f, id, limit)
 }
 
+// Used implements Interface: what the layer's project is charged, or what a tmpfs layer's
+// filesystem holds.
+func (m *Manager) Used(dir string) (int64, error) {
+	if id, err := projectOf(dir); err == nil && id >= firstProjectID && id-firstProjectID < projectIDSpan {
+		_, used, err := ProjectQuotaOf(dir, id)
+		return used, err
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize, nil
+}
+
 // Release implements Interface.
 func (m *Manager) Release(dir string) error {
 	// A tmpfs (or a stack of them, after a crash and a retried publish) on the dir.

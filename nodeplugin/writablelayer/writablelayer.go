@@ -73,6 +73,9 @@ type Interface interface {
 	// the limit set again. Only ProjectQuota dirs outlive a node reboot; Resume refuses the
 	// others. On error dir is left as it was (the caller decides whether to release it).
 	Resume(dir string, limit int64) error
+	// Used returns the bytes dir's layer takes (for a project-quota layer, what its project
+	// is charged).
+	Used(dir string) (int64, error)
 	// Release frees what Prepare allocated for dir and removes dir, whichever mechanism
 	// prepared it (a node may change mechanism between restarts). Anything already gone is
 	// fine.

@@ -53,11 +53,13 @@ type Config struct {
 	// DefaultWritableLimit and MaxWritableLimit are the --default-writable-layer and
 	// --max-writable-layer sizes (bytes); zero takes the driver's defaults.
 	DefaultWritableLimit, MaxWritableLimit int64
-	// KeepWritableLayers and KeptLayerGrace are --keep-writable-layers and
-	// --kept-writable-layer-grace; Now the driver's clock (nil: time.Now).
-	KeepWritableLayers bool
-	KeptLayerGrace     time.Duration
-	Now                func() time.Time
+	// KeepWritableLayers, KeptLayerGrace and MaxKeptWritableBytes are
+	// --keep-writable-layers, --kept-writable-layer-grace and --max-kept-writable-bytes; Now
+	// the driver's clock (nil: time.Now).
+	KeepWritableLayers   bool
+	KeptLayerGrace       time.Duration
+	MaxKeptWritableBytes int64
+	Now                  func() time.Time
 	// WritableLayers replaces the writable layer mechanism New would choose (Writable is
 	// then nil): writablelayer.Fake with Mech set stands in for project quotas on a kernel
 	// without them, the overlays staying real.
@@ -166,6 +168,7 @@ func (p *Plugin) StartReady() {
 		MaxWritableLimit:      p.Config.MaxWritableLimit,
 		KeepWritableLayers:    p.Config.KeepWritableLayers,
 		KeptLayerGrace:        p.Config.KeptLayerGrace,
+		MaxKeptWritableBytes:  p.Config.MaxKeptWritableBytes,
 		Now:                   p.Config.Now,
 		Logger:                p.Log,
 	})

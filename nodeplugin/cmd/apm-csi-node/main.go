@@ -103,6 +103,7 @@ func run() error {
 		MaxWritableLimit:      o.maxWritableLayer,
 		KeepWritableLayers:    o.keepWritableLayers,
 		KeptLayerGrace:        o.keptLayerGrace,
+		MaxKeptWritableBytes:  o.maxKeptWritable,
 		Logger:                log,
 		Metrics:               driver.NewMetrics(ctrlmetrics.Registry),
 	})

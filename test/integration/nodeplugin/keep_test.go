@@ -194,3 +194,45 @@ func TestKeptWritableLayerGoesOnlyToItsOwnVolume(t *testing.T) {
 	p.MustUnpublish("csi-a", other)
 	p.MustUnpublish("csi-other", target)
 }
+
+// TestKeptWritableLayersAboveTheBudgetGoOldestFirst: when the kept layers take more than
+// --max-kept-writable-bytes together, the oldest publishes' layers are removed until they fit
+// (logged, counted); the newer one stays and its pod finds its file at the next publish.
+func TestKeptWritableLayersAboveTheBudgetGoOldestFirst(t *testing.T) {
+	clock := &testClock{now: time.Unix(1_700_000_000, 0)}
+	p := newPlugin(t)
+	onDiskLayers(p)
+	p.Config.KeepWritableLayers = true
+	p.Config.MaxKeptWritableBytes = 3 << 20
+	p.Config.Now = clock.Now
+	p.Start()
+	targets := map[string]string{}
+	for _, pod := range []string{"pod-old", "pod-mid", "pod-new"} {
+		targets[pod] = p.Target(pod, "apm")
+		p.MustPublish("csi-"+pod, targets[pod], nodeplugintest.Ephemeral(injectorAttrs(), pod), false)
+		writeFile(t, filepath.Join(targets[pod], "data"), string(make([]byte, 2<<20)))
+		clock.Advance(time.Minute) // the records' publish times differ
+	}
+	reboot(t, p, targets["pod-old"], targets["pod-mid"], targets["pod-new"])
+	n, err := p.Driver.CollectKeptLayers(context.Background())
+	if err != nil || n != 2 {
+		t.Fatalf("CollectKeptLayers removed %d (%v), want the two oldest of three 2 MiB layers for a 3 MiB budget", n, err)
+	}
+	recs := p.Driver.Records()
+	if len(recs) != 1 || recs[0].VolumeID != "csi-pod-new" {
+		t.Fatalf("records after the budget: %+v, want csi-pod-new's only", recs)
+	}
+	p.MustPublish("csi-pod-new", targets["pod-new"], nodeplugintest.Ephemeral(injectorAttrs(), "pod-new"), false)
+	if fi, err := os.Stat(filepath.Join(targets["pod-new"], "data")); err != nil || fi.Size() != 2<<20 {
+		t.Fatalf("the newest kept layer after the budget: %v, %v", fi, err)
+	}
+	p.MustPublish("csi-pod-old", targets["pod-old"], nodeplugintest.Ephemeral(injectorAttrs(), "pod-old"), false)
+	if _, err := os.Stat(filepath.Join(targets["pod-old"], "data")); !os.IsNotExist(err) {
+		t.Fatalf("the oldest layer was kept over the budget: %v", err)
+	}
+	for pod, target := range targets {
+		if pod != "pod-mid" {
+			p.MustUnpublish("csi-"+pod, target)
+		}
+	}
+}
