@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"path/filepath"
 	"strings"
 
@@ -175,14 +176,21 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	resume := r.resume != nil && r.resume.OverlayDir == rec.OverlayDir
 	return d.mountWithRecord(r, rec, func() error {
 		if resume {
-			// The kept upper dir, with a fresh work dir and the limit set again.
-			if err := d.writable.Resume(rec.OverlayDir, limit); err != nil {
+			// The kept upper dir, with a fresh work dir and the limit set again. A record
+			// whose layer was never made (a crash between record and mount) gets a new one.
+			err := d.writable.Resume(rec.OverlayDir, limit)
+			if errors.Is(err, fs.ErrNotExist) {
+				resume = false
+			} else if err != nil {
 				return fmt.Errorf("resuming the kept %s writable layer: %w", writablelayer.FormatBytes(limit), err)
 			}
-		} else if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
-			// A world-writable upper dir (the volume's root, like an emptyDir) and a work
-			// dir, together bounded by the limit.
-			return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+		}
+		if !resume {
+			if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
+				// A world-writable upper dir (the volume's root, like an emptyDir) and a
+				// work dir, together bounded by the limit.
+				return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+			}
 		}
 		return d.writable.Mount(func() error {
 			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir, Volatile: d.volatileUpper()})

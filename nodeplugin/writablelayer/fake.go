@@ -63,8 +63,10 @@ func (f *Fake) Prepare(dir string, limit int64) error {
 // Resume implements Interface: a fresh work dir, and the limit recorded again.
 func (f *Fake) Resume(dir string, limit int64) error {
 	upper, work := Paths(dir)
-	if fi, err := os.Lstat(upper); err != nil || !fi.IsDir() {
-		return fmt.Errorf("no upper dir to resume in %s: %v", dir, err)
+	if fi, err := os.Lstat(upper); err != nil {
+		return fmt.Errorf("no upper dir to resume in %s: %w", dir, err)
+	} else if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", upper)
 	}
 	if err := os.RemoveAll(work); err != nil {
 		return err
