@@ -58,7 +58,21 @@ type Config struct {
 	// writableLimit attribute, MaxWritableLimit the most an attribute may ask for. Zero takes
 	// writablelayer.DefaultLimit and writablelayer.DefaultMaxLimit.
 	DefaultWritableLimit, MaxWritableLimit int64
-	Logger                                 *slog.Logger
+	// KeepWritableLayers keeps a writable library volume's upper dir when its target is found
+	// unmounted (a node reboot) while its pod may still exist, and mounts it again when
+	// kubelet publishes the same volume at the same target (see keep.go). It needs
+	// ProjectQuota writable layers: a tmpfs one cannot outlive a reboot.
+	KeepWritableLayers bool
+	// KeptLayerGrace is how long a kept upper dir stays after its pod's dir in kubelet's pods
+	// dir is seen gone; zero takes DefaultKeptLayerGrace.
+	KeptLayerGrace time.Duration
+	// MaxKeptWritableBytes bounds the bytes all kept layers (those whose target is not
+	// mounted) take together; above it the oldest are removed. Zero: no bound beyond each
+	// layer's own limit.
+	MaxKeptWritableBytes int64
+	// Now is the clock of the kept layers' grace period; nil takes time.Now.
+	Now    func() time.Time
+	Logger *slog.Logger
 	// Metrics defaults to an unregistered set (for tests).
 	Metrics *Metrics
 }
@@ -78,10 +92,16 @@ type Driver struct {
 	// emptyDir is an empty directory the plugin owns: the second lower dir of a read-only
 	// overlay of a single layer.
 	emptyDir string
-	writable writablelayer.Interface
-	metrics  *Metrics
-	locks    keyedLocks
-	ready    atomic.Bool
+	// releaseEmpty undoes the empty dir's own mount (Close).
+	releaseEmpty func() error
+	writable     writablelayer.Interface
+	metrics      *Metrics
+	locks        keyedLocks
+	ready        atomic.Bool
+	// verified is closed when Start's background check of the records is done; stopVerify
+	// stops it (Close).
+	verified   chan struct{}
+	stopVerify context.CancelFunc
 
 	mu sync.Mutex
 	// byTarget mirrors the records on disk, keyed by target path.
@@ -89,6 +109,8 @@ type Driver struct {
 	// inFlight counts, per layer dir and digest, the publishes that hold it before their record
 	// exists, so the cache's garbage collector does not remove a layer about to be mounted.
 	inFlight map[string]int
+	// podGone holds, per record key, when a kept layer's pod dir was first seen gone.
+	podGone map[string]time.Time
 }
 
 // New validates cfg and opens the state dir. The driver answers Probe with ready=false and
@@ -111,6 +133,15 @@ func New(cfg Config) (*Driver, error) {
 	}
 	if cfg.MaxWritableLimit == 0 {
 		cfg.MaxWritableLimit = writablelayer.DefaultMaxLimit
+	}
+	if cfg.KeepWritableLayers && cfg.WritableLayers.Mechanism() != writablelayer.ProjectQuota {
+		return nil, fmt.Errorf("keeping writable layers across node reboots (--keep-writable-layers) needs project-quota writable layers on the state dir's filesystem, not %s: a tmpfs layer does not outlive a reboot; enable project quotas there (see docs/node-plugin.md) or drop --keep-writable-layers", cfg.WritableLayers.Mechanism())
+	}
+	if cfg.KeptLayerGrace <= 0 {
+		cfg.KeptLayerGrace = DefaultKeptLayerGrace
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.DefaultWritableLimit < 0 || cfg.DefaultWritableLimit > cfg.MaxWritableLimit {
 		return nil, fmt.Errorf("the default writable layer size %s must be positive and at most the maximum %s (--default-writable-layer, --max-writable-layer)",
@@ -164,13 +195,22 @@ func New(cfg Config) (*Driver, error) {
 	if len(names) > 0 {
 		return nil, fmt.Errorf("state dir: %s is the empty lower dir of read-only library overlays and must stay empty, but holds %d entries; remove them and start again", empty, len(names))
 	}
+	// The empty dir is a mount of its own: overlayfs clones the mount holding each lower
+	// dir and walks that mount's children, and the state dir's mount has every writable
+	// layer's tmpfs and often every pod's target below it, so an overlay with the empty dir
+	// as a lower would cost time in proportion to the volumes published
+	// (mounter.OwnMount). Released by Close; a crash leaves it for the next start to reuse.
+	releaseEmpty, err := cfg.Mounter.OwnMount(empty)
+	if err != nil {
+		return nil, fmt.Errorf("state dir: the empty lower dir %s: %w", empty, err)
+	}
 	store, err := state.Open(cfg.StateDir)
 	if err != nil {
-		return nil, err
+		return nil, errors.Join(err, releaseEmpty())
 	}
 	overlays := OverlaysDir(cfg.StateDir)
 	if err := os.MkdirAll(overlays, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return nil, errors.Join(fmt.Errorf("state dir: %w", err), store.Close(), releaseEmpty())
 	}
 	if f, ok := cfg.Mounter.(interface{ Features() string }); ok {
 		cfg.Logger.Info("host paths", "resolution", fdpath.Mode(), "mounts", f.Features())
@@ -180,24 +220,35 @@ func New(cfg Config) (*Driver, error) {
 		cfg.Logger.Info("hostdir entry", "entry", name, "path", src.Entry.Path, "resolved", src.Resolved, "kind", src.Kind(), "readOnly", src.Entry.ReadOnly, "create", src.Entry.Create)
 	}
 	return &Driver{
-		cfg:         cfg,
-		log:         cfg.Logger,
-		mounter:     cfg.Mounter,
-		sources:     sources,
-		store:       store,
-		podsDir:     filepath.Join(cfg.KubeletDir, "pods"),
-		overlaysDir: overlays,
-		emptyDir:    empty,
-		writable:    cfg.WritableLayers,
-		metrics:     cfg.Metrics,
-		locks:       keyedLocks{held: map[string]*keyedLock{}},
-		byTarget:    map[string]*state.Record{},
-		inFlight:    map[string]int{},
+		cfg:          cfg,
+		log:          cfg.Logger,
+		mounter:      cfg.Mounter,
+		sources:      sources,
+		store:        store,
+		podsDir:      filepath.Join(cfg.KubeletDir, "pods"),
+		overlaysDir:  overlays,
+		emptyDir:     empty,
+		releaseEmpty: releaseEmpty,
+		writable:     cfg.WritableLayers,
+		metrics:      cfg.Metrics,
+		locks:        keyedLocks{held: map[string]*keyedLock{}},
+		byTarget:     map[string]*state.Record{},
+		inFlight:     map[string]int{},
+		podGone:      map[string]time.Time{},
+		verified:     make(chan struct{}),
 	}, nil
 }
 
-// Close releases the state journal. Call it once the gRPC server has stopped; mounts stay.
-func (d *Driver) Close() error { return d.store.Close() }
+// Close stops the background check of Start, waits for it, releases the state journal and
+// the empty dir's own mount. Call it once the gRPC server has stopped; the volumes' mounts
+// stay (an overlay keeps its own private copy of the empty dir's mount).
+func (d *Driver) Close() error {
+	if d.stopVerify != nil {
+		d.stopVerify()
+		<-d.verified
+	}
+	return errors.Join(d.store.Close(), d.releaseEmpty())
+}
 
 // Name returns the CSI driver name.
 func (d *Driver) Name() string { return d.cfg.DriverName }

@@ -823,8 +823,9 @@ func TestKeyedLocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	unlockX()
-	got := make(chan struct{})
+	got, done := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(done)
 		u, _ := l.lock(context.Background(), "a")
 		close(got)
 		u()
@@ -836,6 +837,7 @@ func TestKeyedLocks(t *testing.T) {
 	}
 	unlockA()
 	<-got
+	<-done // the waiter has unlocked too
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.held) != 0 {
@@ -965,5 +967,78 @@ func TestIdentity(t *testing.T) {
 	ni, _ := f.d.NodeGetInfo(context.Background(), &csi.NodeGetInfoRequest{})
 	if ni.GetNodeId() != "node-1" {
 		t.Fatalf("node id %q", ni.GetNodeId())
+	}
+}
+
+// gatedMounter holds SurelyMountRoot, the first step of Start's background check, until
+// open is closed.
+type gatedMounter struct {
+	*mounter.Fake
+	open chan struct{}
+}
+
+func (g *gatedMounter) SurelyMountRoot(dirfd int, rel string) bool {
+	<-g.open
+	return g.Fake.SurelyMountRoot(dirfd, rel)
+}
+
+// TestStartServesBeforeCheckingTargetsAndKeepsWhatChangedMeanwhile: Start marks the driver
+// ready before it checks any record's target; a publish of a target whose record is stale
+// meanwhile replaces that record, and the background check, when it gets there, neither
+// drops the new record nor unmounts its target; a stale record that nothing touched is
+// dropped once the check is done.
+func TestStartServesBeforeCheckingTargetsAndKeepsWhatChangedMeanwhile(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	republished, untouched := f.target("pod-a"), f.target("pod-b")
+	for id, target := range map[string]string{"vol-a": republished, "vol-b": untouched} {
+		if _, err := f.d.NodePublishVolume(ctx, f.publishReq(id, target, libraryAttrs("r.local/a:v1"))); err != nil {
+			t.Fatal(err)
+		}
+		// The node rebooted: neither target is mounted any more.
+		if err := f.m.Forget(target); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	gate := &gatedMounter{Fake: f.m, open: make(chan struct{})}
+	d, err := New(Config{NodeID: "node-1", KubeletDir: f.kubelet, StateDir: f.state, Mounter: gate, WritableLayers: f.wl, Libraries: f.store, Logger: slog.New(slog.NewTextHandler(f.logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var openOnce sync.Once
+	openGate := func() { openOnce.Do(func() { close(gate.open) }) }
+	t.Cleanup(func() { openGate(); d.Close() })
+	if err := d.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !d.Ready() {
+		t.Fatal("not ready after Start")
+	}
+	select {
+	case <-d.Verified():
+		t.Fatal("the background check finished although no target could be checked yet")
+	default:
+	}
+	// kubelet publishes vol-a again while the check is held.
+	if _, err := d.NodePublishVolume(ctx, f.publishReq("vol-a", republished, libraryAttrs("r.local/a:v1"))); err != nil {
+		t.Fatal(err)
+	}
+	fresh := d.record(republished)
+	openGate()
+	<-d.Verified()
+	if got := d.record(republished); got != fresh {
+		t.Fatalf("the republished record was replaced or dropped by the background check: %+v", got)
+	}
+	if f.m.Mounts(republished) != 1 {
+		t.Fatalf("republished target has %d mounts, want 1", f.m.Mounts(republished))
+	}
+	if d.record(untouched) != nil {
+		t.Fatal("the stale record of an unmounted target was kept after the check")
+	}
+	if list, _ := d.store.List(); len(list) != 1 || list[0].VolumeID != "vol-a" {
+		t.Fatalf("records on disk after the check: %+v", list)
 	}
 }

@@ -20,6 +20,8 @@ type Metrics struct {
 	operations *prometheus.CounterVec
 	duration   *prometheus.HistogramVec
 	published  *prometheus.GaugeVec
+	// keptRemoved counts kept writable layers removed, by reason (pod-gone, budget).
+	keptRemoved *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them on reg (controller-runtime's
@@ -40,9 +42,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "apm_csi", Subsystem: "node", Name: "published_volumes",
 			Help: "Volume targets currently published on this node, by volume type.",
 		}, []string{"volume_type"}),
+		keptRemoved: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "apm_csi", Subsystem: "node", Name: "kept_writable_layers_removed_total",
+			Help: "Writable layers kept across a node reboot (--keep-writable-layers) and removed without an unpublish: pod-gone (the pod's dir was gone for the grace period) or budget (the kept layers took more than --max-kept-writable-bytes).",
+		}, []string{"reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.operations, m.duration, m.published)
+		reg.MustRegister(m.operations, m.duration, m.published, m.keptRemoved)
 	}
 	return m
 }

@@ -57,6 +57,8 @@ type publishRequest struct {
 	// dir is the target's volume dir, opened from the pods dir without following links;
 	// every step of the publish works relative to it.
 	dir int
+	// resume is the stale record whose kept writable layer this publish mounts again.
+	resume *state.Record
 }
 
 // NodePublishVolume implements csi.NodeServer. It is idempotent: a repeated call for a target
@@ -172,8 +174,14 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 		r.log.Info("already published: nothing to do")
 		return true, nil
 	}
-	// A record without a mount: a publish that crashed half-way, or a mount someone removed.
-	// Free what it held and publish afresh.
+	// A record without a mount: a publish that crashed half-way, a mount someone removed, or
+	// a node reboot. A kept writable layer of this very volume is mounted again (keep.go);
+	// otherwise free what the record held and publish afresh.
+	if d.canResume(r, rec) {
+		r.log.Info("mounting the kept writable layer of this volume again")
+		r.resume = rec
+		return false, nil
+	}
 	r.log.Info("dropping the stale record of an unmounted target", "staleVolume", rec.VolumeID)
 	if err := d.release(rec); err != nil {
 		return false, status.Errorf(codes.Internal, "cleaning up a stale publish of %s: %v", r.target, err)
@@ -181,8 +189,8 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 	return false, nil
 }
 
-// newRecord starts the record of a publish.
-func (r *publishRequest) newRecord() *state.Record {
+// newRecord starts the record of a publish made at now.
+func (r *publishRequest) newRecord(now time.Time) *state.Record {
 	return &state.Record{
 		VolumeID:   r.volumeID,
 		TargetPath: r.target,
@@ -192,7 +200,7 @@ func (r *publishRequest) newRecord() *state.Record {
 		Pod:        state.Pod{Namespace: r.attrs[attrPodNamespace], Name: r.attrs[attrPodName], UID: r.attrs[attrPodUID]},
 		Ephemeral:  r.attrs[attrEphemeral] == "true",
 		ReadOnly:   r.readOnly,
-		Created:    time.Now().UTC(),
+		Created:    now.UTC(),
 	}
 }
 

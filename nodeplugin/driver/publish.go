@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"path/filepath"
 	"strings"
 
@@ -64,7 +65,7 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 		return status.Errorf(codes.Internal, "%s%v", via, err)
 	}
 	defer unix.Close(fd)
-	rec := r.newRecord()
+	rec := r.newRecord(d.cfg.Now())
 	rec.HostDir = name
 	rec.Source = src.Resolved
 	rec.TargetIsFile = !mode.IsDir()
@@ -155,7 +156,7 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	release := d.holdLayers(layers)
 	defer release()
 
-	rec := r.newRecord()
+	rec := r.newRecord(d.cfg.Now())
 	rec.Layers = layers
 	var lower []string
 	for _, l := range layers {
@@ -172,11 +173,24 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	rec.OverlayDir = filepath.Join(d.overlaysDir, rec.Key())
 	rec.UpperDir, rec.WorkDir = writablelayer.Paths(rec.OverlayDir)
 	rec.WritableLimit, rec.WritableLayer = limit, string(d.writable.Mechanism())
+	resume := r.resume != nil && r.resume.OverlayDir == rec.OverlayDir
 	return d.mountWithRecord(r, rec, func() error {
-		// A world-writable upper dir (the volume's root, like an emptyDir) and a work dir,
-		// together bounded by the limit.
-		if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
-			return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+		if resume {
+			// The kept upper dir, with a fresh work dir and the limit set again. A record
+			// whose layer was never made (a crash between record and mount) gets a new one.
+			err := d.writable.Resume(rec.OverlayDir, limit)
+			if errors.Is(err, fs.ErrNotExist) {
+				resume = false
+			} else if err != nil {
+				return fmt.Errorf("resuming the kept %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+			}
+		}
+		if !resume {
+			if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
+				// A world-writable upper dir (the volume's root, like an emptyDir) and a
+				// work dir, together bounded by the limit.
+				return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+			}
 		}
 		return d.writable.Mount(func() error {
 			return d.mounter.OverlayAt(r.dir, targetName, mounter.Overlay{Lower: lower, Upper: rec.UpperDir, Work: rec.WorkDir, Volatile: d.volatileUpper()})
@@ -292,7 +306,7 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 	release := d.holdLayers(layers)
 	defer release()
 
-	rec := r.newRecord()
+	rec := r.newRecord(d.cfg.Now())
 	rec.Layers = layers
 	rec.Source = filepath.Join(dir, volumeattrs.PreloadFile)
 	rec.TargetIsFile = true
@@ -309,6 +323,9 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 // mounted after a crash or reboot has its dir removed by the reconcile, so what volatile
 // gives up (an upper dir that is consistent after a crash) is never used. A tmpfs upper dir
 // has nothing to write back: volatile would change nothing there.
+//
+// With KeepWritableLayers an upper dir is mounted again after a reboot, so it must be
+// consistent: not volatile, and every unpublish pays the sync (docs/node-plugin.md).
 func (d *Driver) volatileUpper() bool {
-	return d.writable.Mechanism() == writablelayer.ProjectQuota
+	return d.writable.Mechanism() == writablelayer.ProjectQuota && !d.cfg.KeepWritableLayers
 }

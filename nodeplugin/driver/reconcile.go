@@ -7,122 +7,191 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sync"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 )
 
-// Reconcile brings the state dir in line with the mount table, once at startup, and then marks
-// the driver ready:
-//   - a record whose target is still mounted is kept: nothing that is mounted is forgotten;
-//   - a record whose target is no longer mounted (node reboot, crash between record and mount,
-//     a mount removed by hand) is dropped, with its overlay dirs and its empty target;
-//   - an overlay dir that no record references and no mounted overlay uses is removed.
+// Reconcile is Start followed by waiting for its background check: the state dir in line with
+// the mount table when it returns (tests, tools).
 func (d *Driver) Reconcile(ctx context.Context) error {
+	if err := d.Start(ctx); err != nil {
+		return err
+	}
+	select {
+	case <-d.Verified():
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Start brings the state dir in line with the mount table, once at startup, in two parts.
+//
+// Before the driver is marked ready, what serving needs: every record is read and validated,
+// and indexed by its target as if its target were mounted; an overlay dir that no record
+// references and no mounted overlay uses is removed. This costs no system call per record.
+//
+// Then, in the background (Verified is closed when it is done), each record's target is
+// checked: a record whose target is still mounted is kept (nothing that is mounted is
+// forgotten); one whose target is no longer mounted (node reboot, crash between record and
+// mount, a mount removed by hand) is dropped, with its overlay dirs and its empty target,
+// under the same per-volume and per-target locks as publish and unpublish, and only if it is
+// still the record of that target.
+//
+// Serving before that check is safe because every path already treats a record as a claim,
+// not a fact: publish checks the target's mount itself and drops a stale record of it;
+// unpublish unmounts only what is mounted; the library collector keeps what a stale record
+// references a little longer. Nothing is removed before it is confirmed unmounted, and a
+// record stays durable before its mount exists.
+func (d *Driver) Start(ctx context.Context) error {
 	records, listErr := d.store.List()
 	if listErr != nil {
 		// Unreadable records are left on disk for a person; everything else proceeds.
 		d.log.Error("some state records cannot be read; they are left in place", "error", listErr)
 	}
-	var kept, dropped int
+	// The overlay dirs records reference, by name in the overlays dir.
 	referenced := make(map[string]bool, len(records))
+	loaded := make([]*state.Record, 0, len(records))
+	d.mu.Lock()
+	for _, rec := range records {
+		if err := d.checkRecord(rec); err != nil {
+			// Records are read back from disk: untrusted input. One that is not what this
+			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
+			// kept too.
+			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
+			if name, ok := d.overlayKey(rec.OverlayDir); ok {
+				referenced[name] = true
+			}
+			continue
+		}
+		d.byTarget[rec.TargetPath] = rec
+		if name, ok := d.overlayKey(rec.OverlayDir); ok {
+			referenced[name] = true
+		}
+		loaded = append(loaded, rec)
+	}
+	d.mu.Unlock()
+	removed, err := d.removeOrphanOverlayDirs(referenced)
+	if err != nil {
+		return err
+	}
+	d.updatePublishedMetric()
+	vctx, cancel := context.WithCancel(ctx)
+	d.stopVerify = cancel
+	d.ready.Store(true)
+	d.log.Info("loaded state records; checking their targets against the mount table in the background", "records", len(loaded), "orphanOverlayDirsRemoved", removed)
+	go func() {
+		defer close(d.verified)
+		defer cancel()
+		d.verifyRecords(vctx, loaded)
+	}()
+	return nil
+}
+
+// Verified is closed once the background check that Start began is done (or stopped by its
+// context or Close).
+func (d *Driver) Verified() <-chan struct{} { return d.verified }
+
+// updatePublishedMetric sets the published-volumes gauge from the index.
+func (d *Driver) updatePublishedMetric() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, kind := range []string{"hostdir", "library", "preload"} {
+		d.metrics.published.WithLabelValues(kind).Set(float64(d.countKind(kind)))
+	}
+}
+
+// verifyRecords keeps the records whose targets are mounted and drops the others (see Start).
+func (d *Driver) verifyRecords(ctx context.Context, records []*state.Record) {
 	// The pods dir is opened once: a target that the kernel reports as a mount root when
 	// resolved from it is mounted (one statx per record on a node with thousands of
 	// volumes); any other answer is confirmed with the full check, which never follows a
-	// link. A positive answer that came through a link would keep the record, which the
-	// full check does too (a target it cannot reach is kept).
+	// link, under the record's locks. A positive answer that came through a link would keep
+	// the record, which the full check does too (a target it cannot reach is kept).
 	pods, err := unix.Open(d.podsDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		pods = -1
 	} else {
 		defer unix.Close(pods)
 	}
-	surely := d.surelyMounted(pods, records)
+	// One record after the other: the check runs while the driver serves, and needs no more
+	// than one CPU.
+	var kept, dropped, gone int
 	for i, rec := range records {
-		if err := ctx.Err(); err != nil {
-			return err
+		if ctx.Err() != nil {
+			d.log.Info("stopped checking state records against the mount table", "checked", i, "of", len(records))
+			return
 		}
-		if err := d.checkRecord(rec); err != nil {
-			// Records are read back from disk: untrusted input. One that is not what this
-			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
-			// kept too.
-			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
-			if _, ok := d.overlayKey(rec.OverlayDir); ok {
-				referenced[rec.OverlayDir] = true
-			}
-			continue
-		}
-		mounted := surely[i]
-		if !mounted {
-			var err error
-			mounted, err = d.isMounted(rec.TargetPath)
-			if err != nil {
-				// Unknown is treated as mounted: forgetting a live mount is worse than keeping
-				// a record that a later unpublish removes.
-				d.recordLog(rec).Error("cannot tell whether the target is mounted; keeping its record", "error", err)
-				mounted = true
-			}
-		}
-		if mounted {
-			d.mu.Lock()
-			d.byTarget[rec.TargetPath] = rec
-			d.mu.Unlock()
-			if rec.OverlayDir != "" {
-				referenced[rec.OverlayDir] = true
-			}
+		if d.surelyMounted(pods, rec) {
 			kept++
 			continue
 		}
-		if err := d.release(rec); err != nil {
-			d.recordLog(rec).Error("cannot drop the record of an unmounted target; keeping it", "error", err)
-			if rec.OverlayDir != "" {
-				referenced[rec.OverlayDir] = true
-			}
-			continue
+		switch d.verifyRecord(ctx, rec) {
+		case recordKept:
+			kept++
+		case recordDropped:
+			dropped++
+		case recordChanged:
+			gone++
 		}
-		d.recordLog(rec).Info("dropped the record of a volume that is no longer mounted")
-		dropped++
 	}
-	removed, err := d.removeOrphanOverlayDirs(referenced)
-	if err != nil {
-		return err
-	}
-	d.mu.Lock()
-	for _, kind := range []string{"hostdir", "library", "preload"} {
-		d.metrics.published.WithLabelValues(kind).Set(float64(d.countKind(kind)))
-	}
-	d.mu.Unlock()
-	d.ready.Store(true)
-	d.log.Info("reconciled state with the mount table", "kept", kept, "dropped", dropped, "orphanOverlayDirsRemoved", removed)
-	return nil
+	d.updatePublishedMetric()
+	d.log.Info("reconciled state with the mount table", "kept", kept, "dropped", dropped, "changedMeanwhile", gone)
 }
 
-// surelyMounted tells, per record, whether its target is surely a mount root (see
-// mounter.SurelyMountRoot), checked from the pods dir on every CPU. A record that is not of
-// the target shape, or a pods dir that could not be opened (pods < 0), gives false.
-func (d *Driver) surelyMounted(pods int, records []*state.Record) []bool {
-	out := make([]bool, len(records))
+type verifyResult int
+
+const (
+	recordKept verifyResult = iota
+	recordDropped
+	recordChanged
+)
+
+// verifyRecord confirms, under the record's locks, whether the target of rec is mounted, and
+// drops rec when it is not.
+func (d *Driver) verifyRecord(ctx context.Context, rec *state.Record) verifyResult {
+	unlock, err := d.locks.lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
+	if err != nil {
+		return recordKept
+	}
+	defer unlock()
+	if d.record(rec.TargetPath) != rec {
+		// Unpublished or published afresh meanwhile: no longer this check's to judge.
+		return recordChanged
+	}
+	mounted, err := d.isMounted(rec.TargetPath)
+	if err != nil {
+		// Unknown is treated as mounted: forgetting a live mount is worse than keeping a
+		// record that a later unpublish removes.
+		d.recordLog(rec).Error("cannot tell whether the target is mounted; keeping its record", "error", err)
+		return recordKept
+	}
+	if mounted {
+		return recordKept
+	}
+	if d.keepable(rec) {
+		d.recordLog(rec).Info("keeping the writable layer of a volume that is no longer mounted, for kubelet to publish again; removed at unpublish or once its pod is gone")
+		return recordKept
+	}
+	if err := d.release(rec); err != nil {
+		d.recordLog(rec).Error("cannot drop the record of an unmounted target; keeping it", "error", err)
+		return recordKept
+	}
+	d.recordLog(rec).Info("dropped the record of a volume that is no longer mounted")
+	return recordDropped
+}
+
+// surelyMounted tells whether rec's target is surely a mount root (see
+// mounter.SurelyMountRoot), checked from the pods dir. A record that is not of the target
+// shape, or a pods dir that could not be opened (pods < 0), gives false.
+func (d *Driver) surelyMounted(pods int, rec *state.Record) bool {
 	if pods < 0 {
-		return out
+		return false
 	}
-	workers := min(runtime.GOMAXPROCS(0), 1+len(records)/256)
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := w; i < len(records); i += workers {
-				if rel, ok := parseTarget(d.podsDir, records[i].TargetPath); ok {
-					out[i] = d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return out
+	rel, ok := parseTarget(d.podsDir, rec.TargetPath)
+	return ok && d.mounter.SurelyMountRoot(pods, rel+"/"+targetName)
 }
 
 // checkRecord validates a record read from the state dir: its target must be exactly of
@@ -154,14 +223,19 @@ func (d *Driver) recordLog(rec *state.Record) *slog.Logger {
 // The mount table is read only when some dir is not referenced by a record: a node with
 // thousands of volumes and nothing orphaned does not parse thousands of mount entries.
 func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error) {
-	entries, err := os.ReadDir(d.overlaysDir)
+	f, err := os.Open(d.overlaysDir)
+	if err != nil {
+		return 0, fmt.Errorf("reconcile: %w", err)
+	}
+	names, err := f.Readdirnames(-1)
+	f.Close()
 	if err != nil {
 		return 0, fmt.Errorf("reconcile: %w", err)
 	}
 	var orphans []string
-	for _, e := range entries {
-		if dir := filepath.Join(d.overlaysDir, e.Name()); !referenced[dir] {
-			orphans = append(orphans, dir)
+	for _, name := range names {
+		if !referenced[name] {
+			orphans = append(orphans, name)
 		}
 	}
 	if len(orphans) == 0 {
@@ -173,18 +247,20 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 	}
 	for _, e := range table {
 		for _, key := range []string{"upperdir", "workdir"} {
-			if v, ok := e.Option(key); ok && filepath.Dir(filepath.Dir(v)) == d.overlaysDir {
-				referenced[filepath.Dir(v)] = true
+			if v, ok := e.Option(key); ok {
+				if name, ok := d.overlayKey(filepath.Dir(v)); ok {
+					referenced[name] = true
+				}
 			}
 		}
 	}
 	removed := 0
 	var errs []error
-	for _, dir := range orphans {
-		if referenced[dir] {
+	for _, name := range orphans {
+		if referenced[name] {
 			continue
 		}
-		if err := d.writable.Release(dir); err != nil {
+		if err := d.writable.Release(filepath.Join(d.overlaysDir, name)); err != nil {
 			errs = append(errs, err)
 			continue
 		}

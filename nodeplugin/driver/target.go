@@ -37,19 +37,24 @@ func (d *Driver) targetShape() string {
 // podsDir.
 func parseTarget(podsDir, p string) (parentRel string, ok bool) {
 	rest, found := strings.CutPrefix(p, podsDir+"/")
-	if !found || filepath.Clean(p) != p || strings.ContainsRune(p, 0) {
+	if !found || strings.ContainsRune(p, 0) || filepath.Clean(p) != p {
 		return "", false
 	}
-	parts := strings.Split(rest, "/")
-	if len(parts) != 5 || parts[1] != targetVolumes || parts[2] != targetPluginDir || parts[4] != targetName {
+	// <uid>/volumes/kubernetes.io~csi/<volume>/mount, without allocating: start-up runs
+	// this for every record.
+	uid, after, _ := strings.Cut(rest, "/")
+	volumes, after, _ := strings.Cut(after, "/")
+	plugin, after, _ := strings.Cut(after, "/")
+	volume, name, _ := strings.Cut(after, "/")
+	if volumes != targetVolumes || plugin != targetPluginDir || name != targetName {
 		return "", false
 	}
-	for _, name := range []string{parts[0], parts[3]} {
-		if name == "" || name == "." || name == ".." {
+	for _, n := range []string{uid, volume} {
+		if n == "" || n == "." || n == ".." {
 			return "", false
 		}
 	}
-	return strings.Join(parts[:4], "/"), true
+	return rest[:len(rest)-len(name)-1], true
 }
 
 // checkTarget refuses a target path that is not exactly kubelet's CSI target shape: publish and

@@ -1,18 +1,17 @@
 package driver
 
 import (
-	"path/filepath"
-
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
 // OverlaysDir is the directory under the state dir that holds every writable library volume's
 // upper and work dirs, one dir per published target.
-func OverlaysDir(stateDir string) string { return filepath.Join(stateDir, "overlays") }
+func OverlaysDir(stateDir string) string { return state.OverlaysDir(stateDir) }
 
 // writableLimit returns the size of a library volume's writable layer: its writableLimit
 // attribute, within the node's maximum, or the node's default. It is checked for read-only

@@ -176,3 +176,64 @@ func TestProjectQuotaUpperIsVolatile(t *testing.T) {
 		})
 	}
 }
+
+// TestKeepingWritableLayersNeedsProjectQuotas: --keep-writable-layers with tmpfs writable
+// layers (which a reboot empties) is refused at start with a message naming both settings.
+func TestKeepingWritableLayersNeedsProjectQuotas(t *testing.T) {
+	root := t.TempDir()
+	_, err := New(Config{NodeID: "n", KubeletDir: filepath.Join(root, "kubelet"), StateDir: filepath.Join(root, "state"),
+		Mounter: mounter.NewFake(), WritableLayers: writablelayer.NewFake(), KeepWritableLayers: true})
+	if err == nil || !strings.Contains(err.Error(), "--keep-writable-layers") || !strings.Contains(err.Error(), "project-quota") {
+		t.Fatalf("New with kept tmpfs layers: %v", err)
+	}
+}
+
+// TestKeptRecordWithoutALayerGetsAFreshOne: with --keep-writable-layers, a kept record whose
+// layer was never made (a crash between writing the record and preparing the layer) does not
+// fail the next publish of its volume: the publish prepares a fresh layer.
+func TestKeptRecordWithoutALayerGetsAFreshOne(t *testing.T) {
+	f := newFixture(t, func(c *Config) {
+		layers := writablelayer.NewFake()
+		layers.Mech = writablelayer.ProjectQuota
+		c.WritableLayers, c.KeepWritableLayers = layers, true
+	})
+	ctx := context.Background()
+	target := f.target("pod-a")
+	req := f.publishReq("vol-a", target, libraryAttrs("r.local/a:v1"))
+	if _, err := f.d.NodePublishVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	rec := f.d.record(target)
+	// The reboot: the mount is gone, and so (the crash) is the layer.
+	if err := f.m.Forget(target); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(rec.OverlayDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(f.d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	if err := d.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if d.record(target) == nil {
+		t.Fatal("the kept record was dropped at start")
+	}
+	if _, err := d.NodePublishVolume(ctx, req); err != nil {
+		t.Fatalf("publish of a kept record without its layer: %v", err)
+	}
+	if upper, _ := writablelayer.Paths(rec.OverlayDir); !dirExists(upper) {
+		t.Fatal("no fresh upper dir after the publish")
+	}
+}
+
+func dirExists(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.IsDir()
+}

@@ -512,6 +512,9 @@ func (l *Linux) Features() string {
 	return strings.Join(parts, "; ")
 }
 
+// OwnMount implements Interface with the function OwnMount.
+func (l *Linux) OwnMount(dir string) (release func() error, err error) { return OwnMount(dir) }
+
 // OwnMount makes dir (created if missing) the root of a mount of its own, with no mount below
 // it, by bind-mounting it onto itself (not recursively) unless it is a mount point already,
 // and returns a function that undoes what it did.

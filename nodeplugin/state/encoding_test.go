@@ -38,14 +38,22 @@ func fullRecord() *Record {
 // TestCompactEncodingKeepsEveryField: a record written and read back in the compact
 // encoding equals the original, escapes and empty fields included.
 func TestCompactEncodingKeepsEveryField(t *testing.T) {
-	for _, r := range []*Record{fullRecord(), {VolumeID: "v", TargetPath: "/t"}} {
-		body := encodeCompact(r)
+	c := newCodec("/state")
+	own := &Record{VolumeID: "w", TargetPath: "/t/w", Layers: []Layer{{Dir: "/state/store/views/x/root", Digest: "sha256:x"}}}
+	own.OverlayDir = "/state/overlays/" + own.Key()
+	own.UpperDir, own.WorkDir = own.OverlayDir+"/upper", own.OverlayDir+"/work"
+	odd := &Record{VolumeID: "o", TargetPath: "/t/o", Source: "=not/a/path", Layers: []Layer{{Dir: "==x"}, {Dir: "/state"}, {Dir: "/statefoo/x"}}}
+	for _, r := range []*Record{fullRecord(), {VolumeID: "v", TargetPath: "/t"}, own, odd} {
+		body := c.encodeCompact(r)
 		if bytes.IndexByte(body, '\n') >= 0 {
 			t.Fatalf("compact body holds a raw newline: %q", body)
 		}
-		got, err := decodeRecord(body)
-		if err != nil {
-			t.Fatal(err)
+		if bytes.Contains(body, []byte("/state/")) {
+			t.Errorf("compact body %q spells out a path below the state dir", body)
+		}
+		got, current, err := c.decodeRecord(r.Key(), body, map[string]string{})
+		if err != nil || !current {
+			t.Fatalf("decode %q: %v (current %t)", body, err, current)
 		}
 		if !got.Created.Equal(r.Created) {
 			t.Fatalf("created %v, want %v", got.Created, r.Created)
@@ -57,11 +65,57 @@ func TestCompactEncodingKeepsEveryField(t *testing.T) {
 	}
 }
 
+// TestJournalOfFullPathRecordsIsRewrittenRelative: a journal the version before wrote (c1,
+// every path in full) is read as it was and rewritten with paths relative to the state dir.
+func TestJournalOfFullPathRecordsIsRewrittenRelative(t *testing.T) {
+	stateDir := t.TempDir()
+	dir := filepath.Join(stateDir, "volumes")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	r := scaleRecord(stateDir, 1)
+	// The body as the version before wrote it: c2 without the state dir's base.
+	v1 := bytes.Replace(codec{}.encodeCompact(r), []byte(compactMagic), []byte(compactMagicV1), 1)
+	old := encodeLine(opPut, r.Key(), v1)
+	if err := os.WriteFile(filepath.Join(dir, journalName), old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	list, err := s.List()
+	if err != nil || len(list) != 1 {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+	list[0].Created = r.Created
+	if !reflect.DeepEqual(list[0], r) {
+		t.Fatalf("record read from the c1 journal %+v\nwant %+v", list[0], r)
+	}
+	data, err := os.ReadFile(filepath.Join(dir, journalName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(data, []byte(" "+compactMagic+"\t")) || len(data) >= len(old)*3/4 {
+		t.Fatalf("journal after Open (%d bytes, was %d):\n%s\nwant one shorter c2 line", len(data), len(old), data)
+	}
+	back, err := Read(stateDir)
+	if err != nil || len(back) != 1 {
+		t.Fatalf("Read = %+v, %v", back, err)
+	}
+	back[0].Created = r.Created
+	if !reflect.DeepEqual(back[0], r) {
+		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], r)
+	}
+}
+
 // TestCompactEncodingRefusesDamage: a body that is cut short, carries an unknown escape, an
 // unknown flag or a count larger than what follows is an error, never a crash or a huge
 // allocation.
 func TestCompactEncodingRefusesDamage(t *testing.T) {
-	good := string(encodeCompact(fullRecord()))
+	c := newCodec("/state")
+	good := string(c.encodeCompact(fullRecord()))
 	for name, body := range map[string]string{
 		"cut short":       good[:len(good)/2],
 		"trailing field":  good + "x\t",
@@ -74,7 +128,7 @@ func TestCompactEncodingRefusesDamage(t *testing.T) {
 		if body == good {
 			t.Fatalf("%s: the damage did not apply", name)
 		}
-		if _, err := decodeRecord([]byte(body)); err == nil {
+		if _, _, err := c.decodeRecord(fullRecord().Key(), []byte(body), nil); err == nil {
 			t.Errorf("%s: decoded without an error", name)
 		}
 	}

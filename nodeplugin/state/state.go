@@ -15,9 +15,9 @@
 // or damaged line.
 //
 // A record is written in a compact tab-separated encoding (encoding.go) that start-up decodes
-// with a few allocations per record. Journals whose records earlier versions wrote as JSON
-// are read and rewritten compact by Open (versions before this one cannot read the compact
-// encoding). Records of still earlier versions, one JSON file per record in the same
+// with a few allocations per record, with the paths below the state dir written relative to
+// it. Journals whose records earlier versions wrote in full (the first compact encoding) or as
+// JSON are read and rewritten by Open (earlier versions cannot read what this one writes). Records of still earlier versions, one JSON file per record in the same
 // directory, are taken into the journal by Open and then removed.
 package state
 
@@ -120,6 +120,7 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // One process uses a state dir at a time (the plugin's DaemonSet runs one pod per node).
 type Store struct {
 	dir string
+	c   codec
 
 	// syncMu serialises fdatasync and rewrites, and is taken before mu.
 	syncMu sync.Mutex
@@ -157,7 +158,7 @@ func Open(stateDir string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	s := &Store{dir: dir, live: map[string]*entry{}}
+	s := &Store{dir: dir, c: newCodec(stateDir), live: map[string]*entry{}}
 	var legacy []string
 	for _, e := range entries {
 		name := e.Name()
@@ -198,12 +199,7 @@ func Open(stateDir string) (*Store, error) {
 		if _, ok := s.live[r.Key()]; ok {
 			continue // already taken into the journal by an earlier start
 		}
-		line, err := encodePut(r)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		s.live[r.Key()] = &entry{line: line, rec: r}
+		s.live[r.Key()] = &entry{line: s.encodePut(r), rec: r}
 	}
 	s.loadErr = errors.Join(errs...)
 	// Rewritten now only when it must be (a torn tail, damage, records taken in): a journal
@@ -276,8 +272,8 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 	if len(pending) > 0 {
 		torn = true
 	}
-	// Decode what survived, on every CPU. A record in an earlier version's encoding is
-	// re-encoded, for Open to rewrite the journal with.
+	// Decode what survived, on every CPU. A record in an earlier version's encoding (JSON,
+	// c1) is re-encoded, for Open to rewrite the journal with.
 	keys := make([]string, 0, len(s.live))
 	for k := range s.live {
 		keys = append(keys, k)
@@ -290,11 +286,14 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			paths := map[string]string{}
 			for i := w; i < len(keys); i += workers {
 				e := s.live[keys[i]]
-				e.rec, results[i] = decodePut(keys[i], e.line)
-				if results[i] == nil && isJSONLine(e.line) {
-					e.line = encodeLine(opPut, keys[i], encodeCompact(e.rec))
+				// replay checked the line already: decode its body.
+				var current bool
+				e.rec, current, results[i] = s.c.decodeBody(keys[i], e.line[bodyStart:len(e.line)-1], paths)
+				if results[i] == nil && !current {
+					e.line = s.encodePut(e.rec)
 					converted[i] = true
 				}
 			}
@@ -329,18 +328,26 @@ func encodeLine(op byte, key string, body []byte) []byte {
 	return append(line, '\n')
 }
 
-func encodePut(r *Record) ([]byte, error) {
-	return encodeLine(opPut, r.Key(), encodeCompact(r)), nil
+func (s *Store) encodePut(r *Record) []byte {
+	return encodeLine(opPut, r.Key(), s.c.encodeCompact(r))
 }
 
-// isJSONLine reports whether a Put line holds its record as JSON (earlier versions).
-func isJSONLine(line []byte) bool {
-	return len(line) > 11+64+1 && line[11+64+1] == '{'
+// newCodec returns the codec of the records of stateDir.
+func newCodec(stateDir string) codec {
+	base := filepath.Clean(stateDir)
+	if !filepath.IsAbs(base) || base == "/" {
+		// Paths are then written in full.
+		base = ""
+	}
+	return codec{base: base}
 }
+
+// bodyStart is where a line's body starts: after "<op> <crc> <key> ".
+const bodyStart = 11 + 64 + 1
 
 func parseLine(line []byte) (op byte, key string, body []byte, err error) {
 	line = bytes.TrimSuffix(line, []byte("\n"))
-	if len(line) < 11+64+1 || line[1] != ' ' || line[10] != ' ' || (line[0] != opPut && line[0] != opDelete) {
+	if len(line) < bodyStart || line[1] != ' ' || line[10] != ' ' || (line[0] != opPut && line[0] != opDelete) {
 		return 0, "", nil, errors.New("not a journal line")
 	}
 	op = line[0]
@@ -358,19 +365,26 @@ func parseLine(line []byte) (op byte, key string, body []byte, err error) {
 	return op, string(rest[:64]), rest[65:], nil
 }
 
-func decodePut(key string, line []byte) (*Record, error) {
+func (c codec) decodePut(key string, line []byte) (*Record, error) {
 	_, _, body, err := parseLine(line)
 	if err != nil {
 		return nil, err
 	}
-	r, err := decodeRecord(body)
+	r, _, err := c.decodeBody(key, body, nil)
+	return r, err
+}
+
+// decodeBody decodes the body of a checked Put line whose key is key; current is false when
+// it is in an earlier version's encoding.
+func (c codec) decodeBody(key string, body []byte, paths map[string]string) (_ *Record, current bool, _ error) {
+	r, current, err := c.decodeRecord(key, body, paths)
 	if err != nil {
-		return nil, fmt.Errorf("state record %s is corrupt: %w", key, err)
+		return nil, false, fmt.Errorf("state record %s is corrupt: %w", key, err)
 	}
-	if r.Key() != key {
-		return nil, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
+	if Key(r.VolumeID, r.TargetPath) != key {
+		return nil, false, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
 	}
-	return r, nil
+	return r, current, nil
 }
 
 func readLegacy(path string) (*Record, error) {
@@ -512,11 +526,7 @@ func (s *Store) syncTo(end int64) error {
 
 // Put records r durably: it returns once the record is on disk.
 func (s *Store) Put(r *Record) error {
-	line, err := encodePut(r)
-	if err != nil {
-		return err
-	}
-	end, err := s.append(opPut, r.Key(), line)
+	end, err := s.append(opPut, r.Key(), s.encodePut(r))
 	if err != nil {
 		return fmt.Errorf("write state record for volume %q: %w", r.VolumeID, err)
 	}
@@ -536,7 +546,7 @@ func (s *Store) Get(volumeID, targetPath string) (rec *Record, ok bool, err erro
 	if !ok {
 		return nil, false, nil
 	}
-	r, err := decodePut(key, e.line)
+	r, err := s.c.decodePut(key, e.line)
 	if err != nil {
 		return nil, false, err
 	}
@@ -572,7 +582,7 @@ func (s *Store) List() ([]*Record, error) {
 		e.rec = nil // handed out: the next List decodes afresh
 		if r == nil {
 			var err error
-			if r, err = decodePut(key, e.line); err != nil {
+			if r, err = s.c.decodePut(key, e.line); err != nil {
 				errs = append(errs, err)
 				continue
 			}
@@ -609,7 +619,7 @@ func Read(stateDir string) ([]*Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Store{live: map[string]*entry{}}
+	s := &Store{c: newCodec(stateDir), live: map[string]*entry{}}
 	_, _, errs := s.replay(data)
 	out := make([]*Record, 0, len(s.live))
 	for _, e := range s.live {

@@ -2,8 +2,10 @@ package writablelayer
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"sync"
 )
 
@@ -58,6 +60,26 @@ func (f *Fake) Prepare(dir string, limit int64) error {
 	return nil
 }
 
+// Resume implements Interface: a fresh work dir, and the limit recorded again.
+func (f *Fake) Resume(dir string, limit int64) error {
+	upper, work := Paths(dir)
+	if fi, err := os.Lstat(upper); err != nil {
+		return fmt.Errorf("no upper dir to resume in %s: %w", dir, err)
+	} else if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", upper)
+	}
+	if err := os.RemoveAll(work); err != nil {
+		return err
+	}
+	if err := os.Mkdir(work, 0o700); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.limits[dir] = limit
+	return nil
+}
+
 // Mount implements Interface.
 func (f *Fake) Mount(mount func() error) error {
 	f.mu.Lock()
@@ -67,6 +89,25 @@ func (f *Fake) Mount(mount func() error) error {
 		return f.MountErr
 	}
 	return mount()
+}
+
+// Used implements Interface: the sizes of the regular files below dir.
+func (f *Fake) Used(dir string) (int64, error) {
+	var n int64
+	err := filepath.WalkDir(dir, func(_ string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if e.Type().IsRegular() {
+			fi, err := e.Info()
+			if err != nil {
+				return err
+			}
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n, err
 }
 
 // Release implements Interface.

@@ -381,6 +381,75 @@ func (m *Manager) Mount(mount func() error) error {
 	return mount()
 }
 
+// Resume implements Interface.
+func (m *Manager) Resume(dir string, limit int64) error {
+	if m.mechanism != ProjectQuota {
+		return fmt.Errorf("a %s writable layer cannot be resumed", m.mechanism)
+	}
+	if limit <= 0 {
+		return fmt.Errorf("writable layer limit must be positive, not %d", limit)
+	}
+	if filepath.Dir(dir) != filepath.Clean(m.dir) {
+		return fmt.Errorf("refusing to resume %s: not a writable layer dir under %s", dir, m.dir)
+	}
+	// Through a handle on the manager's dir: nothing a pod left in the layer is followed.
+	root, err := os.OpenRoot(m.dir)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	name := filepath.Base(dir)
+	for _, sub := range []string{name, name + "/" + upperName} {
+		fi, err := root.Lstat(sub)
+		if err != nil {
+			return err
+		}
+		if !fi.IsDir() {
+			return fmt.Errorf("%s/%s is not a directory", m.dir, sub)
+		}
+	}
+	work := name + "/" + workName
+	if err := root.RemoveAll(work); err != nil {
+		return fmt.Errorf("removing the used work dir of %s: %w", dir, err)
+	}
+	if err := root.Mkdir(work, 0o700); err != nil {
+		return err
+	}
+	id, err := projectOf(dir)
+	if err != nil {
+		return err
+	}
+	if id < firstProjectID || id-firstProjectID >= projectIDSpan {
+		return fmt.Errorf("%s is not charged to a project of this plugin (project %d)", dir, id)
+	}
+	upper, workDir := Paths(dir)
+	for _, sub := range []string{upper, workDir} {
+		if got, err := projectOf(sub); err != nil || got != id {
+			return fmt.Errorf("%s is not charged to project %d of %s (got %d, %v)", sub, id, dir, got, err)
+		}
+	}
+	f, err := os.Open(m.dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return setProjectLimits(f, id, limit)
+}
+
+// Used implements Interface: what the layer's project is charged, or what a tmpfs layer's
+// filesystem holds.
+func (m *Manager) Used(dir string) (int64, error) {
+	if id, err := projectOf(dir); err == nil && id >= firstProjectID && id-firstProjectID < projectIDSpan {
+		_, used, err := ProjectQuotaOf(dir, id)
+		return used, err
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize, nil
+}
+
 // Release implements Interface.
 func (m *Manager) Release(dir string) error {
 	// A tmpfs (or a stack of them, after a crash and a retried publish) on the dir.

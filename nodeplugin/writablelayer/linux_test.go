@@ -250,3 +250,58 @@ func checkVolumeSize(t *testing.T, target string, limit int64) {
 		t.Errorf("statfs of the volume reports %d bytes, want the limit %d", size, limit)
 	}
 }
+
+// TestResumeKeepsTheUpperDirWithAFreshWorkDirAndTheLimit: a project-quota layer resumed after
+// its overlay went (a node reboot) keeps what its upper dir holds, gets an empty work dir,
+// stays charged to its project and takes the new limit; a tmpfs layer cannot be resumed.
+func TestResumeKeepsTheUpperDirWithAFreshWorkDirAndTheLimit(t *testing.T) {
+	dir := quotaFS(t)
+	m, err := writablelayer.New(dir, writablelayer.ProjectQuota)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vol := filepath.Join(dir, "vol")
+	if err := m.Prepare(vol, testLimit); err != nil {
+		t.Fatal(err)
+	}
+	upper, work := writablelayer.Paths(vol)
+	if err := os.WriteFile(filepath.Join(upper, "kept"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(work, "work"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	id, _, _, err := writablelayer.ProjectLimits(vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Resume(vol, 2*testLimit); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(upper, "kept")); err != nil || string(got) != "x" {
+		t.Fatalf("upper dir after Resume: %q, %v", got, err)
+	}
+	if entries, err := os.ReadDir(work); err != nil || len(entries) != 0 {
+		t.Fatalf("work dir after Resume: %v, %v; want empty", entries, err)
+	}
+	gotID, limit, _, err := writablelayer.ProjectLimits(vol)
+	if err != nil || gotID != id || limit != 2*testLimit {
+		t.Fatalf("after Resume: project %d limit %d (%v); want project %d limit %d", gotID, limit, err, id, 2*testLimit)
+	}
+	if err := m.Release(vol); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestResumeRefusesATmpfsLayer: a tmpfs layer does not outlive a reboot; Resume says so
+// rather than mounting an empty layer as if it were the kept one.
+func TestResumeRefusesATmpfsLayer(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "overlays")
+	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Resume(filepath.Join(dir, "vol"), testLimit); err == nil || !strings.Contains(err.Error(), "cannot be resumed") {
+		t.Fatalf("Resume of a tmpfs layer: %v", err)
+	}
+}

@@ -68,6 +68,14 @@ type Interface interface {
 	// cannot exceed the limit: overlayfs writes to its upper dir with its mounter's
 	// credentials, and ext4 lets CAP_SYS_RESOURCE write past quota hard limits.
 	Mount(mount func() error) error
+	// Resume makes a dir that Prepare made and an earlier mount used ready for a new mount
+	// that keeps its upper dir: a fresh, empty work dir (overlayfs refuses a used one) and
+	// the limit set again. Only ProjectQuota dirs outlive a node reboot; Resume refuses the
+	// others. On error dir is left as it was (the caller decides whether to release it).
+	Resume(dir string, limit int64) error
+	// Used returns the bytes dir's layer takes (for a project-quota layer, what its project
+	// is charged).
+	Used(dir string) (int64, error)
 	// Release frees what Prepare allocated for dir and removes dir, whichever mechanism
 	// prepared it (a node may change mechanism between restarts). Anything already gone is
 	// fine.

@@ -14,6 +14,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -52,6 +53,17 @@ type Config struct {
 	// DefaultWritableLimit and MaxWritableLimit are the --default-writable-layer and
 	// --max-writable-layer sizes (bytes); zero takes the driver's defaults.
 	DefaultWritableLimit, MaxWritableLimit int64
+	// KeepWritableLayers, KeptLayerGrace and MaxKeptWritableBytes are
+	// --keep-writable-layers, --kept-writable-layer-grace and --max-kept-writable-bytes; Now
+	// the driver's clock (nil: time.Now).
+	KeepWritableLayers   bool
+	KeptLayerGrace       time.Duration
+	MaxKeptWritableBytes int64
+	Now                  func() time.Time
+	// WritableLayers replaces the writable layer mechanism New would choose (Writable is
+	// then nil): writablelayer.Fake with Mech set stands in for project quotas on a kernel
+	// without them, the overlays staying real.
+	WritableLayers writablelayer.Interface
 }
 
 // Plugin is a node plugin over a temporary directory: the driver, its gRPC server on a unix
@@ -71,7 +83,8 @@ type Plugin struct {
 	Log *slog.Logger
 
 	// Driver and Node are those of the running plugin, replaced by each Start; Writable is
-	// the driver's writable layer mechanism, chosen by each Start as apm-csi-node does.
+	// the driver's writable layer mechanism, chosen by each Start as apm-csi-node does
+	// (nil when Config.WritableLayers replaces it).
 	Driver   *driver.Driver
 	Node     csi.NodeClient
 	Writable *writablelayer.Manager
@@ -112,9 +125,19 @@ func New(t testing.TB, cfg Config) *Plugin {
 }
 
 // Start runs a new plugin over the directories, as a new apm-csi-node process does and in
-// its order: library store, driver, gRPC server, then Reconcile of what an earlier process
-// left mounted.
+// its order: library store, driver, gRPC server, then the reconcile of what an earlier
+// process left mounted; it returns once that reconcile is complete, its background check of
+// the records' targets included.
 func (p *Plugin) Start() {
+	p.T.Helper()
+	p.StartReady()
+	<-p.Driver.Verified()
+}
+
+// StartReady is Start returning as soon as the driver is ready (as apm-csi-node answers
+// Probe ready and registers with kubelet), while the records' targets may still be being
+// checked in the background (driver.Start; <-p.Driver.Verified() waits for it).
+func (p *Plugin) StartReady() {
 	p.T.Helper()
 	var libraries driver.LibraryStore
 	if p.Config.Libraries != nil {
@@ -124,11 +147,14 @@ func (p *Plugin) Start() {
 		}
 		libraries, p.closeLibraries = store, closeStore
 	}
-	writable, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
-	if err != nil {
-		p.T.Fatal(err)
+	var writable writablelayer.Interface = p.Config.WritableLayers
+	if writable == nil {
+		manager, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
+		if err != nil {
+			p.T.Fatal(err)
+		}
+		p.Writable, writable = manager, manager
 	}
-	p.Writable = writable
 	d, err := driver.New(driver.Config{
 		NodeID:                p.Config.NodeID,
 		KubeletDir:            p.Kubelet,
@@ -140,6 +166,10 @@ func (p *Plugin) Start() {
 		WritableLayers:        writable,
 		DefaultWritableLimit:  p.Config.DefaultWritableLimit,
 		MaxWritableLimit:      p.Config.MaxWritableLimit,
+		KeepWritableLayers:    p.Config.KeepWritableLayers,
+		KeptLayerGrace:        p.Config.KeptLayerGrace,
+		MaxKeptWritableBytes:  p.Config.MaxKeptWritableBytes,
+		Now:                   p.Config.Now,
 		Logger:                p.Log,
 	})
 	if err != nil {
@@ -152,7 +182,7 @@ func (p *Plugin) Start() {
 	p.Driver = d
 	p.srv = driver.NewGRPCServer(d, p.Log)
 	go p.srv.Serve(lis)
-	if err := d.Reconcile(context.Background()); err != nil {
+	if err := d.Start(context.Background()); err != nil {
 		p.T.Fatal(err)
 	}
 	p.conn, err = grpc.NewClient("unix://"+p.Sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -252,5 +282,22 @@ func Ephemeral(attrs map[string]string, pod string) map[string]string {
 	out["csi.storage.k8s.io/pod.name"] = pod
 	out["csi.storage.k8s.io/pod.namespace"] = "default"
 	out["csi.storage.k8s.io/pod.uid"] = pod + "-uid"
+	return out
+}
+
+// EmptyDir is the plugin's empty lower dir (<state>/empty), a mount of its own while the
+// plugin runs.
+func (p *Plugin) EmptyDir() string { return filepath.Join(p.State, "empty") }
+
+// MountsLeft is MountsUnder(Root) without the plugin's own mount of its empty dir: what a
+// volume left behind.
+func (p *Plugin) MountsLeft() []string {
+	p.T.Helper()
+	var out []string
+	for _, m := range MountsUnder(p.T, p.Root) {
+		if !strings.HasPrefix(m, p.EmptyDir()+" ") {
+			out = append(out, m)
+		}
+	}
 	return out
 }

@@ -47,6 +47,10 @@ type options struct {
 	writableLayer        writablelayer.Mechanism
 	defaultWritableLayer int64
 	maxWritableLayer     int64
+	// keepWritableLayers keeps writable layers across node reboots (driver.Config).
+	keepWritableLayers bool
+	keptLayerGrace     time.Duration
+	maxKeptWritable    int64
 }
 
 // repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
@@ -121,6 +125,9 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	o.defaultWritableLayer, o.maxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
 	fs.Var(sizeFlag{&o.defaultWritableLayer}, "default-writable-layer", "size limit of a writable library volume's private layer when the volume sets no writableLimit attribute (a quantity such as 256Mi)")
 	fs.Var(sizeFlag{&o.maxWritableLayer}, "max-writable-layer", "largest writableLimit a library volume may ask for (a quantity such as 1Gi); larger requests are refused with InvalidArgument")
+	fs.BoolVar(&o.keepWritableLayers, "keep-writable-layers", false, "keep a writable library volume's layer (what the pod wrote) across node reboots while its pod may exist, and mount it again when kubelet publishes the volume again; needs project-quota writable layers, and every unpublish then syncs the state dir's filesystem")
+	fs.DurationVar(&o.keptLayerGrace, "kept-writable-layer-grace", driver.DefaultKeptLayerGrace, "how long a kept writable layer stays after its pod's dir is gone from kubelet's pods dir (--keep-writable-layers)")
+	fs.Var(sizeFlag{&o.maxKeptWritable}, "max-kept-writable-bytes", "with --keep-writable-layers: the most all kept writable layers (of volumes not mounted now) may take together (a quantity such as 10Gi); the oldest go first; 0: no bound beyond each volume's limit")
 	fs.Func("writable-layer-mechanism", "what enforces the writable layer limits: auto (project quotas where the state dir's ext4/xfs enforces them, else tmpfs), project-quota (refuse to start without them) or tmpfs", func(v string) error {
 		m := writablelayer.Mechanism(v)
 		if !slices.Contains(writablelayer.Mechanisms, m) {

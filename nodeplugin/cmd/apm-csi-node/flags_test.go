@@ -119,6 +119,15 @@ func TestParseFlags(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "kept writable layers",
+			args: []string{"--node-id", "n", "--keep-writable-layers", "--kept-writable-layer-grace", "30m", "--max-kept-writable-bytes", "10Gi"},
+			check: func(t *testing.T, o *options) {
+				if !o.keepWritableLayers || o.keptLayerGrace != 30*time.Minute || o.maxKeptWritable != 10<<30 {
+					t.Fatalf("kept writable layers: %t %s %d", o.keepWritableLayers, o.keptLayerGrace, o.maxKeptWritable)
+				}
+			},
+		},
 		{name: "writable layer default above max", args: []string{"--node-id", "n", "--default-writable-layer", "2Gi"}, wantErr: "--default-writable-layer=2Gi is above --max-writable-layer=1Gi"},
 		{name: "writable layer not a size", args: []string{"--node-id", "n", "--max-writable-layer", "big"}, wantErr: "such as 256Mi"},
 		{name: "writable layer too small", args: []string{"--node-id", "n", "--default-writable-layer", "1Ki"}, wantErr: "at least 1Mi"},

@@ -101,6 +101,9 @@ func run() error {
 		WritableLayers:        writable,
 		DefaultWritableLimit:  o.defaultWritableLayer,
 		MaxWritableLimit:      o.maxWritableLayer,
+		KeepWritableLayers:    o.keepWritableLayers,
+		KeptLayerGrace:        o.keptLayerGrace,
+		MaxKeptWritableBytes:  o.maxKeptWritable,
 		Logger:                log,
 		Metrics:               driver.NewMetrics(ctrlmetrics.Registry),
 	})
@@ -159,7 +162,9 @@ func run() error {
 	}
 
 	// Serve Probe (not ready) while reconciling, and only register with kubelet once ready.
-	if err := d.Reconcile(ctx); err != nil {
+	// The check of each record's target against the mount table goes on in the background
+	// (driver.Start); d.Close stops and waits for it.
+	if err := d.Start(ctx); err != nil {
 		return fmt.Errorf("startup reconcile: %w", err)
 	}
 
@@ -239,6 +244,10 @@ func collectGarbage(ctx context.Context, log *slog.Logger, cache *librarycache.C
 	for {
 		if err := cache.GC(ctx, d.LibrariesInUse); err != nil && ctx.Err() == nil {
 			log.Warn("library cache garbage collection failed; nothing was removed, retrying later", "error", err, "retryIn", interval)
+		}
+		// Kept writable layers (--keep-writable-layers) whose pod is gone.
+		if _, err := d.CollectKeptLayers(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("removing kept writable layers of gone pods failed; retrying later", "error", err, "retryIn", interval)
 		}
 		select {
 		case <-ctx.Done():

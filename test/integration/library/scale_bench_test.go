@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
@@ -25,7 +26,7 @@ const (
 	// scalePairs publish+unpublish pairs are measured per case.
 	scalePairs = 150
 	// scaleStarts start-ups are measured per case.
-	scaleStarts = 3
+	scaleStarts = 9
 )
 
 // BenchmarkWarmPathAtScale: a node with thousands of live volumes publishes, unpublishes and
@@ -34,6 +35,9 @@ const (
 // measured, in this one process, while the node holds:
 //
 //	live0, live500, live2000   that many of the plugin's own published volumes
+//	ro1-live0, ro1-live2000    a read-only library volume of a single layer (an overlay of
+//	                           that layer and the plugin's empty dir) with 0 and 2,000 live
+//	                           volumes around it
 //	unrelated2000              2,000 tmpfs mounts that are not the plugin's (and none of its own)
 //	writer                     no live volume, another process-like goroutine writing to the
 //	                           state dir's filesystem all the time
@@ -55,15 +59,25 @@ func BenchmarkWarmPathAtScale(b *testing.B) {
 	p.MustPublish("csi-warm", warm, attrs("warm"), false)
 	p.MustUnpublish("csi-warm", warm)
 
+	// A read-only library volume of a single layer: an overlay of that layer and the
+	// plugin's empty dir.
+	python := vol.libs["python"]
+	roAttrs := func(pod string) map[string]string {
+		spec := &volumeattrs.Spec{Kind: volumeattrs.KindLibrary, Libraries: []volumeattrs.Library{{Image: python.Ref}}}
+		return nodeplugintest.Ephemeral(spec.Attributes(), pod)
+	}
+	p.MustPublish("csi-warm-ro", warm, roAttrs("warm"), true)
+	p.MustUnpublish("csi-warm-ro", warm)
+
 	type sample struct{ pub, unpub []time.Duration }
-	measure := func(name string) sample {
+	measureWith := func(name string, attrs func(string) map[string]string, readOnly bool) sample {
 		var s sample
 		for i := range scalePairs {
 			pod := fmt.Sprintf("m-%s-%d", name, i)
 			target := p.Target(pod, "apm")
 			a := attrs(pod)
 			start := time.Now()
-			p.MustPublish("csi-"+pod, target, a, false)
+			p.MustPublish("csi-"+pod, target, a, readOnly)
 			s.pub = append(s.pub, time.Since(start))
 			start = time.Now()
 			p.MustUnpublish("csi-"+pod, target)
@@ -73,22 +87,29 @@ func BenchmarkWarmPathAtScale(b *testing.B) {
 		slices.Sort(s.unpub)
 		return s
 	}
+	measure := func(name string) sample { return measureWith(name, attrs, false) }
 	// startup returns the median wall time and CPU time (user and system, of this process:
-	// nothing else in it runs meanwhile) of a start. On a loaded machine the wall time
-	// follows the CPU other processes take; the CPU time does not.
-	startup := func() (wall, cpu time.Duration) {
-		var walls, cpus []time.Duration
+	// nothing else in it runs meanwhile) of a start until the driver is ready (as
+	// apm-csi-node answers Probe ready and registers with kubelet), and until the records'
+	// targets are checked against the mount table in the background too (verified). On a
+	// loaded machine the wall time follows the CPU other processes take; the CPU time does
+	// not.
+	type start struct{ wall, cpu, verifiedWall, verifiedCPU time.Duration }
+	startup := func() start {
+		var walls, cpus, vwalls, vcpus []time.Duration
 		for range scaleStarts {
 			p.Stop()
 			cpu0 := processCPU(b)
-			start := time.Now()
-			p.Start()
-			walls = append(walls, time.Since(start))
+			t0 := time.Now()
+			p.StartReady()
+			walls = append(walls, time.Since(t0))
 			cpus = append(cpus, processCPU(b)-cpu0)
+			<-p.Driver.Verified()
+			vwalls = append(vwalls, time.Since(t0))
+			vcpus = append(vcpus, processCPU(b)-cpu0)
 		}
-		slices.Sort(walls)
-		slices.Sort(cpus)
-		return walls[len(walls)/2], cpus[len(cpus)/2]
+		med := func(d []time.Duration) time.Duration { slices.Sort(d); return d[len(d)/2] }
+		return start{med(walls), med(cpus), med(vwalls), med(vcpus)}
 	}
 
 	var live []string
@@ -109,12 +130,15 @@ func BenchmarkWarmPathAtScale(b *testing.B) {
 
 	b.ResetTimer()
 	results := map[string]sample{}
-	startEmpty, startEmptyCPU := startup()
+	startEmpty := startup()
 	for _, n := range scaleLive {
 		grow(n)
 		results[fmt.Sprintf("live%d", n)] = measure(fmt.Sprintf("live%d", n))
+		if n == 0 || n == 2000 {
+			results[fmt.Sprintf("ro1-live%d", n)] = measureWith(fmt.Sprintf("ro1-live%d", n), roAttrs, true)
+		}
 	}
-	startFull, startFullCPU := startup()
+	startFull := startup()
 	shrink()
 
 	unmount := mountUnrelated(b, filepath.Join(p.Root, "unrelated"), scaleUnrelated)
@@ -142,12 +166,24 @@ func BenchmarkWarmPathAtScale(b *testing.B) {
 		}
 	}
 	b.ReportMetric(ratio(percentile(results["writer"].unpub, 99), percentile(base.unpub, 99)), "writer/live0-unpub-p99-x")
-	b.ReportMetric(ms(startEmpty), "start-empty-ms")
-	b.ReportMetric(ms(startFull), "start-2000-ms")
-	b.ReportMetric(ratio(startFull, startEmpty), "start-2000/empty-x")
-	b.ReportMetric(ms(startEmptyCPU), "start-empty-cpu-ms")
-	b.ReportMetric(ms(startFullCPU), "start-2000-cpu-ms")
-	b.ReportMetric(ratio(startFullCPU, startEmptyCPU), "start-2000/empty-cpu-x")
+	ro0, ro2000 := results["ro1-live0"], results["ro1-live2000"]
+	for name, s := range map[string]sample{"ro1-live0": ro0, "ro1-live2000": ro2000} {
+		b.ReportMetric(ms(percentile(s.pub, 50)), name+"-pub-median-ms")
+		b.ReportMetric(ms(percentile(s.pub, 99)), name+"-pub-p99-ms")
+		b.ReportMetric(ms(percentile(s.unpub, 50)), name+"-unpub-median-ms")
+	}
+	b.ReportMetric(ratio(percentile(ro2000.pub, 50), percentile(ro0.pub, 50)), "ro1-live2000/ro1-live0-pub-median-x")
+	b.ReportMetric(ratio(percentile(ro2000.unpub, 50), percentile(ro0.unpub, 50)), "ro1-live2000/ro1-live0-unpub-median-x")
+	b.ReportMetric(ms(startEmpty.wall), "start-empty-ms")
+	b.ReportMetric(ms(startFull.wall), "start-2000-ms")
+	b.ReportMetric(ratio(startFull.wall, startEmpty.wall), "start-2000/empty-x")
+	b.ReportMetric(ms(startEmpty.cpu), "start-empty-cpu-ms")
+	b.ReportMetric(ms(startFull.cpu), "start-2000-cpu-ms")
+	b.ReportMetric(ratio(startFull.cpu, startEmpty.cpu), "start-2000/empty-cpu-x")
+	b.ReportMetric(ms(startEmpty.verifiedWall), "verified-empty-ms")
+	b.ReportMetric(ms(startFull.verifiedWall), "verified-2000-ms")
+	b.ReportMetric(ms(startEmpty.verifiedCPU), "verified-empty-cpu-ms")
+	b.ReportMetric(ms(startFull.verifiedCPU), "verified-2000-cpu-ms")
 }
 
 // processCPU returns the user and system CPU time this process has used.

@@ -99,10 +99,11 @@ func TestWritableLayerStopsAPodAtItsLimit(t *testing.T) {
 			p.MustUnpublish("csi-full", full)
 			p.MustUnpublish("csi-other", other)
 			p.assertNothingAllocated(t)
-			// Only the library store's own mount (mounter.OwnMount) stays while the plugin runs.
+			// Only the library store's and the empty dir's own mounts (mounter.OwnMount) stay
+			// while the plugin runs.
 			var left []string
 			for _, m := range nodeplugintest.MountsUnder(t, state) {
-				if !strings.HasPrefix(m, p.store+" ") {
+				if !strings.HasPrefix(m, p.store+" ") && !strings.HasPrefix(m, p.EmptyDir()+" ") {
 					left = append(left, m)
 				}
 			}

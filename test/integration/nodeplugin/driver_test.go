@@ -228,7 +228,7 @@ func TestLibraryVolumes(t *testing.T) {
 	if entries, _ := os.ReadDir(filepath.Join(p.State, "overlays")); len(entries) != 0 {
 		t.Fatalf("overlay dirs left after unpublish: %v", entries)
 	}
-	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+	if left := p.MountsLeft(); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
 	}
 	// No record outlives its volume.
@@ -297,7 +297,7 @@ func TestRestartReconcile(t *testing.T) {
 	for id, target := range map[string]string{"csi-hd": hd, "csi-lib": lib, "csi-lost": lost} {
 		p.MustUnpublish(id, target)
 	}
-	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+	if left := p.MountsLeft(); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
 	}
 }

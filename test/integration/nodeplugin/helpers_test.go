@@ -87,6 +87,15 @@ type plugin struct {
 // team-a: only for namespace team-a's service account app) and starts the server.
 func startPlugin(t testing.TB) *plugin {
 	t.Helper()
+	p := newPlugin(t)
+	p.Start()
+	return p
+}
+
+// newPlugin is startPlugin without the start, for a test that changes p.Config or p.State
+// first.
+func newPlugin(t testing.TB) *plugin {
+	t.Helper()
 	np := nodeplugintest.New(t, nodeplugintest.Config{})
 	p := &plugin{
 		Plugin: np,
@@ -113,6 +122,5 @@ func startPlugin(t testing.TB) *plugin {
 	np.Config.HostDirs = hosts
 	// The fake keeps its content across restarts, as the cache's store does on disk.
 	np.Config.Libraries = func() (driver.LibraryStore, func() error, error) { return p.store, nil, nil }
-	np.Start()
 	return p
 }

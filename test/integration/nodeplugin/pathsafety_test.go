@@ -115,7 +115,7 @@ func TestSocketSwappedForALinkIsRefused(t *testing.T) {
 			if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `hostdir "apm-socket"`) || !strings.Contains(err.Error(), "changed") {
 				t.Fatalf("publish after the swap: %v, want FailedPrecondition naming the entry and the change", err)
 			}
-			if left := nodeplugintest.MountsUnder(t, np.Root); len(left) != 0 {
+			if left := np.MountsLeft(); len(left) != 0 {
 				t.Fatalf("mounted after a refused publish: %q", left)
 			}
 			if len(np.Driver.Records()) != 0 {
@@ -170,7 +170,7 @@ func TestPublishThroughALinkedVolumeDirIsRefused(t *testing.T) {
 			}
 		}
 	}
-	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+	if left := p.MountsLeft(); len(left) != 0 {
 		t.Fatalf("mounted through a link: %q", left)
 	}
 	for _, p := range []string{filepath.Join(outside, "mount"), filepath.Join(outside, "volumes", "kubernetes.io~csi", "data", "mount")} {
@@ -253,7 +253,7 @@ func TestTargetShape(t *testing.T) {
 			t.Fatalf("publish at %s: %v, want InvalidArgument naming the shape", target, err)
 		}
 	}
-	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+	if left := p.MountsLeft(); len(left) != 0 {
 		t.Fatalf("mounted at a refused target: %q", left)
 	}
 	if entries, _ := os.ReadDir(emptyDir); len(entries) != 0 {
@@ -353,7 +353,7 @@ func TestReconcileKeepsAVolumeWhoseDirBecameALink(t *testing.T) {
 	must(t, os.Remove(volDir))
 	must(t, os.Rename(moved, volDir))
 	p.MustUnpublish("csi-a", target)
-	if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+	if left := p.MountsLeft(); len(left) != 0 {
 		t.Fatalf("mounts left: %q", left)
 	}
 }

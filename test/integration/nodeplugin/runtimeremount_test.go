@@ -94,7 +94,7 @@ func TestReadOnlyBindVolumesNeedThePodsReadOnlyFlag(t *testing.T) {
 				}
 				t.Fatalf("publish without the pod's readOnly: %v, want FailedPrecondition asking for readOnly: true", err)
 			}
-			if left := nodeplugintest.MountsUnder(t, p.Root); len(left) != 0 {
+			if left := p.MountsLeft(); len(left) != 0 {
 				t.Fatalf("mounted after a refused publish: %q", left)
 			}
 			p.MustPublish("csi-"+tt.name, target, nodeplugintest.Ephemeral(tt.attrs, "app"), true)
