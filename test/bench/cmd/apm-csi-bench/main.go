@@ -159,8 +159,9 @@ type histDelta struct {
 type diskResult struct {
 	Pods             int
 	FSUsedDelta      int64 // statfs used bytes after - before, on the node's filesystem
-	KubeletPodsDelta du    // <kubelet>/pods (emptyDirs; not the CSI overlays)
-	OverlayDelta     du    // the node plugin's per-pod upper/work dirs
+	KubeletPodsDelta du    // <kubelet>/pods (emptyDirs, kubelet's per-pod files; not the CSI overlays)
+	StateDelta       du    // the node plugin's state dir: volume records, per-pod upper/work dirs, cache
+	OverlayDelta     du    // the node plugin's per-pod upper/work dirs (part of StateDelta)
 	SnapshotsDelta   du    // containerd's snapshots (image layers, image-volume and container snapshots)
 	ContentDelta     du    // containerd's content store (compressed blobs)
 	MemUsedDelta     int64 // MemTotal-MemAvailable after - before
@@ -169,7 +170,7 @@ type diskResult struct {
 
 // perPod is the disk the pods added, per pod: every column but the filesystem's.
 func (d diskResult) perPod() du {
-	t := d.KubeletPodsDelta.add(d.OverlayDelta).add(d.SnapshotsDelta).add(d.ContentDelta)
+	t := d.KubeletPodsDelta.add(d.StateDelta).add(d.SnapshotsDelta).add(d.ContentDelta)
 	n := int64(max(1, d.Pods))
 	return du{Blocks: t.Blocks / n, FileBytes: t.FileBytes / n, Files: t.Files / n}
 }
@@ -212,7 +213,22 @@ func main() {
 	flag.IntVar(&o.admSeq, "admission-samples", 200, "sequential creates per arm for the admission latency")
 	version := flag.String("version", "dev", "apm-csi version (git describe) for the report")
 	flag.BoolVar(&o.keep, "keep", false, "leave the cluster running at the end")
+	render := flag.String("render", "", "only render the report from a run's raw results (e.g. _output/bench/results.json)")
 	flag.Parse()
+	if *render != "" {
+		r := &run{}
+		b, err := os.ReadFile(*render)
+		if err == nil {
+			err = json.Unmarshal(b, &r.res)
+		}
+		if err == nil {
+			err = r.write(*outDir, filepath.Join(os.TempDir(), "apm-csi-bench-render"))
+		}
+		if err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
 	began := time.Now()
 	logf := func(format string, args ...any) {
 		fmt.Printf("%s %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))

@@ -328,7 +328,7 @@ func (r *run) removeLibraryRecords() error {
 }
 
 // disk modes, in report order.
-var diskModes = []string{"csi", "image-volume", "init-container"}
+var diskModes = []string{"uninstrumented", "csi", "image-volume", "init-container"}
 
 // diskPhase starts pods instrumented in each mode (all at once), waits for them to be Ready,
 // measures what they added to the node's disk and memory before writing anything, and
@@ -350,13 +350,15 @@ func (r *run) diskPhase(pods int) error {
 		time.Sleep(3 * time.Second)
 		syscall.Sync()
 		m0, fs0 := meminfo(), fsUsed(r.d.StateDir)
-		kp0, ov0, sn0, co0 := usage(kubeletPods), usage(overlays), usage(snapshots), usage(content)
+		kp0, st0, ov0, sn0, co0 := usage(kubeletPods), usage(r.d.StateDir), usage(overlays), usage(snapshots), usage(content)
 		var ps []*corev1.Pod
 		var wg sync.WaitGroup
 		errs := make([]error, pods)
 		for i := 0; i < pods; i++ {
 			var p *corev1.Pod
 			switch mode {
+			case "uninstrumented":
+				p = benchPod(nsFloor, fmt.Sprintf("disk-floor-%02d", i), "")
 			case "csi":
 				p = benchPod(nsWarm, fmt.Sprintf("disk-csi-%02d", i), "")
 			case "image-volume":
@@ -379,11 +381,12 @@ func (r *run) diskPhase(pods int) error {
 		time.Sleep(5 * time.Second)
 		syscall.Sync()
 		m1, fs1 := meminfo(), fsUsed(r.d.StateDir)
-		kp1, ov1, sn1, co1 := usage(kubeletPods), usage(overlays), usage(snapshots), usage(content)
+		kp1, st1, ov1, sn1, co1 := usage(kubeletPods), usage(r.d.StateDir), usage(overlays), usage(snapshots), usage(content)
 		d := diskResult{
 			Pods:             pods,
 			FSUsedDelta:      fs1 - fs0,
 			KubeletPodsDelta: kp1.sub(kp0),
+			StateDelta:       st1.sub(st0),
 			OverlayDelta:     ov1.sub(ov0),
 			SnapshotsDelta:   sn1.sub(sn0),
 			ContentDelta:     co1.sub(co0),

@@ -30,7 +30,7 @@ var armColor = map[string]bench.Bar{
 	bench.ArmCSICold: {Color: bench.ColorCold},
 }
 
-var modeTitle = map[string]string{"csi": "CSI", "image-volume": "image volumes", "init-container": "init containers"}
+var modeTitle = map[string]string{"uninstrumented": "uninstrumented", "csi": "CSI", "image-volume": "image volumes", "init-container": "init containers"}
 
 func hb(n int64) string {
 	if n < 0 {
@@ -218,21 +218,24 @@ func (r *run) write(outDir, rawDir string) error {
 	w("%d pods per mode started at once, measured once all are Ready and before they write anything\n", res.DiskPods)
 	w("(after `sync`), against the moment before they were created. The library set is already on the node in\n")
 	w("every mode (CSI: the node plugin's cache; image volumes and init containers: containerd's images), so\n")
-	w("this is what each further pod costs. Per pod: the sum over kubelet's pods dir (emptyDirs), the node plugin's\n")
-	w("upper and work dirs, and containerd's snapshots and content, walked without crossing mounts, each inode once;\n")
-	w("\"file data\" counts regular files' bytes, \"allocated\" the blocks of files and directories.\n\n")
-	w("| mode | file data per pod | files per pod | allocated per pod | emptyDirs | CSI upper/work dirs | containerd snapshots | containerd content | filesystem delta (all) | memory used delta | page cache delta |\n")
-	w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+	w("this is what each further pod costs. Per pod: the sum over kubelet's pods dir (emptyDirs and kubelet's own\n")
+	w("per-pod files), the node plugin's state dir (volume records, upper and work dirs), and containerd's snapshots\n")
+	w("and content, walked without crossing mounts, each inode once; \"file data\" counts regular files' bytes,\n")
+	w("\"allocated\" the blocks of files and directories. Uninstrumented pods are the baseline.\n\n")
+	w("| mode | file data per pod | files per pod | allocated per pod | file data added vs uninstrumented | kubelet pods dir | node plugin state dir (upper/work dirs) | containerd snapshots | containerd content | filesystem delta (all) | memory used delta | page cache delta |\n")
+	w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+	base := res.Disk["uninstrumented"].perPod()
 	for _, m := range diskModes {
 		d, ok := res.Disk[m]
 		if !ok {
 			continue
 		}
 		pp := d.perPod()
-		w("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", modeTitle[m], hb(pp.FileBytes), pp.Files, hb(pp.Blocks),
-			hb(d.KubeletPodsDelta.Blocks), hb(d.OverlayDelta.Blocks), hb(d.SnapshotsDelta.Blocks), hb(d.ContentDelta.Blocks),
+		w("| %s | %s | %d | %s | %s | %s | %s (%s) | %s | %s | %s | %s | %s |\n", modeTitle[m], hb(pp.FileBytes), pp.Files, hb(pp.Blocks), hb(pp.FileBytes-base.FileBytes),
+			hb(d.KubeletPodsDelta.Blocks), hb(d.StateDelta.Blocks), hb(d.OverlayDelta.Blocks), hb(d.SnapshotsDelta.Blocks), hb(d.ContentDelta.Blocks),
 			hb(d.FSUsedDelta), hb(d.MemUsedDelta), hb(d.CachedDelta))
 	}
+	w("\nThe directory columns are totals for the %d pods (allocated blocks).\n", res.DiskPods)
 	w("\nOnce per node, not in the figures above:\n\n")
 	w("- CSI: the node plugin's library cache after the first pod: %s in %d files (`<state-dir>/store`,\n", hb(res.StoreBytes), res.StoreFiles)
 	w("  the library set once, extracted). Node plugin resident memory: %s; webhook (all replicas): %s.\n", hb(res.PluginRSS), hb(res.WebhookRSS))
@@ -271,14 +274,18 @@ func (r *run) write(outDir, rawDir string) error {
 	w("- CSI warm no slower than image volumes warm: %s vs %s (%+.1f%%): %s.\n",
 		bench.FmtSeconds(warm), bench.FmtSeconds(first[bench.ArmIVWarm]), pct(warm, first[bench.ArmIVWarm]), yesNo(warm <= first[bench.ArmIVWarm]))
 	if d, ok := res.Disk["csi"]; ok {
-		pp := d.perPod()
-		w("- Disk per extra pod 0 B before the pod writes (CSI): %s of file data (%d files) per pod: %s. The pod's\n", hb(pp.FileBytes), pp.Files, yesNo(pp.FileBytes == 0))
-		w("  empty upper and work directories take %s of directory blocks per pod", hb(pp.Blocks))
+		n := int64(max(1, d.Pods))
+		pp, base := d.perPod(), res.Disk["uninstrumented"].perPod()
+		up := d.OverlayDelta
+		w("- Disk per extra pod 0 B before the pod writes (CSI): the pod's upper and work dirs hold %s of file data\n", hb(up.FileBytes/n))
+		w("  (%d files): %s. Besides them a CSI pod adds %s of metadata over an uninstrumented pod (kubelet's\n", up.Files/n, yesNo(up.FileBytes == 0), hb(pp.FileBytes-base.FileBytes))
+		w("  `vol_data.json` for the CSI volume and the node plugin's volume record) and %s of allocated blocks in all\n", hb(pp.Blocks-base.Blocks))
+		w("  (directories: upper, work, record)")
 		if iv, ok := res.Disk["image-volume"]; ok {
-			w(" (image volumes: %s file data, %s allocated;", hb(iv.perPod().FileBytes), hb(iv.perPod().Blocks))
+			w("; image volumes add %s of file data and %s allocated", hb(iv.perPod().FileBytes-base.FileBytes), hb(iv.perPod().Blocks-base.Blocks))
 		}
 		if ic, ok := res.Disk["init-container"]; ok {
-			w(" init containers: %s file data per pod)", hb(ic.perPod().FileBytes))
+			w("; init containers %s of file data", hb(ic.perPod().FileBytes-base.FileBytes))
 		}
 		w(".\n")
 	}
