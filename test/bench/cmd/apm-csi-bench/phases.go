@@ -16,6 +16,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/apm-csi/apm-csi/test/bench"
 )
@@ -46,12 +47,15 @@ func (r *run) startRounds(reps int) error {
 			if arm == bench.ArmCSIWarm {
 				h0, _ = scrapeHist(pluginMetrics, "apm_csi_node_operation_duration_seconds", publishFilter)
 			}
-			m0 := hostMounts()
 			start, d, err := r.startPodAt(p)
 			if err != nil {
 				return err
 			}
-			m1 := hostMounts()
+			if n, err := r.podMounts(p); err != nil {
+				r.note("mounts of %s: %v", p.Name, firstLine(err))
+			} else {
+				r.res.HostMounts[arm] = append(r.res.HostMounts[arm], n)
+			}
 			if arm == bench.ArmCSIWarm {
 				// The publish happened before Ready; the histogram now holds it.
 				if h1, err := scrapeHist(pluginMetrics, "apm_csi_node_operation_duration_seconds", publishFilter); err == nil {
@@ -65,7 +69,6 @@ func (r *run) startRounds(reps int) error {
 				r.res.BlobGets[arm] += gets
 			}
 			r.res.Start[arm] = append(r.res.Start[arm], d.Seconds())
-			r.res.HostMounts[arm] = append(r.res.HostMounts[arm], m1-m0)
 			first := "?"
 			if st, err := r.stamp(p); err != nil {
 				r.note("%s: %v", p.Name, firstLine(err))
@@ -196,13 +199,36 @@ func (r *run) stamp(p *corev1.Pod) (bench.Stamp, error) {
 	return bench.Stamp{}, fmt.Errorf("the workload's stamp: %w", last)
 }
 
-// hostMounts counts the mounts of the node's (this process's) mount namespace.
-func hostMounts() int {
+// podMounts counts the node's mounts that belong to a running pod: those whose mount point
+// or source names the pod's UID (kubelet's volumes and subPath binds) or the ID of one of its
+// containerd containers (the sandbox, the containers' root filesystems, containerd's image
+// volume mounts). The node's mount table holds other mounts of the shared machine too, so a
+// before/after count would not do.
+func (r *run) podMounts(p *corev1.Pod) (int, error) {
+	got, err := r.cs.CoreV1().Pods(p.Namespace).Get(r.ctx, p.Name, metav1.GetOptions{})
+	if err != nil {
+		return 0, err
+	}
+	uid := string(got.UID)
+	out, err := r.ctr("containers", "ls", "-q", `labels."io.kubernetes.pod.uid"==`+uid)
+	if err != nil {
+		return 0, err
+	}
+	ids := append(strings.Fields(out), uid)
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return 0
+		return 0, err
 	}
-	return bytes.Count(b, []byte("\n"))
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		for _, id := range ids {
+			if strings.Contains(line, id) {
+				n++
+				break
+			}
+		}
+	}
+	return n, nil
 }
 
 // ctr runs containerd's CLI against the cluster's containerd in the CRI namespace and returns

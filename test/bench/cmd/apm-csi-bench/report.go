@@ -187,8 +187,9 @@ func (r *run) write(outDir, rawDir string) error {
 	w("the compressed set (%s) to both.\n\n", hb(tc))
 
 	w("### Mounts per pod\n\n")
-	w("\"node\": mounts the pod added to the node's mount table (counted before the create and once it is Ready;\n")
-	w("pods start one at a time); \"container\": mounts the workload sees (`/proc/self/mountinfo`). Medians.\n\n")
+	w("\"node\": the node's mounts that belong to the running pod (mount point or source naming the pod's UID,\n")
+	w("its sandbox's or one of its containers' ID: kubelet's volumes and subPath binds, root filesystems,\n")
+	w("containerd's image-volume mounts); \"container\": mounts the workload sees (`/proc/self/mountinfo`). Medians.\n\n")
 	w("| arm | node | added vs floor | container | added vs floor |\n| --- | ---: | ---: | ---: | ---: |\n")
 	hf, cf := medianInt(res.HostMounts[bench.ArmFloor]), medianInt(res.CtrMounts[bench.ArmFloor])
 	for _, a := range arms {
