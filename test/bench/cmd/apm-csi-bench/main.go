@@ -1187,3 +1187,33 @@ func firstLine(err error) string {
 	s, _, _ := strings.Cut(err.Error(), "\n")
 	return s
 }
+
+// histJSON is histDelta in JSON, which has no infinity: bounds as strings ("+Inf").
+type histJSON struct {
+	Bounds []string
+	Cum    []float64
+}
+
+func (h histDelta) MarshalJSON() ([]byte, error) {
+	j := histJSON{Cum: h.Cum}
+	for _, b := range h.Bounds {
+		j.Bounds = append(j.Bounds, strconv.FormatFloat(b, 'g', -1, 64))
+	}
+	return json.Marshal(j)
+}
+
+func (h *histDelta) UnmarshalJSON(data []byte) error {
+	var j histJSON
+	if err := json.Unmarshal(data, &j); err != nil {
+		return err
+	}
+	h.Bounds, h.Cum = nil, j.Cum
+	for _, s := range j.Bounds {
+		b, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return err
+		}
+		h.Bounds = append(h.Bounds, b)
+	}
+	return nil
+}

@@ -59,10 +59,15 @@ func pct(a, b float64) float64 { return (a/b - 1) * 100 }
 // write renders docs/benchmarks.md, docs/benchmarks.png and the raw JSON.
 func (r *run) write(outDir, rawDir string) error {
 	res := &r.res
-	if err := os.MkdirAll(rawDir, 0o755); err == nil {
-		if b, err := json.MarshalIndent(res, "", "  "); err == nil {
-			_ = os.WriteFile(filepath.Join(rawDir, "results.json"), b, 0o644)
-		}
+	if err := os.MkdirAll(rawDir, 0o755); err != nil {
+		return err
+	}
+	raw, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return fmt.Errorf("raw results: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(rawDir, "results.json"), raw, 0o644); err != nil {
+		return err
 	}
 	first, firstP90, ready, readyP90 := map[string]float64{}, map[string]float64{}, map[string]float64{}, map[string]float64{}
 	for _, a := range arms {
