@@ -87,6 +87,8 @@ type run struct {
 	libDigests []string
 	// libConfigs are the library images' IDs (config digests), as containerd names them.
 	libConfigs []string
+	// libManifests are the library images' manifest digests.
+	libManifests []string
 
 	coldTemplate *corev1.Pod
 	res          results
@@ -358,6 +360,11 @@ func (r *run) main(repoRoot, root, imagesDir string, o options) error {
 			return err
 		}
 		r.libConfigs = append(r.libConfigs, cfgName.String())
+		md, err := l.Image.Digest()
+		if err != nil {
+			return err
+		}
+		r.libManifests = append(r.libManifests, md.String())
 		r.libDigests = append(r.libDigests, cfgName.String())
 		layers, err := l.Image.Layers()
 		if err != nil {

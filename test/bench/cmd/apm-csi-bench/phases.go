@@ -334,15 +334,21 @@ func (r *run) evictLibraryImages() error {
 
 // removeLibraryRecords deletes every record of the library images from containerd: containerd's
 // CRI plugin records each pulled image under its tag, its repository digest
-// (<repo>@sha256:...) and its ID (the config digest).
+// (<repo>@sha256:...) and its ID (the config digest); and the library set is deterministic, so
+// records left by an earlier run (another registry port) name the same manifests.
 func (r *run) removeLibraryRecords() error {
-	out, err := r.ctr("images", "ls", "-q")
+	out, err := r.ctr("images", "ls")
 	if err != nil {
 		return err
 	}
 	var refs []string
-	for _, ref := range strings.Fields(out) {
-		if strings.HasPrefix(ref, r.prefix+"/") || slices.Contains(r.libConfigs, ref) {
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[0] == "REF" {
+			continue
+		}
+		ref, target := f[0], f[2]
+		if strings.HasPrefix(ref, r.prefix+"/") || slices.Contains(r.libConfigs, ref) || slices.Contains(r.libManifests, target) {
 			refs = append(refs, ref)
 		}
 	}
