@@ -174,11 +174,11 @@ test-e2e: deps ## End-to-end scenarios alone on a real single-node cluster with 
 
 ##@ Benchmarks
 
-# Extra flags of apm-csi-bench, e.g. BENCH_FLAGS='-pods 10 -keep' (see `bin/apm-csi-bench -h`).
+# Extra flags of apm-csi-bench, e.g. BENCH_FLAGS='-reps 2 -scale-pods 10 -keep' for a quick run (see `bin/apm-csi-bench -h`).
 BENCH_FLAGS ?=
 
 .PHONY: bench
-bench: build images ## Benchmark on the local cluster (root, ~10-15 min): pod start, disk, registry, admission, publish; writes docs/benchmarks.{md,png}.
+bench: build images ## Benchmark on the local cluster (root, ~25-35 min): pod start of every delivery method, 60 pods at once, disk, registry, admission, publish; writes docs/benchmarks.{md,png}.
 	@hack/install-deps.sh >/dev/null
 	go build -o $(BIN)/apm-csi-bench ./test/bench/cmd/apm-csi-bench
 	$(BIN)/apm-csi-bench -root $(CLUSTER_ROOT) -images $(IMAGES_DIR) -out docs -version $(VERSION) $(BENCH_FLAGS)

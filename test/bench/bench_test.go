@@ -69,3 +69,43 @@ func TestBuildLibrarySet(t *testing.T) {
 		t.Error("variant has the same digest")
 	}
 }
+
+func TestParseStamp(t *testing.T) {
+	log := "    mode:         0\n-o  offset:       0 us\n    time.tv_sec:  1796506226\n    time.tv_usec: 416155\n    return value: 5 (clock not synchronized)\nmounts 23\n"
+	st, err := ParseStamp(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := time.Unix(1796506226, 416155000); !st.Time.Equal(want) || st.Mounts != 23 {
+		t.Errorf("ParseStamp = %v, %d mounts; want %v, 23", st.Time, st.Mounts, want)
+	}
+	if _, err := ParseStamp("sh: adjtimex: not found\nmounts 20\n"); err == nil {
+		t.Error("a log without adjtimex output parsed")
+	}
+}
+
+func TestRoundOrder(t *testing.T) {
+	firsts := map[string]bool{}
+	for i := range 8 {
+		order := RoundOrder(i)
+		if len(order) != len(Arms) {
+			t.Fatalf("round %d: %v", i, order)
+		}
+		seen := map[string]int{}
+		for k, a := range order {
+			seen[a] = k
+		}
+		for _, a := range Arms {
+			if _, ok := seen[a]; !ok {
+				t.Errorf("round %d lacks %s: %v", i, a, order)
+			}
+		}
+		if seen[ArmIVCold] > seen[ArmInit] || seen[ArmIVCold] > seen[ArmIVWarm] {
+			t.Errorf("round %d: the cold image-volume pod is not the first to use the images: %v", i, order)
+		}
+		firsts[order[0]] = true
+	}
+	if len(firsts) != 4 {
+		t.Errorf("the first arm of a round does not rotate over the four slots: %v", firsts)
+	}
+}

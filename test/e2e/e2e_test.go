@@ -86,6 +86,7 @@ func TestEndToEnd(t *testing.T) {
 	}{
 		{"1 SSI namespace: unmodified pod gets the volume, files and env; writes stay private", scenarioSSI},
 		{"real tracer: dd-trace from the CSI volume reports spans to the intake", scenarioRealTracer},
+		{"real tracer: dd-trace from image volumes reports spans to the intake", scenarioImageVolumeTracer},
 		{"2 Datadog init-container injection is rewritten to the CSI volume", scenarioRewrite},
 		{"3a hostdir volume keeps a file across pod re-creation", scenarioHostDir},
 		{"3b sidecar data read through a ReadOnlyMany PV and PVC", scenarioSharedPV},
@@ -93,6 +94,7 @@ func TestEndToEnd(t *testing.T) {
 		{"hostdir volume in a namespace the admission policy does not list is refused at admission", scenarioHostDirRefusedAtAdmission},
 		{"hand-written hostdir volume for another namespace's entry is refused by the node plugin", scenarioHostDirTenancyAtMount},
 		{"9 Pod Security restricted admits the instrumented pod", scenarioRestricted},
+		{"auto mode falls back CSI, image volumes, init containers and returns to CSI", scenarioAutoFallback},
 		{"8 webhook down: pods created unmutated, instrumented again once it is back", scenarioWebhookDown},
 		{"7 registry down: cached libraries still start pods, uncached wait", scenarioRegistryDown},
 		{"6 kubelet restart keeps exactly one mount per volume", scenarioKubeletRestart},

@@ -4,14 +4,17 @@
 //
 // One run starts the cluster, installs apm-csi with its Helm chart (test/e2e/framework), builds
 // a synthetic library set (Java, Node.js, Python and the injector, about 150 MB of files),
-// serves it from an in-process registry that logs every blob request, and measures:
+// serves it from an in-process registry that logs every blob request (the node plugin and the
+// node's containerd both pull from it), and measures:
 //
-//  1. pod start (create to Ready) of four arms, run interleaved round-robin: uninstrumented,
-//     init-container mode, CSI mode with a warm cache, CSI mode on a cold cache;
-//  2. node disk and memory after 20 instrumented pods per mode;
-//  3. registry bytes per mode;
-//  4. admission latency with and without the webhook, sequential and at 200 creates/s;
-//  5. the node plugin's NodePublishVolume latency on cache hits.
+//  1. pod start of six arms, run interleaved in rounds: uninstrumented, init containers,
+//     image volumes with the images on the node and on a cold node, CSI with a warm cache and
+//     on a cold node; create to Ready and create to the workload's first command;
+//  2. the same arms with many pods started at once;
+//  3. node disk and memory per instrumented pod, per mode;
+//  4. registry bytes per arm;
+//  5. admission latency with and without the webhook, sequential and at 200 creates/s;
+//  6. the node plugin's NodePublishVolume latency.
 package main
 
 import (
@@ -44,7 +47,6 @@ import (
 
 	"github.com/apm-csi/apm-csi/test/bench"
 	"github.com/apm-csi/apm-csi/test/e2e/framework"
-	"github.com/apm-csi/apm-csi/test/images"
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/localcluster"
 )
@@ -54,6 +56,7 @@ const (
 	libRepo       = "datadoghq"
 	nsFloor       = "bench-floor"
 	nsInit        = "bench-init"
+	nsIV          = "bench-imagevol"
 	nsWarm        = "bench-warm"
 	nsCold        = "bench-cold"
 	nsKeep        = "bench-keep"
@@ -61,10 +64,13 @@ const (
 	pluginMetrics = "http://127.0.0.1:9851/metrics"
 )
 
-// Arms of the pod-start comparison, in report order.
-var arms = []string{"uninstrumented", "init-container", "csi-warm", "csi-cold"}
+// arms of the pod-start comparison, in report order.
+var arms = bench.Arms
 
-var armNS = map[string]string{"uninstrumented": nsFloor, "init-container": nsInit, "csi-warm": nsWarm, "csi-cold": nsCold}
+var armNS = map[string]string{
+	bench.ArmFloor: nsFloor, bench.ArmInit: nsInit, bench.ArmIVWarm: nsIV, bench.ArmIVCold: nsIV,
+	bench.ArmCSIWarm: nsWarm, bench.ArmCSICold: nsCold,
+}
 
 type run struct {
 	ctx    context.Context
@@ -76,9 +82,17 @@ type run struct {
 	blobs  map[string]int64
 	prefix string
 	logf   func(string, ...any)
+	// libDigests are the library images' layer digests (content) and diff IDs (snapshots),
+	// to check that containerd has forgotten them.
+	libDigests []string
+	// libConfigs are the library images' IDs (config digests), as containerd names them.
+	libConfigs []string
+	// libManifests are the library images' manifest digests.
+	libManifests []string
 
 	coldTemplate *corev1.Pod
 	res          results
+	load         loadSampler
 }
 
 type results struct {
@@ -86,9 +100,14 @@ type results struct {
 	Kernel, CPU                                                                               string
 	NProc                                                                                     int
 	MemTotal                                                                                  int64
-	Pods                                                                                      int
+	Reps, ScalePods, ScaleReps, DiskPods                                                      int
 	Libraries                                                                                 []libInfo
-	Start                                                                                     map[string][]float64 // arm -> seconds, in round order
+	Start                                                                                     map[string][]float64 // arm -> create-to-Ready seconds, in round order
+	First                                                                                     map[string][]float64 // arm -> create-to-first-command seconds
+	HostMounts                                                                                map[string][]int     // arm -> mounts added to the node's mount table by the pod
+	CtrMounts                                                                                 map[string][]int     // arm -> mounts in the workload's container
+	Evictions                                                                                 []eviction
+	Scale                                                                                     map[string][]scaleResult
 	PublishLog                                                                                map[string][]float64 // arm -> NodePublishVolume seconds from the plugin's log
 	PublishHistWarm                                                                           histDelta
 	BlobBytes                                                                                 map[string]int64 // arm -> blob bytes fetched during that arm's pods
@@ -103,8 +122,27 @@ type results struct {
 	AdmRate                                                                                   map[string]rateResult
 	AdmUnexpected                                                                             map[string]int
 	WebhookHist                                                                               histDelta
+	Load                                                                                      loadSummary
 	Notes                                                                                     []string
 	Duration                                                                                  string
+}
+
+// eviction is one removal of the library images from containerd before a cold image-volume
+// pod: how long until containerd held none of their blobs and snapshots, and whether it came
+// to that.
+type eviction struct {
+	Seconds float64
+	Cold    bool
+}
+
+// scaleResult is one start of many pods at once.
+type scaleResult struct {
+	Pods      int
+	AllReady  float64   // seconds from the first create until the last pod is Ready
+	Ready     []float64 // per pod, create to Ready
+	First     []float64 // per pod, create to the workload's first command
+	BlobBytes int64
+	BlobGets  int
 }
 
 type libInfo struct {
@@ -118,14 +156,25 @@ type histDelta struct {
 	Cum    []float64
 }
 
+// diskResult is what N pods of one mode added to the node, measured once they are all Ready
+// (nothing written by them yet), against the moment before they were created.
 type diskResult struct {
+	Pods             int
 	FSUsedDelta      int64 // statfs used bytes after - before, on the node's filesystem
-	KubeletPodsDelta int64 // du -x of <kubelet>/pods (emptyDirs; not the CSI overlays)
-	OverlayDelta     int64 // du of the plugin's per-pod upper/work dirs
+	KubeletPodsDelta du    // <kubelet>/pods (emptyDirs, kubelet's per-pod files; not the CSI overlays)
+	StateDelta       du    // the node plugin's state dir: volume records, per-pod upper/work dirs, cache
+	OverlayDelta     du    // the node plugin's per-pod upper/work dirs (part of StateDelta)
+	SnapshotsDelta   du    // containerd's snapshots (image layers, image-volume and container snapshots)
+	ContentDelta     du    // containerd's content store (compressed blobs)
 	MemUsedDelta     int64 // MemTotal-MemAvailable after - before
 	CachedDelta      int64 // page cache (Cached) after - before
-	Pods             int
-	WrittenPerPod    int64
+}
+
+// perPod is the disk the pods added, per pod: every column but the filesystem's.
+func (d diskResult) perPod() du {
+	t := d.KubeletPodsDelta.add(d.StateDelta).add(d.SnapshotsDelta).add(d.ContentDelta)
+	n := int64(max(1, d.Pods))
+	return du{Blocks: t.Blocks / n, FileBytes: t.FileBytes / n, Files: t.Files / n}
 }
 
 type initResources struct {
@@ -146,18 +195,42 @@ type rateResult struct {
 	Lat       []float64
 }
 
+type options struct {
+	reps, scalePods, scaleReps, diskPods, rate, rateSecs, admSeq int
+	keep                                                         bool
+}
+
 func main() {
 	root := flag.String("root", envOr("CLUSTER_ROOT", "/var/lib/apm-csi-localcluster"), "local cluster root")
 	imagesDir := flag.String("images", "_output/images", "image tarballs of `make images` (apm-csi-node.tar, apm-csi-webhook.tar)")
 	outDir := flag.String("out", "docs", "where benchmarks.md and benchmarks.png go")
 	rawDir := flag.String("raw", "_output/bench", "where the raw results (JSON) go")
-	pods := flag.Int("pods", 20, "pods per arm")
-	rate := flag.Int("rate", 200, "pod creates per second for the admission load test")
-	rateSecs := flag.Int("rate-seconds", 10, "duration of the admission load test")
-	admSeq := flag.Int("admission-samples", 200, "sequential creates per arm for the admission latency")
+	var o options
+	flag.IntVar(&o.reps, "reps", 5, "pod-start rounds: each starts one pod per arm, one after the other")
+	flag.IntVar(&o.scalePods, "scale-pods", 60, "pods started at once per arm in the scale phase (0 skips it)")
+	flag.IntVar(&o.scaleReps, "scale-reps", 1, "scale-phase repetitions per arm")
+	flag.IntVar(&o.diskPods, "pods", 10, "pods per mode in the disk phase")
+	flag.IntVar(&o.rate, "rate", 200, "pod creates per second for the admission load test")
+	flag.IntVar(&o.rateSecs, "rate-seconds", 10, "duration of the admission load test")
+	flag.IntVar(&o.admSeq, "admission-samples", 200, "sequential creates per arm for the admission latency")
 	version := flag.String("version", "dev", "apm-csi version (git describe) for the report")
-	keep := flag.Bool("keep", false, "leave the cluster running at the end")
+	flag.BoolVar(&o.keep, "keep", false, "leave the cluster running at the end")
+	render := flag.String("render", "", "only render the report from a run's raw results (e.g. _output/bench/results.json)")
 	flag.Parse()
+	if *render != "" {
+		r := &run{}
+		b, err := os.ReadFile(*render)
+		if err == nil {
+			err = json.Unmarshal(b, &r.res)
+		}
+		if err == nil {
+			err = r.write(*outDir, filepath.Join(os.TempDir(), "apm-csi-bench-render"))
+		}
+		if err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
 	began := time.Now()
 	logf := func(format string, args ...any) {
 		fmt.Printf("%s %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
@@ -167,7 +240,7 @@ func main() {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	ctx, cancel2 := context.WithTimeout(ctx, 45*time.Minute)
+	ctx, cancel2 := context.WithTimeout(ctx, 90*time.Minute)
 	defer cancel2()
 
 	repoRoot, err := localcluster.FindRepoRoot(".")
@@ -175,7 +248,7 @@ func main() {
 		log.Fatal(err)
 	}
 	r := &run{ctx: ctx, logf: logf}
-	r.res.Pods = *pods
+	r.res.Reps, r.res.ScalePods, r.res.ScaleReps, r.res.DiskPods = o.reps, o.scalePods, o.scaleReps, o.diskPods
 	r.res.APMCSIVersion = *version
 	r.res.Command = "sudo make bench"
 	var extra []string
@@ -189,8 +262,10 @@ func main() {
 	if len(extra) > 0 {
 		r.res.Command += " BENCH_FLAGS='" + strings.Join(extra, " ") + "'"
 	}
-	err = r.main(repoRoot, *root, *imagesDir, *pods, *rate, *rateSecs, *admSeq, *keep)
-	if r.c != nil && !*keep {
+	stopLoad := r.load.start(10 * time.Second)
+	err = r.main(repoRoot, *root, *imagesDir, o)
+	r.res.Load = stopLoad()
+	if r.c != nil && !o.keep {
 		r.removeLibraryImages()
 		logf("tearing the cluster down")
 		downCtx, c := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -216,7 +291,7 @@ func envOr(k, def string) string {
 	return def
 }
 
-func (r *run) main(repoRoot, root, imagesDir string, pods, rate, rateSecs, admSeq int, keep bool) error {
+func (r *run) main(repoRoot, root, imagesDir string, o options) error {
 	ctx := r.ctx
 	r.reg = libimages.NewRegistry()
 	if err := r.reg.Start(); err != nil {
@@ -268,40 +343,55 @@ func (r *run) main(repoRoot, root, imagesDir string, pods, rate, rateSecs, admSe
 		return b.err
 	}
 	r.libs = b.libs
-	tmp, err := os.MkdirTemp("", "apm-csi-bench-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(tmp)
+	// Every mode gets the library images from the registry: the node plugin (CSI) and the
+	// node's containerd (init containers, image volumes; a loopback registry on a port other
+	// than 443 is plain HTTP to containerd), so the registry sees every byte.
 	for _, l := range r.libs {
 		if _, err := r.reg.Push(libRepo+"/"+l.Package, libTag, l.Image); err != nil {
 			return err
 		}
-		// Init-container mode: containerd gets the same images. The local containerd has no
-		// plain-HTTP registry configured, so they are imported (what a pull would unpack).
-		tb, err := images.Write(filepath.Join(tmp, l.Package+".tar"), r.prefix+"/"+l.Package+":"+libTag, l.Image)
-		if err != nil {
-			return err
-		}
-		if err := c.ImportImage(ctx, tb.Path); err != nil {
-			return err
-		}
-		os.Remove(tb.Path)
 		unc, err := uncompressedSize(l)
 		if err != nil {
 			return err
 		}
 		r.res.Libraries = append(r.res.Libraries, libInfo{Name: l.Name, Package: l.Package, Files: l.Files, Bytes: l.Bytes, Compressed: l.Compressed, Uncompressed: unc})
-	}
-	// Variants for the cold arm: one per pod, same layers, a new manifest digest each.
-	var all []bench.Library
-	for i := 0; i < pods; i++ {
-		for _, l := range r.libs {
-			v, err := bench.Variant(l.Image, fmt.Sprintf("cold-%02d", i))
+		cfgName, err := l.Image.ConfigName()
+		if err != nil {
+			return err
+		}
+		r.libConfigs = append(r.libConfigs, cfgName.String())
+		md, err := l.Image.Digest()
+		if err != nil {
+			return err
+		}
+		r.libManifests = append(r.libManifests, md.String())
+		r.libDigests = append(r.libDigests, cfgName.String())
+		layers, err := l.Image.Layers()
+		if err != nil {
+			return err
+		}
+		for _, layer := range layers {
+			d, err := layer.Digest()
 			if err != nil {
 				return err
 			}
-			if _, err := r.reg.Push(libRepo+"/"+l.Package, fmt.Sprintf("cold-%02d", i), v); err != nil {
+			diff, err := layer.DiffID()
+			if err != nil {
+				return err
+			}
+			r.libDigests = append(r.libDigests, d.String(), diff.String())
+		}
+	}
+	// Variants for the CSI cold arm: one per round and one per scale repetition, same layers,
+	// a new manifest digest each.
+	var all []bench.Library
+	for _, tag := range coldTags(o) {
+		for _, l := range r.libs {
+			v, err := bench.Variant(l.Image, tag)
+			if err != nil {
+				return err
+			}
+			if _, err := r.reg.Push(libRepo+"/"+l.Package, tag, v); err != nil {
 				return err
 			}
 			all = append(all, bench.Library{Image: v})
@@ -336,7 +426,7 @@ func (r *run) main(repoRoot, root, imagesDir string, pods, rate, rateSecs, admSe
 	}
 	// From here on a failing phase is reported and the run goes on, so that the report
 	// shows everything that was measured.
-	if err := r.startRounds(pods); err != nil {
+	if err := r.startRounds(o.reps); err != nil {
 		r.logf("%v", err)
 		r.note("pod-start rounds stopped early: %v", firstLine(err))
 	}
@@ -344,15 +434,36 @@ func (r *run) main(repoRoot, root, imagesDir string, pods, rate, rateSecs, admSe
 		r.logf("%v", err)
 		r.note("NodePublishVolume durations from the plugin's log unavailable: %v", firstLine(err))
 	}
-	if err := r.diskPhase(pods); err != nil {
+	if o.scalePods > 0 {
+		if err := r.scalePhase(o.scalePods, o.scaleReps); err != nil {
+			r.logf("%v", err)
+			r.note("scale phase stopped early: %v", firstLine(err))
+		}
+	}
+	if err := r.diskPhase(o.diskPods); err != nil {
 		r.logf("%v", err)
 		r.note("disk phase failed: %v", firstLine(err))
 	}
-	if err := r.admission(admSeq, rate, rateSecs); err != nil {
+	if err := r.admission(o.admSeq, o.rate, o.rateSecs); err != nil {
 		r.logf("%v", err)
 		r.note("admission phase failed: %v", firstLine(err))
 	}
 	return nil
+}
+
+// coldTags are the tags of the CSI cold arm's image variants: cold-NN for round NN, and
+// scale-NN for scale repetition NN.
+func coldTags(o options) []string {
+	var out []string
+	for i := 0; i < o.reps; i++ {
+		out = append(out, fmt.Sprintf("cold-%02d", i))
+	}
+	if o.scalePods > 0 {
+		for i := 0; i < o.scaleReps; i++ {
+			out = append(out, fmt.Sprintf("scale-%02d", i))
+		}
+	}
+	return out
 }
 
 func (r *run) note(format string, args ...any) {
@@ -370,7 +481,9 @@ func (r *run) deploy(repoRoot string) error {
 		LibraryRegistry: r.reg.Addr(),
 		LibraryPrefix:   r.prefix,
 		Languages:       map[string]string{"java": libTag, "js": libTag, "python": libTag},
-		Logf:            r.logf,
+		// An empty list, not null: the chart's schema refuses null on the upgrade below.
+		HostDirNamespaces: []string{},
+		Logf:              r.logf,
 	})
 	if err != nil {
 		return err
@@ -422,6 +535,7 @@ func (r *run) namespaces() error {
 		nsFloor: nil,
 		nsCold:  nil,
 		nsInit:  {framework.SSILabel: "enabled"},
+		nsIV:    {framework.SSILabel: "enabled"},
 		nsWarm:  {framework.SSILabel: "enabled"},
 		nsKeep:  {framework.SSILabel: "enabled"},
 	} {
@@ -461,10 +575,11 @@ func (r *run) namespaces() error {
 	return nil
 }
 
-// benchPod is the workload: busybox that runs script and sleeps (Ready once started).
+// benchPod is the workload: busybox that runs script and sleeps (Ready once started). The
+// default script stamps the time as its first command (bench.StampScript).
 func benchPod(ns, name, script string) *corev1.Pod {
 	if script == "" {
-		script = "true"
+		script = bench.StampScript
 	}
 	p := framework.BusyboxPod(ns, name, script)
 	p.Labels["apm-csi.io/bench"] = "true"
@@ -472,16 +587,35 @@ func benchPod(ns, name, script string) *corev1.Pod {
 	return p
 }
 
-func initPod(p *corev1.Pod) *corev1.Pod {
+func initPod(p *corev1.Pod) *corev1.Pod { return withMode(p, "init-container") }
+
+func ivPod(p *corev1.Pod) *corev1.Pod { return withMode(p, "image-volume") }
+
+func withMode(p *corev1.Pod, mode string) *corev1.Pod {
 	if p.Annotations == nil {
 		p.Annotations = map[string]string{}
 	}
-	p.Annotations[modeAnnot] = "init-container"
+	p.Annotations[modeAnnot] = mode
 	return p
 }
 
-// coldPod derives pod i of the cold arm from the webhook's output.
-func (r *run) coldPod(name string, i int) *corev1.Pod {
+// armPod is the pod of an arm; tag is the CSI cold arm's image variant.
+func (r *run) armPod(arm, name, tag string) *corev1.Pod {
+	switch arm {
+	case bench.ArmInit:
+		return initPod(benchPod(nsInit, name, ""))
+	case bench.ArmIVWarm, bench.ArmIVCold:
+		return ivPod(benchPod(nsIV, name, ""))
+	case bench.ArmCSICold:
+		return r.coldPod(name, tag)
+	default:
+		return benchPod(armNS[arm], name, "")
+	}
+}
+
+// coldPod derives a pod of the CSI cold arm from the webhook's output, with the library
+// references pointing at the image variants tagged tag.
+func (r *run) coldPod(name, tag string) *corev1.Pod {
 	t := r.coldTemplate.DeepCopy()
 	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: nsCold, Labels: t.Labels, Annotations: t.Annotations}, Spec: t.Spec}
 	p.Labels = map[string]string{"app": name, "apm-csi.io/bench": "true"}
@@ -493,7 +627,7 @@ func (r *run) coldPod(name string, i int) *corev1.Pod {
 		if v.CSI != nil {
 			for k, val := range v.CSI.VolumeAttributes {
 				if strings.HasPrefix(val, r.prefix+"/") && strings.HasSuffix(val, ":"+libTag) {
-					v.CSI.VolumeAttributes[k] = strings.TrimSuffix(val, libTag) + fmt.Sprintf("cold-%02d", i)
+					v.CSI.VolumeAttributes[k] = strings.TrimSuffix(val, libTag) + tag
 				}
 			}
 		}
@@ -549,11 +683,22 @@ func (r *run) blobBytes(reqs []libimages.Request) (int64, int) {
 // resource version" while its watch cache catches up) is opened again: a watch without a
 // resource version starts with the pod's current state.
 func (r *run) startPod(p *corev1.Pod) (time.Duration, error) {
-	ctx, cancel := context.WithTimeout(r.ctx, 4*time.Minute)
+	_, d, err := r.startPodAt(p)
+	return d, err
+}
+
+// startPodAt is startPod that also returns the moment just before the create call.
+func (r *run) startPodAt(p *corev1.Pod) (time.Time, time.Duration, error) {
+	ctx, cancel := context.WithTimeout(r.ctx, 10*time.Minute)
 	defer cancel()
 	sel := metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("metadata.name", p.Name).String()}
 	w, werr := r.cs.CoreV1().Pods(p.Namespace).Watch(ctx, sel)
 	start := time.Now()
+	d, err := r.waitReady(ctx, p, start, sel, w, werr)
+	return start, d, err
+}
+
+func (r *run) waitReady(ctx context.Context, p *corev1.Pod, start time.Time, sel metav1.ListOptions, w watch.Interface, werr error) (time.Duration, error) {
 	if _, err := r.cs.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 		if werr == nil {
 			w.Stop()
@@ -602,68 +747,6 @@ func (r *run) consume(ctx context.Context, w watch.Interface, p *corev1.Pod, sta
 			return 0, false, fmt.Errorf("pod %s/%s not Ready: %w\n%s", p.Namespace, p.Name, ctx.Err(), framework.DescribePod(r.ctx, r.cs, p.Namespace, p.Name))
 		}
 	}
-}
-
-func (r *run) armPod(arm string, name string, i int) *corev1.Pod {
-	switch arm {
-	case "init-container":
-		return initPod(benchPod(nsInit, name, ""))
-	case "csi-cold":
-		return r.coldPod(name, i)
-	default:
-		return benchPod(armNS[arm], name, "")
-	}
-}
-
-// startRounds runs the pod-start comparison: round i starts one pod per arm, one after the
-// other (the order rotates every round), then deletes the round's pods and waits until they
-// are gone, so every arm sees the same node state and the same machine drift.
-func (r *run) startRounds(pods int) error {
-	r.res.Start = map[string][]float64{}
-	r.res.BlobBytes = map[string]int64{}
-	r.res.BlobGets = map[string]int{}
-	var hist histDelta
-	for i := 0; i < pods; i++ {
-		var created []*corev1.Pod
-		line := []string{}
-		for k := range arms {
-			arm := arms[(i+k)%len(arms)]
-			p := r.armPod(arm, fmt.Sprintf("%s-%02d", arm, i), i)
-			before := len(r.reg.Requests())
-			var h0 histDelta
-			if arm == "csi-warm" {
-				h0, _ = scrapeHist(pluginMetrics, "apm_csi_node_operation_duration_seconds", publishFilter)
-			}
-			d, err := r.startPod(p)
-			if err != nil {
-				return err
-			}
-			if arm == "csi-warm" {
-				// The publish happened before Ready; the histogram now holds it.
-				if h1, err := scrapeHist(pluginMetrics, "apm_csi_node_operation_duration_seconds", publishFilter); err == nil {
-					hist = hist.add(h1.sub(h0))
-				}
-			}
-			reqs := r.reg.Requests()
-			if len(reqs) > before {
-				by, gets := r.blobBytes(reqs[before:])
-				r.res.BlobBytes[arm] += by
-				r.res.BlobGets[arm] += gets
-			}
-			r.res.Start[arm] = append(r.res.Start[arm], d.Seconds())
-			created = append(created, p)
-			line = append(line, fmt.Sprintf("%s %s", arm, d.Round(time.Millisecond)))
-		}
-		r.logf("round %d/%d: %s", i+1, pods, strings.Join(line, ", "))
-		if err := r.deleteAll(created); err != nil {
-			return err
-		}
-		// Let kubelet finish tearing the round down (unmounts, sandbox removal) so that the
-		// next round's first pod does not compete with it.
-		time.Sleep(2 * time.Second)
-	}
-	r.res.PublishHistWarm = hist
-	return nil
 }
 
 func (r *run) deleteAll(ps []*corev1.Pod) error {
@@ -735,16 +818,29 @@ func (r *run) publishFromLogs() error {
 	return nil
 }
 
-// usage returns the bytes of the blocks allocated below dir on dir's filesystem (du -x),
-// each inode once.
-func usage(dir string) int64 {
+// du is what a directory tree holds on its filesystem: allocated blocks (du -x, each inode
+// once), the bytes of its regular files, and how many there are.
+type du struct {
+	Blocks, FileBytes, Files int64
+}
+
+func (d du) add(o du) du {
+	return du{d.Blocks + o.Blocks, d.FileBytes + o.FileBytes, d.Files + o.Files}
+}
+func (d du) sub(o du) du {
+	return du{d.Blocks - o.Blocks, d.FileBytes - o.FileBytes, d.Files - o.Files}
+}
+
+// usage walks dir without crossing into other filesystems (mounts below it, such as a pod's
+// overlay, are not counted).
+func usage(dir string) du {
 	var st syscall.Stat_t
 	if err := syscall.Lstat(dir, &st); err != nil {
-		return 0
+		return du{}
 	}
 	dev := st.Dev
 	seen := map[uint64]bool{}
-	var total int64
+	var total du
 	_ = filepath.WalkDir(dir, func(p string, de os.DirEntry, err error) error {
 		if err != nil {
 			return nil
@@ -763,7 +859,11 @@ func usage(dir string) int64 {
 			return nil
 		}
 		seen[s.Ino] = true
-		total += s.Blocks * 512
+		total.Blocks += s.Blocks * 512
+		if s.Mode&syscall.S_IFMT == syscall.S_IFREG {
+			total.FileBytes += s.Size
+			total.Files++
+		}
 		return nil
 	})
 	return total
@@ -820,69 +920,6 @@ func rss(name string) int64 {
 		}
 	}
 	return total
-}
-
-// writeScript is what the disk phase's pods run: each writes 1 MiB into the library volume
-// (a tracer's log or cache), in both modes at the same path.
-const writeScript = "dd if=/dev/zero of=/opt/datadog/apm/library/java/bench-written.log bs=64k count=16 2>/dev/null || echo write failed"
-
-const writtenPerPod = 1 << 20
-
-// diskPhase starts pods instrumented in each mode (all at once), waits for them to be Ready,
-// measures the node's disk and memory, and deletes them.
-func (r *run) diskPhase(pods int) error {
-	r.res.Disk = map[string]diskResult{}
-	kubeletPods := filepath.Join(r.c.KubeletDir(), "pods")
-	overlays := filepath.Join(r.d.StateDir, "overlays")
-	for _, mode := range []string{"csi", "init-container"} {
-		time.Sleep(3 * time.Second)
-		m0, fs0, kp0, ov0 := meminfo(), fsUsed(r.d.StateDir), usage(kubeletPods), usage(overlays)
-		var ps []*corev1.Pod
-		var wg sync.WaitGroup
-		errs := make([]error, pods)
-		for i := 0; i < pods; i++ {
-			var p *corev1.Pod
-			if mode == "csi" {
-				p = benchPod(nsWarm, fmt.Sprintf("disk-csi-%02d", i), writeScript)
-			} else {
-				p = initPod(benchPod(nsInit, fmt.Sprintf("disk-init-%02d", i), writeScript))
-			}
-			ps = append(ps, p)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				_, errs[i] = r.startPod(p)
-			}()
-		}
-		wg.Wait()
-		if err := errors.Join(errs...); err != nil {
-			_ = r.deleteAll(ps)
-			return err
-		}
-		// Let the writes land and the page cache settle.
-		time.Sleep(5 * time.Second)
-		syscall.Sync()
-		m1, fs1, kp1, ov1 := meminfo(), fsUsed(r.d.StateDir), usage(kubeletPods), usage(overlays)
-		r.res.Disk[mode] = diskResult{
-			FSUsedDelta:      fs1 - fs0,
-			KubeletPodsDelta: kp1 - kp0,
-			OverlayDelta:     ov1 - ov0,
-			MemUsedDelta:     (m1["MemTotal"] - m1["MemAvailable"]) - (m0["MemTotal"] - m0["MemAvailable"]),
-			CachedDelta:      m1["Cached"] - m0["Cached"],
-			Pods:             pods,
-			WrittenPerPod:    writtenPerPod,
-		}
-		if mode == "csi" {
-			r.res.PluginRSS = rss("apm-csi-node")
-			r.res.WebhookRSS = rss("apm-csi-webhook")
-		}
-		r.logf("disk phase %s: %d pods, filesystem %s, kubelet pods dir %s, overlays %s, memory used %s (page cache %s)", mode, pods,
-			hb(fs1-fs0), hb(kp1-kp0), hb(ov1-ov0), hb(r.res.Disk[mode].MemUsedDelta), hb(r.res.Disk[mode].CachedDelta))
-		if err := r.deleteAll(ps); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // admission measures pod-create latency through the API server: server-side dry-run creates
@@ -1141,25 +1178,49 @@ func (r *run) collectInfo() error {
 	return nil
 }
 
-// removeLibraryImages deletes the library images this run imported into containerd (their
+// removeLibraryImages deletes the library images containerd pulled during the run (their
 // references name this run's registry port, so no later run reuses them; the image store
 // outlives the cluster).
 func (r *run) removeLibraryImages() {
 	if len(r.libs) == 0 {
 		return
 	}
-	args := []string{"--address", r.c.ContainerdAddress(), "--namespace", "k8s.io", "images", "rm"}
-	for _, l := range r.libs {
-		args = append(args, r.prefix+"/"+l.Package+":"+libTag)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, filepath.Join(r.c.BinDir(), "ctr"), args...).CombinedOutput(); err != nil {
-		r.logf("removing the library images from containerd: %v: %s", err, out)
+	if err := r.removeLibraryRecords(); err != nil {
+		r.logf("removing the library images from containerd: %v", err)
 	}
 }
 
 func firstLine(err error) string {
 	s, _, _ := strings.Cut(err.Error(), "\n")
 	return s
+}
+
+// histJSON is histDelta in JSON, which has no infinity: bounds as strings ("+Inf").
+type histJSON struct {
+	Bounds []string
+	Cum    []float64
+}
+
+func (h histDelta) MarshalJSON() ([]byte, error) {
+	j := histJSON{Cum: h.Cum}
+	for _, b := range h.Bounds {
+		j.Bounds = append(j.Bounds, strconv.FormatFloat(b, 'g', -1, 64))
+	}
+	return json.Marshal(j)
+}
+
+func (h *histDelta) UnmarshalJSON(data []byte) error {
+	var j histJSON
+	if err := json.Unmarshal(data, &j); err != nil {
+		return err
+	}
+	h.Bounds, h.Cum = nil, j.Cum
+	for _, s := range j.Bounds {
+		b, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return err
+		}
+		h.Bounds = append(h.Bounds, b)
+	}
+	return nil
 }
