@@ -226,8 +226,11 @@ func spansOf(t *testing.T, ctx context.Context, intake *tracer.Intake, p *corev1
 	}
 	waitCtx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
-	for _, kind := range []string{"server", "client"} {
-		got, err := intake.WaitForSpans(waitCtx, func(s tracer.Span) bool { return s.Service == service && s.Meta["span.kind"] == kind })
+	// The requests to / (not the readiness probe's): a server span and its client span.
+	for kind, url := range map[string]string{"server": ":8080/", "client": "/backend"} {
+		got, err := intake.WaitForSpans(waitCtx, func(s tracer.Span) bool {
+			return s.Service == service && s.Meta["span.kind"] == kind && strings.HasSuffix(s.Meta["http.url"], url)
+		})
 		if err != nil {
 			t.Fatalf("%s spans of service %s through the Agent's socket: %v", kind, service, err)
 		}
