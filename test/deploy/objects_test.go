@@ -37,6 +37,9 @@ type Install struct {
 	WebhookConfigs []*admissionregistrationv1.MutatingWebhookConfiguration
 	Services       []*corev1.Service
 	PDBs           []*policyv1.PodDisruptionBudget
+	// DropIn is true for the node plugin running as Datadog's CSI driver (its CSIDriver is
+	// DatadogDriverName): there is no webhook, Webhook and WebhookCont are nil.
+	DropIn bool
 }
 
 // Binary returns the apm-csi binary a container runs ("" for others), from its image name:
@@ -89,7 +92,8 @@ func install(t testing.TB, s Set) *Install {
 			}
 		}
 	}
-	if in.Node == nil || in.Webhook == nil {
+	in.DropIn = in.Webhook == nil && s.Get("CSIDriver", "", DatadogDriverName) != nil
+	if in.Node == nil || (in.Webhook == nil && !in.DropIn) {
 		t.Fatalf("want a DaemonSet running %s and a Deployment running %s; rendered: %s",
 			names.NodeBinary, names.WebhookBinary, strings.Join(s.kinds(), ", "))
 	}

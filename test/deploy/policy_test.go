@@ -14,8 +14,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
-
-	"github.com/apm-csi/apm-csi/shared/names"
 )
 
 // Checks on the rendered objects: the properties the issue names (the webhook never selects
@@ -239,7 +237,7 @@ func checkNodePlugin(t testing.TB, in *Install) []error {
 	// The CSI socket is in the kubelet plugins dir, on a hostPath, at the conventional path.
 	endpoint := FlagValue(t, c, "endpoint", "")
 	sock := strings.TrimPrefix(strings.TrimPrefix(endpoint, "unix://"), "unix:")
-	wantSock := path.Join(kubeletDir, "plugins", names.DriverName, "csi.sock")
+	wantSock := path.Join(kubeletDir, "plugins", driverName(in), "csi.sock")
 	if hp := HostPathOf(spec, c, sock); hp != wantSock {
 		bad("--endpoint %q is host path %q, want %s (kubelet dials the path it was registered with)", endpoint, hp, wantSock)
 	}
@@ -408,9 +406,7 @@ func checkWebhookWorkload(in *Install) []error {
 // checkImagesPinned: every image of every workload names a fixed tag (not latest) or a digest.
 func checkImagesPinned(in *Install) []error {
 	var errs []error
-	var specs []*corev1.PodSpec
-	specs = append(specs, &in.Node.Spec.Template.Spec, &in.Webhook.Spec.Template.Spec)
-	for _, spec := range specs {
+	for _, spec := range podSpecs(in) {
 		all := append(append([]corev1.Container{}, spec.InitContainers...), spec.Containers...)
 		for _, c := range all {
 			if err := imagePinned(c.Image); err != nil {
@@ -452,12 +448,14 @@ func checkRBAC(t testing.TB, in *Install) []error {
 	t.Helper()
 	var errs []error
 	roles, croles, rbs, crbs := rbac(t, in.Set)
-	for _, w := range []struct {
+	type workload struct {
 		ns, sa, what string
-	}{
-		{in.Node.Namespace, in.Node.Spec.Template.Spec.ServiceAccountName, "DaemonSet " + in.Node.Name},
-		{in.Webhook.Namespace, in.Webhook.Spec.Template.Spec.ServiceAccountName, "Deployment " + in.Webhook.Name},
-	} {
+	}
+	workloads := []workload{{in.Node.Namespace, in.Node.Spec.Template.Spec.ServiceAccountName, "DaemonSet " + in.Node.Name}}
+	if in.Webhook != nil {
+		workloads = append(workloads, workload{in.Webhook.Namespace, in.Webhook.Spec.Template.Spec.ServiceAccountName, "Deployment " + in.Webhook.Name})
+	}
+	for _, w := range workloads {
 		if w.sa == "" || w.sa == "default" {
 			errs = append(errs, fmt.Errorf("%s must run under its own ServiceAccount, not %q", w.what, w.sa))
 		} else if in.Get("ServiceAccount", w.ns, w.sa) == nil {
@@ -529,9 +527,9 @@ func checkNamespaces(in *Install, v Variant) []error {
 
 // checkCSIDriver: the CSIDriver object of the design brief, section 2.
 func checkCSIDriver(t testing.TB, in *Install) []error {
-	u := in.Get("CSIDriver", "", names.DriverName)
+	u := in.Get("CSIDriver", "", driverName(in))
 	if u == nil {
-		return []error{fmt.Errorf("CSIDriver %s is not rendered", names.DriverName)}
+		return []error{fmt.Errorf("CSIDriver %s is not rendered", driverName(in))}
 	}
 	spec, _ := u.Object["spec"].(map[string]any)
 	var errs []error
@@ -562,14 +560,18 @@ func report(t *testing.T, errs []error) {
 func TestPolicy(t *testing.T) {
 	forEachVariant(t, func(t *testing.T, v Variant, s Set) {
 		in := install(t, s)
-		report(t, checkWebhookSelectors(in.WebhookConfigs, v.Namespace))
-		report(t, checkWebhookConfig(in))
 		report(t, checkNodePlugin(t, in))
-		report(t, checkWebhookWorkload(in))
 		report(t, checkImagesPinned(in))
 		report(t, checkRBAC(t, in))
 		report(t, checkNamespaces(in, v))
 		report(t, checkCSIDriver(t, in))
+		if in.DropIn {
+			report(t, checkDatadogDropIn(t, in))
+			return
+		}
+		report(t, checkWebhookSelectors(in.WebhookConfigs, v.Namespace))
+		report(t, checkWebhookConfig(in))
+		report(t, checkWebhookWorkload(in))
 		report(t, checkTLS(t, in))
 	})
 }

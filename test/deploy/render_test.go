@@ -72,8 +72,8 @@ func (v Variant) kubeVersion() string {
 // Required variants: the list. Discovery below adds every other overlay and values
 // file, so a new one is validated without editing this file, and removing one of these fails.
 var (
-	requiredOverlays = []string{"cert-manager", "self-managed", "sidecars"}
-	requiredValues   = []string{"cert-manager", "self-managed", "sidecars", "kubelet-dir"}
+	requiredOverlays = []string{"cert-manager", "self-managed", "sidecars", "datadog-csi-driver"}
+	requiredValues   = []string{"cert-manager", "self-managed", "sidecars", "kubelet-dir", "datadog-csi-driver"}
 )
 
 // repoRoot returns the repository root (this file is test/deploy/render_test.go).

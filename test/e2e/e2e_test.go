@@ -88,6 +88,8 @@ func TestEndToEnd(t *testing.T) {
 		{"real tracer: dd-trace from the CSI volume reports spans to the intake", scenarioRealTracer},
 		{"real tracer: dd-trace from image volumes reports spans to the intake", scenarioImageVolumeTracer},
 		{"2 Datadog init-container injection is rewritten to the CSI volume", scenarioRewrite},
+		{"datadog drop-in: pods as the Cluster Agent's csi mode writes them run with the real tracer", scenarioDatadogDropIn},
+		{"opentelemetry: the operator's Node.js injection is rewritten to the CSI volume and still reports OTLP spans", scenarioOTelRewrite},
 		{"3a hostdir volume keeps a file across pod re-creation", scenarioHostDir},
 		{"3b sidecar data read through a ReadOnlyMany PV and PVC", scenarioSharedPV},
 		{"4 invalid manual annotation is refused with the webhook's message", scenarioInvalidAnnotation},

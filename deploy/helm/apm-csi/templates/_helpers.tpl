@@ -64,8 +64,17 @@ A tag is required (the chart never renders an untagged or :latest image).
 {{- end -}}
 
 {{/* The CSI socket's directory and path on the host (kubelet's convention). */}}
-{{/* The CSI driver name is fixed: pods already running name it in their volumes. */}}
-{{- define "apm-csi.driverName" -}}csi.apm-csi.io{{- end -}}
+{{/* The CSI driver name is fixed: pods already running name it in their volumes. With
+datadogDropIn.enabled the node plugin is Datadog's driver, k8s.csi.datadoghq.com. */}}
+{{- define "apm-csi.driverName" -}}
+{{- if (.Values.datadogDropIn | default dict).enabled -}}k8s.csi.datadoghq.com{{- else -}}csi.apm-csi.io{{- end -}}
+{{- end -}}
+
+{{/* The webhook is installed unless the node plugin stands in for Datadog's CSI driver (the
+Datadog Cluster Agent writes the pods' volumes then). Empty string when off. */}}
+{{- define "apm-csi.webhookEnabled" -}}
+{{- if not (.Values.datadogDropIn | default dict).enabled -}}true{{- end -}}
+{{- end -}}
 
 {{- define "apm-csi.pluginDir" -}}
 {{- printf "%s/plugins/%s" (include "apm-csi.kubeletDir" .) (include "apm-csi.driverName" .) -}}
@@ -121,7 +130,8 @@ DaemonSet's host mounts are all rendered from this one list.
 {{- $all := list -}}
 {{- range .Values.node.hostDirs }}{{ $all = append $all . }}{{ end -}}
 {{- $dd := .Values.node.datadogAgentSockets | default dict -}}
-{{- if $dd.enabled -}}
+{{- /* Datadog's driver serves the Agent's sockets: the drop-in always has the entries. */ -}}
+{{- if or $dd.enabled (.Values.datadogDropIn | default dict).enabled -}}
 {{- $dir := $dd.path | default "/var/run/datadog" -}}
 {{- $every := list "*" -}}
 {{- range list "apm-socket-dir" "dsd-socket-dir" -}}
