@@ -2,7 +2,7 @@
 # Installs what the test suites and the local cluster need on a Debian machine, idempotently:
 # Debian packages (only when one is missing, so repeated runs stay fast), the Kubernetes
 # binaries and the container runtime (containerd, its runc shim, ctr, runc) built through the
-# Go module proxy (cached by version), and links to etcd and the runtime next to the Kubernetes
+# Go module proxy (cached by version), cert-manager (hack/cert-manager-binaries.sh), and links to etcd and the runtime next to the Kubernetes
 # binaries so that controller-runtime's envtest and the local cluster find everything in one
 # directory.
 #
@@ -75,6 +75,10 @@ fi
 
 bin="$("$(dirname "$0")/k8s-binaries.sh")"
 runtime="$("$(dirname "$0")/containerd-binaries.sh")"
+# cert-manager's controller, webhook and cainjector and its chart, which the local cluster
+# installs for the cert-manager end-to-end scenario (cached by version; the cluster asks the
+# script for the directory itself).
+"$(dirname "$0")/cert-manager-binaries.sh" >/dev/null
 link "$etcd" etcd
 for p in containerd containerd-shim-runc-v2 ctr runc; do
 	link "$(readlink -f "$runtime/$p")" "$p"
