@@ -14,9 +14,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/util/retry"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
@@ -174,7 +172,7 @@ func renewUnderLoad(t *testing.T, ctx context.Context, e *env, cm cmclient.Inter
 	t.Helper()
 	l := startLoader(ctx, e, ns)
 	start := time.Now()
-	if err := triggerRenewal(ctx, cm, framework.Namespace, framework.WebhookName); err != nil {
+	if err := localcluster.RenewCertificate(ctx, cm, framework.Namespace, framework.WebhookName); err != nil {
 		l.stop()
 		t.Fatal(err)
 	}
@@ -269,41 +267,6 @@ func (l *loader) stop() loadResult {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.res
-}
-
-// triggerRenewal asks cert-manager to re-issue a Certificate now, as `cmctl renew` does: it
-// sets the Issuing condition with reason ManuallyTriggered through the status subresource.
-func triggerRenewal(ctx context.Context, cm cmclient.Interface, ns, name string) error {
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		crt, err := cm.CertmanagerV1().Certificates(ns).Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		now := metav1.Now()
-		cond := cmapi.CertificateCondition{
-			Type:               cmapi.CertificateConditionIssuing,
-			Status:             cmmeta.ConditionTrue,
-			Reason:             "ManuallyTriggered",
-			Message:            "Certificate re-issuance manually triggered by the end-to-end test",
-			LastTransitionTime: &now,
-			ObservedGeneration: crt.Generation,
-		}
-		replaced := false
-		for i := range crt.Status.Conditions {
-			if crt.Status.Conditions[i].Type == cmapi.CertificateConditionIssuing {
-				crt.Status.Conditions[i] = cond
-				replaced = true
-			}
-		}
-		if !replaced {
-			crt.Status.Conditions = append(crt.Status.Conditions, cond)
-		}
-		_, err = cm.CertmanagerV1().Certificates(ns).UpdateStatus(ctx, crt, metav1.UpdateOptions{})
-		if apierrors.IsNotFound(err) {
-			return fmt.Errorf("Certificate %s/%s is gone", ns, name)
-		}
-		return err
-	})
 }
 
 func certificateReady(c *cmapi.Certificate) bool {

@@ -10,10 +10,13 @@ import (
 	"strings"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/yaml"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
+	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
 	cmclient "github.com/cert-manager/cert-manager/pkg/client/clientset/versioned"
 
 	"github.com/apm-csi/apm-csi/test/images"
@@ -167,4 +170,39 @@ func (c *Cluster) waitCertManagerWebhook(ctx context.Context) error {
 		return fmt.Errorf("cert-manager's webhook does not admit an Issuer: %v (last: %v)", err, last)
 	}
 	return nil
+}
+
+// RenewCertificate asks cert-manager to re-issue a Certificate now, as `cmctl renew` does: it
+// sets the Issuing condition with reason ManuallyTriggered through the status subresource.
+func RenewCertificate(ctx context.Context, cm cmclient.Interface, ns, name string) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		crt, err := cm.CertmanagerV1().Certificates(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		now := metav1.Now()
+		cond := cmapi.CertificateCondition{
+			Type:               cmapi.CertificateConditionIssuing,
+			Status:             cmmeta.ConditionTrue,
+			Reason:             "ManuallyTriggered",
+			Message:            "Certificate re-issuance manually triggered by an apm-csi test",
+			LastTransitionTime: &now,
+			ObservedGeneration: crt.Generation,
+		}
+		replaced := false
+		for i := range crt.Status.Conditions {
+			if crt.Status.Conditions[i].Type == cmapi.CertificateConditionIssuing {
+				crt.Status.Conditions[i] = cond
+				replaced = true
+			}
+		}
+		if !replaced {
+			crt.Status.Conditions = append(crt.Status.Conditions, cond)
+		}
+		_, err = cm.CertmanagerV1().Certificates(ns).UpdateStatus(ctx, crt, metav1.UpdateOptions{})
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("Certificate %s/%s is gone", ns, name)
+		}
+		return err
+	})
 }
