@@ -11,17 +11,21 @@
 # webhook constructor (an internal package). The build uses the go directive and the dependency
 # versions that the cert-manager release declares.
 #
-# Usage: hack/cert-manager-binaries.sh   prints the directory holding bin/{controller,webhook,
-#                                         cainjector} and chart/ (cert-manager's Helm chart of
-#                                         that release; its templates include the CRDs)
+# Usage: hack/cert-manager-binaries.sh   prints the directory (~/.cache/apm-csi/cert-manager/
+#                                         v<version>-<hash of the launchers>) holding
+#                                         bin/{controller,webhook,cainjector} and chart/
+#                                         (cert-manager's Helm chart of that release; its
+#                                         templates include the CRDs)
 # Env:   CERT_MANAGER_VERSION (default 1.21.2), APM_CSI_CACHE (default ~/.cache/apm-csi)
 set -euo pipefail
 
 version="${CERT_MANAGER_VERSION:-1.21.2}"
 cache="${APM_CSI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/apm-csi}"
-dir="$cache/cert-manager/v$version"
 bins=(controller webhook cainjector)
 src="$(cd "$(dirname "$0")/cert-manager" && pwd)"
+# The cache is keyed by the release and by the launchers' source, so a change to them rebuilds.
+srchash="$(cat "$src/go.mod" "$src"/*/main.go | sha256sum | cut -c1-12)"
+dir="$cache/cert-manager/v$version-$srchash"
 mod=github.com/cert-manager/cert-manager
 
 complete() {

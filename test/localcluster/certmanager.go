@@ -69,7 +69,7 @@ type CertManagerOptions struct {
 	RepoRoot string
 	// Helm is the helm binary that installs cert-manager's chart.
 	Helm string
-	// WorkDir receives the image tarballs and the values file.
+	// WorkDir receives the image tarballs.
 	WorkDir string
 }
 
@@ -122,7 +122,9 @@ func (c *Cluster) InstallCertManager(ctx context.Context, o CertManagerOptions) 
 	if err != nil {
 		return err
 	}
-	valuesFile := filepath.Join(o.WorkDir, "cert-manager-values.yaml")
+	// Not under WorkDir: helm splits --values at commas, which test names (and so t.TempDir)
+	// may contain.
+	valuesFile := filepath.Join(c.opts.runDir(), "cert-manager-values.yaml")
 	if err := os.WriteFile(valuesFile, data, 0o600); err != nil {
 		return err
 	}

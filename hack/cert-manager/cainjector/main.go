@@ -24,6 +24,7 @@ import (
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	"github.com/cert-manager/cert-manager/pkg/controller/cainjector"
 	logf "github.com/cert-manager/cert-manager/pkg/logs"
+	"github.com/cert-manager/cert-manager/pkg/util"
 	logsapi "k8s.io/component-base/logs/api/v1"
 )
 
@@ -60,7 +61,10 @@ func run() error {
 	utilruntime.Must(cmapi.AddToScheme(scheme))
 
 	ctrl.SetLogger(logf.Log.WithName("cainjector"))
-	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), ctrl.Options{
+	// The user agent names the field manager of the injector's apply patches, as in
+	// cert-manager's own cainjector.
+	restConfig := util.RestConfigWithUserAgent(ctrl.GetConfigOrDie(), "cainjector")
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
 		Scheme:                        scheme,
 		LeaderElection:                *leaderElect,
 		LeaderElectionNamespace:       *leNamespace,
