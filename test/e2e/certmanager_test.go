@@ -208,7 +208,8 @@ func renewUnderLoad(t *testing.T, ctx context.Context, e *env, cm cmclient.Inter
 }
 
 // loader creates pods one after the other until stopped. The pods are bound to a node that
-// does not exist, so that admission is all they cost: the kubelet never runs them.
+// does not exist, so that admission is all they cost: the kubelet never runs them; each is
+// deleted (without grace) once counted.
 type loader struct {
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -256,6 +257,10 @@ func startLoader(ctx context.Context, e *env, ns string) *loader {
 				}
 			}
 			l.mu.Unlock()
+			if err == nil {
+				// Admission was all it was for; no kubelet will ever confirm its deletion.
+				_ = e.cs.CoreV1().Pods(ns).Delete(ctx, got.Name, metav1.DeleteOptions{GracePeriodSeconds: framework.Ptr[int64](0)})
+			}
 		}
 	}()
 	return l
