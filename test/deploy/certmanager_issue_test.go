@@ -55,8 +55,8 @@ func TestCertManagerIssuesAndRenewsWebhookCertificate(t *testing.T) {
 		if !ok || crt == nil {
 			continue // checkTLS reports this
 		}
-		kind, _, _ := unstructuredString(crt.Object, "spec", "issuerRef", "kind")
-		issuer, _, _ := unstructuredString(crt.Object, "spec", "issuerRef", "name")
+		ref := typed[cmapi.Certificate](t, crt).Spec.IssuerRef
+		kind, issuer := ref.Kind, ref.Name
 		if (kind != "" && kind != "Issuer") || in.Get("Issuer", ns, issuer) == nil {
 			t.Logf("%s: the Certificate's issuer %s %q is the user's own, not rendered; nothing to issue here", v.Name, kind, issuer)
 			continue
