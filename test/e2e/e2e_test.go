@@ -93,7 +93,6 @@ func TestEndToEnd(t *testing.T) {
 		{"hostdir volume in a namespace the admission policy does not list is refused at admission", scenarioHostDirRefusedAtAdmission},
 		{"hand-written hostdir volume for another namespace's entry is refused by the node plugin", scenarioHostDirTenancyAtMount},
 		{"9 Pod Security restricted admits the instrumented pod", scenarioRestricted},
-		{"cert-manager issues and renews the webhook certificate under pod creation load", scenarioCertManager},
 		{"8 webhook down: pods created unmutated, instrumented again once it is back", scenarioWebhookDown},
 		{"7 registry down: cached libraries still start pods, uncached wait", scenarioRegistryDown},
 		{"6 kubelet restart keeps exactly one mount per volume", scenarioKubeletRestart},
