@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the test suites and the local cluster need on a Debian machine, idempotently:
 # Debian packages (only when one is missing, so repeated runs stay fast), the Kubernetes
-# binaries and the container runtime (containerd, its runc shim, ctr, runc) built through the
-# Go module proxy (cached by version), and links to etcd and the runtime next to the Kubernetes
-# binaries so that controller-runtime's envtest and the local cluster find everything in one
-# directory.
+# binaries, the container runtime (containerd, its runc shim, ctr, runc) and cert-manager
+# (hack/cert-manager-binaries.sh) built through the Go module proxy (cached by version), and
+# links to etcd and the runtime next to the Kubernetes binaries so that controller-runtime's
+# envtest and the local cluster find everything in one directory.
 #
 # Prints the directory to use as KUBEBUILDER_ASSETS. With --packages-only, installs the Debian
 # packages and Node.js only (what `make images` needs) and prints nothing. With
@@ -75,6 +75,10 @@ fi
 
 bin="$("$(dirname "$0")/k8s-binaries.sh")"
 runtime="$("$(dirname "$0")/containerd-binaries.sh")"
+# cert-manager's controller, webhook and cainjector and its chart, which the local cluster
+# installs for the cert-manager end-to-end scenario (cached by version; the cluster asks the
+# script for the directory itself).
+"$(dirname "$0")/cert-manager-binaries.sh" >/dev/null
 link "$etcd" etcd
 for p in containerd containerd-shim-runc-v2 ctr runc; do
 	link "$(readlink -f "$runtime/$p")" "$p"

@@ -64,13 +64,13 @@ func kubeAPIs(t *testing.T) []kubeAPI {
 }
 
 // apiServer starts a real kube-apiserver (and etcd) of the given version with the
-// cert-manager CRD fixtures installed, checks it is that version, and returns a client with a
+// cert-manager's own CRDs installed, checks it is that version, and returns a client with a
 // warning collector.
 func apiServer(t *testing.T, api kubeAPI) (client.Client, *warnings) {
 	t.Helper()
 	env := &envtest.Environment{
 		BinaryAssetsDirectory: api.Assets,
-		CRDDirectoryPaths:     []string{filepath.Join(repoRoot(t), "test/deploy/testdata/crds")},
+		CRDDirectoryPaths:     []string{certManagerCRDs(t)},
 		ErrorIfCRDPathMissing: true,
 	}
 	// envtest prefers KUBEBUILDER_ASSETS over BinaryAssetsDirectory; the version under test
@@ -149,7 +149,7 @@ func testDryRun(t *testing.T, api kubeAPI) {
 			"spec":       map[string]any{"secretName": "x"},
 		}}
 		if err := dryRun(ctx, c, badCert); err == nil || !strings.Contains(err.Error(), "issuerRef") {
-			t.Fatalf("a Certificate without issuerRef was not rejected by the CRD fixture: %v", err)
+			t.Fatalf("a Certificate without issuerRef was not rejected by cert-manager's CRD: %v", err)
 		}
 		w.take()
 	})

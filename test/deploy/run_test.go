@@ -71,7 +71,7 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 	defer cancel()
 	env := &envtest.Environment{
 		BinaryAssetsDirectory: assets,
-		CRDDirectoryPaths:     []string{filepath.Join(repoRoot(t), "test/deploy/testdata/crds")},
+		CRDDirectoryPaths:     []string{certManagerCRDs(t)},
 		ErrorIfCRDPathMissing: true,
 	}
 	cfg, err := env.Start()

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 )
 
 // injectCAAnnotation is cert-manager's cainjector annotation: <namespace>/<certificate>.
@@ -70,21 +72,20 @@ func checkTLS(t testing.TB, in *Install) []error {
 				errs = append(errs, fmt.Errorf("MutatingWebhookConfiguration %s: %s=%s names no rendered Certificate", cfg.Name, injectCAAnnotation, ann))
 				continue
 			}
-			secretName, _, _ := unstructuredString(u.Object, "spec", "secretName")
+			crt := typed[cmapi.Certificate](t, u)
+			secretName := crt.Spec.SecretName
 			if vol == nil || vol.Secret == nil || vol.Secret.SecretName != secretName {
 				errs = append(errs, fmt.Errorf("webhook: --cert-dir %s must be the Secret %q of Certificate %s", certDir, secretName, certName))
 			}
-			dnsNames, _, _ := unstructuredStrings(u.Object, "spec", "dnsNames")
 			for _, w := range cfg.Webhooks {
 				if s := w.ClientConfig.Service; s != nil {
 					want := s.Name + "." + s.Namespace + ".svc"
-					if !slices.Contains(dnsNames, want) {
-						errs = append(errs, fmt.Errorf("Certificate %s: dnsNames %v lack %s, the name the API server calls", certName, dnsNames, want))
+					if !slices.Contains(crt.Spec.DNSNames, want) {
+						errs = append(errs, fmt.Errorf("Certificate %s: dnsNames %v lack %s, the name the API server calls", certName, crt.Spec.DNSNames, want))
 					}
 				}
 			}
-			kind, _, _ := unstructuredString(u.Object, "spec", "issuerRef", "kind")
-			issuer, _, _ := unstructuredString(u.Object, "spec", "issuerRef", "name")
+			kind, issuer := crt.Spec.IssuerRef.Kind, crt.Spec.IssuerRef.Name
 			if (kind == "" || kind == "Issuer") && in.Get("Issuer", certNS, issuer) == nil {
 				errs = append(errs, fmt.Errorf("Certificate %s: Issuer %s/%s is not rendered", certName, certNS, issuer))
 			}
