@@ -31,7 +31,11 @@ const apiReadTimeout = time.Second
 
 // PodMutator is the admission.Handler for pod CREATE.
 type PodMutator struct {
+	// Mutator applies the configuration; Current, when set, replaces it and is read once per
+	// request, so that a configuration reloaded meanwhile never mixes with the old one in one
+	// decision.
 	Mutator *mutation.Mutator
+	Current func() *mutation.Mutator
 	// Reader serves namespaces, the CSIDriver and nodes, normally from the manager's cache.
 	Reader client.Reader
 	// ServerVersion, when set, returns the API server's version ("" while unknown), for the
@@ -72,21 +76,37 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 	// The namespace is not always in the object of a CREATE; the request always has it.
 	pod.Namespace = req.Namespace
 
-	in := mutation.Input{Pod: pod, DriverInstalled: h.driverInstalled(ctx), Now: h.now()}
-	in.Namespace, in.NamespaceError = h.namespace(ctx, req.Namespace)
-	if h.Mutator.NeedsNodes(pod, in.Namespace, in.DriverInstalled) {
-		if h.ServerVersion != nil {
-			in.ServerVersion = h.ServerVersion()
-		}
-		in.Nodes, in.NodesError = h.nodes(ctx)
-	}
-	res := h.Mutator.Mutate(in)
+	res := h.Decide(ctx, pod)
 
 	resp = h.respond(pod, res)
 	elapsed := time.Since(start)
 	observe(res, elapsed)
 	h.log(pod, res, elapsed)
 	return resp
+}
+
+// Decide reads what a decision needs from the cluster and lets the current configuration's
+// mutator decide about pod (not modified). Admission and the uninstrumented-pod check (package
+// drift) both decide through it, so they never disagree about a pod.
+func (h *PodMutator) Decide(ctx context.Context, pod *corev1.Pod) mutation.Result {
+	m := h.CurrentMutator()
+	in := mutation.Input{Pod: pod, DriverInstalled: h.driverInstalled(ctx, m), Now: h.now()}
+	in.Namespace, in.NamespaceError = h.namespace(ctx, pod.Namespace)
+	if m.NeedsNodes(pod, in.Namespace, in.DriverInstalled) {
+		if h.ServerVersion != nil {
+			in.ServerVersion = h.ServerVersion()
+		}
+		in.Nodes, in.NodesError = h.nodes(ctx)
+	}
+	return m.Mutate(in)
+}
+
+// CurrentMutator is the mutator of the configuration in force.
+func (h *PodMutator) CurrentMutator() *mutation.Mutator {
+	if h.Current != nil {
+		return h.Current()
+	}
+	return h.Mutator
 }
 
 func (h *PodMutator) respond(pod *corev1.Pod, res mutation.Result) ctrladmission.Response {
@@ -141,8 +161,8 @@ func (h *PodMutator) nodes(ctx context.Context) ([]corev1.Node, error) {
 
 // driverInstalled reports whether the CSIDriver object exists. Any doubt counts as not
 // installed: init containers work without the driver, CSI volumes do not.
-func (h *PodMutator) driverInstalled(ctx context.Context) bool {
-	name := h.Mutator.Config().DriverName
+func (h *PodMutator) driverInstalled(ctx context.Context, m *mutation.Mutator) bool {
+	name := m.Config().DriverName
 	err := h.Reader.Get(ctx, client.ObjectKey{Name: name}, &storagev1.CSIDriver{})
 	if err != nil && !apierrors.IsNotFound(err) {
 		h.logger().Warn("cannot read the CSIDriver; assuming it is not installed", "driver", name, "error", err)

@@ -23,7 +23,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/webhook/admission"
 	"github.com/apm-csi/apm-csi/webhook/config"
-	"github.com/apm-csi/apm-csi/webhook/mutation"
+	"github.com/apm-csi/apm-csi/webhook/configreload"
 	"github.com/apm-csi/apm-csi/webhook/podevents"
 )
 
@@ -33,7 +33,11 @@ const readyzWait = 2 * time.Second
 
 // Options configure the webhook.
 type Options struct {
+	// Config is the configuration when Source is nil (it is then never reloaded).
 	Config *config.Config
+	// Source, when set, is the configuration in force and its file watch (package
+	// configreload); Config is then ignored.
+	Source *configreload.Source
 	// Namespace is where apm-csi runs; it is never mutated.
 	Namespace string
 	Log       *slog.Logger
@@ -101,8 +105,21 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 	if err := mgr.Add(sv); err != nil {
 		return nil, err
 	}
+	src := opts.Source
+	if src == nil {
+		src = configreload.Static(opts.Config, opts.Namespace)
+	}
+	if src.Client == nil {
+		src.Client = mgr.GetClient()
+	}
+	if src.Log == nil {
+		src.Log = log
+	}
+	if err := mgr.Add(src); err != nil {
+		return nil, err
+	}
 	h := &admission.PodMutator{
-		Mutator:       mutation.New(opts.Config, opts.Namespace),
+		Current:       src.Mutator,
 		Reader:        mgr.GetClient(),
 		APIReader:     mgr.GetAPIReader(),
 		ServerVersion: sv.Get,

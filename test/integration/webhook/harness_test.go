@@ -38,7 +38,9 @@ import (
 
 	"github.com/apm-csi/apm-csi/shared/tenancy"
 	"github.com/apm-csi/apm-csi/test/testenv"
+	"github.com/apm-csi/apm-csi/webhook/admission"
 	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/configreload"
 	"github.com/apm-csi/apm-csi/webhook/server"
 )
 
@@ -60,6 +62,9 @@ type harness struct {
 	done   chan error
 	// webhookAddr is host:port of the webhook server.
 	webhookAddr string
+	mutator *admission.PodMutator
+	// configHash is the hash of the webhook's configuration, which ends every status.
+	configHash string
 	// answerDelay holds back every admission answer this long after the handler has run (a
 	// webhook that decided but whose answer arrives after the API server's timeout).
 	answerDelay atomic.Int64
@@ -101,6 +106,10 @@ type harnessOptions struct {
 	tlsOpts        []func(*tls.Config)
 	// config changes the webhook configuration.
 	config func(*config.Config)
+	// configFile, when set, is the webhook's configuration file, reloaded as it changes
+	// (config is then ignored); Events about refused versions are about configPod.
+	configFile string
+	configPod  configreload.Pod
 }
 
 func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
@@ -145,8 +154,16 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	if err := wcfg.Validate(); err != nil {
 		tb.Fatal(err)
 	}
+	var src *configreload.Source
+	if opts.configFile != "" {
+		if src, err = configreload.Load(opts.configFile, "apm-csi-system"); err != nil {
+			tb.Fatal(err)
+		}
+		src.Pod = opts.configPod
+		wcfg = src.Config()
+	}
 	wio := env.WebhookInstallOptions
-	h := &harness{cfg: cfg, done: make(chan error, 1),
+	h := &harness{cfg: cfg, done: make(chan error, 1), configHash: wcfg.Hash(),
 		webhookAddr: fmt.Sprintf("%s:%d", wio.LocalServingHost, wio.LocalServingPort)}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 scheme,
@@ -161,11 +178,11 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	mutator, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log})
+	mutator, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Source: src, Namespace: "apm-csi-system", Log: log})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h.mgr, h.stop = mgr, cancel
+	h.mgr, h.stop, h.mutator = mgr, cancel, mutator
 	go func() { h.done <- mgr.Start(ctx) }()
 	tb.Cleanup(h.shutdown)
 
