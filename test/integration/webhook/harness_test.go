@@ -62,7 +62,7 @@ type harness struct {
 	done   chan error
 	// webhookAddr is host:port of the webhook server.
 	webhookAddr string
-	mutator *admission.PodMutator
+	mutator     *admission.PodMutator
 	// configHash is the hash of the webhook's configuration, which ends every status.
 	configHash string
 	// answerDelay holds back every admission answer this long after the handler has run (a
