@@ -282,3 +282,28 @@ func (m *Mutator) reservedVolumeTaken(pod *corev1.Pod, in Input) Result {
 	work.Annotations[annotations.InjectionStatus] = statusWord(OutcomeSkipped) + ": " + reason
 	return Result{Outcome: OutcomeSkipped, Reason: reason, Pod: work}
 }
+
+// MayInstrument reports, from a stored pod's metadata and its namespace alone, whether the
+// webhook could have changed the pod at its creation, with the same rules as Mutate: not a
+// mirror pod, not in an excluded namespace, no status annotation (a pod the webhook decided
+// about, including every pod it skipped on purpose, has one), and selected for SSI or asking
+// for manual volumes. False means no spec could make Mutate instrument the pod; true means
+// Mutate on the whole pod decides. ns nil (not readable) is false unless the pod's own label
+// selects it.
+func (m *Mutator) MayInstrument(pod metav1.Object, ns *corev1.Namespace) bool {
+	if _, mirror := pod.GetAnnotations()[corev1.MirrorPodAnnotationKey]; mirror {
+		return false
+	}
+	if slices.Contains(m.excludedNamespaces, pod.GetNamespace()) {
+		return false
+	}
+	if _, ok := pod.GetAnnotations()[annotations.InjectionStatus]; ok {
+		return false
+	}
+	if pod.GetLabels()[annotations.Volumes] == annotations.VolumesEnabled {
+		return true
+	}
+	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: pod.GetNamespace(), Labels: pod.GetLabels()}}
+	_, target := m.ssiTarget(p, Input{Pod: p, Namespace: ns})
+	return target
+}

@@ -22,6 +22,8 @@ import (
 	ctrladmission "sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	"github.com/apm-csi/apm-csi/webhook/admission"
+	"github.com/apm-csi/apm-csi/webhook/annotations"
+	"github.com/apm-csi/apm-csi/webhook/drift"
 	"github.com/apm-csi/apm-csi/webhook/config"
 	"github.com/apm-csi/apm-csi/webhook/configreload"
 	"github.com/apm-csi/apm-csi/webhook/podevents"
@@ -60,8 +62,38 @@ func CacheByObject(cfg *config.Config) map[client.Object]cache.ByObject {
 			Transform: cache.TransformStripManagedFields(),
 		},
 		&corev1.Node{}: {Transform: slimNode},
-		&corev1.Pod{}:  {Transform: podevents.CacheTransform},
+		&corev1.Pod{}:  {Transform: slimPod},
 	}
+}
+
+// slimPod keeps of a pod's metadata what the pod Events (podevents: name, UID, creation time,
+// the status annotation) and the uninstrumented-pod check (drift: the labels that select a
+// pod, the mirror-pod annotation) read.
+func slimPod(obj any) (any, error) {
+	m, ok := obj.(metav1.Object)
+	if !ok {
+		return obj, nil
+	}
+	out, err := podevents.CacheTransform(obj)
+	if err != nil {
+		return out, err
+	}
+	slim := out.(*metav1.PartialObjectMetadata)
+	for _, k := range []string{annotations.DatadogEnabled, annotations.Volumes} {
+		if v, ok := m.GetLabels()[k]; ok {
+			if slim.Labels == nil {
+				slim.Labels = map[string]string{}
+			}
+			slim.Labels[k] = v
+		}
+	}
+	if v, ok := m.GetAnnotations()[corev1.MirrorPodAnnotationKey]; ok {
+		if slim.Annotations == nil {
+			slim.Annotations = map[string]string{}
+		}
+		slim.Annotations[corev1.MirrorPodAnnotationKey] = v
+	}
+	return slim, nil
 }
 
 // slimNode keeps the part of a Node that decides whether it can serve image volumes to a pod.
@@ -133,6 +165,11 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 		rec.Log = log
 	}
 	if err := rec.SetupWithManager(mgr); err != nil {
+		return nil, err
+	}
+
+	dr := &drift.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Decider: h, Log: log}
+	if err := dr.SetupWithManager(mgr); err != nil {
 		return nil, err
 	}
 
