@@ -305,4 +305,3 @@ func eventName(name, suffix, tail string) string {
 	}
 	return name + sep + tail
 }
-

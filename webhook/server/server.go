@@ -23,9 +23,9 @@ import (
 
 	"github.com/apm-csi/apm-csi/webhook/admission"
 	"github.com/apm-csi/apm-csi/webhook/annotations"
-	"github.com/apm-csi/apm-csi/webhook/drift"
 	"github.com/apm-csi/apm-csi/webhook/config"
 	"github.com/apm-csi/apm-csi/webhook/configreload"
+	"github.com/apm-csi/apm-csi/webhook/drift"
 	"github.com/apm-csi/apm-csi/webhook/podevents"
 )
 

@@ -68,8 +68,8 @@ func TestServerVersionIsReadAtStart(t *testing.T) {
 func TestSlimPodKeepsWhatEventsAndTheDriftCheckRead(t *testing.T) {
 	full := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop", UID: "u1", ResourceVersion: "9",
-			Labels: map[string]string{"app": "web", "admission.datadoghq.com/enabled": "false", "apm-csi.io/volumes": "enabled"},
-			Annotations: map[string]string{"apm-csi.io/injection-status": "injected: csi mode", corev1.MirrorPodAnnotationKey: "abc", "big": "x"},
+			Labels:          map[string]string{"app": "web", "admission.datadoghq.com/enabled": "false", "apm-csi.io/volumes": "enabled"},
+			Annotations:     map[string]string{"apm-csi.io/injection-status": "injected: csi mode", corev1.MirrorPodAnnotationKey: "abc", "big": "x"},
 			OwnerReferences: []metav1.OwnerReference{{Kind: "ReplicaSet", Name: "web-1"}},
 			ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}},
 		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app"}}},
