@@ -304,10 +304,10 @@ func (o Options) writeKubeletConfig() (string, error) {
 		"evictionPressureTransitionPeriod": "30s",
 		"imageGCHighThresholdPercent":      85,
 		"imageGCLowThresholdPercent":       80,
-		"serializeImagePulls":         false,
-		"nodeStatusReportFrequency":   "10s",
-		"syncFrequency":               "10s",
-		"fileCheckFrequency":          "10s",
+		"serializeImagePulls":              false,
+		"nodeStatusReportFrequency":        "10s",
+		"syncFrequency":                    "10s",
+		"fileCheckFrequency":               "10s",
 	}
 	out, err := yaml.Marshal(cfg)
 	if err != nil {
