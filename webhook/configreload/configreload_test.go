@@ -22,7 +22,7 @@ type mountedConfigMap struct {
 	n   int
 }
 
-func newMount(t *testing.T, content string) *mountedConfigMap {
+func newMount(t testing.TB, content string) *mountedConfigMap {
 	t.Helper()
 	m := &mountedConfigMap{dir: t.TempDir()}
 	m.update(t, content)
@@ -35,7 +35,7 @@ func newMount(t *testing.T, content string) *mountedConfigMap {
 func (m *mountedConfigMap) path() string { return filepath.Join(m.dir, "config.yaml") }
 
 // update writes a new version and swaps ..data to it in one rename, as kubelet does.
-func (m *mountedConfigMap) update(t *testing.T, content string) {
+func (m *mountedConfigMap) update(t testing.TB, content string) {
 	t.Helper()
 	m.n++
 	ts := fmt.Sprintf("..2026_12_05_21_00_%02d.%d", m.n, m.n)
@@ -54,7 +54,7 @@ func (m *mountedConfigMap) update(t *testing.T, content string) {
 	}
 }
 
-func hashOf(t *testing.T, content string) string {
+func hashOf(t testing.TB, content string) string {
 	t.Helper()
 	c, err := config.Parse([]byte(content))
 	if err != nil {
