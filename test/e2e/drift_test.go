@@ -35,9 +35,23 @@ func grantRestarts(t *testing.T, ctx context.Context, e *env) {
 	if _, err := e.cs.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	leaseRole := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: framework.Namespace}, Rules: []rbacv1.PolicyRule{
+		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{drift.LeaseName}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
+	}}
+	leaseBinding := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: framework.Namespace},
+		RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: name}, Subjects: binding.Subjects}
+	if _, err := e.cs.RbacV1().Roles(framework.Namespace).Create(ctx, leaseRole, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.cs.RbacV1().RoleBindings(framework.Namespace).Create(ctx, leaseBinding, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
 		_ = e.cs.RbacV1().ClusterRoleBindings().Delete(context.Background(), name, metav1.DeleteOptions{})
 		_ = e.cs.RbacV1().ClusterRoles().Delete(context.Background(), name, metav1.DeleteOptions{})
+		_ = e.cs.RbacV1().RoleBindings(framework.Namespace).Delete(context.Background(), name, metav1.DeleteOptions{})
+		_ = e.cs.RbacV1().Roles(framework.Namespace).Delete(context.Background(), name, metav1.DeleteOptions{})
 	})
 }
 

@@ -14,7 +14,8 @@
 // apm_csi_webhook_uninstrumented_pods{namespace}. Opt-in (configuration drift.restartOwners,
 // or the namespace annotation apm-csi.io/restart-uninstrumented), the owning Deployment,
 // StatefulSet or DaemonSet is restarted the way kubectl rollout restart does it: one owner at
-// a time, at most one per drift.restartInterval, never a bare pod or a Job's.
+// a time across all replicas (they take turns through a Lease), at most one per
+// drift.restartInterval, never a bare pod or a Job's.
 package drift
 
 import (
@@ -80,16 +81,17 @@ type Reconciler struct {
 	Decider   Decider
 	Clock     clock.Clock
 	Log       *slog.Logger
-	// Instance is the reporting instance of the Events; default the host name.
+	// Instance is the reporting instance of the Events and the Lease holder; default the host
+	// name.
 	Instance string
+	// LeaseNamespace holds the Lease through which replicas take turns restarting owners (the
+	// webhook's namespace).
+	LeaseNamespace string
 
 	mu sync.Mutex
 	// drifting are the pods counted in the gauge.
 	drifting map[types.NamespacedName]struct{}
 	perNS    map[string]int
-	// lastRestart is when the last owner was restarted, and which.
-	lastRestart time.Time
-	lastOwner   *ownerRef
 }
 
 // SetupWithManager watches pods (metadata, through the webhook's shared pod cache) and

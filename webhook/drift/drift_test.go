@@ -9,6 +9,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 	appsv1 "k8s.io/api/apps/v1"
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -60,8 +61,8 @@ func newFixture(t *testing.T, cfg func(*config.Config), funcs *interceptor.Funcs
 	}
 	clk := clocktesting.NewFakeClock(start)
 	pm := &admission.PodMutator{Mutator: mutation.New(wcfg, "apm-csi-system"), Reader: c, Log: slog.New(slog.DiscardHandler), Now: clk.Now}
-	r := &Reconciler{Client: c, APIReader: c, Decider: pm, Clock: clk, Log: slog.New(slog.DiscardHandler), Instance: "test",
-		drifting: map[types.NamespacedName]struct{}{}, perNS: map[string]int{}}
+	r := &Reconciler{Client: c, APIReader: c, Decider: pm, Clock: clk, Log: slog.New(slog.DiscardHandler), Instance: "replica-1",
+		LeaseNamespace: "apm-csi-system", drifting: map[types.NamespacedName]struct{}{}, perNS: map[string]int{}}
 	return &fixture{t: t, c: c, clock: clk, r: r}
 }
 
@@ -306,5 +307,49 @@ func TestNamespaceAnnotationTurnsRestartsOff(t *testing.T) {
 	}
 	if f.r.Drifting("shop") != 1 {
 		t.Error("the pod is still reported")
+	}
+}
+
+// replica is another webhook replica's check, on the same API server and clock.
+func (f *fixture) replica(name string) *Reconciler {
+	r := *f.r
+	r.Instance = name
+	r.drifting, r.perNS = map[types.NamespacedName]struct{}{}, map[string]int{}
+	return &r
+}
+
+// TestReplicasTakeTurnsThroughTheLease: two replicas each find an uninstrumented pod of a
+// different owner at the same time; only one owner is restarted within the interval, the
+// other once the interval has passed, and the Lease names the last one.
+func TestReplicasTakeTurnsThroughTheLease(t *testing.T) {
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "agent", UID: "uid-agent"}}
+	sts := &appsv1.StatefulSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "db", UID: "uid-db"}}
+	f := newFixture(t, func(c *config.Config) { c.Drift.RestartOwners = true }, nil, ssiNS("shop", nil), ds, sts,
+		appPod("shop", "agent-x", start, controllerRef("DaemonSet", "agent"), nil, nil),
+		appPod("shop", "db-0", start, controllerRef("StatefulSet", "db"), nil, nil),
+	)
+	other := f.replica("replica-2")
+	f.clock.Step(time.Second)
+	f.reconcile("shop", "agent-x")
+	res, err := other.Reconcile(context.Background(), reconcile.Request{NamespacedName: types.NamespacedName{Namespace: "shop", Name: "db-0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.restartedAt(ds) == "" || f.restartedAt(sts) != "" || res.RequeueAfter <= 0 {
+		t.Fatalf("want only the DaemonSet restarted within the interval (StatefulSet %q, requeue %v)", f.restartedAt(sts), res.RequeueAfter)
+	}
+	f.clock.Step(time.Minute)
+	if _, err := other.Reconcile(context.Background(), reconcile.Request{NamespacedName: types.NamespacedName{Namespace: "shop", Name: "db-0"}}); err != nil {
+		t.Fatal(err)
+	}
+	if f.restartedAt(sts) == "" {
+		t.Fatal("after the interval the other replica restarts the StatefulSet")
+	}
+	lease := &coordinationv1.Lease{}
+	if err := f.c.Get(context.Background(), types.NamespacedName{Namespace: "apm-csi-system", Name: LeaseName}, lease); err != nil {
+		t.Fatal(err)
+	}
+	if lease.Annotations[leaseOwnerAnnotation] != "StatefulSet/shop/db" || *lease.Spec.HolderIdentity != "replica-2" {
+		t.Errorf("lease %v held by %s", lease.Annotations, *lease.Spec.HolderIdentity)
 	}
 }

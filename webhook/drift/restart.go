@@ -9,6 +9,7 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -134,27 +135,30 @@ func (r *Reconciler) restart(ctx context.Context, pod *corev1.Pod, owner *ownerR
 		return reconcile.Result{}, nil
 	}
 	now := r.Clock.Now()
-	if wait := r.waitFor(ctx, owner, now); wait > 0 {
+	wait, err := r.claim(ctx, owner, now)
+	switch {
+	case err != nil && apierrors.IsConflict(err), err != nil && apierrors.IsAlreadyExists(err):
+		// Another replica claimed the turn at the same moment.
+		return reconcile.Result{RequeueAfter: time.Second}, nil
+	case err != nil:
+		return r.refuse(ctx, pod, owner, err)
+	case wait > 0:
 		restartsTotal.WithLabelValues(resultDeferred).Inc()
 		return reconcile.Result{RequeueAfter: wait}, nil
 	}
+	// No resourceVersion precondition: the Lease already made this replica the only one
+	// restarting now, and an owner's status changes all the time.
 	patch, _ := json.Marshal(map[string]any{
-		"metadata": map[string]any{"resourceVersion": obj.GetResourceVersion()},
 		"spec": map[string]any{"template": map[string]any{"metadata": map[string]any{
 			"annotations": map[string]string{RestartedAtAnnotation: now.UTC().Format(time.RFC3339)},
 		}}},
 	})
-	err := r.Client.Patch(ctx, obj, client.RawPatch(types.MergePatchType, patch))
-	switch {
-	case apierrors.IsConflict(err):
-		// Changed meanwhile (another replica restarted it, or its owner edited it): look again.
-		return reconcile.Result{Requeue: true}, nil
-	case err != nil:
+	if err := r.Client.Patch(ctx, obj, client.RawPatch(types.MergePatchType, patch)); err != nil {
+		if apierrors.IsNotFound(err) {
+			return reconcile.Result{}, nil
+		}
 		return r.refuse(ctx, pod, owner, err)
 	}
-	r.mu.Lock()
-	r.lastRestart, r.lastOwner = now, owner
-	r.mu.Unlock()
 	restartsTotal.WithLabelValues(resultRestarted).Inc()
 	r.Log.Info("restarted the owner of an uninstrumented pod", "namespace", pod.Namespace, "pod", pod.Name, "owner", owner.String())
 	r.event(ctx, corev1.ObjectReference{APIVersion: appsv1.SchemeGroupVersion.String(), Kind: owner.Kind, Namespace: owner.Namespace, Name: owner.Name, UID: obj.GetUID()},
@@ -179,29 +183,64 @@ func restartedSince(obj client.Object, t time.Time) bool {
 	return err == nil && !at.Before(t.Truncate(time.Second))
 }
 
-// waitFor is how long to wait before restarting owner: until the interval since the last
-// restart has passed and the last owner's rollout has finished (or maxRolloutWait passed).
-func (r *Reconciler) waitFor(ctx context.Context, owner *ownerRef, now time.Time) time.Duration {
-	r.mu.Lock()
-	last, lastOwner := r.lastRestart, r.lastOwner
-	r.mu.Unlock()
-	if lastOwner == nil {
-		return 0
+// LeaseName is the Lease (in the webhook's namespace) through which replicas take turns
+// restarting owners: it records the last restart's time and owner, so that the rate limit
+// and "one owner at a time" hold across replicas and restarts of the webhook.
+const LeaseName = "apm-csi-webhook-owner-restarts"
+
+// leaseOwnerAnnotation on the Lease names the last owner restarted (kind/namespace/name).
+const leaseOwnerAnnotation = "apm-csi.io/restarted-owner"
+
+// claim takes the turn to restart owner: it returns how long to wait when the interval since
+// the last restart (by any replica) has not passed or the last owner has not rolled out yet
+// (at most maxRolloutWait), else records owner and now in the Lease (an optimistic create or
+// update: a Conflict or AlreadyExists means another replica took the turn).
+func (r *Reconciler) claim(ctx context.Context, owner *ownerRef, now time.Time) (time.Duration, error) {
+	key := types.NamespacedName{Namespace: r.LeaseNamespace, Name: LeaseName}
+	lease := &coordinationv1.Lease{}
+	err := r.APIReader.Get(ctx, key, lease)
+	if err != nil && !apierrors.IsNotFound(err) {
+		return 0, err
 	}
-	if wait := last.Add(r.interval()).Sub(now); wait > 0 {
-		return wait
+	exists := err == nil
+	if exists && lease.Spec.RenewTime != nil {
+		last := lease.Spec.RenewTime.Time
+		if wait := last.Add(r.interval()).Sub(now); wait > 0 {
+			return wait, nil
+		}
+		if prev := parseOwner(lease.Annotations[leaseOwnerAnnotation]); prev != nil && *prev != *owner && now.Sub(last) < maxRolloutWait {
+			obj := prev.object()
+			if err := r.APIReader.Get(ctx, client.ObjectKeyFromObject(obj), obj); err == nil && !rolledOut(obj) {
+				return r.interval(), nil
+			}
+		}
 	}
-	if *lastOwner == *owner || now.Sub(last) >= maxRolloutWait {
-		return 0
+	seconds := int32(r.interval() / time.Second)
+	lease.Namespace, lease.Name = key.Namespace, key.Name
+	if lease.Annotations == nil {
+		lease.Annotations = map[string]string{}
 	}
-	obj := lastOwner.object()
-	if err := r.APIReader.Get(ctx, client.ObjectKeyFromObject(obj), obj); err != nil {
-		return 0 // gone, or unreadable: it holds nothing back
+	lease.Annotations[leaseOwnerAnnotation] = owner.Kind + "/" + owner.Namespace + "/" + owner.Name
+	lease.Spec.HolderIdentity = &r.Instance
+	lease.Spec.LeaseDurationSeconds = &seconds
+	lease.Spec.RenewTime = &metav1.MicroTime{Time: now}
+	if !exists {
+		lease.Spec.AcquireTime = &metav1.MicroTime{Time: now}
+		return 0, r.Client.Create(ctx, lease)
 	}
-	if rolledOut(obj) {
-		return 0
+	return 0, r.Client.Update(ctx, lease)
+}
+
+func parseOwner(s string) *ownerRef {
+	parts := strings.SplitN(s, "/", 3)
+	if len(parts) != 3 {
+		return nil
 	}
-	return r.interval()
+	switch parts[0] {
+	case "Deployment", "StatefulSet", "DaemonSet":
+		return &ownerRef{Kind: parts[0], Namespace: parts[1], Name: parts[2]}
+	}
+	return nil
 }
 
 // rolledOut reports whether every replica of the owner runs its current template.

@@ -168,7 +168,7 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 		return nil, err
 	}
 
-	dr := &drift.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Decider: h, Log: log}
+	dr := &drift.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Decider: h, Log: log, LeaseNamespace: opts.Namespace}
 	if err := dr.SetupWithManager(mgr); err != nil {
 		return nil, err
 	}

@@ -76,6 +76,8 @@ func TestPodsCreatedWhileTheWebhookWasDownAreNoticed(t *testing.T) {
 	h.setDriver(t, true)
 	h.namespace(t, "down", map[string]string{"apm-csi.io/ssi": "enabled"}, map[string]string{drift.RestartAnnotation: "true"})
 	h.namespace(t, "later", nil, nil)
+	// Where the replicas' Lease for taking turns lives.
+	h.namespace(t, "apm-csi-system", nil, nil)
 	ctx := context.Background()
 
 	// A pod in a namespace that is not selected yet: not the webhook's (no status).
