@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	admissionv1 "k8s.io/api/admission/v1"
@@ -46,7 +47,14 @@ type PodMutator struct {
 	Log       *slog.Logger
 	// Now defaults to time.Now.
 	Now func() time.Time
+
+	served atomic.Bool
 }
+
+// Served reports whether the API server has sent this replica a pod since it started: proof
+// that the API server reaches it through the Service (a ready replica may not be reachable yet
+// while the endpoints propagate).
+func (h *PodMutator) Served() bool { return h.served.Load() }
 
 var _ ctrladmission.Handler = (*PodMutator)(nil)
 
@@ -67,6 +75,7 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 	if req.Operation != admissionv1.Create || req.Kind.Kind != "Pod" || req.Kind.Group != "" || req.SubResource != "" {
 		return ctrladmission.Allowed("")
 	}
+	h.served.Store(true)
 	pod := &corev1.Pod{}
 	if err := json.Unmarshal(req.Object.Raw, pod); err != nil {
 		h.logger().Error("cannot decode pod; admitting it unchanged", "namespace", req.Namespace, "error", err)

@@ -84,6 +84,9 @@ type Reconciler struct {
 	// Instance is the reporting instance of the Events and the Lease holder; default the host
 	// name.
 	Instance string
+	// Reachable, when set, says whether the API server reaches this webhook now; owners are
+	// restarted only then, or their new pods would be admitted uninstrumented again.
+	Reachable func() bool
 	// LeaseNamespace holds the Lease through which replicas take turns restarting owners (the
 	// webhook's namespace).
 	LeaseNamespace string

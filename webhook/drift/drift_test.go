@@ -312,10 +312,8 @@ func TestNamespaceAnnotationTurnsRestartsOff(t *testing.T) {
 
 // replica is another webhook replica's check, on the same API server and clock.
 func (f *fixture) replica(name string) *Reconciler {
-	r := *f.r
-	r.Instance = name
-	r.drifting, r.perNS = map[types.NamespacedName]struct{}{}, map[string]int{}
-	return &r
+	return &Reconciler{Client: f.r.Client, APIReader: f.r.APIReader, Decider: f.r.Decider, Clock: f.r.Clock, Log: f.r.Log,
+		Instance: name, LeaseNamespace: f.r.LeaseNamespace, drifting: map[types.NamespacedName]struct{}{}, perNS: map[string]int{}}
 }
 
 // TestReplicasTakeTurnsThroughTheLease: two replicas each find an uninstrumented pod of a
@@ -351,5 +349,26 @@ func TestReplicasTakeTurnsThroughTheLease(t *testing.T) {
 	}
 	if lease.Annotations[leaseOwnerAnnotation] != "StatefulSet/shop/db" || *lease.Spec.HolderIdentity != "replica-2" {
 		t.Errorf("lease %v held by %s", lease.Annotations, *lease.Spec.HolderIdentity)
+	}
+}
+
+// TestNoRestartBeforeTheWebhookIsReachable: a replica that the API server has not reached yet
+// reports the pod but does not restart its owner (its new pods would be uninstrumented again).
+func TestNoRestartBeforeTheWebhookIsReachable(t *testing.T) {
+	sts := &appsv1.StatefulSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "db", UID: "uid-db"}}
+	f := newFixture(t, func(c *config.Config) { c.Drift.RestartOwners = true }, nil, ssiNS("shop", nil), sts,
+		appPod("shop", "db-0", start, controllerRef("StatefulSet", "db"), nil, nil))
+	reachable := false
+	f.r.Reachable = func() bool { return reachable }
+	if res := f.reconcile("shop", "db-0"); res.RequeueAfter <= 0 || f.restartedAt(sts) != "" {
+		t.Fatalf("restarted (or not retried: %v) before the webhook was reachable", res.RequeueAfter)
+	}
+	if f.r.Drifting("shop") != 1 {
+		t.Error("the pod must be reported meanwhile")
+	}
+	reachable = true
+	f.reconcile("shop", "db-0")
+	if f.restartedAt(sts) == "" {
+		t.Error("once reachable, the owner is restarted")
 	}
 }

@@ -134,6 +134,11 @@ func (r *Reconciler) restart(ctx context.Context, pod *corev1.Pod, owner *ownerR
 		// Restarted after this pod was created: its rollout replaces the pod.
 		return reconcile.Result{}, nil
 	}
+	if r.Reachable != nil && !r.Reachable() {
+		// Just started: the Service may not route to the webhook yet.
+		restartsTotal.WithLabelValues(resultDeferred).Inc()
+		return reconcile.Result{RequeueAfter: reachableRetry}, nil
+	}
 	now := r.Clock.Now()
 	wait, err := r.claim(ctx, owner, now)
 	switch {
@@ -182,6 +187,9 @@ func restartedSince(obj client.Object, t time.Time) bool {
 	// RFC3339 has whole seconds; the pod's creation time too.
 	return err == nil && !at.Before(t.Truncate(time.Second))
 }
+
+// reachableRetry is how often a restart waiting for the webhook to be reachable looks again.
+const reachableRetry = 5 * time.Second
 
 // LeaseName is the Lease (in the webhook's namespace) through which replicas take turns
 // restarting owners: it records the last restart's time and owner, so that the rate limit

@@ -33,6 +33,10 @@ import (
 // answers at once.
 const readyzWait = 2 * time.Second
 
+// reachableAfter: without any admission request, a replica counts as reachable this long
+// after it started (readiness, then the endpoints reaching every API server).
+const reachableAfter = 2 * time.Minute
+
 // Options configure the webhook.
 type Options struct {
 	// Config is the configuration when Source is nil (it is then never reloaded).
@@ -168,7 +172,12 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 		return nil, err
 	}
 
-	dr := &drift.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Decider: h, Log: log, LeaseNamespace: opts.Namespace}
+	// Owners are restarted only once the API server has sent this replica a pod (it reaches
+	// the webhook through the Service), or after reachableAfter in a cluster that creates no
+	// pod meanwhile.
+	started := time.Now()
+	dr := &drift.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Decider: h, Log: log, LeaseNamespace: opts.Namespace,
+		Reachable: func() bool { return h.Served() || time.Since(started) > reachableAfter }}
 	if err := dr.SetupWithManager(mgr); err != nil {
 		return nil, err
 	}

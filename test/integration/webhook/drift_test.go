@@ -111,6 +111,9 @@ func TestPodsCreatedWhileTheWebhookWasDownAreNoticed(t *testing.T) {
 	assertUnmutated(t, h.create(t, pod("down", "bare", nil, nil)))
 
 	h.startWebhook(t)
+	// The API server reaches the webhook again: a pod created now is instrumented (owners are
+	// restarted only once the webhook has seen such a request).
+	assertCSIInjected(t, h.create(t, pod("down", "probe", nil, nil)))
 	h.eventually(t, "a NotInstrumented Event on each pod and the gauge at 3", func() bool {
 		return len(h.eventsWithReason(t, "down", drift.ReasonNotInstrumented)) == 3 && uninstrumentedGauge(t, "down") == 3
 	})
