@@ -269,7 +269,10 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 		{Verb: "list", Resource: "secrets", Namespace: ns},
 		{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "mutatingwebhookconfigurations", Name: "another-webhook"},
 		{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "validatingwebhookconfigurations", Name: in.WebhookConfigs[0].Name},
-		{Verb: "get", Resource: "pods", Namespace: "shop"},
+		// get pods is granted (list already reads every pod; get reads one whose status is
+		// missing, to decide about it as admission would); restarting workloads is opt-in.
+		{Verb: "patch", Group: "apps", Resource: "deployments", Namespace: "shop", Name: "web"},
+		{Verb: "get", Group: "apps", Resource: "replicasets", Namespace: "shop"},
 		{Verb: "patch", Resource: "pods", Namespace: "shop", Name: "app"},
 		{Verb: "update", Resource: "pods", Namespace: "shop", Name: "app"},
 		{Verb: "patch", Group: "events.k8s.io", Resource: "events", Namespace: "shop"},

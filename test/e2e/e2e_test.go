@@ -98,6 +98,7 @@ func TestEndToEnd(t *testing.T) {
 		{"9 Pod Security restricted admits the instrumented pod", scenarioRestricted},
 		{"auto mode falls back CSI, image volumes, init containers and returns to CSI", scenarioAutoFallback},
 		{"8 webhook down: pods created unmutated, instrumented again once it is back", scenarioWebhookDown},
+		{"webhook down: uninstrumented pods are reported and their Deployment restarted once", scenarioDriftRestart},
 		{"7 registry down: cached libraries still start pods, uncached wait", scenarioRegistryDown},
 		{"6 kubelet restart keeps exactly one mount per volume", scenarioKubeletRestart},
 		{"5 node plugin killed during pod churn; no leftovers after all pods are deleted", scenarioChurn},

@@ -289,15 +289,25 @@ func (o Options) writeKubeletConfig() (string, error) {
 		// No cluster DNS exists, and pods must not query the host's resolvers (they are off
 		// this machine): pods get no nameserver at all.
 		"resolvConf": "",
-		// The disk is shared with builds: never evict pods or collect images because of it
-		// in the middle of a test.
-		"evictionHard":                map[string]string{"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
-		"imageGCHighThresholdPercent": 100,
-		"imageGCLowThresholdPercent":  99,
-		"serializeImagePulls":         false,
-		"nodeStatusReportFrequency":   "10s",
-		"syncFrequency":               "10s",
-		"fileCheckFrequency":          "10s",
+		// Disk pressure as on a real node: the kubelet's own defaults. Image GC starts at 85%
+		// and frees down to 80%; it deletes only unused images that are not pinned, i.e. the
+		// ones pods pulled from the loopback registry, which can be pulled again. Every image
+		// the node cannot pull (pause, busybox, the project images: imported with
+		// ImportImage) is pinned, and pause is also containerd's pinned sandbox image, so GC
+		// never leaves the node unable to start a pod. Pods are evicted below 10% free disk
+		// (15% for images), the node is tainted DiskPressure and recovers on its own once
+		// space is freed: after evictionPressureTransitionPeriod, shortened from 5m so that
+		// a test does not wait five minutes after freeing the disk.
+		"evictionHard": map[string]string{
+			"memory.available": "100Mi", "nodefs.available": "10%", "nodefs.inodesFree": "5%", "imagefs.available": "15%",
+		},
+		"evictionPressureTransitionPeriod": "30s",
+		"imageGCHighThresholdPercent":      85,
+		"imageGCLowThresholdPercent":       80,
+		"serializeImagePulls":              false,
+		"nodeStatusReportFrequency":        "10s",
+		"syncFrequency":                    "10s",
+		"fileCheckFrequency":               "10s",
 	}
 	out, err := yaml.Marshal(cfg)
 	if err != nil {

@@ -199,6 +199,50 @@ func TestKubeletConfig(t *testing.T) {
 	}
 }
 
+// TestKubeletHandlesDiskPressureLikeARealNode: image GC and eviction thresholds are a real
+// node's (the kubelet's defaults), not disabled (GC at 100% only ran when the disk was already
+// full, and then deleted the imported images), and the node leaves DiskPressure within a
+// minute of space being freed. What keeps the node able to start pods after GC is checked in
+// TestContainerdConfigIsReadByContainerd (pause is the pinned sandbox image) and in the local
+// cluster smoke test (imported images carry the pinned label).
+func TestKubeletHandlesDiskPressureLikeARealNode(t *testing.T) {
+	o, err := Options{Root: t.TempDir()}.complete()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(o.configDir(), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path, err := o.writeKubeletConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		EvictionHard                     map[string]string `json:"evictionHard"`
+		EvictionPressureTransitionPeriod string            `json:"evictionPressureTransitionPeriod"`
+		ImageGCHigh                      int               `json:"imageGCHighThresholdPercent"`
+		ImageGCLow                       int               `json:"imageGCLowThresholdPercent"`
+	}
+	if err := yaml.Unmarshal(data, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ImageGCHigh != 85 || cfg.ImageGCLow != 80 {
+		t.Errorf("image GC at %d%% down to %d%%; a real node's kubelet uses 85%% and 80%%", cfg.ImageGCHigh, cfg.ImageGCLow)
+	}
+	for signal, want := range map[string]string{"nodefs.available": "10%", "imagefs.available": "15%", "nodefs.inodesFree": "5%"} {
+		if got := cfg.EvictionHard[signal]; got != want {
+			t.Errorf("evictionHard %s = %q, want a real node's %q", signal, got, want)
+		}
+	}
+	if d, err := time.ParseDuration(cfg.EvictionPressureTransitionPeriod); err != nil || d > time.Minute {
+		t.Errorf("evictionPressureTransitionPeriod %q: the node must leave DiskPressure within a minute of space being freed", cfg.EvictionPressureTransitionPeriod)
+	}
+}
+
 func TestProcessLifecycle(t *testing.T) {
 	o, err := Options{Root: t.TempDir()}.complete()
 	if err != nil {

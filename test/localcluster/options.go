@@ -45,6 +45,10 @@ type Options struct {
 	// KubeletDir is the kubelet --root-dir (default <Root>/kubelet). The CSI node plugin must
 	// be deployed with its --kubelet-dir set to this.
 	KubeletDir string `json:"kubeletDir"`
+	// ContainerdRoot is containerd's root: image content and snapshots, the kubelet's image
+	// filesystem (default <Root>/containerd/root-v2). A test can put it, with KubeletDir, on
+	// a small filesystem of its own to fill it.
+	ContainerdRoot string `json:"containerdRoot,omitempty"`
 	// NodeName is the name the kubelet registers.
 	NodeName string `json:"nodeName"`
 	// PodCIDR is the private range of the pod bridge; its first address is the bridge's and
@@ -106,6 +110,11 @@ func (o Options) complete() (Options, error) {
 	}
 	if o.KubeletDir, err = filepath.Abs(o.KubeletDir); err != nil {
 		return o, err
+	}
+	if o.ContainerdRoot != "" {
+		if o.ContainerdRoot, err = filepath.Abs(o.ContainerdRoot); err != nil {
+			return o, err
+		}
 	}
 	if o.NodeName == "" {
 		o.NodeName = DefaultNodeName
@@ -204,7 +213,12 @@ func (o Options) registryHostsDir() string { return o.path("config", "registry-h
 // containerdRoot (image content and snapshots, kept across runs) is apart from "root", where
 // containerd 1.x of older checkouts kept it: containerd 2 migrates a root's metadata in a way
 // containerd 1.x cannot read back.
-func (o Options) containerdRoot() string   { return o.path("containerd", "root-v2") }
+func (o Options) containerdRoot() string {
+	if o.ContainerdRoot != "" {
+		return o.ContainerdRoot
+	}
+	return o.path("containerd", "root-v2")
+}
 func (o Options) containerdState() string  { return o.path("containerd", "state") }
 func (o Options) containerdSocket() string { return o.path("containerd", "containerd.sock") }
 func (o Options) runcRoot() string         { return o.path("runc") }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	admissionv1 "k8s.io/api/admission/v1"
@@ -31,7 +32,11 @@ const apiReadTimeout = time.Second
 
 // PodMutator is the admission.Handler for pod CREATE.
 type PodMutator struct {
+	// Mutator applies the configuration; Current, when set, replaces it and is read once per
+	// request, so that a configuration reloaded meanwhile never mixes with the old one in one
+	// decision.
 	Mutator *mutation.Mutator
+	Current func() *mutation.Mutator
 	// Reader serves namespaces, the CSIDriver and nodes, normally from the manager's cache.
 	Reader client.Reader
 	// ServerVersion, when set, returns the API server's version ("" while unknown), for the
@@ -42,7 +47,14 @@ type PodMutator struct {
 	Log       *slog.Logger
 	// Now defaults to time.Now.
 	Now func() time.Time
+
+	served atomic.Bool
 }
+
+// Served reports whether the API server has sent this replica a pod since it started: proof
+// that the API server reaches it through the Service (a ready replica may not be reachable yet
+// while the endpoints propagate).
+func (h *PodMutator) Served() bool { return h.served.Load() }
 
 var _ ctrladmission.Handler = (*PodMutator)(nil)
 
@@ -63,6 +75,7 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 	if req.Operation != admissionv1.Create || req.Kind.Kind != "Pod" || req.Kind.Group != "" || req.SubResource != "" {
 		return ctrladmission.Allowed("")
 	}
+	h.served.Store(true)
 	pod := &corev1.Pod{}
 	if err := json.Unmarshal(req.Object.Raw, pod); err != nil {
 		h.logger().Error("cannot decode pod; admitting it unchanged", "namespace", req.Namespace, "error", err)
@@ -72,21 +85,37 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 	// The namespace is not always in the object of a CREATE; the request always has it.
 	pod.Namespace = req.Namespace
 
-	in := mutation.Input{Pod: pod, DriverInstalled: h.driverInstalled(ctx), Now: h.now()}
-	in.Namespace, in.NamespaceError = h.namespace(ctx, req.Namespace)
-	if h.Mutator.NeedsNodes(pod, in.Namespace, in.DriverInstalled) {
-		if h.ServerVersion != nil {
-			in.ServerVersion = h.ServerVersion()
-		}
-		in.Nodes, in.NodesError = h.nodes(ctx)
-	}
-	res := h.Mutator.Mutate(in)
+	res := h.Decide(ctx, pod)
 
 	resp = h.respond(pod, res)
 	elapsed := time.Since(start)
 	observe(res, elapsed)
 	h.log(pod, res, elapsed)
 	return resp
+}
+
+// Decide reads what a decision needs from the cluster and lets the current configuration's
+// mutator decide about pod (not modified). Admission and the uninstrumented-pod check (package
+// drift) both decide through it, so they never disagree about a pod.
+func (h *PodMutator) Decide(ctx context.Context, pod *corev1.Pod) mutation.Result {
+	m := h.CurrentMutator()
+	in := mutation.Input{Pod: pod, DriverInstalled: h.driverInstalled(ctx, m), Now: h.now()}
+	in.Namespace, in.NamespaceError = h.namespace(ctx, pod.Namespace)
+	if m.NeedsNodes(pod, in.Namespace, in.DriverInstalled) {
+		if h.ServerVersion != nil {
+			in.ServerVersion = h.ServerVersion()
+		}
+		in.Nodes, in.NodesError = h.nodes(ctx)
+	}
+	return m.Mutate(in)
+}
+
+// CurrentMutator is the mutator of the configuration in force.
+func (h *PodMutator) CurrentMutator() *mutation.Mutator {
+	if h.Current != nil {
+		return h.Current()
+	}
+	return h.Mutator
 }
 
 func (h *PodMutator) respond(pod *corev1.Pod, res mutation.Result) ctrladmission.Response {
@@ -141,8 +170,8 @@ func (h *PodMutator) nodes(ctx context.Context) ([]corev1.Node, error) {
 
 // driverInstalled reports whether the CSIDriver object exists. Any doubt counts as not
 // installed: init containers work without the driver, CSI volumes do not.
-func (h *PodMutator) driverInstalled(ctx context.Context) bool {
-	name := h.Mutator.Config().DriverName
+func (h *PodMutator) driverInstalled(ctx context.Context, m *mutation.Mutator) bool {
+	name := m.Config().DriverName
 	err := h.Reader.Get(ctx, client.ObjectKey{Name: name}, &storagev1.CSIDriver{})
 	if err != nil && !apierrors.IsNotFound(err) {
 		h.logger().Warn("cannot read the CSIDriver; assuming it is not installed", "driver", name, "error", err)

@@ -5,12 +5,17 @@
 package config
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"slices"
 	"strings"
+	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/util/version"
 	"sigs.k8s.io/yaml"
@@ -144,7 +149,26 @@ type Config struct {
 	// namespace, namespace labels or service account are not allowed, instead of the pod
 	// waiting in ContainerCreating for a mount the node plugin refuses.
 	HostDirs []HostDir `json:"hostdirs,omitempty"`
+	// Drift is what the webhook does about pods that should be instrumented but are not
+	// (created while it was not answering, or before their namespace was selected).
+	Drift Drift `json:"drift,omitzero"`
 }
+
+// Drift configures the restart of uninstrumented pods' owners. Such pods are always reported
+// (an Event on each, a gauge by namespace); restarting their owners is opt-in.
+type Drift struct {
+	// RestartOwners restarts the Deployment, StatefulSet or DaemonSet that owns an
+	// uninstrumented pod (as kubectl rollout restart does), in every namespace that does not
+	// say otherwise with the annotation apm-csi.io/restart-uninstrumented ("true" or "false").
+	// The webhook needs patch rights on those objects (Helm: webhook.drift.restartOwners).
+	RestartOwners bool `json:"restartOwners,omitempty"`
+	// RestartInterval is the least time between two owner restarts (default 5m); one owner
+	// restarts at a time.
+	RestartInterval metav1.Duration `json:"restartInterval,omitzero"`
+}
+
+// DefaultRestartInterval is Drift.RestartInterval's default.
+const DefaultRestartInterval = 5 * time.Minute
 
 // HostDir is who may use one of the node plugin's hostdir entries.
 type HostDir struct {
@@ -197,6 +221,7 @@ func Default() *Config {
 		ExcludedContainers: []string{"istio-proxy"},
 		SSINamespaceLabel:  DefaultSSINamespaceLabel,
 		DriverName:         names.DriverName,
+		Drift:              Drift{RestartInterval: metav1.Duration{Duration: DefaultRestartInterval}},
 	}
 	for _, l := range libref.Languages {
 		c.Languages = append(c.Languages, Language{Name: l, Version: defaultVersions[l]})
@@ -259,6 +284,9 @@ func Parse(data []byte) (*Config, error) {
 	}
 	if c.DriverName == "" {
 		c.DriverName = d.DriverName
+	}
+	if c.Drift.RestartInterval.Duration == 0 {
+		c.Drift.RestartInterval = d.Drift.RestartInterval
 	}
 	for i := range c.Languages {
 		if c.Languages[i].Version == "" && c.Languages[i].Image == "" {
@@ -353,6 +381,9 @@ func (c *Config) Validate() error {
 	}
 	if msgs := validation.IsDNS1123Subdomain(c.DriverName); len(msgs) > 0 {
 		bad("driverName", "%q is not a CSI driver name: %s", c.DriverName, strings.Join(msgs, "; "))
+	}
+	if c.Drift.RestartInterval.Duration < 0 {
+		bad("drift.restartInterval", "%s is negative; write a duration such as 5m", c.Drift.RestartInterval.Duration)
 	}
 	names := map[string]bool{}
 	for i, h := range c.HostDirs {
@@ -451,4 +482,19 @@ func sortedKeys(m map[string]string) []string {
 	}
 	slices.Sort(keys)
 	return keys
+}
+
+// Hash identifies a configuration by its meaning: the first 12 hex digits of the SHA-256 of
+// its canonical form (the parsed configuration, defaults filled in, encoded as JSON with a
+// fixed field order). Two files that differ only in comments, order or spelled-out defaults
+// have the same hash. The webhook reports it in a metric and in each pod's status annotation,
+// so that a pod says which configuration admitted it.
+func (c *Config) Hash() string {
+	data, err := json.Marshal(c)
+	if err != nil {
+		// A Config is plain data; it always encodes.
+		panic(fmt.Sprintf("encode webhook configuration: %v", err))
+	}
+	sum := sha256.Sum256(data)
+	return hex.EncodeToString(sum[:])[:12]
 }

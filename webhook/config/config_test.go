@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
@@ -196,5 +197,24 @@ func TestParseMode(t *testing.T) {
 		if _, err := ParseMode(bad); err == nil || !strings.Contains(err.Error(), "use csi, image-volume, init-container or auto") {
 			t.Errorf("ParseMode(%q) = %v", bad, err)
 		}
+	}
+}
+
+func TestDriftSettings(t *testing.T) {
+	c, err := Parse([]byte("drift: {restartOwners: true, restartInterval: 90s}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Drift.RestartOwners || c.Drift.RestartInterval.Duration != 90*time.Second {
+		t.Errorf("drift = %+v", c.Drift)
+	}
+	if d, err := Parse(nil); err != nil || d.Drift.RestartOwners || d.Drift.RestartInterval.Duration != DefaultRestartInterval {
+		t.Errorf("defaults: %+v, %v", d.Drift, err)
+	}
+	if _, err := Parse([]byte("drift: {restartInterval: -1m}\n")); err == nil || !strings.Contains(err.Error(), "drift.restartInterval") {
+		t.Errorf("a negative interval must name the field: %v", err)
+	}
+	if _, err := Parse([]byte("drift: {restartInterval: soon}\n")); err == nil {
+		t.Error("a malformed interval must be refused")
 	}
 }

@@ -93,19 +93,49 @@ type Mutator struct {
 	allowed *repoallow.List
 	// excludedNamespaces always includes kube-system and the webhook's own namespace.
 	excludedNamespaces []string
+	// configHash, when set, ends every status the mutator writes ("; config <hash>").
+	configHash string
+}
+
+// Option changes a Mutator at construction.
+type Option func(*Mutator)
+
+// WithConfigHash makes every status annotation the mutator writes end with
+// "; config <hash>", so that a stored pod says which configuration admitted it.
+func WithConfigHash(hash string) Option {
+	return func(m *Mutator) { m.configHash = hash }
 }
 
 // New returns a Mutator. systemNamespace is the namespace apm-csi runs in; it is never
 // mutated, whatever the configuration says.
-func New(cfg *config.Config, systemNamespace string) *Mutator {
+func New(cfg *config.Config, systemNamespace string, opts ...Option) *Mutator {
 	excluded := append([]string{metav1.NamespaceSystem, systemNamespace}, cfg.ExcludedNamespaces...)
 	slices.Sort(excluded)
 	allowed, err := cfg.AllowList()
 	if err != nil {
 		allowed = &repoallow.List{}
 	}
-	return &Mutator{cfg: cfg, allowed: allowed, excludedNamespaces: slices.Compact(excluded)}
+	m := &Mutator{cfg: cfg, allowed: allowed, excludedNamespaces: slices.Compact(excluded)}
+	for _, o := range opts {
+		o(m)
+	}
+	return m
 }
+
+// ConfigHash is the hash given with WithConfigHash ("" when none).
+func (m *Mutator) ConfigHash() string { return m.configHash }
+
+// withHash ends a status reason with the configuration's hash (after any truncation, so that
+// it is always there).
+func (m *Mutator) withHash(reason string) string {
+	if m.configHash == "" {
+		return reason
+	}
+	return joinReason(reason, configHashPrefix+m.configHash)
+}
+
+// configHashPrefix introduces the configuration's hash at the end of a status.
+const configHashPrefix = "config "
 
 // Config returns the configuration the mutator applies.
 func (m *Mutator) Config() *config.Config { return m.cfg }
@@ -170,6 +200,7 @@ func (m *Mutator) Mutate(in Input) Result {
 	if len(res.Reason) > maxReason {
 		res.Reason = res.Reason[:maxReason] + "..."
 	}
+	res.Reason = m.withHash(res.Reason)
 	if work.Annotations == nil {
 		work.Annotations = map[string]string{}
 	}
@@ -243,11 +274,36 @@ func (m *Mutator) reservedVolumeTaken(pod *corev1.Pod, in Input) Result {
 	if !ssi && !manual {
 		return Result{Outcome: OutcomeIgnored, Reason: fmt.Sprintf("not a target, and has a volume named %s", VolumeName)}
 	}
-	reason := fmt.Sprintf("the pod already has a volume named %s that apm-csi did not add; rename that volume to have the pod instrumented", VolumeName)
+	reason := m.withHash(fmt.Sprintf("the pod already has a volume named %s that apm-csi did not add; rename that volume to have the pod instrumented", VolumeName))
 	work := pod.DeepCopy()
 	if work.Annotations == nil {
 		work.Annotations = map[string]string{}
 	}
 	work.Annotations[annotations.InjectionStatus] = statusWord(OutcomeSkipped) + ": " + reason
 	return Result{Outcome: OutcomeSkipped, Reason: reason, Pod: work}
+}
+
+// MayInstrument reports, from a stored pod's metadata and its namespace alone, whether the
+// webhook could have changed the pod at its creation, with the same rules as Mutate: not a
+// mirror pod, not in an excluded namespace, no status annotation (a pod the webhook decided
+// about, including every pod it skipped on purpose, has one), and selected for SSI or asking
+// for manual volumes. False means no spec could make Mutate instrument the pod; true means
+// Mutate on the whole pod decides. ns nil (not readable) is false unless the pod's own label
+// selects it.
+func (m *Mutator) MayInstrument(pod metav1.Object, ns *corev1.Namespace) bool {
+	if _, mirror := pod.GetAnnotations()[corev1.MirrorPodAnnotationKey]; mirror {
+		return false
+	}
+	if slices.Contains(m.excludedNamespaces, pod.GetNamespace()) {
+		return false
+	}
+	if _, ok := pod.GetAnnotations()[annotations.InjectionStatus]; ok {
+		return false
+	}
+	if pod.GetLabels()[annotations.Volumes] == annotations.VolumesEnabled {
+		return true
+	}
+	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: pod.GetNamespace(), Labels: pod.GetLabels()}}
+	_, target := m.ssiTarget(p, Input{Pod: p, Namespace: ns})
+	return target
 }

@@ -22,8 +22,10 @@ import (
 	ctrladmission "sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	"github.com/apm-csi/apm-csi/webhook/admission"
+	"github.com/apm-csi/apm-csi/webhook/annotations"
 	"github.com/apm-csi/apm-csi/webhook/config"
-	"github.com/apm-csi/apm-csi/webhook/mutation"
+	"github.com/apm-csi/apm-csi/webhook/configreload"
+	"github.com/apm-csi/apm-csi/webhook/drift"
 	"github.com/apm-csi/apm-csi/webhook/podevents"
 )
 
@@ -31,9 +33,17 @@ import (
 // answers at once.
 const readyzWait = 2 * time.Second
 
+// reachableAfter: without any admission request, a replica counts as reachable this long
+// after it started (readiness, then the endpoints reaching every API server).
+const reachableAfter = 2 * time.Minute
+
 // Options configure the webhook.
 type Options struct {
+	// Config is the configuration when Source is nil (it is then never reloaded).
 	Config *config.Config
+	// Source, when set, is the configuration in force and its file watch (package
+	// configreload); Config is then ignored.
+	Source *configreload.Source
 	// Namespace is where apm-csi runs; it is never mutated.
 	Namespace string
 	Log       *slog.Logger
@@ -56,8 +66,38 @@ func CacheByObject(cfg *config.Config) map[client.Object]cache.ByObject {
 			Transform: cache.TransformStripManagedFields(),
 		},
 		&corev1.Node{}: {Transform: slimNode},
-		&corev1.Pod{}:  {Transform: podevents.CacheTransform},
+		&corev1.Pod{}:  {Transform: slimPod},
 	}
+}
+
+// slimPod keeps of a pod's metadata what the pod Events (podevents: name, UID, creation time,
+// the status annotation) and the uninstrumented-pod check (drift: the labels that select a
+// pod, the mirror-pod annotation) read.
+func slimPod(obj any) (any, error) {
+	m, ok := obj.(metav1.Object)
+	if !ok {
+		return obj, nil
+	}
+	out, err := podevents.CacheTransform(obj)
+	if err != nil {
+		return out, err
+	}
+	slim := out.(*metav1.PartialObjectMetadata)
+	for _, k := range []string{annotations.DatadogEnabled, annotations.Volumes} {
+		if v, ok := m.GetLabels()[k]; ok {
+			if slim.Labels == nil {
+				slim.Labels = map[string]string{}
+			}
+			slim.Labels[k] = v
+		}
+	}
+	if v, ok := m.GetAnnotations()[corev1.MirrorPodAnnotationKey]; ok {
+		if slim.Annotations == nil {
+			slim.Annotations = map[string]string{}
+		}
+		slim.Annotations[corev1.MirrorPodAnnotationKey] = v
+	}
+	return slim, nil
 }
 
 // slimNode keeps the part of a Node that decides whether it can serve image volumes to a pod.
@@ -101,8 +141,21 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 	if err := mgr.Add(sv); err != nil {
 		return nil, err
 	}
+	src := opts.Source
+	if src == nil {
+		src = configreload.Static(opts.Config, opts.Namespace)
+	}
+	if src.Client == nil {
+		src.Client = mgr.GetClient()
+	}
+	if src.Log == nil {
+		src.Log = log
+	}
+	if err := mgr.Add(src); err != nil {
+		return nil, err
+	}
 	h := &admission.PodMutator{
-		Mutator:       mutation.New(opts.Config, opts.Namespace),
+		Current:       src.Mutator,
 		Reader:        mgr.GetClient(),
 		APIReader:     mgr.GetAPIReader(),
 		ServerVersion: sv.Get,
@@ -116,6 +169,16 @@ func Register(ctx context.Context, mgr manager.Manager, opts Options) (*admissio
 		rec.Log = log
 	}
 	if err := rec.SetupWithManager(mgr); err != nil {
+		return nil, err
+	}
+
+	// Owners are restarted only once the API server has sent this replica a pod (it reaches
+	// the webhook through the Service), or after reachableAfter in a cluster that creates no
+	// pod meanwhile.
+	started := time.Now()
+	dr := &drift.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Decider: h, Log: log, LeaseNamespace: opts.Namespace,
+		Reachable: func() bool { return h.Served() || time.Since(started) > reachableAfter }}
+	if err := dr.SetupWithManager(mgr); err != nil {
 		return nil, err
 	}
 

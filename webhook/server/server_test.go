@@ -64,3 +64,26 @@ func TestServerVersionIsReadAtStart(t *testing.T) {
 		t.Errorf("version = %q", sv.Get())
 	}
 }
+
+func TestSlimPodKeepsWhatEventsAndTheDriftCheckRead(t *testing.T) {
+	full := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop", UID: "u1", ResourceVersion: "9",
+			Labels:          map[string]string{"app": "web", "admission.datadoghq.com/enabled": "false", "apm-csi.io/volumes": "enabled"},
+			Annotations:     map[string]string{"apm-csi.io/injection-status": "injected: csi mode", corev1.MirrorPodAnnotationKey: "abc", "big": "x"},
+			OwnerReferences: []metav1.OwnerReference{{Kind: "ReplicaSet", Name: "web-1"}},
+			ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app"}}},
+	}
+	out, err := slimPod(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := out.(*metav1.PartialObjectMetadata)
+	if p.Name != "web" || p.UID != "u1" || p.Labels["admission.datadoghq.com/enabled"] != "false" || p.Labels["apm-csi.io/volumes"] != "enabled" ||
+		p.Annotations["apm-csi.io/injection-status"] == "" || p.Annotations[corev1.MirrorPodAnnotationKey] != "abc" {
+		t.Errorf("lost a field the checks read: %+v", p.ObjectMeta)
+	}
+	if len(p.Labels) != 2 || len(p.Annotations) != 2 || len(p.OwnerReferences) != 0 || len(p.ManagedFields) != 0 {
+		t.Errorf("kept a field no check reads: %+v", p.ObjectMeta)
+	}
+}

@@ -38,7 +38,9 @@ import (
 
 	"github.com/apm-csi/apm-csi/shared/tenancy"
 	"github.com/apm-csi/apm-csi/test/testenv"
+	"github.com/apm-csi/apm-csi/webhook/admission"
 	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/configreload"
 	"github.com/apm-csi/apm-csi/webhook/server"
 )
 
@@ -60,6 +62,11 @@ type harness struct {
 	done   chan error
 	// webhookAddr is host:port of the webhook server.
 	webhookAddr string
+	mutator     *admission.PodMutator
+	// startWebhook starts the webhook (again, after shutdown) with the harness's settings.
+	startWebhook func(testing.TB)
+	// configHash is the hash of the webhook's configuration, which ends every status.
+	configHash string
 	// answerDelay holds back every admission answer this long after the handler has run (a
 	// webhook that decided but whose answer arrives after the API server's timeout).
 	answerDelay atomic.Int64
@@ -101,6 +108,10 @@ type harnessOptions struct {
 	tlsOpts        []func(*tls.Config)
 	// config changes the webhook configuration.
 	config func(*config.Config)
+	// configFile, when set, is the webhook's configuration file, reloaded as it changes
+	// (config is then ignored); Events about refused versions are about configPod.
+	configFile string
+	configPod  configreload.Pod
 }
 
 func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
@@ -145,52 +156,65 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 	if err := wcfg.Validate(); err != nil {
 		tb.Fatal(err)
 	}
+	var src *configreload.Source
+	if opts.configFile != "" {
+		if src, err = configreload.Load(opts.configFile, "apm-csi-system"); err != nil {
+			tb.Fatal(err)
+		}
+		src.Pod = opts.configPod
+		wcfg = src.Config()
+	}
 	wio := env.WebhookInstallOptions
-	h := &harness{cfg: cfg, done: make(chan error, 1),
+	h := &harness{cfg: cfg, configHash: wcfg.Hash(),
 		webhookAddr: fmt.Sprintf("%s:%d", wio.LocalServingHost, wio.LocalServingPort)}
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme:                 scheme,
-		Cache:                  cache.Options{ByObject: server.CacheByObject(wcfg)},
-		Metrics:                metricsserver.Options{BindAddress: "0"},
-		HealthProbeBindAddress: "0",
-		WebhookServer: delayedServer{Server: webhook.NewServer(webhook.Options{
-			Host: wio.LocalServingHost, Port: wio.LocalServingPort, CertDir: wio.LocalServingCertDir, TLSOpts: opts.tlsOpts,
-		}), delay: &h.answerDelay},
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	mutator, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Namespace: "apm-csi-system", Log: log})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	h.mgr, h.stop = mgr, cancel
-	go func() { h.done <- mgr.Start(ctx) }()
-	tb.Cleanup(h.shutdown)
-
 	if h.client, err = client.New(cfg, client.Options{Scheme: scheme}); err != nil {
 		tb.Fatal(err)
 	}
-	started := mgr.GetWebhookServer().StartedChecker()
-	deadline := time.Now().Add(30 * time.Second)
-	for started(nil) != nil {
-		if time.Now().After(deadline) {
-			tb.Fatal("webhook server did not start")
+	h.startWebhook = func(tb testing.TB) {
+		tb.Helper()
+		h.done = make(chan error, 1)
+		mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+			Scheme:                 scheme,
+			Cache:                  cache.Options{ByObject: server.CacheByObject(wcfg)},
+			Metrics:                metricsserver.Options{BindAddress: "0"},
+			HealthProbeBindAddress: "0",
+			WebhookServer: delayedServer{Server: webhook.NewServer(webhook.Options{
+				Host: wio.LocalServingHost, Port: wio.LocalServingPort, CertDir: wio.LocalServingCertDir, TLSOpts: opts.tlsOpts,
+			}), delay: &h.answerDelay},
+		})
+		if err != nil {
+			tb.Fatal(err)
 		}
-		time.Sleep(50 * time.Millisecond)
+		ctx, cancel := context.WithCancel(context.Background())
+		mutator, err := server.Register(ctx, mgr, server.Options{Config: wcfg, Source: src, Namespace: "apm-csi-system", Log: log})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		h.mgr, h.stop, h.mutator = mgr, cancel, mutator
+		go func() { h.done <- mgr.Start(ctx) }()
+
+		started := mgr.GetWebhookServer().StartedChecker()
+		deadline := time.Now().Add(30 * time.Second)
+		for started(nil) != nil {
+			if time.Now().After(deadline) {
+				tb.Fatal("webhook server did not start")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if !mgr.GetCache().WaitForCacheSync(ctx) {
+			tb.Fatal("informers did not sync")
+		}
+		// What the webhook's readiness check waits for too: auto and image-volume decisions
+		// need the API server's version.
+		err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Until(deadline), true, func(context.Context) (bool, error) {
+			return mutator.ServerVersion() != "", nil
+		})
+		if err != nil {
+			tb.Fatalf("the webhook did not read the API server's version: %v", err)
+		}
 	}
-	if !mgr.GetCache().WaitForCacheSync(ctx) {
-		tb.Fatal("informers did not sync")
-	}
-	// What the webhook's readiness check waits for too: auto and image-volume decisions need
-	// the API server's version.
-	err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Until(deadline), true, func(context.Context) (bool, error) {
-		return mutator.ServerVersion() != "", nil
-	})
-	if err != nil {
-		tb.Fatalf("the webhook did not read the API server's version: %v", err)
-	}
+	h.startWebhook(tb)
+	tb.Cleanup(h.shutdown)
 	return h
 }
 

@@ -125,7 +125,7 @@ func TestPodShapes(t *testing.T) {
 		p.Spec.Volumes = []corev1.Volume{{Name: mutation.VolumeName, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
 		p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: mutation.VolumeName, MountPath: "/usr/share/app/lib"}}
 		stored := h.create(t, p.DeepCopy())
-		want := "skipped: the pod already has a volume named apm-csi-libraries that apm-csi did not add; rename that volume to have the pod instrumented"
+		want := "skipped: the pod already has a volume named apm-csi-libraries that apm-csi did not add; rename that volume to have the pod instrumented; config " + h.configHash
 		if s := stored.Annotations[annotations.InjectionStatus]; s != want {
 			t.Errorf("status = %q, want %q", s, want)
 		}

@@ -28,6 +28,7 @@ import (
 	"github.com/apm-csi/apm-csi/shared/version"
 	"github.com/apm-csi/apm-csi/webhook/certs"
 	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/configreload"
 	"github.com/apm-csi/apm-csi/webhook/podevents"
 	"github.com/apm-csi/apm-csi/webhook/server"
 )
@@ -66,7 +67,7 @@ func parseFlags() flags {
 	if namespace == "" {
 		namespace = names.SystemNamespace
 	}
-	flag.StringVar(&f.configFile, "config", "", "Configuration file (YAML, see docs/webhook.md); empty uses the defaults.")
+	flag.StringVar(&f.configFile, "config", "", "Configuration file (YAML, see docs/webhook.md); empty uses the defaults. Reloaded when it changes; an invalid new version is refused and the previous one stays.")
 	flag.StringVar(&f.namespace, "namespace", namespace, "Namespace the webhook runs in (never mutated; holds the self-managed Secret). Default $POD_NAMESPACE.")
 	flag.StringVar(&f.host, "webhook-host", "", "Address the webhook server listens on; empty is every address.")
 	flag.IntVar(&f.port, "webhook-port", 9443, "Port of the webhook server.")
@@ -108,14 +109,18 @@ func run(f flags, log *slog.Logger) error {
 	if f.eventWindow <= 0 {
 		return fmt.Errorf("--event-window %s: must be positive (it bounds which pods get an Event after a restart)", f.eventWindow)
 	}
-	cfg := config.Default()
+	src := configreload.Static(config.Default(), f.namespace)
 	if f.configFile != "" {
 		var err error
-		if cfg, err = config.Load(f.configFile); err != nil {
+		if src, err = configreload.Load(f.configFile, f.namespace); err != nil {
 			return err
 		}
+		// Events about a refused new version are about this pod (its name is the host name).
+		host, _ := os.Hostname()
+		src.Pod = configreload.Pod{Namespace: f.namespace, Name: host}
 	}
-	log.Info("starting", "version", version.Version, "namespace", f.namespace, "mode", cfg.Mode,
+	cfg := src.Config()
+	log.Info("starting", "version", version.Version, "namespace", f.namespace, "configHash", src.Hash(), "mode", cfg.Mode,
 		"layout", cfg.EffectiveLayout(), "languages", cfg.LanguageNames(), "certMode", f.certMode, "clientCA", f.clientCA)
 
 	ctx := ctrl.SetupSignalHandler()
@@ -194,7 +199,7 @@ func run(f flags, log *slog.Logger) error {
 		}
 	}
 	if _, err := server.Register(ctx, mgr, server.Options{
-		Config: cfg, Namespace: f.namespace, Log: log,
+		Source: src, Namespace: f.namespace, Log: log,
 		Events: podevents.Recorder{Window: f.eventWindow},
 	}); err != nil {
 		return err

@@ -1,0 +1,202 @@
+package configreload
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/apm-csi/apm-csi/webhook/config"
+)
+
+// mountedConfigMap lays out a directory the way kubelet mounts a ConfigMap: the data in a
+// timestamped directory, ..data a symlink to it, and config.yaml a symlink through ..data.
+type mountedConfigMap struct {
+	dir string
+	n   int
+}
+
+func newMount(t testing.TB, content string) *mountedConfigMap {
+	t.Helper()
+	m := &mountedConfigMap{dir: t.TempDir()}
+	m.update(t, content)
+	if err := os.Symlink(filepath.Join("..data", "config.yaml"), filepath.Join(m.dir, "config.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func (m *mountedConfigMap) path() string { return filepath.Join(m.dir, "config.yaml") }
+
+// update writes a new version and swaps ..data to it in one rename, as kubelet does.
+func (m *mountedConfigMap) update(t testing.TB, content string) {
+	t.Helper()
+	m.n++
+	ts := fmt.Sprintf("..2026_12_05_21_00_%02d.%d", m.n, m.n)
+	if err := os.Mkdir(filepath.Join(m.dir, ts), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(m.dir, ts, "config.yaml"), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(m.dir, "..data_tmp")
+	if err := os.Symlink(ts, tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(m.dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func hashOf(t testing.TB, content string) string {
+	t.Helper()
+	c, err := config.Parse([]byte(content))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.Hash()
+}
+
+const (
+	javaV1 = "languages: [{name: java, version: v1.1.0}]\n"
+	javaV2 = "languages: [{name: java, version: v2.2.0}]\n"
+)
+
+func TestReloadLoadsValidVersionsAndKeepsTheOldOneOnAnInvalidVersion(t *testing.T) {
+	m := newMount(t, javaV1)
+	s, err := Load(m.path(), "apm-csi-system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if s.Hash() != hashOf(t, javaV1) || s.Config().DefaultVersion("java") != "v1.1.0" {
+		t.Fatalf("loaded %s (java %s)", s.Hash(), s.Config().DefaultVersion("java"))
+	}
+	if got := value(t, configInfo.WithLabelValues(s.Hash())); got != 1 {
+		t.Errorf("config_info{hash=%s} = %v, want 1", s.Hash(), got)
+	}
+
+	m.update(t, javaV2)
+	if err := s.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s.Hash() != hashOf(t, javaV2) || s.Config().DefaultVersion("java") != "v2.2.0" {
+		t.Fatalf("after a valid version: %s (java %s)", s.Hash(), s.Config().DefaultVersion("java"))
+	}
+	if n := count(t, configInfo); n != 1 {
+		t.Errorf("config_info exports %d hashes, want only the one in force", n)
+	}
+
+	rejected := value(t, reloadsTotal.WithLabelValues(resultRejected))
+	before := s.Mutator()
+	m.update(t, "languages: [{name: cobol}]\n")
+	err = s.Reload(ctx)
+	if err == nil || !strings.Contains(err.Error(), `languages[0].name: unknown language "cobol"`) {
+		t.Fatalf("an invalid version must be refused with the reason, got %v", err)
+	}
+	if s.Mutator() != before {
+		t.Error("the configuration in force must stay after an invalid version")
+	}
+	if got := value(t, reloadsTotal.WithLabelValues(resultRejected)); got != rejected+1 {
+		t.Errorf("rejected reloads = %v, want %v", got, rejected+1)
+	}
+	// The same invalid content read again is not reported again.
+	if err := s.Reload(ctx); err != nil {
+		t.Errorf("unchanged invalid content: %v", err)
+	}
+	if got := value(t, reloadsTotal.WithLabelValues(resultRejected)); got != rejected+1 {
+		t.Errorf("an unchanged file was reported again: %v", got)
+	}
+
+	m.update(t, javaV1)
+	if err := s.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s.Hash() != hashOf(t, javaV1) {
+		t.Errorf("back to the first version: hash %s, want %s", s.Hash(), hashOf(t, javaV1))
+	}
+}
+
+func TestReloadRefusesADriverNameChange(t *testing.T) {
+	m := newMount(t, "")
+	s, err := Load(m.path(), "apm-csi-system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.update(t, "driverName: other.example.com\n")
+	err = s.Reload(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "driverName: changed from csi.apm-csi.io to other.example.com, which needs a restart") {
+		t.Fatalf("want the restart explained, got %v", err)
+	}
+	if s.Config().DriverName != "csi.apm-csi.io" {
+		t.Errorf("driver %s in force", s.Config().DriverName)
+	}
+}
+
+func TestHashIgnoresFormattingAndSpelledOutDefaults(t *testing.T) {
+	a := hashOf(t, "mode: csi\n# a comment\nlanguages: [{name: java, version: v1.1.0}]\n")
+	b := hashOf(t, "languages:\n- name: java\n  version: v1.1.0\n")
+	if a != b {
+		t.Errorf("same meaning, different hashes: %s %s", a, b)
+	}
+	if c := hashOf(t, javaV2); c == a {
+		t.Error("a different configuration must have a different hash")
+	}
+	if len(a) != 12 {
+		t.Errorf("hash %q: want 12 hex digits", a)
+	}
+}
+
+func TestStartReloadsWhenKubeletSwapsTheMount(t *testing.T) {
+	m := newMount(t, javaV1)
+	s, err := Load(m.path(), "apm-csi-system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Only the file event can trigger the reload within the test.
+	s.Interval = time.Hour
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Start(ctx) }()
+	defer func() { cancel(); <-done }()
+	want := hashOf(t, javaV2)
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Hash() != want {
+		// Until the watch is set up, an update may go unseen; each swap is a new event.
+		m.update(t, javaV2)
+		if time.Now().After(deadline) {
+			t.Fatalf("the swap was not picked up: hash %s, want %s", s.Hash(), want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func value(t *testing.T, m prometheus.Metric) float64 {
+	t.Helper()
+	var out dto.Metric
+	if err := m.Write(&out); err != nil {
+		t.Fatal(err)
+	}
+	if g := out.GetGauge(); g != nil {
+		return g.GetValue()
+	}
+	return out.GetCounter().GetValue()
+}
+
+func count(t *testing.T, c prometheus.Collector) int {
+	t.Helper()
+	ch := make(chan prometheus.Metric, 16)
+	c.Collect(ch)
+	close(ch)
+	n := 0
+	for range ch {
+		n++
+	}
+	return n
+}
