@@ -4,12 +4,9 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -158,33 +155,9 @@ func TestRealOTelNodeReportsToOTLPIntake(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer intake.Close()
-	app := t.TempDir()
-	if err := os.WriteFile(filepath.Join(app, "server.js"), serverJS, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	cmd := exec.CommandContext(ctx, node.Binary, filepath.Join(app, "server.js"))
-	cmd.Env = append(os.Environ(), append(OTelTestEnv("otel-unit", intake.Endpoint()),
-		fmt.Sprintf("PORT=%d", port),
+	base, stop := startDemoServer(ctx, t, node.Binary, append(OTelTestEnv("otel-unit", intake.Endpoint()),
 		"NODE_OPTIONS= --require "+filepath.Join(copied, OTelEntryPoint))...)
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("server output:\n%s", logs.String())
-		}
-	}()
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	defer stop()
 	deadline := time.Now().Add(time.Minute)
 	for {
 		resp, err := http.Get(base + "/")

@@ -368,20 +368,7 @@ func TestRealTracerReportsToIntake(t *testing.T) {
 	}
 	defer intake.Close()
 
-	dir := t.TempDir()
-	server := filepath.Join(dir, "server.js")
-	if err := os.WriteFile(server, serverJS, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	cmd := exec.CommandContext(ctx, node.Binary, server)
-	cmd.Env = append(os.Environ(),
-		fmt.Sprintf("PORT=%d", port),
+	base, stop := startDemoServer(ctx, t, node.Binary,
 		"NODE_OPTIONS=--require="+filepath.Join(lib, InitModule),
 		"DD_SERVICE=tracer-unit",
 		"DD_ENV=test",
@@ -390,20 +377,8 @@ func TestRealTracerReportsToIntake(t *testing.T) {
 		"DD_REMOTE_CONFIGURATION_ENABLED=false",
 		"DD_TRACE_FLUSH_INTERVAL=200",
 	)
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("server output:\n%s", logs.String())
-		}
-	}()
+	defer stop()
 
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	var info map[string]any
 	deadline := time.Now().Add(time.Minute)
 	for {
@@ -503,6 +478,37 @@ func TestImages(t *testing.T) {
 	}
 	if cfg.Config.User != fmt.Sprintf("%d:%d", AppUID, AppUID) {
 		t.Errorf("app image user %q", cfg.Config.User)
+	}
+}
+
+// startDemoServer runs serverJS with node on a free loopback port, with env added to this
+// process's environment, and returns its base URL and a function that stops it (and logs its
+// output when the test has failed).
+func startDemoServer(ctx context.Context, t *testing.T, node string, env ...string) (string, func()) {
+	t.Helper()
+	server := filepath.Join(t.TempDir(), "server.js")
+	if err := os.WriteFile(server, serverJS, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	cmd := exec.CommandContext(ctx, node, server)
+	cmd.Env = append(append(os.Environ(), fmt.Sprintf("PORT=%d", port)), env...)
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("http://127.0.0.1:%d", port), func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("server output:\n%s", logs.String())
+		}
 	}
 }
 
