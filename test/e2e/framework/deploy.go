@@ -227,14 +227,7 @@ func helmBinary(ctx context.Context, repoRoot string) (string, error) {
 	if h := os.Getenv("HELM"); h != "" {
 		return h, nil
 	}
-	cmd := exec.CommandContext(ctx, filepath.Join(repoRoot, "hack", "helm.sh"))
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("hack/helm.sh: %w\n%s", err, stderr.String())
-	}
-	return strings.TrimSpace(string(out)), nil
+	return localcluster.HackScript(ctx, repoRoot, "helm.sh")
 }
 
 // WaitReady waits until the node plugin pod is ready and registered with kubelet (the CSINode
