@@ -192,16 +192,7 @@ func installDropIn(t *testing.T, ctx context.Context, e *env, socketDir string) 
 		}
 	})
 	if err := framework.Poll(ctx, 3*time.Minute, "kubelet to list "+datadogDriver+" on the node", func() (bool, error) {
-		n, err := e.cs.StorageV1().CSINodes().Get(ctx, e.c.NodeName(), metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		for _, d := range n.Spec.Drivers {
-			if d.Name == datadogDriver {
-				return true, nil
-			}
-		}
-		return false, nil
+		return framework.DriverRegistered(ctx, e.cs, e.c.NodeName(), datadogDriver), nil
 	}); err != nil {
 		t.Fatal(err)
 	}

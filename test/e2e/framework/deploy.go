@@ -239,20 +239,26 @@ func (d *Deployment) WaitReady(ctx context.Context) error {
 		if err != nil || !PodReady(pod) {
 			return false, nil
 		}
-		n, err := d.Client.StorageV1().CSINodes().Get(ctx, d.Cluster.NodeName(), metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		for _, drv := range n.Spec.Drivers {
-			if drv.Name == names.DriverName {
-				return true, nil
-			}
-		}
-		return false, nil
+		return DriverRegistered(ctx, d.Client, d.Cluster.NodeName(), names.DriverName), nil
 	}); err != nil {
 		return err
 	}
 	return d.WaitWebhookServing(ctx)
+}
+
+// DriverRegistered reports whether kubelet lists the CSI driver on the node (in its CSINode
+// object); an error reading that object counts as not yet.
+func DriverRegistered(ctx context.Context, cs kubernetes.Interface, node, driver string) bool {
+	n, err := cs.StorageV1().CSINodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return false
+	}
+	for _, d := range n.Spec.Drivers {
+		if d.Name == driver {
+			return true
+		}
+	}
+	return false
 }
 
 // probeNamespace is where WaitWebhookServing dry-runs pods.
