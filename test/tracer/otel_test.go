@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -158,20 +159,17 @@ func TestRealOTelNodeReportsToOTLPIntake(t *testing.T) {
 	base, stop := startDemoServer(ctx, t, node.Binary, append(OTelTestEnv("otel-unit", intake.Endpoint()),
 		"NODE_OPTIONS= --require "+filepath.Join(copied, OTelEntryPoint))...)
 	defer stop()
-	deadline := time.Now().Add(time.Minute)
-	for {
+	waitForServer(t, func() error {
 		resp, err := http.Get(base + "/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server did not answer: %v", err)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET / answered %s", resp.Status)
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	waitCtx, waitCancel := context.WithTimeout(ctx, time.Minute)
 	defer waitCancel()
 	got, err := intake.WaitForSpans(waitCtx, func(s OTelSpan) bool {

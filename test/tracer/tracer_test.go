@@ -380,21 +380,14 @@ func TestRealTracerReportsToIntake(t *testing.T) {
 	defer stop()
 
 	var info map[string]any
-	deadline := time.Now().Add(time.Minute)
-	for {
+	waitForServer(t, func() error {
 		resp, err := http.Get(base + "/tracer")
-		if err == nil {
-			err = json.NewDecoder(resp.Body).Decode(&info)
-			resp.Body.Close()
-			if err == nil {
-				break
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server did not answer: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		defer resp.Body.Close()
+		return json.NewDecoder(resp.Body).Decode(&info)
+	})
 	if info["loaded"] != true || info["version"] != DDTraceVersion || !strings.HasPrefix(info["from"].(string), lib) {
 		t.Fatalf("tracer not loaded from %s: %v", lib, info)
 	}
@@ -509,6 +502,23 @@ func startDemoServer(ctx context.Context, t *testing.T, node string, env ...stri
 		if t.Failed() {
 			t.Logf("server output:\n%s", logs.String())
 		}
+	}
+}
+
+// waitForServer calls try every 200ms until it succeeds, and fails the test with try's last
+// error when a minute has passed.
+func waitForServer(t *testing.T, try func() error) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := try()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server did not answer: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 
