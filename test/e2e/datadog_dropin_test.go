@@ -122,7 +122,8 @@ func clusterAgentPod(ns, name, service string, socketVolumes bool, containers []
 }
 
 // ddApp is the demo application container (no tracer in its image) as its owner wrote it:
-// service name and flush settings only. The agent URL comes from the Cluster Agent.
+// service name and flush settings only. The agent URL comes from the Cluster Agent (in the
+// drop-in scenario) or is added by appPod.
 func ddApp(service string) corev1.Container {
 	return corev1.Container{
 		Name:  "app",
