@@ -90,14 +90,7 @@ func TestJournalOfFullPathRecordsIsRewrittenRelative(t *testing.T) {
 	if !bytes.Contains(data, []byte(" "+compactMagic+"\t")) || len(data) >= len(old)*3/4 {
 		t.Fatalf("journal after Open (%d bytes, was %d):\n%s\nwant one shorter c2 line", len(data), len(old), data)
 	}
-	back, err := Read(stateDir)
-	if err != nil || len(back) != 1 {
-		t.Fatalf("Read = %+v, %v", back, err)
-	}
-	back[0].Created = r.Created
-	if !reflect.DeepEqual(back[0], r) {
-		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], r)
-	}
+	readOnlyRecord(t, stateDir, r)
 }
 
 // TestCompactEncodingRefusesDamage: a body that is cut short, carries an unknown escape, an
@@ -121,6 +114,20 @@ func TestCompactEncodingRefusesDamage(t *testing.T) {
 		if _, _, err := c.decodeRecord(fullRecord().Key(), []byte(body), nil); err == nil {
 			t.Errorf("%s: decoded without an error", name)
 		}
+	}
+}
+
+// readOnlyRecord checks that Read of stateDir finds want (its creation time aside) and nothing
+// else.
+func readOnlyRecord(t *testing.T, stateDir string, want *Record) {
+	t.Helper()
+	back, err := Read(stateDir)
+	if err != nil || len(back) != 1 {
+		t.Fatalf("Read = %+v, %v", back, err)
+	}
+	back[0].Created = want.Created
+	if !reflect.DeepEqual(back[0], want) {
+		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], want)
 	}
 }
 
@@ -170,12 +177,5 @@ func TestJournalOfJSONRecordsIsRewrittenCompact(t *testing.T) {
 	if bytes.Contains(data, []byte(" {")) || bytes.Count(data, []byte("\n")) != 1 {
 		t.Fatalf("journal after Open:\n%s\nwant one compact line", data)
 	}
-	back, err := Read(stateDir)
-	if err != nil || len(back) != 1 {
-		t.Fatalf("Read = %+v, %v", back, err)
-	}
-	back[0].Created = a.Created
-	if !reflect.DeepEqual(back[0], a) {
-		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], a)
-	}
+	readOnlyRecord(t, stateDir, a)
 }
