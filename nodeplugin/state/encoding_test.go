@@ -70,21 +70,11 @@ func TestCompactEncodingKeepsEveryField(t *testing.T) {
 func TestJournalOfFullPathRecordsIsRewrittenRelative(t *testing.T) {
 	stateDir := t.TempDir()
 	dir := filepath.Join(stateDir, "volumes")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
 	r := scaleRecord(stateDir, 1)
 	// The body as the version before wrote it: c2 without the state dir's base.
 	v1 := bytes.Replace(codec{}.encodeCompact(r), []byte(compactMagic), []byte(compactMagicV1), 1)
 	old := encodeLine(opPut, r.Key(), v1)
-	if err := os.WriteFile(filepath.Join(dir, journalName), old, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s, err := Open(stateDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openWithJournal(t, stateDir, old)
 	list, err := s.List()
 	if err != nil || len(list) != 1 {
 		t.Fatalf("List = %+v, %v", list, err)
@@ -100,14 +90,7 @@ func TestJournalOfFullPathRecordsIsRewrittenRelative(t *testing.T) {
 	if !bytes.Contains(data, []byte(" "+compactMagic+"\t")) || len(data) >= len(old)*3/4 {
 		t.Fatalf("journal after Open (%d bytes, was %d):\n%s\nwant one shorter c2 line", len(data), len(old), data)
 	}
-	back, err := Read(stateDir)
-	if err != nil || len(back) != 1 {
-		t.Fatalf("Read = %+v, %v", back, err)
-	}
-	back[0].Created = r.Created
-	if !reflect.DeepEqual(back[0], r) {
-		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], r)
-	}
+	readOnlyRecord(t, stateDir, r)
 }
 
 // TestCompactEncodingRefusesDamage: a body that is cut short, carries an unknown escape, an
@@ -134,14 +117,44 @@ func TestCompactEncodingRefusesDamage(t *testing.T) {
 	}
 }
 
+// readOnlyRecord checks that Read of stateDir finds want (its creation time aside) and nothing
+// else.
+func readOnlyRecord(t *testing.T, stateDir string, want *Record) {
+	t.Helper()
+	back, err := Read(stateDir)
+	if err != nil || len(back) != 1 {
+		t.Fatalf("Read = %+v, %v", back, err)
+	}
+	back[0].Created = want.Created
+	if !reflect.DeepEqual(back[0], want) {
+		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], want)
+	}
+}
+
+// openWithJournal opens the store in stateDir with journal as the journal an earlier run left.
+// The store is closed when the test ends.
+func openWithJournal(t *testing.T, stateDir string, journal []byte) *Store {
+	t.Helper()
+	dir := filepath.Join(stateDir, "volumes")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, journalName), journal, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
 // TestJournalOfJSONRecordsIsRewrittenCompact: a journal whose records an earlier version
 // wrote as JSON is read, and rewritten by Open in the compact encoding with the same records.
 func TestJournalOfJSONRecordsIsRewrittenCompact(t *testing.T) {
 	stateDir := t.TempDir()
 	dir := filepath.Join(stateDir, "volumes")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
 	a, b := fullRecord(), &Record{VolumeID: "b", TargetPath: "/t/b", Kind: "hostdir", Created: time.Unix(7, 0).UTC()}
 	var journal []byte
 	for _, r := range []*Record{a, b} {
@@ -152,14 +165,7 @@ func TestJournalOfJSONRecordsIsRewrittenCompact(t *testing.T) {
 		journal = append(journal, encodeLine(opPut, r.Key(), body)...)
 	}
 	journal = append(journal, encodeLine(opDelete, b.Key(), nil)...)
-	if err := os.WriteFile(filepath.Join(dir, journalName), journal, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s, err := Open(stateDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openWithJournal(t, stateDir, journal)
 	list, err := s.List()
 	if err != nil || len(list) != 1 || list[0].VolumeID != a.VolumeID {
 		t.Fatalf("List = %+v, %v; want record a", list, err)
@@ -171,12 +177,5 @@ func TestJournalOfJSONRecordsIsRewrittenCompact(t *testing.T) {
 	if bytes.Contains(data, []byte(" {")) || bytes.Count(data, []byte("\n")) != 1 {
 		t.Fatalf("journal after Open:\n%s\nwant one compact line", data)
 	}
-	back, err := Read(stateDir)
-	if err != nil || len(back) != 1 {
-		t.Fatalf("Read = %+v, %v", back, err)
-	}
-	back[0].Created = a.Created
-	if !reflect.DeepEqual(back[0], a) {
-		t.Fatalf("record after the rewrite %+v\nwant %+v", back[0], a)
-	}
+	readOnlyRecord(t, stateDir, a)
 }

@@ -16,7 +16,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
@@ -73,20 +72,7 @@ func TestCertManagerIssuesAndRenewsWebhookCertificate(t *testing.T) {
 }
 
 func issueAndRenew(t *testing.T, ctx context.Context, assets, cmDir string, v Variant, ns, certName string) {
-	env := &envtest.Environment{
-		BinaryAssetsDirectory: assets,
-		CRDDirectoryPaths:     []string{certManagerCRDs(t)},
-		ErrorIfCRDPathMissing: true,
-	}
-	cfg, err := env.Start()
-	if err != nil {
-		t.Fatalf("start kube-apiserver: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := env.Stop(); err != nil {
-			t.Errorf("stop kube-apiserver: %v", err)
-		}
-	})
+	cfg := startAPIServer(t, assets)
 	dir := t.TempDir()
 	admin := kubeconfig(t, cfg, "", "", dir, "admin")
 	kenv := []string{"KUBECONFIG=" + admin}

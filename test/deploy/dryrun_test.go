@@ -63,21 +63,20 @@ func kubeAPIs(t *testing.T) []kubeAPI {
 	return []kubeAPI{newest, oldest}
 }
 
-// apiServer starts a real kube-apiserver (and etcd) of the given version with the
-// cert-manager's own CRDs installed, checks it is that version, and returns a client with a
-// warning collector.
-func apiServer(t *testing.T, api kubeAPI) (client.Client, *warnings) {
+// startAPIServer starts the kube-apiserver (and etcd) in assets with the cert-manager's own
+// CRDs installed, stopped when the test ends, and returns its admin configuration.
+func startAPIServer(t *testing.T, assets string) *rest.Config {
 	t.Helper()
 	env := &envtest.Environment{
-		BinaryAssetsDirectory: api.Assets,
+		BinaryAssetsDirectory: assets,
 		CRDDirectoryPaths:     []string{certManagerCRDs(t)},
 		ErrorIfCRDPathMissing: true,
 	}
-	// envtest prefers KUBEBUILDER_ASSETS over BinaryAssetsDirectory; the version under test
+	// envtest prefers KUBEBUILDER_ASSETS over BinaryAssetsDirectory; the version asked for
 	// must win, so its binaries are named explicitly.
-	env.ControlPlane.GetAPIServer().Path = filepath.Join(api.Assets, "kube-apiserver")
-	if _, err := os.Stat(filepath.Join(api.Assets, "etcd")); err == nil {
-		env.ControlPlane.Etcd = &envtest.Etcd{Path: filepath.Join(api.Assets, "etcd")}
+	env.ControlPlane.GetAPIServer().Path = filepath.Join(assets, "kube-apiserver")
+	if _, err := os.Stat(filepath.Join(assets, "etcd")); err == nil {
+		env.ControlPlane.Etcd = &envtest.Etcd{Path: filepath.Join(assets, "etcd")}
 	}
 	cfg, err := env.Start()
 	if err != nil {
@@ -88,6 +87,15 @@ func apiServer(t *testing.T, api kubeAPI) (client.Client, *warnings) {
 			t.Errorf("stop kube-apiserver: %v", err)
 		}
 	})
+	return cfg
+}
+
+// apiServer starts a real kube-apiserver (and etcd) of the given version with the
+// cert-manager's own CRDs installed, checks it is that version, and returns a client with a
+// warning collector.
+func apiServer(t *testing.T, api kubeAPI) (client.Client, *warnings) {
+	t.Helper()
+	cfg := startAPIServer(t, api.Assets)
 	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -122,7 +122,8 @@ func clusterAgentPod(ns, name, service string, socketVolumes bool, containers []
 }
 
 // ddApp is the demo application container (no tracer in its image) as its owner wrote it:
-// service name and flush settings only. The agent URL comes from the Cluster Agent.
+// service name and flush settings only. The agent URL comes from the Cluster Agent (in the
+// drop-in scenario) or is added by appPod.
 func ddApp(service string) corev1.Container {
 	return corev1.Container{
 		Name:  "app",
@@ -192,16 +193,7 @@ func installDropIn(t *testing.T, ctx context.Context, e *env, socketDir string) 
 		}
 	})
 	if err := framework.Poll(ctx, 3*time.Minute, "kubelet to list "+datadogDriver+" on the node", func() (bool, error) {
-		n, err := e.cs.StorageV1().CSINodes().Get(ctx, e.c.NodeName(), metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		for _, d := range n.Spec.Drivers {
-			if d.Name == datadogDriver {
-				return true, nil
-			}
-		}
-		return false, nil
+		return framework.DriverRegistered(ctx, e.cs, e.c.NodeName(), datadogDriver), nil
 	}); err != nil {
 		t.Fatal(err)
 	}

@@ -100,16 +100,7 @@ func scenarioDriftRestart(t *testing.T, ctx context.Context, e *env) {
 		t.Fatal(err)
 	}
 	grantRestarts(t, ctx, e)
-	restored := false
-	t.Cleanup(func() {
-		if !restored {
-			_ = e.d.ScaleWebhook(context.Background(), 1)
-			_ = e.d.WaitWebhookServing(context.Background())
-		}
-	})
-	if err := e.d.ScaleWebhook(ctx, 0); err != nil {
-		t.Fatal(err)
-	}
+	restartWebhook := stopWebhook(t, ctx, e)
 
 	tmpl := framework.BusyboxPod(ns, "web", "true")
 	dep := &appsv1.Deployment{
@@ -142,13 +133,7 @@ func scenarioDriftRestart(t *testing.T, ctx context.Context, e *env) {
 	}
 
 	start := time.Now()
-	if err := e.d.ScaleWebhook(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.d.WaitWebhookServing(ctx); err != nil {
-		t.Fatal(err)
-	}
-	restored = true
+	restartWebhook()
 
 	for _, name := range []string{old.Name, bare.Name} {
 		if err := framework.Poll(ctx, 2*time.Minute, "NotInstrumented Event on "+name, func() (bool, error) {

@@ -13,7 +13,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
@@ -383,26 +382,12 @@ var ssiLabels = map[string]string{framework.SSILabel: "enabled"}
 
 // appPod is the demo application (no tracer in its image) reporting to the intake as service.
 func appPod(e *env, ns, name, service string) *corev1.Pod {
+	app := ddApp(service)
+	app.Env = append(app.Env, corev1.EnvVar{Name: "DD_TRACE_AGENT_URL", Value: e.intake.URL()})
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": name}},
 		Spec: corev1.PodSpec{
-			Containers: []corev1.Container{{
-				Name:  "app",
-				Image: tracer.AppRef,
-				Env: []corev1.EnvVar{
-					{Name: "DD_SERVICE", Value: service},
-					{Name: "DD_ENV", Value: "e2e"},
-					{Name: "DD_TRACE_AGENT_URL", Value: e.intake.URL()},
-					{Name: "DD_INSTRUMENTATION_TELEMETRY_ENABLED", Value: "false"},
-					{Name: "DD_REMOTE_CONFIGURATION_ENABLED", Value: "false"},
-					{Name: "DD_TRACE_FLUSH_INTERVAL", Value: "500"},
-				},
-				Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: tracer.AppPort}},
-				ReadinessProbe: &corev1.Probe{
-					ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromInt32(tracer.AppPort)}},
-					PeriodSeconds: 1,
-				},
-			}},
+			Containers:                    []corev1.Container{app},
 			TerminationGracePeriodSeconds: framework.Ptr[int64](2),
 		},
 	}

@@ -585,10 +585,10 @@ func scenarioRestricted(t *testing.T, ctx context.Context, e *env) {
 	}
 }
 
-// Scenario 8: with the webhook scaled to zero, pods are created (failurePolicy Ignore)
-// without instrumentation; once it is back, new pods and re-created ones are instrumented.
-func scenarioWebhookDown(t *testing.T, ctx context.Context, e *env) {
-	ns := namespace(t, ctx, e, "e2e-webhook-down", ssiLabels)
+// stopWebhook scales the webhook to zero replicas and returns the function that scales it
+// back to one and waits until it serves; if the test ends before that, a cleanup brings it back.
+func stopWebhook(t *testing.T, ctx context.Context, e *env) (restart func()) {
+	t.Helper()
 	restored := false
 	t.Cleanup(func() {
 		if !restored {
@@ -599,19 +599,30 @@ func scenarioWebhookDown(t *testing.T, ctx context.Context, e *env) {
 	if err := e.d.ScaleWebhook(ctx, 0); err != nil {
 		t.Fatal(err)
 	}
+	return func() {
+		t.Helper()
+		if err := e.d.ScaleWebhook(ctx, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.d.WaitWebhookServing(ctx); err != nil {
+			t.Fatal(err)
+		}
+		restored = true
+	}
+}
+
+// Scenario 8: with the webhook scaled to zero, pods are created (failurePolicy Ignore)
+// without instrumentation; once it is back, new pods and re-created ones are instrumented.
+func scenarioWebhookDown(t *testing.T, ctx context.Context, e *env) {
+	ns := namespace(t, ctx, e, "e2e-webhook-down", ssiLabels)
+	restartWebhook := stopWebhook(t, ctx, e)
 	spec := func(name string) *corev1.Pod { return framework.BusyboxPod(ns, name, "true") }
 	down := createReady(t, ctx, e, spec("created-while-down"))
 	if framework.LibraryVolume(down) != nil || down.Annotations[annotations.InjectionStatus] != "" {
 		t.Errorf("a pod created while the webhook was down was mutated: %+v", down.Spec.Volumes)
 	}
 
-	if err := e.d.ScaleWebhook(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.d.WaitWebhookServing(ctx); err != nil {
-		t.Fatal(err)
-	}
-	restored = true
+	restartWebhook()
 	after := createReady(t, ctx, e, spec("created-after"))
 	checkInstrumented(t, e, after, e.jsRef)
 	execIn(t, ctx, e, after, "test", "-f", ddTracePackageJSON)

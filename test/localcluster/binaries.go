@@ -47,6 +47,22 @@ func FindRepoRoot(dir string) (string, error) {
 // missing: hack/install-deps.sh installs the Debian packages and builds the Kubernetes binaries
 // and the container runtime through the Go module proxy (cached by version); EnsureKubeProxy
 // adds kube-proxy.
+// HackScript runs hack/<script> of the checkout at repoRoot, in repoRoot with env added to this
+// process's environment, and returns its standard output with surrounding space trimmed; an
+// error carries the script's standard error.
+func HackScript(ctx context.Context, repoRoot, script string, env ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(repoRoot, "hack", script))
+	cmd.Dir = repoRoot
+	cmd.Env = append(os.Environ(), env...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("hack/%s: %w\n%s", script, err, stderr.String())
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
 func (o *Options) resolveBinaries(ctx context.Context) error {
 	if o.BinDir == "" {
 		if o.RepoRoot == "" {
@@ -59,15 +75,11 @@ func (o *Options) resolveBinaries(ctx context.Context) error {
 			}
 		}
 		o.logf("up: hack/install-deps.sh (installs missing packages, builds missing binaries)")
-		cmd := exec.CommandContext(ctx, filepath.Join(o.RepoRoot, "hack", "install-deps.sh"))
-		cmd.Dir = o.RepoRoot
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
+		out, err := HackScript(ctx, o.RepoRoot, "install-deps.sh")
 		if err != nil {
-			return fmt.Errorf("hack/install-deps.sh: %w\n%s", err, stderr.String())
+			return err
 		}
-		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		lines := strings.Split(out, "\n")
 		o.BinDir = lines[len(lines)-1]
 	}
 	for _, b := range kubeBinaries {

@@ -1,7 +1,6 @@
 package localcluster
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -52,15 +51,7 @@ func certManagerImageRef(bin string) string {
 // by version), and returns the directory holding bin/ and chart/ (cert-manager's own Helm
 // chart of that release, CRDs included).
 func CertManagerBuild(ctx context.Context, repoRoot string) (string, error) {
-	cmd := exec.CommandContext(ctx, filepath.Join(repoRoot, "hack", "cert-manager-binaries.sh"))
-	cmd.Env = append(os.Environ(), "CERT_MANAGER_VERSION="+CertManagerVersion)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("hack/cert-manager-binaries.sh: %w\n%s", err, stderr.String())
-	}
-	return strings.TrimSpace(string(out)), nil
+	return HackScript(ctx, repoRoot, "cert-manager-binaries.sh", "CERT_MANAGER_VERSION="+CertManagerVersion)
 }
 
 // CertManagerOptions of InstallCertManager.

@@ -166,7 +166,10 @@ func TestWritePKI(t *testing.T) {
 	}
 }
 
-func TestKubeletConfig(t *testing.T) {
+// writeKubeletConfig writes the kubelet configuration of a cluster rooted in a temporary
+// directory, decodes it into cfg and returns the cluster's options.
+func writeKubeletConfig(t *testing.T, cfg any) Options {
+	t.Helper()
 	o, err := Options{Root: t.TempDir()}.complete()
 	if err != nil {
 		t.Fatal(err)
@@ -182,10 +185,15 @@ func TestKubeletConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var cfg map[string]any
-	if err := yaml.Unmarshal(data, &cfg); err != nil {
+	if err := yaml.Unmarshal(data, cfg); err != nil {
 		t.Fatal(err)
 	}
+	return o
+}
+
+func TestKubeletConfig(t *testing.T) {
+	var cfg map[string]any
+	o := writeKubeletConfig(t, &cfg)
 	// With QoS cgroups off the kubelet refuses the default ["pods"]: the empty list must be
 	// written out, not omitted.
 	if v, ok := cfg["enforceNodeAllocatable"].([]any); !ok || len(v) != 0 {
@@ -206,30 +214,13 @@ func TestKubeletConfig(t *testing.T) {
 // TestContainerdConfigIsReadByContainerd (pause is the pinned sandbox image) and in the local
 // cluster smoke test (imported images carry the pinned label).
 func TestKubeletHandlesDiskPressureLikeARealNode(t *testing.T) {
-	o, err := Options{Root: t.TempDir()}.complete()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(o.configDir(), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	path, err := o.writeKubeletConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var cfg struct {
 		EvictionHard                     map[string]string `json:"evictionHard"`
 		EvictionPressureTransitionPeriod string            `json:"evictionPressureTransitionPeriod"`
 		ImageGCHigh                      int               `json:"imageGCHighThresholdPercent"`
 		ImageGCLow                       int               `json:"imageGCLowThresholdPercent"`
 	}
-	if err := yaml.Unmarshal(data, &cfg); err != nil {
-		t.Fatal(err)
-	}
+	writeKubeletConfig(t, &cfg)
 	if cfg.ImageGCHigh != 85 || cfg.ImageGCLow != 80 {
 		t.Errorf("image GC at %d%% down to %d%%; a real node's kubelet uses 85%% and 80%%", cfg.ImageGCHigh, cfg.ImageGCLow)
 	}

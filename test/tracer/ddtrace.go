@@ -6,7 +6,6 @@
 package tracer
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,7 +16,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 )
 
 // DDTraceVersion is the pinned dd-trace release. dd-trace 6.x needs Node.js >= 22; the 5.x
@@ -133,60 +131,14 @@ func debianPackage(ctx context.Context, paths ...string) string {
 // which holds node_modules/dd-trace and its dependencies, as Datadog's image build does.
 // Install scripts are not run: every native part of dd-trace ships prebuilt.
 func InstallDDTrace(ctx context.Context, logf func(string, ...any)) (string, error) {
-	cache, err := CacheDir()
-	if err != nil {
-		return "", err
-	}
-	base := filepath.Join(cache, "tracer")
-	dir := filepath.Join(base, "dd-trace-"+DDTraceVersion)
-	if err := checkDDTrace(dir); err == nil {
-		return dir, nil
-	}
-	if err := os.MkdirAll(base, 0o755); err != nil {
-		return "", err
-	}
-	// One installer at a time (go test runs packages in parallel processes).
-	lock, err := os.OpenFile(dir+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", err
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", err
-	}
-	if err := checkDDTrace(dir); err == nil {
-		return dir, nil
-	}
-	if logf != nil {
-		logf("installing dd-trace@%s with npm into %s", DDTraceVersion, dir)
-	}
-	tmp, err := os.MkdirTemp(base, ".dd-trace-")
-	if err != nil {
-		return "", err
-	}
-	defer os.RemoveAll(tmp)
-	// A package.json of our own keeps npm from walking up to any other project.
-	if err := os.WriteFile(filepath.Join(tmp, "package.json"), []byte(`{"name":"apm-csi-dd-lib-js-init","private":true}`+"\n"), 0o644); err != nil {
-		return "", err
-	}
-	cmd := exec.CommandContext(ctx, "npm", "install", "--no-audit", "--no-fund", "--no-update-notifier", "--ignore-scripts",
-		"--omit=dev", "--save-exact", "dd-trace@"+DDTraceVersion)
-	cmd.Dir = tmp
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("npm install dd-trace@%s: %w\n%s", DDTraceVersion, err, out.String())
-	}
-	if err := checkDDTrace(tmp); err != nil {
-		return "", err
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return "", err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return "", err
-	}
-	return dir, nil
+	return npmInstallation{
+		name:      "dd-trace-" + DDTraceVersion,
+		tmpPrefix: ".dd-trace-",
+		project:   "apm-csi-dd-lib-js-init",
+		label:     "dd-trace@" + DDTraceVersion,
+		packages:  []string{"dd-trace@" + DDTraceVersion},
+		check:     checkDDTrace,
+	}.install(ctx, logf)
 }
 
 // checkDDTrace verifies an installation: the pinned version and the init module.

@@ -119,23 +119,39 @@ func (in *Intake) Services() []string {
 
 // WaitForSpans waits until at least one received span matches and returns all that match.
 func (in *Intake) WaitForSpans(ctx context.Context, match func(Span) bool) ([]Span, error) {
+	found, err := waitForMatch(ctx, in.received, match)
+	if err != nil {
+		return nil, fmt.Errorf("no matching span received (%d spans of services %v in %d requests): %w",
+			len(in.Spans()), in.Services(), len(in.Requests()), err)
+	}
+	return found, nil
+}
+
+// received returns the spans received so far and a channel closed when more arrive.
+func (in *Intake) received() ([]Span, <-chan struct{}) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return slices.Clone(in.spans), in.changed
+}
+
+// waitForMatch waits until at least one received span matches and returns all that match;
+// received returns the spans so far and a channel closed when more arrive. The error is the
+// context's.
+func waitForMatch[S any](ctx context.Context, received func() ([]S, <-chan struct{}), match func(S) bool) ([]S, error) {
 	for {
-		in.mu.Lock()
-		var found []Span
-		for _, s := range in.spans {
+		spans, changed := received()
+		var found []S
+		for _, s := range spans {
 			if match(s) {
 				found = append(found, s)
 			}
 		}
-		changed := in.changed
-		in.mu.Unlock()
 		if len(found) > 0 {
 			return found, nil
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("no matching span received (%d spans of services %v in %d requests): %w",
-				len(in.Spans()), in.Services(), len(in.Requests()), ctx.Err())
+			return nil, ctx.Err()
 		case <-changed:
 		}
 	}

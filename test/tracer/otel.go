@@ -1,15 +1,12 @@
 package tracer
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path"
 	"path/filepath"
-	"syscall"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
@@ -43,58 +40,14 @@ const otelRegisterDir = "node_modules/@opentelemetry/auto-instrumentations-node/
 // <CacheDir>/tracer/otel-node-<auto>-<api> (once; later calls reuse it) and returns that
 // directory. Install scripts are not run: the packages are plain JavaScript.
 func InstallOTelNode(ctx context.Context, logf func(string, ...any)) (string, error) {
-	cache, err := CacheDir()
-	if err != nil {
-		return "", err
-	}
-	base := filepath.Join(cache, "tracer")
-	dir := filepath.Join(base, fmt.Sprintf("otel-node-%s-%s", OTelAutoVersion, OTelAPIVersion))
-	if err := checkOTelNode(dir); err == nil {
-		return dir, nil
-	}
-	if err := os.MkdirAll(base, 0o755); err != nil {
-		return "", err
-	}
-	lock, err := os.OpenFile(dir+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", err
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", err
-	}
-	if err := checkOTelNode(dir); err == nil {
-		return dir, nil
-	}
-	if logf != nil {
-		logf("installing @opentelemetry/auto-instrumentations-node@%s with npm into %s", OTelAutoVersion, dir)
-	}
-	tmp, err := os.MkdirTemp(base, ".otel-node-")
-	if err != nil {
-		return "", err
-	}
-	defer os.RemoveAll(tmp)
-	if err := os.WriteFile(filepath.Join(tmp, "package.json"), []byte(`{"name":"apm-csi-otel-autoinstrumentation-nodejs","private":true}`+"\n"), 0o644); err != nil {
-		return "", err
-	}
-	cmd := exec.CommandContext(ctx, "npm", "install", "--no-audit", "--no-fund", "--no-update-notifier", "--ignore-scripts",
-		"--omit=dev", "--save-exact", "@opentelemetry/api@"+OTelAPIVersion, "@opentelemetry/auto-instrumentations-node@"+OTelAutoVersion)
-	cmd.Dir = tmp
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("npm install @opentelemetry/auto-instrumentations-node@%s: %w\n%s", OTelAutoVersion, err, out.String())
-	}
-	if err := checkOTelNode(tmp); err != nil {
-		return "", err
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return "", err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return "", err
-	}
-	return dir, nil
+	return npmInstallation{
+		name:      fmt.Sprintf("otel-node-%s-%s", OTelAutoVersion, OTelAPIVersion),
+		tmpPrefix: ".otel-node-",
+		project:   "apm-csi-otel-autoinstrumentation-nodejs",
+		label:     "@opentelemetry/auto-instrumentations-node@" + OTelAutoVersion,
+		packages:  []string{"@opentelemetry/api@" + OTelAPIVersion, "@opentelemetry/auto-instrumentations-node@" + OTelAutoVersion},
+		check:     checkOTelNode,
+	}.install(ctx, logf)
 }
 
 // checkOTelNode verifies an installation: the pinned versions and register.js.

@@ -6,10 +6,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -158,47 +156,20 @@ func TestRealOTelNodeReportsToOTLPIntake(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer intake.Close()
-	app := t.TempDir()
-	if err := os.WriteFile(filepath.Join(app, "server.js"), serverJS, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	cmd := exec.CommandContext(ctx, node.Binary, filepath.Join(app, "server.js"))
-	cmd.Env = append(os.Environ(), append(OTelTestEnv("otel-unit", intake.Endpoint()),
-		fmt.Sprintf("PORT=%d", port),
+	base, stop := startDemoServer(ctx, t, node.Binary, append(OTelTestEnv("otel-unit", intake.Endpoint()),
 		"NODE_OPTIONS= --require "+filepath.Join(copied, OTelEntryPoint))...)
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("server output:\n%s", logs.String())
-		}
-	}()
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	deadline := time.Now().Add(time.Minute)
-	for {
+	defer stop()
+	waitForServer(t, func() error {
 		resp, err := http.Get(base + "/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server did not answer: %v", err)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET / answered %s", resp.Status)
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	waitCtx, waitCancel := context.WithTimeout(ctx, time.Minute)
 	defer waitCancel()
 	got, err := intake.WaitForSpans(waitCtx, func(s OTelSpan) bool {

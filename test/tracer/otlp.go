@@ -84,25 +84,18 @@ func (in *OTLPIntake) Errors() []string {
 
 // WaitForSpans waits until at least one received span matches and returns all that match.
 func (in *OTLPIntake) WaitForSpans(ctx context.Context, match func(OTelSpan) bool) ([]OTelSpan, error) {
-	for {
-		in.mu.Lock()
-		var got []OTelSpan
-		for _, s := range in.spans {
-			if match(s) {
-				got = append(got, s)
-			}
-		}
-		changed := in.changed
-		in.mu.Unlock()
-		if len(got) > 0 {
-			return got, nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("no matching span among %d received (decode errors: %v): %w", len(in.Spans()), in.Errors(), ctx.Err())
-		case <-changed:
-		}
+	got, err := waitForMatch(ctx, in.received, match)
+	if err != nil {
+		return nil, fmt.Errorf("no matching span among %d received (decode errors: %v): %w", len(in.Spans()), in.Errors(), err)
 	}
+	return got, nil
+}
+
+// received returns the spans received so far and a channel closed when more arrive.
+func (in *OTLPIntake) received() ([]OTelSpan, <-chan struct{}) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return slices.Clone(in.spans), in.changed
 }
 
 // ServeHTTP implements the OTLP/HTTP receiver.

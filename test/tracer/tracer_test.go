@@ -368,20 +368,7 @@ func TestRealTracerReportsToIntake(t *testing.T) {
 	}
 	defer intake.Close()
 
-	dir := t.TempDir()
-	server := filepath.Join(dir, "server.js")
-	if err := os.WriteFile(server, serverJS, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	cmd := exec.CommandContext(ctx, node.Binary, server)
-	cmd.Env = append(os.Environ(),
-		fmt.Sprintf("PORT=%d", port),
+	base, stop := startDemoServer(ctx, t, node.Binary,
 		"NODE_OPTIONS=--require="+filepath.Join(lib, InitModule),
 		"DD_SERVICE=tracer-unit",
 		"DD_ENV=test",
@@ -390,36 +377,17 @@ func TestRealTracerReportsToIntake(t *testing.T) {
 		"DD_REMOTE_CONFIGURATION_ENABLED=false",
 		"DD_TRACE_FLUSH_INTERVAL=200",
 	)
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("server output:\n%s", logs.String())
-		}
-	}()
+	defer stop()
 
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	var info map[string]any
-	deadline := time.Now().Add(time.Minute)
-	for {
+	waitForServer(t, func() error {
 		resp, err := http.Get(base + "/tracer")
-		if err == nil {
-			err = json.NewDecoder(resp.Body).Decode(&info)
-			resp.Body.Close()
-			if err == nil {
-				break
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server did not answer: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		defer resp.Body.Close()
+		return json.NewDecoder(resp.Body).Decode(&info)
+	})
 	if info["loaded"] != true || info["version"] != DDTraceVersion || !strings.HasPrefix(info["from"].(string), lib) {
 		t.Fatalf("tracer not loaded from %s: %v", lib, info)
 	}
@@ -503,6 +471,54 @@ func TestImages(t *testing.T) {
 	}
 	if cfg.Config.User != fmt.Sprintf("%d:%d", AppUID, AppUID) {
 		t.Errorf("app image user %q", cfg.Config.User)
+	}
+}
+
+// startDemoServer runs serverJS with node on a free loopback port, with env added to this
+// process's environment, and returns its base URL and a function that stops it (and logs its
+// output when the test has failed).
+func startDemoServer(ctx context.Context, t *testing.T, node string, env ...string) (string, func()) {
+	t.Helper()
+	server := filepath.Join(t.TempDir(), "server.js")
+	if err := os.WriteFile(server, serverJS, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	cmd := exec.CommandContext(ctx, node, server)
+	cmd.Env = append(append(os.Environ(), fmt.Sprintf("PORT=%d", port)), env...)
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("http://127.0.0.1:%d", port), func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("server output:\n%s", logs.String())
+		}
+	}
+}
+
+// waitForServer calls try every 200ms until it succeeds, and fails the test with try's last
+// error when a minute has passed.
+func waitForServer(t *testing.T, try func() error) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := try()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server did not answer: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

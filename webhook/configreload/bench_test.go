@@ -5,14 +5,16 @@ import (
 	"log/slog"
 	"testing"
 	"time"
+
+	"github.com/apm-csi/apm-csi/webhook/configreload/configreloadtest"
 )
 
 // BenchmarkReloadAfterSwap: from kubelet's ..data swap to the new configuration in force,
 // through the directory watch (the periodic re-read is set out of reach).
 func BenchmarkReloadAfterSwap(b *testing.B) {
 	t := b
-	m := newMount(t, javaV1)
-	s, err := Load(m.path(), "apm-csi-system")
+	m := configreloadtest.MountConfigMap(t, javaV1)
+	s, err := Load(m.Path(), "apm-csi-system")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -23,17 +25,17 @@ func BenchmarkReloadAfterSwap(b *testing.B) {
 	go func() { done <- s.Start(ctx) }()
 	defer func() { cancel(); <-done }()
 	// Until the watch is set up.
-	for s.Hash() != hashOf(t, javaV2) {
-		m.update(t, javaV2)
+	for s.Hash() != configreloadtest.Hash(t, javaV2) {
+		m.Update(t, javaV2)
 		time.Sleep(10 * time.Millisecond)
 	}
 	versions := [2]string{javaV1, javaV2}
-	hashes := [2]string{hashOf(t, javaV1), hashOf(t, javaV2)}
+	hashes := [2]string{configreloadtest.Hash(t, javaV1), configreloadtest.Hash(t, javaV2)}
 	var lat []time.Duration
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		start := time.Now()
-		m.update(t, versions[i%2])
+		m.Update(t, versions[i%2])
 		for s.Hash() != hashes[i%2] {
 			time.Sleep(50 * time.Microsecond)
 		}

@@ -2,9 +2,6 @@ package configreload
 
 import (
 	"context"
-	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -12,56 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/apm-csi/apm-csi/webhook/config"
+	"github.com/apm-csi/apm-csi/webhook/configreload/configreloadtest"
 )
-
-// mountedConfigMap lays out a directory the way kubelet mounts a ConfigMap: the data in a
-// timestamped directory, ..data a symlink to it, and config.yaml a symlink through ..data.
-type mountedConfigMap struct {
-	dir string
-	n   int
-}
-
-func newMount(t testing.TB, content string) *mountedConfigMap {
-	t.Helper()
-	m := &mountedConfigMap{dir: t.TempDir()}
-	m.update(t, content)
-	if err := os.Symlink(filepath.Join("..data", "config.yaml"), filepath.Join(m.dir, "config.yaml")); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
-func (m *mountedConfigMap) path() string { return filepath.Join(m.dir, "config.yaml") }
-
-// update writes a new version and swaps ..data to it in one rename, as kubelet does.
-func (m *mountedConfigMap) update(t testing.TB, content string) {
-	t.Helper()
-	m.n++
-	ts := fmt.Sprintf("..2026_12_05_21_00_%02d.%d", m.n, m.n)
-	if err := os.Mkdir(filepath.Join(m.dir, ts), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(m.dir, ts, "config.yaml"), []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	tmp := filepath.Join(m.dir, "..data_tmp")
-	if err := os.Symlink(ts, tmp); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(m.dir, "..data")); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func hashOf(t testing.TB, content string) string {
-	t.Helper()
-	c, err := config.Parse([]byte(content))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c.Hash()
-}
 
 const (
 	javaV1 = "languages: [{name: java, version: v1.1.0}]\n"
@@ -69,24 +18,24 @@ const (
 )
 
 func TestReloadLoadsValidVersionsAndKeepsTheOldOneOnAnInvalidVersion(t *testing.T) {
-	m := newMount(t, javaV1)
-	s, err := Load(m.path(), "apm-csi-system")
+	m := configreloadtest.MountConfigMap(t, javaV1)
+	s, err := Load(m.Path(), "apm-csi-system")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if s.Hash() != hashOf(t, javaV1) || s.Config().DefaultVersion("java") != "v1.1.0" {
+	if s.Hash() != configreloadtest.Hash(t, javaV1) || s.Config().DefaultVersion("java") != "v1.1.0" {
 		t.Fatalf("loaded %s (java %s)", s.Hash(), s.Config().DefaultVersion("java"))
 	}
 	if got := value(t, configInfo.WithLabelValues(s.Hash())); got != 1 {
 		t.Errorf("config_info{hash=%s} = %v, want 1", s.Hash(), got)
 	}
 
-	m.update(t, javaV2)
+	m.Update(t, javaV2)
 	if err := s.Reload(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if s.Hash() != hashOf(t, javaV2) || s.Config().DefaultVersion("java") != "v2.2.0" {
+	if s.Hash() != configreloadtest.Hash(t, javaV2) || s.Config().DefaultVersion("java") != "v2.2.0" {
 		t.Fatalf("after a valid version: %s (java %s)", s.Hash(), s.Config().DefaultVersion("java"))
 	}
 	if n := count(t, configInfo); n != 1 {
@@ -95,7 +44,7 @@ func TestReloadLoadsValidVersionsAndKeepsTheOldOneOnAnInvalidVersion(t *testing.
 
 	rejected := value(t, reloadsTotal.WithLabelValues(resultRejected))
 	before := s.Mutator()
-	m.update(t, "languages: [{name: cobol}]\n")
+	m.Update(t, "languages: [{name: cobol}]\n")
 	err = s.Reload(ctx)
 	if err == nil || !strings.Contains(err.Error(), `languages[0].name: unknown language "cobol"`) {
 		t.Fatalf("an invalid version must be refused with the reason, got %v", err)
@@ -114,22 +63,22 @@ func TestReloadLoadsValidVersionsAndKeepsTheOldOneOnAnInvalidVersion(t *testing.
 		t.Errorf("an unchanged file was reported again: %v", got)
 	}
 
-	m.update(t, javaV1)
+	m.Update(t, javaV1)
 	if err := s.Reload(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if s.Hash() != hashOf(t, javaV1) {
-		t.Errorf("back to the first version: hash %s, want %s", s.Hash(), hashOf(t, javaV1))
+	if s.Hash() != configreloadtest.Hash(t, javaV1) {
+		t.Errorf("back to the first version: hash %s, want %s", s.Hash(), configreloadtest.Hash(t, javaV1))
 	}
 }
 
 func TestReloadRefusesADriverNameChange(t *testing.T) {
-	m := newMount(t, "")
-	s, err := Load(m.path(), "apm-csi-system")
+	m := configreloadtest.MountConfigMap(t, "")
+	s, err := Load(m.Path(), "apm-csi-system")
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.update(t, "driverName: other.example.com\n")
+	m.Update(t, "driverName: other.example.com\n")
 	err = s.Reload(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "driverName: changed from csi.apm-csi.io to other.example.com, which needs a restart") {
 		t.Fatalf("want the restart explained, got %v", err)
@@ -140,12 +89,12 @@ func TestReloadRefusesADriverNameChange(t *testing.T) {
 }
 
 func TestHashIgnoresFormattingAndSpelledOutDefaults(t *testing.T) {
-	a := hashOf(t, "mode: csi\n# a comment\nlanguages: [{name: java, version: v1.1.0}]\n")
-	b := hashOf(t, "languages:\n- name: java\n  version: v1.1.0\n")
+	a := configreloadtest.Hash(t, "mode: csi\n# a comment\nlanguages: [{name: java, version: v1.1.0}]\n")
+	b := configreloadtest.Hash(t, "languages:\n- name: java\n  version: v1.1.0\n")
 	if a != b {
 		t.Errorf("same meaning, different hashes: %s %s", a, b)
 	}
-	if c := hashOf(t, javaV2); c == a {
+	if c := configreloadtest.Hash(t, javaV2); c == a {
 		t.Error("a different configuration must have a different hash")
 	}
 	if len(a) != 12 {
@@ -154,8 +103,8 @@ func TestHashIgnoresFormattingAndSpelledOutDefaults(t *testing.T) {
 }
 
 func TestStartReloadsWhenKubeletSwapsTheMount(t *testing.T) {
-	m := newMount(t, javaV1)
-	s, err := Load(m.path(), "apm-csi-system")
+	m := configreloadtest.MountConfigMap(t, javaV1)
+	s, err := Load(m.Path(), "apm-csi-system")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,11 +114,11 @@ func TestStartReloadsWhenKubeletSwapsTheMount(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- s.Start(ctx) }()
 	defer func() { cancel(); <-done }()
-	want := hashOf(t, javaV2)
+	want := configreloadtest.Hash(t, javaV2)
 	deadline := time.Now().Add(10 * time.Second)
 	for s.Hash() != want {
 		// Until the watch is set up, an update may go unseen; each swap is a new event.
-		m.update(t, javaV2)
+		m.Update(t, javaV2)
 		if time.Now().After(deadline) {
 			t.Fatalf("the swap was not picked up: hash %s, want %s", s.Hash(), want)
 		}

@@ -247,15 +247,23 @@ func TestOwnerRestartsAreOptInRateLimitedAndOneAtATime(t *testing.T) {
 	}
 }
 
-// TestSecondOwnerWaitsForTheInterval: the rate limit holds a second restart back until the
-// interval has passed, even when the first rollout is done; the clock is advanced, not slept.
-func TestSecondOwnerWaitsForTheInterval(t *testing.T) {
+// twoOwnersFixture restarts owners and holds, in namespace shop, an uninstrumented pod of a
+// DaemonSet (agent-x) and one of a StatefulSet (db-0); it returns the fixture and the owners.
+func twoOwnersFixture(t *testing.T) (*fixture, *appsv1.DaemonSet, *appsv1.StatefulSet) {
+	t.Helper()
 	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "agent", UID: "uid-agent"}}
 	sts := &appsv1.StatefulSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "db", UID: "uid-db"}}
 	f := newFixture(t, func(c *config.Config) { c.Drift.RestartOwners = true }, nil, ssiNS("shop", nil), ds, sts,
 		appPod("shop", "agent-x", start, controllerRef("DaemonSet", "agent"), nil, nil),
 		appPod("shop", "db-0", start, controllerRef("StatefulSet", "db"), nil, nil),
 	)
+	return f, ds, sts
+}
+
+// TestSecondOwnerWaitsForTheInterval: the rate limit holds a second restart back until the
+// interval has passed, even when the first rollout is done; the clock is advanced, not slept.
+func TestSecondOwnerWaitsForTheInterval(t *testing.T) {
+	f, ds, sts := twoOwnersFixture(t)
 	f.clock.Step(time.Second)
 	f.reconcile("shop", "agent-x")
 	if f.restartedAt(ds) == "" {
@@ -320,12 +328,7 @@ func (f *fixture) replica(name string) *Reconciler {
 // different owner at the same time; only one owner is restarted within the interval, the
 // other once the interval has passed, and the Lease names the last one.
 func TestReplicasTakeTurnsThroughTheLease(t *testing.T) {
-	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "agent", UID: "uid-agent"}}
-	sts := &appsv1.StatefulSet{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "db", UID: "uid-db"}}
-	f := newFixture(t, func(c *config.Config) { c.Drift.RestartOwners = true }, nil, ssiNS("shop", nil), ds, sts,
-		appPod("shop", "agent-x", start, controllerRef("DaemonSet", "agent"), nil, nil),
-		appPod("shop", "db-0", start, controllerRef("StatefulSet", "db"), nil, nil),
-	)
+	f, ds, sts := twoOwnersFixture(t)
 	other := f.replica("replica-2")
 	f.clock.Step(time.Second)
 	f.reconcile("shop", "agent-x")

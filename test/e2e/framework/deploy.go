@@ -227,14 +227,7 @@ func helmBinary(ctx context.Context, repoRoot string) (string, error) {
 	if h := os.Getenv("HELM"); h != "" {
 		return h, nil
 	}
-	cmd := exec.CommandContext(ctx, filepath.Join(repoRoot, "hack", "helm.sh"))
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("hack/helm.sh: %w\n%s", err, stderr.String())
-	}
-	return strings.TrimSpace(string(out)), nil
+	return localcluster.HackScript(ctx, repoRoot, "helm.sh")
 }
 
 // WaitReady waits until the node plugin pod is ready and registered with kubelet (the CSINode
@@ -246,20 +239,26 @@ func (d *Deployment) WaitReady(ctx context.Context) error {
 		if err != nil || !PodReady(pod) {
 			return false, nil
 		}
-		n, err := d.Client.StorageV1().CSINodes().Get(ctx, d.Cluster.NodeName(), metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		for _, drv := range n.Spec.Drivers {
-			if drv.Name == names.DriverName {
-				return true, nil
-			}
-		}
-		return false, nil
+		return DriverRegistered(ctx, d.Client, d.Cluster.NodeName(), names.DriverName), nil
 	}); err != nil {
 		return err
 	}
 	return d.WaitWebhookServing(ctx)
+}
+
+// DriverRegistered reports whether kubelet lists the CSI driver on the node (in its CSINode
+// object); an error reading that object counts as not yet.
+func DriverRegistered(ctx context.Context, cs kubernetes.Interface, node, driver string) bool {
+	n, err := cs.StorageV1().CSINodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return false
+	}
+	for _, d := range n.Spec.Drivers {
+		if d.Name == driver {
+			return true
+		}
+	}
+	return false
 }
 
 // probeNamespace is where WaitWebhookServing dry-runs pods.

@@ -3,8 +3,6 @@ package webhook_test
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -14,57 +12,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/apm-csi/apm-csi/webhook/annotations"
-	"github.com/apm-csi/apm-csi/webhook/config"
 	"github.com/apm-csi/apm-csi/webhook/configreload"
+	"github.com/apm-csi/apm-csi/webhook/configreload/configreloadtest"
 )
-
-// configMount is a directory laid out as kubelet mounts a ConfigMap: each version in its own
-// timestamped directory, ..data a symlink to the current one (swapped with one rename), and
-// config.yaml a symlink through ..data.
-type configMount struct {
-	dir string
-	n   int
-}
-
-func newConfigMount(t *testing.T, content string) *configMount {
-	t.Helper()
-	m := &configMount{dir: t.TempDir()}
-	m.write(t, content)
-	if err := os.Symlink(filepath.Join("..data", "config.yaml"), m.path()); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
-func (m *configMount) path() string { return filepath.Join(m.dir, "config.yaml") }
-
-func (m *configMount) write(t testing.TB, content string) {
-	t.Helper()
-	m.n++
-	ts := fmt.Sprintf("..2026_12_05_22_00_00.%d", m.n)
-	if err := os.Mkdir(filepath.Join(m.dir, ts), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(m.dir, ts, "config.yaml"), []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	tmp := filepath.Join(m.dir, "..data_tmp")
-	if err := os.Symlink(ts, tmp); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(m.dir, "..data")); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func configHash(t testing.TB, content string) string {
-	t.Helper()
-	c, err := config.Parse([]byte(content))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c.Hash()
-}
 
 const (
 	javaOld = "languages: [{name: java, version: v1.1.0}]\n"
@@ -93,13 +43,13 @@ func admittedWith(t testing.TB, p *corev1.Pod) (hash, javaImage string) {
 // say so in their status; an invalid version is refused (log, metric, Warning Event on the
 // webhook's pod) and the previous configuration stays in force; a valid version is taken again.
 func TestConfigurationReloadsWithoutRestart(t *testing.T) {
-	mount := newConfigMount(t, javaOld)
-	h := startHarnessWith(t, harnessOptions{configFile: mount.path(),
+	mount := configreloadtest.MountConfigMap(t, javaOld)
+	h := startHarnessWith(t, harnessOptions{configFile: mount.Path(),
 		configPod: configreload.Pod{Namespace: "apm-csi-system", Name: "apm-csi-webhook-0"}})
 	h.setDriver(t, true)
 	h.namespace(t, "apm-csi-system", nil, nil)
 	h.namespace(t, "reload", map[string]string{"apm-csi.io/ssi": "enabled"}, nil)
-	oldHash, newHash := configHash(t, javaOld), configHash(t, javaNew)
+	oldHash, newHash := configreloadtest.Hash(t, javaOld), configreloadtest.Hash(t, javaNew)
 	current := func() string { return h.mutator.CurrentMutator().ConfigHash() }
 
 	expect := func(name, hash, image string) {
@@ -111,11 +61,11 @@ func TestConfigurationReloadsWithoutRestart(t *testing.T) {
 	}
 	expect("first", oldHash, "dd-lib-java-init:v1.1.0")
 
-	mount.write(t, javaNew)
+	mount.Update(t, javaNew)
 	h.eventually(t, "the new configuration in force", func() bool { return current() == newHash })
 	expect("after-update", newHash, "dd-lib-java-init:v2.2.0")
 
-	mount.write(t, "languages: [{name: java, version: \"v2 beta\"}]\n")
+	mount.Update(t, "languages: [{name: java, version: \"v2 beta\"}]\n")
 	h.eventually(t, "the Warning Event about the refused version", func() bool {
 		var list eventsv1.EventList
 		if err := h.client.List(context.Background(), &list, client.InNamespace("apm-csi-system")); err != nil {
@@ -131,7 +81,7 @@ func TestConfigurationReloadsWithoutRestart(t *testing.T) {
 	})
 	expect("after-invalid", newHash, "dd-lib-java-init:v2.2.0")
 
-	mount.write(t, javaOld)
+	mount.Update(t, javaOld)
 	h.eventually(t, "the first configuration in force again", func() bool { return current() == oldHash })
 	expect("back", oldHash, "dd-lib-java-init:v1.1.0")
 }
@@ -140,13 +90,13 @@ func TestConfigurationReloadsWithoutRestart(t *testing.T) {
 // flips between two versions; every stored pod was admitted by exactly one of them (its
 // status names it) and got that version's library, never a mix.
 func TestNoPodAdmittedWithAHalfLoadedConfiguration(t *testing.T) {
-	mount := newConfigMount(t, javaOld)
-	h := startHarnessWith(t, harnessOptions{configFile: mount.path()})
+	mount := configreloadtest.MountConfigMap(t, javaOld)
+	h := startHarnessWith(t, harnessOptions{configFile: mount.Path()})
 	h.setDriver(t, true)
 	h.namespace(t, "flip", map[string]string{"apm-csi.io/ssi": "enabled"}, nil)
 	want := map[string]string{
-		configHash(t, javaOld): "dd-lib-java-init:v1.1.0",
-		configHash(t, javaNew): "dd-lib-java-init:v2.2.0",
+		configreloadtest.Hash(t, javaOld): "dd-lib-java-init:v1.1.0",
+		configreloadtest.Hash(t, javaNew): "dd-lib-java-init:v2.2.0",
 	}
 
 	stop := make(chan struct{})
@@ -161,9 +111,9 @@ func TestNoPodAdmittedWithAHalfLoadedConfiguration(t *testing.T) {
 			default:
 			}
 			if n%2 == 0 {
-				mount.write(t, javaNew)
+				mount.Update(t, javaNew)
 			} else {
-				mount.write(t, javaOld)
+				mount.Update(t, javaOld)
 			}
 			n++
 		}

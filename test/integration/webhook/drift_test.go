@@ -11,7 +11,6 @@ import (
 	eventsv1 "k8s.io/api/events/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/apm-csi/apm-csi/webhook/config"
 	"github.com/apm-csi/apm-csi/webhook/drift"
@@ -21,23 +20,11 @@ import (
 // namespace is not exported).
 func uninstrumentedGauge(tb testing.TB, ns string) float64 {
 	tb.Helper()
-	families, err := metrics.Registry.Gather()
-	if err != nil {
-		tb.Fatal(err)
+	m, ok := webhookMetric(tb, "apm_csi_webhook_uninstrumented_pods", "namespace", ns)
+	if !ok {
+		return 0
 	}
-	for _, f := range families {
-		if f.GetName() != "apm_csi_webhook_uninstrumented_pods" {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "namespace" && l.GetValue() == ns {
-					return m.GetGauge().GetValue()
-				}
-			}
-		}
-	}
-	return 0
+	return m.GetGauge().GetValue()
 }
 
 // eventsWithReason lists the Events of a namespace with a reason, by the object they regard.

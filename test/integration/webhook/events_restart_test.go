@@ -8,7 +8,6 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
-	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/apm-csi/apm-csi/webhook/config"
@@ -19,24 +18,11 @@ import (
 // podEventsTotal reads apm_csi_webhook_pod_events_total{result}.
 func podEventsTotal(tb testing.TB, result string) float64 {
 	tb.Helper()
-	families, err := metrics.Registry.Gather()
-	if err != nil {
-		tb.Fatal(err)
+	m, ok := webhookMetric(tb, "apm_csi_webhook_pod_events_total", "result", result)
+	if !ok {
+		tb.Fatalf("no apm_csi_webhook_pod_events_total{result=%q}", result)
 	}
-	for _, f := range families {
-		if f.GetName() != "apm_csi_webhook_pod_events_total" {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "result" && l.GetValue() == result {
-					return counterValue(m)
-				}
-			}
-		}
-	}
-	tb.Fatalf("no apm_csi_webhook_pod_events_total{result=%q}", result)
-	return 0
+	return counterValue(m)
 }
 
 // startEventRecorder runs another webhook's pod Event recorder against the same API server,

@@ -299,3 +299,26 @@ func admissions(tb testing.TB) float64 {
 }
 
 func counterValue(m *dto.Metric) float64 { return m.GetCounter().GetValue() }
+
+// webhookMetric finds, among the webhook's metrics, the sample of the metric name whose label
+// has value; ok is false when there is none.
+func webhookMetric(tb testing.TB, name, label, value string) (m *dto.Metric, ok bool) {
+	tb.Helper()
+	families, err := metrics.Registry.Gather()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m, true
+				}
+			}
+		}
+	}
+	return nil, false
+}
