@@ -47,7 +47,7 @@ func TestCertManagerIssuesAndRenewsWebhookCertificate(t *testing.T) {
 	ran := 0
 	for _, v := range Variants(t) {
 		in := install(t, Set{Objs: Objects(t, v)})
-		if FlagValue(t, in.WebhookCont, "cert-mode", "cert-manager") != "cert-manager" || len(in.WebhookConfigs) == 0 {
+		if in.WebhookCont == nil || FlagValue(t, in.WebhookCont, "cert-mode", "cert-manager") != "cert-manager" || len(in.WebhookConfigs) == 0 {
 			continue
 		}
 		ns, name, ok := strings.Cut(in.WebhookConfigs[0].Annotations[injectCAAnnotation], "/")
