@@ -132,7 +132,9 @@ type issued struct {
 
 // waitIssued waits until the Certificate is Ready at a revision after minRevision, its Secret
 // holds that certificate, the MutatingWebhookConfigurations carry its CA, and the certificate
-// verifies against that CA for the webhook Service's name.
+// verifies against that CA for the webhook Service's name. cainjector merges the CA into the
+// caBundle (cert-manager's CAInjectorMerging, on by default since v1.21): CAs already there
+// stay until they expire, so the caBundle must contain the CA, not equal it.
 func waitIssued(t *testing.T, ctx context.Context, cs kubernetes.Interface, cm cmclient.Interface, ns, name string, minRevision int) issued {
 	t.Helper()
 	var got issued
@@ -173,7 +175,7 @@ func waitIssued(t *testing.T, ctx context.Context, cs kubernetes.Interface, cm c
 		}
 		for _, m := range mwcs.Items {
 			for _, w := range m.Webhooks {
-				if !bytes.Equal(w.ClientConfig.CABundle, ca) {
+				if !bundleHas(w.ClientConfig.CABundle, ca) {
 					last = "cainjector has not injected the CA into " + m.Name + " yet"
 					return false, nil
 				}
@@ -226,4 +228,33 @@ func startProcess(t *testing.T, ctx context.Context, dir string, env []string, b
 			}
 		}
 	})
+}
+
+// bundleHas reports whether every certificate of the PEM ca is in the PEM bundle.
+func bundleHas(bundle, ca []byte) bool {
+	in := map[string]bool{}
+	for _, c := range pemCertificates(bundle) {
+		in[string(c.Raw)] = true
+	}
+	want := pemCertificates(ca)
+	for _, c := range want {
+		if !in[string(c.Raw)] {
+			return false
+		}
+	}
+	return len(want) > 0
+}
+
+func pemCertificates(data []byte) []*x509.Certificate {
+	var out []*x509.Certificate
+	for {
+		var b *pem.Block
+		b, data = pem.Decode(data)
+		if b == nil {
+			return out
+		}
+		if c, err := x509.ParseCertificate(b.Bytes); err == nil && b.Type == "CERTIFICATE" {
+			out = append(out, c)
+		}
+	}
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -32,10 +31,6 @@ const certWait = 4 * time.Minute
 // loadInterval paces the pods created during a renewal (5 a second).
 const loadInterval = 200 * time.Millisecond
 
-// scenarioCertManager is not in TestEndToEnd's table yet: on the local cluster, cainjector left
-// the self-managed CA in the MutatingWebhookConfiguration after cert-manager replaced the
-// pre-existing Secret (see the cert-manager section of docs/deploy.md for the manual check).
-//
 // scenarioCertManager installs the real cert-manager (its own chart, CRDs included, with its
 // controller, webhook and cainjector built from the cert-manager module), switches apm-csi's
 // chart to cert-manager mode and checks what the README's first install path promises: the
@@ -133,8 +128,10 @@ func checkIssuedCertificateServed(t *testing.T, ctx context.Context, e *env, cm 
 		if err != nil || len(mwc.Webhooks) == 0 {
 			return false, nil
 		}
+		// cainjector merges the CA into the caBundle (cert-manager's CAInjectorMerging, on by
+		// default since v1.21): the self-managed CA stays next to it until it expires.
 		for _, w := range mwc.Webhooks {
-			if !bytes.Equal(w.ClientConfig.CABundle, ca) {
+			if !bundleHas(w.ClientConfig.CABundle, ca) {
 				return false, nil
 			}
 		}
@@ -336,4 +333,33 @@ func restarts(p *corev1.Pod) int32 {
 		n += s.RestartCount
 	}
 	return n
+}
+
+// bundleHas reports whether every certificate of the PEM ca is in the PEM bundle.
+func bundleHas(bundle, ca []byte) bool {
+	in := map[string]bool{}
+	for _, c := range pemCertificates(bundle) {
+		in[string(c.Raw)] = true
+	}
+	want := pemCertificates(ca)
+	for _, c := range want {
+		if !in[string(c.Raw)] {
+			return false
+		}
+	}
+	return len(want) > 0
+}
+
+func pemCertificates(data []byte) []*x509.Certificate {
+	var out []*x509.Certificate
+	for {
+		var b *pem.Block
+		b, data = pem.Decode(data)
+		if b == nil {
+			return out
+		}
+		if c, err := x509.ParseCertificate(b.Bytes); err == nil && b.Type == "CERTIFICATE" {
+			out = append(out, c)
+		}
+	}
 }
