@@ -247,6 +247,10 @@ func ParseConfig(data []byte) (Config, error) {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
 	for i, e := range c.HostDirs {
+		// An empty list would read as "no restriction": refuse it, as the flag syntax does.
+		if e.ServiceAccounts != nil && len(e.ServiceAccounts) == 0 {
+			return Config{}, fmt.Errorf("config: hostdir %q: serviceAccounts is empty: list NAMESPACE/NAME entries, or leave the field out to allow every service account of the entry's namespaces", e.Name)
+		}
 		if err := e.Validate(); err != nil {
 			return Config{}, fmt.Errorf("config: %w", err)
 		}

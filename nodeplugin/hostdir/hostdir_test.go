@@ -129,6 +129,7 @@ func TestParseConfig(t *testing.T) {
 		},
 		{name: "no tenancy", data: "hostdirs:\n- name: data\n  path: /srv/data\n", wantErr: `hostdir "data": declare who may use it`},
 		{name: "empty namespaces", data: "hostdirs:\n- name: data\n  path: /srv/data\n  namespaces: []\n", wantErr: `config file: namespaces: [NS1, NS2] (or ["*"])`},
+		{name: "empty service accounts", data: "hostdirs:\n- name: data\n  path: /srv/data\n  namespaces: [a]\n  serviceAccounts: []\n", wantErr: `hostdir "data": serviceAccounts is empty`},
 		{name: "bad service account", data: "hostdirs:\n- name: data\n  path: /srv/data\n  namespaces: [a]\n  serviceAccounts: [b/x]\n", wantErr: "namespace b is not in namespaces"},
 		{name: "unknown field", data: "hostdirs:\n- name: data\n  path: /srv\n  namespaces: [a]\n  mode: rw\n", wantErr: "mode"},
 		{name: "bad path", data: "hostdirs:\n- name: data\n  path: srv\n  namespaces: [a]\n", wantErr: "absolute"},
