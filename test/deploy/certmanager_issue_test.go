@@ -175,7 +175,7 @@ func waitIssued(t *testing.T, ctx context.Context, cs kubernetes.Interface, cm c
 		}
 		for _, m := range mwcs.Items {
 			for _, w := range m.Webhooks {
-				if !bundleHas(w.ClientConfig.CABundle, ca) {
+				if !localcluster.CABundleHas(w.ClientConfig.CABundle, ca) {
 					last = "cainjector has not injected the CA into " + m.Name + " yet"
 					return false, nil
 				}
@@ -228,33 +228,4 @@ func startProcess(t *testing.T, ctx context.Context, dir string, env []string, b
 			}
 		}
 	})
-}
-
-// bundleHas reports whether every certificate of the PEM ca is in the PEM bundle.
-func bundleHas(bundle, ca []byte) bool {
-	in := map[string]bool{}
-	for _, c := range pemCertificates(bundle) {
-		in[string(c.Raw)] = true
-	}
-	want := pemCertificates(ca)
-	for _, c := range want {
-		if !in[string(c.Raw)] {
-			return false
-		}
-	}
-	return len(want) > 0
-}
-
-func pemCertificates(data []byte) []*x509.Certificate {
-	var out []*x509.Certificate
-	for {
-		var b *pem.Block
-		b, data = pem.Decode(data)
-		if b == nil {
-			return out
-		}
-		if c, err := x509.ParseCertificate(b.Bytes); err == nil && b.Type == "CERTIFICATE" {
-			out = append(out, c)
-		}
-	}
 }

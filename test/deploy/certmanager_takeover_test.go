@@ -105,7 +105,7 @@ func TestCertManagerTakesOverSelfManagedCertificate(t *testing.T) {
 		t.Fatalf("helm upgrade (cert-manager): %v\n%s", err, out)
 	}
 	got := waitIssued(t, ctx, cs, cm, ns, names.WebhookBinary, 0)
-	if bundleHas(got.ca, selfCA) {
+	if localcluster.CABundleHas(got.ca, selfCA) {
 		t.Fatal("the Certificate's Secret still holds the self-managed CA: cert-manager did not take the Secret over")
 	}
 	// What the API server checks: the issued certificate verifies against every webhook's
@@ -121,7 +121,7 @@ func TestCertManagerTakesOverSelfManagedCertificate(t *testing.T) {
 		}
 	}
 	t.Logf("caBundle after the switch: %d CAs, the self-managed CA still in it: %v",
-		len(pemCertificates(mwc.Webhooks[0].ClientConfig.CABundle)), bundleHas(mwc.Webhooks[0].ClientConfig.CABundle, selfCA))
+		len(localcluster.PEMCertificates(mwc.Webhooks[0].ClientConfig.CABundle)), localcluster.CABundleHas(mwc.Webhooks[0].ClientConfig.CABundle, selfCA))
 
 	// The clean-up docs/deploy.md gives: drop the self-managed CA key and empty the caBundle;
 	// cainjector then injects cert-manager's CA alone. It is done once cainjector has settled
@@ -147,7 +147,7 @@ func TestCertManagerTakesOverSelfManagedCertificate(t *testing.T) {
 			return false, nil
 		}
 		for _, w := range m.Webhooks {
-			if !bundleHas(w.ClientConfig.CABundle, got.ca) || !bundleHas(got.ca, w.ClientConfig.CABundle) {
+			if !localcluster.CABundleHas(w.ClientConfig.CABundle, got.ca) || !localcluster.CABundleHas(got.ca, w.ClientConfig.CABundle) {
 				return false, nil
 			}
 		}

@@ -131,7 +131,7 @@ func checkIssuedCertificateServed(t *testing.T, ctx context.Context, e *env, cm 
 		// cainjector merges the CA into the caBundle (cert-manager's CAInjectorMerging, on by
 		// default since v1.21): the self-managed CA stays next to it until it expires.
 		for _, w := range mwc.Webhooks {
-			if !bundleHas(w.ClientConfig.CABundle, ca) {
+			if !localcluster.CABundleHas(w.ClientConfig.CABundle, ca) {
 				return false, nil
 			}
 		}
@@ -333,33 +333,4 @@ func restarts(p *corev1.Pod) int32 {
 		n += s.RestartCount
 	}
 	return n
-}
-
-// bundleHas reports whether every certificate of the PEM ca is in the PEM bundle.
-func bundleHas(bundle, ca []byte) bool {
-	in := map[string]bool{}
-	for _, c := range pemCertificates(bundle) {
-		in[string(c.Raw)] = true
-	}
-	want := pemCertificates(ca)
-	for _, c := range want {
-		if !in[string(c.Raw)] {
-			return false
-		}
-	}
-	return len(want) > 0
-}
-
-func pemCertificates(data []byte) []*x509.Certificate {
-	var out []*x509.Certificate
-	for {
-		var b *pem.Block
-		b, data = pem.Decode(data)
-		if b == nil {
-			return out
-		}
-		if c, err := x509.ParseCertificate(b.Bytes); err == nil && b.Type == "CERTIFICATE" {
-			out = append(out, c)
-		}
-	}
 }
