@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/util/wait"
+
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -115,14 +117,16 @@ func TestStartReloadsWhenKubeletSwapsTheMount(t *testing.T) {
 	go func() { done <- s.Start(ctx) }()
 	defer func() { cancel(); <-done }()
 	want := configreloadtest.Hash(t, javaV2)
-	deadline := time.Now().Add(10 * time.Second)
-	for s.Hash() != want {
-		// Until the watch is set up, an update may go unseen; each swap is a new event.
-		m.Update(t, javaV2)
-		if time.Now().After(deadline) {
-			t.Fatalf("the swap was not picked up: hash %s, want %s", s.Hash(), want)
+	// Until the watch is set up, an update may go unseen; each swap is a new event.
+	err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		if s.Hash() == want {
+			return true, nil
 		}
-		time.Sleep(50 * time.Millisecond)
+		m.Update(t, javaV2)
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("the swap was not picked up: hash %s, want %s: %v", s.Hash(), want, err)
 	}
 }
 

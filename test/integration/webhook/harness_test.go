@@ -195,11 +195,11 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 
 		started := mgr.GetWebhookServer().StartedChecker()
 		deadline := time.Now().Add(30 * time.Second)
-		for started(nil) != nil {
-			if time.Now().After(deadline) {
-				tb.Fatal("webhook server did not start")
-			}
-			time.Sleep(50 * time.Millisecond)
+		err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Until(deadline), true, func(context.Context) (bool, error) {
+			return started(nil) == nil, nil
+		})
+		if err != nil {
+			tb.Fatalf("webhook server did not start: %v", err)
 		}
 		if !mgr.GetCache().WaitForCacheSync(ctx) {
 			tb.Fatal("informers did not sync")
