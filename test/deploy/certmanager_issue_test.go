@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
@@ -72,25 +73,8 @@ func TestCertManagerIssuesAndRenewsWebhookCertificate(t *testing.T) {
 }
 
 func issueAndRenew(t *testing.T, ctx context.Context, assets, cmDir string, v Variant, ns, certName string) {
-	cfg := startAPIServer(t, assets)
-	dir := t.TempDir()
-	admin := kubeconfig(t, cfg, "", "", dir, "admin")
-	kenv := []string{"KUBECONFIG=" + admin}
-	cs, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cm, err := cmclient.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kube-system"}}, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
-		t.Fatal(err)
-	}
-
-	// cert-manager's controller and CA injector, as host processes with admin rights.
-	startProcess(t, ctx, dir, kenv, filepath.Join(cmDir, "bin", "controller"), "--kubeconfig="+admin, "--cluster-resource-namespace=kube-system", "--v=2")
-	startProcess(t, ctx, dir, kenv, filepath.Join(cmDir, "bin", "cainjector"), "--leader-election-namespace=kube-system", "--v=2")
+	cp := startCertManager(t, ctx, assets, cmDir)
+	cs, cm, kenv := cp.cs, cp.cm, cp.kenv
 
 	if v.Helm {
 		args := []string{"install", "apm-csi", chartDir, "--namespace", v.Namespace, "--create-namespace"}
@@ -228,4 +212,35 @@ func startProcess(t *testing.T, ctx context.Context, dir string, env []string, b
 			}
 		}
 	})
+}
+
+// certManagerControlPlane is a real kube-apiserver with cert-manager's CRDs and the real
+// cert-manager controller and CA injector running against it as host processes.
+type certManagerControlPlane struct {
+	cfg  *rest.Config
+	cs   kubernetes.Interface
+	cm   cmclient.Interface
+	kenv []string // KUBECONFIG for kubectl and helm, with admin rights
+}
+
+func startCertManager(t *testing.T, ctx context.Context, assets, cmDir string) certManagerControlPlane {
+	t.Helper()
+	cfg := startAPIServer(t, assets)
+	dir := t.TempDir()
+	admin := kubeconfig(t, cfg, "", "", dir, "admin")
+	kenv := []string{"KUBECONFIG=" + admin}
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cm, err := cmclient.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kube-system"}}, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
+		t.Fatal(err)
+	}
+	startProcess(t, ctx, dir, kenv, filepath.Join(cmDir, "bin", "controller"), "--kubeconfig="+admin, "--cluster-resource-namespace=kube-system", "--v=2")
+	startProcess(t, ctx, dir, kenv, filepath.Join(cmDir, "bin", "cainjector"), "--leader-election-namespace=kube-system", "--v=2")
+	return certManagerControlPlane{cfg: cfg, cs: cs, cm: cm, kenv: kenv}
 }

@@ -4,21 +4,16 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	kscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
-
-	cmclient "github.com/cert-manager/cert-manager/pkg/client/clientset/versioned"
 
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/test/localcluster"
@@ -40,36 +35,8 @@ func TestCertManagerTakesOverSelfManagedCertificate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := &envtest.Environment{
-		BinaryAssetsDirectory: assets,
-		CRDDirectoryPaths:     []string{certManagerCRDs(t)},
-		ErrorIfCRDPathMissing: true,
-	}
-	cfg, err := env.Start()
-	if err != nil {
-		t.Fatalf("start kube-apiserver: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := env.Stop(); err != nil {
-			t.Errorf("stop kube-apiserver: %v", err)
-		}
-	})
-	dir := t.TempDir()
-	admin := kubeconfig(t, cfg, "", "", dir, "admin")
-	kenv := []string{"KUBECONFIG=" + admin}
-	cs, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cm, err := cmclient.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kube-system"}}, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
-		t.Fatal(err)
-	}
-	startProcess(t, ctx, dir, kenv, filepath.Join(cmDir, "bin", "controller"), "--kubeconfig="+admin, "--cluster-resource-namespace=kube-system", "--v=2")
-	startProcess(t, ctx, dir, kenv, filepath.Join(cmDir, "bin", "cainjector"), "--leader-election-namespace=kube-system", "--v=2")
+	cp := startCertManager(t, ctx, assets, cmDir)
+	cfg, cs, cm, kenv := cp.cfg, cp.cs, cp.cm, cp.kenv
 
 	ns := names.SystemNamespace
 	if out, err := runEnv(t, kenv, helm(t), "install", "apm-csi", chartDir, "--namespace", ns, "--create-namespace",
