@@ -18,6 +18,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/fdpath"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/keylock"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
@@ -96,7 +97,7 @@ type Driver struct {
 	releaseEmpty func() error
 	writable     writablelayer.Interface
 	metrics      *Metrics
-	locks        keyedLocks
+	locks        callLocks
 	ready        atomic.Bool
 	// verified is closed when Start's background check of the records is done; stopVerify
 	// stops it (Close).
@@ -231,7 +232,6 @@ func New(cfg Config) (*Driver, error) {
 		releaseEmpty: releaseEmpty,
 		writable:     cfg.WritableLayers,
 		metrics:      cfg.Metrics,
-		locks:        keyedLocks{held: map[string]*keyedLock{}},
 		byTarget:     map[string]*state.Record{},
 		inFlight:     map[string]int{},
 		podGone:      map[string]time.Time{},
@@ -330,69 +330,10 @@ func layerKeys(layers []state.Layer) []string {
 	return keys
 }
 
-// keyedLocks serialises calls per key (volume id, target path) while letting different keys run
-// in parallel. Unlike k8s.io/utils/keymutex, which hashes keys onto a fixed set of mutexes (so
-// unrelated volumes can wait on each other) and cannot give up, a waiter here returns when its
-// request's context ends, so a call that kubelet abandoned does not queue forever.
-type keyedLocks struct {
-	mu   sync.Mutex
-	held map[string]*keyedLock
-}
+// callLocks serialises the calls on one volume and one target (keylock.Locks): every caller
+// takes "volume/<id>" then "target/<path>", in that order.
+type callLocks struct{ keylock.Locks }
 
-type keyedLock struct {
-	token chan struct{}
-	refs  int
-}
-
-// lock takes the locks of keys in order; callers always pass them in the same order (volume
-// id, then target), so two calls cannot deadlock.
-func (l *keyedLocks) lock(ctx context.Context, keys ...string) (unlock func(), err error) {
-	var taken []string
-	release := func() {
-		for i := len(taken) - 1; i >= 0; i-- {
-			l.unlockOne(taken[i])
-		}
-	}
-	for _, k := range keys {
-		if err := l.lockOne(ctx, k); err != nil {
-			release()
-			return nil, err
-		}
-		taken = append(taken, k)
-	}
-	return release, nil
-}
-
-func (l *keyedLocks) lockOne(ctx context.Context, key string) error {
-	l.mu.Lock()
-	e := l.held[key]
-	if e == nil {
-		e = &keyedLock{token: make(chan struct{}, 1)}
-		l.held[key] = e
-	}
-	e.refs++
-	l.mu.Unlock()
-	select {
-	case e.token <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		l.drop(key, e)
-		return ctx.Err()
-	}
-}
-
-func (l *keyedLocks) unlockOne(key string) {
-	l.mu.Lock()
-	e := l.held[key]
-	l.mu.Unlock()
-	<-e.token
-	l.drop(key, e)
-}
-
-func (l *keyedLocks) drop(key string, e *keyedLock) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if e.refs--; e.refs == 0 {
-		delete(l.held, key)
-	}
+func (l *callLocks) lock(ctx context.Context, keys ...string) (unlock func(), err error) {
+	return l.Lock(ctx, keys...)
 }

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/prometheus/client_golang/prometheus"
@@ -796,52 +795,6 @@ func TestLibrariesInUseIncludesInFlight(t *testing.T) {
 	inUse, _ = f.d.LibrariesInUse()
 	if _, ok := inUse["sha256:x"]; ok {
 		t.Fatal("released layer still reported")
-	}
-}
-
-func TestKeyedLocks(t *testing.T) {
-	l := keyedLocks{held: map[string]*keyedLock{}}
-	unlockA, err := l.lock(context.Background(), "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Another key does not wait.
-	unlockB, err := l.lock(context.Background(), "b")
-	if err != nil {
-		t.Fatal(err)
-	}
-	unlockB()
-	// The same key waits until its context ends.
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-	defer cancel()
-	if _, err := l.lock(ctx, "x", "a"); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("second lock of a held key: %v", err)
-	}
-	// "x" was released when "a" could not be taken.
-	unlockX, err := l.lock(context.Background(), "x")
-	if err != nil {
-		t.Fatal(err)
-	}
-	unlockX()
-	got, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		u, _ := l.lock(context.Background(), "a")
-		close(got)
-		u()
-	}()
-	select {
-	case <-got:
-		t.Fatal("lock taken while held")
-	case <-time.After(20 * time.Millisecond):
-	}
-	unlockA()
-	<-got
-	<-done // the waiter has unlocked too
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.held) != 0 {
-		t.Fatalf("lock entries leaked: %v", l.held)
 	}
 }
 
