@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -25,6 +24,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/grpcserver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
@@ -825,7 +825,7 @@ func TestSameVolumeSerialises(t *testing.T) {
 func TestLoggingRedactsTokens(t *testing.T) {
 	f := newFixture(t)
 	sock := filepath.Join(t.TempDir(), "csi.sock")
-	lis, err := ListenUnix(sock)
+	lis, err := grpcserver.ListenUnix(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -869,41 +869,6 @@ func TestLoggingRedactsTokens(t *testing.T) {
 	}
 	if strings.Contains(string(data), "SECRET") {
 		t.Fatal("a secret reached the state dir")
-	}
-}
-
-func TestListenUnixRemovesStaleSocket(t *testing.T) {
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "sub", "csi.sock")
-	l1, err := ListenUnix(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A crashed process leaves its socket file behind.
-	l1.(*net.UnixListener).SetUnlinkOnClose(false)
-	l1.Close()
-	l2, err := ListenUnix(sock)
-	if err != nil {
-		t.Fatalf("stale socket not replaced: %v", err)
-	}
-	l2.Close()
-	notSock := filepath.Join(dir, "file")
-	os.WriteFile(notSock, []byte("x"), 0o644)
-	if _, err := ListenUnix(notSock); err == nil {
-		t.Fatal("a regular file at the endpoint was removed")
-	}
-}
-
-func TestSocketPath(t *testing.T) {
-	for in, want := range map[string]string{"unix:///a/b.sock": "/a/b.sock", "unix:/a/b.sock": "/a/b.sock", "/a/./b.sock": "/a/b.sock"} {
-		if got, err := SocketPath(in); err != nil || got != want {
-			t.Errorf("SocketPath(%q) = %q, %v", in, got, err)
-		}
-	}
-	for _, bad := range []string{"tcp://1.2.3.4:5", "unix://rel.sock", ""} {
-		if _, err := SocketPath(bad); err == nil {
-			t.Errorf("SocketPath(%q) accepted", bad)
-		}
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/grpcserver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
@@ -175,7 +176,7 @@ func (p *Plugin) StartReady() {
 	if err != nil {
 		p.T.Fatal(err)
 	}
-	lis, err := driver.ListenUnix(p.Sock)
+	lis, err := grpcserver.ListenUnix(p.Sock)
 	if err != nil {
 		p.T.Fatal(err)
 	}
@@ -200,7 +201,7 @@ func (p *Plugin) Stop() {
 		if p.conn != nil {
 			p.conn.Close()
 		}
-		driver.Shutdown(p.srv, p.Config.DrainTimeout)
+		grpcserver.Shutdown(p.srv, p.Config.DrainTimeout)
 		p.srv, p.conn = nil, nil
 		if err := p.Driver.Close(); err != nil {
 			p.T.Errorf("closing the driver: %v", err)

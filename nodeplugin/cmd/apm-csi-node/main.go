@@ -23,6 +23,7 @@ import (
 	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/grpcserver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
@@ -124,11 +125,11 @@ func run() error {
 		}
 	}
 
-	csiSocket, err := driver.SocketPath(o.endpoint)
+	csiSocket, err := grpcserver.SocketPath(o.endpoint)
 	if err != nil {
 		return err
 	}
-	lis, err := driver.ListenUnix(csiSocket)
+	lis, err := grpcserver.ListenUnix(csiSocket)
 	if err != nil {
 		return fmt.Errorf("CSI endpoint: %w", err)
 	}
@@ -176,7 +177,7 @@ func run() error {
 	var regServer *grpc.Server
 	if o.kubeletRegistration {
 		regSocket := registration.SocketPath(o.kubeletDir, o.driverName)
-		regLis, err := driver.ListenUnix(regSocket)
+		regLis, err := grpcserver.ListenUnix(regSocket)
 		if err != nil {
 			return fmt.Errorf("kubelet registration socket: %w", err)
 		}
@@ -195,7 +196,7 @@ func run() error {
 		// Unregister first: kubelet stops sending new volumes here.
 		regServer.Stop()
 	}
-	driver.Shutdown(csiServer, o.drainTimeout)
+	grpcserver.Shutdown(csiServer, o.drainTimeout)
 	if err := d.Close(); err != nil {
 		log.Warn("closing the state journal", "error", err)
 	}
