@@ -1,6 +1,7 @@
-// Package driver is the CSI node service of apm-csi: Identity and Node (publish/unpublish of
-// hostdir, library and preload volumes), the per-target state that survives restarts, and the
-// startup reconcile against the mount table.
+// Package driver is the CSI node service of apm-csi: Identity (identity.go) and Node (node.go,
+// the publish of hostdir, library and preload volumes in publish.go, unpublish.go), the index of
+// the per-target records that survive restarts (records.go), and the startup reconcile against
+// the mount table (reconcile.go). server.go puts the services on a gRPC server.
 package driver
 
 import (
@@ -255,80 +256,6 @@ func (d *Driver) Name() string { return d.cfg.DriverName }
 
 // Ready reports whether the startup reconcile has completed.
 func (d *Driver) Ready() bool { return d.ready.Load() }
-
-// record returns the record of target, if any.
-func (d *Driver) record(target string) *state.Record {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.byTarget[target]
-}
-
-// putRecord writes rec to disk, then to the index.
-func (d *Driver) putRecord(rec *state.Record) error {
-	if err := d.store.Put(rec); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.byTarget[rec.TargetPath] = rec
-	d.metrics.published.WithLabelValues(rec.Kind).Set(float64(d.countKind(rec.Kind)))
-	return nil
-}
-
-// deleteRecord removes rec from disk, then from the index.
-func (d *Driver) deleteRecord(rec *state.Record) error {
-	if err := d.store.Delete(rec.Key()); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if cur := d.byTarget[rec.TargetPath]; cur != nil && cur.VolumeID == rec.VolumeID {
-		delete(d.byTarget, rec.TargetPath)
-	}
-	d.metrics.published.WithLabelValues(rec.Kind).Set(float64(d.countKind(rec.Kind)))
-	return nil
-}
-
-// countKind must be called with d.mu held.
-func (d *Driver) countKind(kind string) int {
-	n := 0
-	for _, r := range d.byTarget {
-		if r.Kind == kind {
-			n++
-		}
-	}
-	return n
-}
-
-// holdLayers marks layers as about to be mounted until the returned release is called.
-func (d *Driver) holdLayers(layers []state.Layer) (release func()) {
-	keys := layerKeys(layers)
-	d.mu.Lock()
-	for _, k := range keys {
-		d.inFlight[k]++
-	}
-	d.mu.Unlock()
-	return func() {
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		for _, k := range keys {
-			if d.inFlight[k]--; d.inFlight[k] <= 0 {
-				delete(d.inFlight, k)
-			}
-		}
-	}
-}
-
-func layerKeys(layers []state.Layer) []string {
-	var keys []string
-	for _, l := range layers {
-		keys = append(keys, l.Dir)
-		if l.Digest != "" {
-			keys = append(keys, l.Digest)
-		}
-	}
-	return keys
-}
 
 // callLocks serialises the calls on one volume and one target (keylock.Locks): every caller
 // takes "volume/<id>" then "target/<path>", in that order.
