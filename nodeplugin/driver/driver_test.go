@@ -849,7 +849,7 @@ func TestLoggingRedactsTokens(t *testing.T) {
 	if strings.Contains(out, "SECRET") {
 		t.Fatalf("a secret reached the logs: %s", out)
 	}
-	for _, want := range []string{`"volume":"vol-1"`, `"pod":"default/app"`, `"code":"OK"`} {
+	for _, want := range []string{`"volumeID":"vol-1"`, `"pod":"app"`, `"namespace":"default"`, `"code":"OK"`} {
 		if !strings.Contains(logs.String(), want) {
 			t.Fatalf("log lacks %s: %s", want, logs.String())
 		}

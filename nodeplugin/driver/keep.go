@@ -164,7 +164,7 @@ func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (stillKept,
 	forget()
 	d.metrics.keptRemoved.WithLabelValues("pod-gone").Inc()
 	d.recordLog(rec).Info("removed a kept writable layer: its pod's dir has been gone from the kubelet pods dir for the grace period",
-		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "podUID", rec.Pod.UID, "goneSince", since, "grace", d.cfg.KeptLayerGrace)
+		"pod", rec.Pod.Name, "namespace", rec.Pod.Namespace, "podUID", rec.Pod.UID, "goneSince", since, "grace", d.cfg.KeptLayerGrace)
 	return false, true, nil
 }
 
@@ -230,7 +230,7 @@ func (d *Driver) removeKeptForBudget(ctx context.Context, rec *state.Record, tot
 	d.mu.Unlock()
 	d.metrics.keptRemoved.WithLabelValues("budget").Inc()
 	d.recordLog(rec).Warn("removed a kept writable layer, oldest first: the kept layers took more than --max-kept-writable-bytes; the pod finds an empty volume at its next publish",
-		"pod", rec.Pod.Namespace+"/"+rec.Pod.Name, "podUID", rec.Pod.UID, "published", rec.Created,
+		"pod", rec.Pod.Name, "namespace", rec.Pod.Namespace, "podUID", rec.Pod.UID, "published", rec.Created,
 		"keptBytes", total, "budget", budget)
 	return nil
 }

@@ -49,7 +49,8 @@ type publishRequest struct {
 	// podReadOnly is the CSI readonly flag: kubelet sets it when the pod's CSI volume source
 	// has readOnly: true, and then mounts the volume read-only into every container.
 	podReadOnly bool
-	log         *slog.Logger
+	// call is the call's log record (callLog), for what only the handler learns.
+	call *callLog
 	// dir is the target's volume dir, opened from the pods dir without following links;
 	// every step of the publish works relative to it.
 	dir int
@@ -65,7 +66,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	kind := kindUnknown
 	defer func() { d.metrics.observe(opPublish, kind, start, err) }()
 
-	r, err := d.validatePublish(req)
+	r, err := d.validatePublish(req, callLogFrom(ctx))
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +82,6 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 
 	r.dir, err = d.openTargetDir(r.target, true)
 	if err != nil {
-		r.log.Warn("publish refused", "error", err)
 		return nil, targetDirError(r.target, err)
 	}
 	defer unix.Close(r.dir)
@@ -102,14 +102,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		err = status.Errorf(codes.InvalidArgument, "volume kind %q is not served by this node plugin", r.spec.Kind)
 	}
 	if err != nil {
-		r.log.Warn("publish failed", "code", status.Code(err).String(), "error", err)
 		return nil, err
 	}
-	r.log.Info("published", "readOnly", r.readOnly)
+	r.call.add("readOnly", r.readOnly)
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
-func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (*publishRequest, error) {
+func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest, call *callLog) (*publishRequest, error) {
 	if req.GetVolumeId() == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume_id is missing")
 	}
@@ -140,11 +139,15 @@ func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (*publishReq
 	readOnly := req.GetReadonly() || spec.ReadOnly ||
 		mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY ||
 		mode == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
-	log := d.log.With("volume", req.GetVolumeId(), "target", target, "type", spec.Type)
-	if ns, name := attrs[attrPodNamespace], attrs[attrPodName]; name != "" {
-		log = log.With("pod", ns+"/"+name)
+	call.add("volumeType", spec.Type)
+	if len(spec.Libraries) > 0 {
+		images := make([]string, 0, len(spec.Libraries))
+		for _, l := range spec.Libraries {
+			images = append(images, l.Image)
+		}
+		call.add("library", images)
 	}
-	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, podReadOnly: req.GetReadonly(), log: log}, nil
+	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, podReadOnly: req.GetReadonly(), call: call}, nil
 }
 
 // checkExisting handles a target that already has a record or a mount. done means the volume is
@@ -167,18 +170,18 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 		// and preload files are always served, so only this direction is a conflict.
 		return false, status.Errorf(codes.AlreadyExists, "volume %q is already published writable at %s; this request asks for a read-only mount", r.volumeID, r.target)
 	case mounted:
-		r.log.Info("already published: nothing to do")
+		r.call.add("alreadyPublished", true)
 		return true, nil
 	}
 	// A record without a mount: a publish that crashed half-way, a mount someone removed, or
 	// a node reboot. A kept writable layer of this very volume is mounted again (keep.go);
 	// otherwise free what the record held and publish afresh.
 	if d.canResume(r, rec) {
-		r.log.Info("mounting the kept writable layer of this volume again")
+		r.call.add("resumesKeptLayer", true)
 		r.resume = rec
 		return false, nil
 	}
-	r.log.Info("dropping the stale record of an unmounted target", "staleVolume", rec.VolumeID)
+	r.call.add("droppedStaleRecordOf", rec.VolumeID)
 	if err := d.release(rec); err != nil {
 		return false, status.Errorf(codes.Internal, "cleaning up a stale publish of %s: %v", r.target, err)
 	}
@@ -215,7 +218,9 @@ func (d *Driver) mountWithRecord(r *publishRequest, rec *state.Record, mount fun
 		return nil
 	}
 	if cleanupErr := d.release(rec); cleanupErr != nil {
-		r.log.Error("cleaning up after a failed publish", "error", cleanupErr)
+		// What the failed publish allocated may be left behind: the call logs at error level.
+		r.call.add("cleanupErr", cleanupErr.Error())
+		r.call.atLeast(slog.LevelError)
 	}
 	if _, ok := status.FromError(err); ok {
 		return err

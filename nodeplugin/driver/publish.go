@@ -139,11 +139,6 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 	if d.cfg.Libraries == nil {
 		return errNoLibraryStore
 	}
-	var images []string
-	for _, l := range r.spec.Libraries {
-		images = append(images, l.Image)
-	}
-	r.log = r.log.With("libraries", images)
 	limit, err := d.writableLimit(r)
 	if err != nil {
 		return err

@@ -231,7 +231,7 @@ func (d *Driver) removeTarget(dirfd int, target string) error {
 	flags := 0
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFLNK:
-		d.log.Warn("the target is a symbolic link, which this plugin never creates; left in place", "target", target)
+		d.log.Warn("the target is a symbolic link, which this plugin never creates; left in place", "targetPath", target)
 		return nil
 	case unix.S_IFREG:
 		if st.Size != 0 {

@@ -29,8 +29,7 @@ func (d *Driver) authorizeHostDir(r *publishRequest, entry hostdir.Entry, via st
 			pod += " (service account " + id.ServiceAccount + ")"
 		}
 	}
-	r.log.Warn("hostdir entry refused to this pod", "entry", entry.Name, "namespace", id.Namespace,
-		"serviceAccount", id.ServiceAccount, "allowed", entry.Tenancy().Describe(), "reason", err.Error())
+	r.call.add("entry", entry.Name, "serviceAccount", id.ServiceAccount, "allowed", entry.Tenancy().Describe())
 	return status.Errorf(codes.PermissionDenied,
 		"%shostdir entry %q may not be used by %s: %v. The node administrator declares who may use each entry "+
 			"in the node plugin's configuration: --hostdir %s=PATH,namespaces=NS1|NS2[,service-accounts=NS/SA], "+

@@ -1,8 +1,7 @@
 package driver
 
 import (
-	"context"
-	"encoding/json"
+	"log/slog"
 	"strings"
 	"testing"
 
@@ -55,9 +54,10 @@ func TestPublishHostDirEnforcesTenancy(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			f := newFixture(t)
+			h := newRecorder()
+			f := newFixture(t, withLogger(slog.New(h)))
 			target := f.target("pod-" + strings.ReplaceAll(tt.name, " ", "-"))
-			_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol", target, tt.attrs))
+			logged, err := callLogged(t, h, "/csi.v1.Node/NodePublishVolume", f.d.NodePublishVolume, f.publishReq("vol", target, tt.attrs))
 			wantCode(t, err, tt.code, tt.contains...)
 			if tt.code == codes.OK {
 				if f.m.Len() != 1 {
@@ -71,17 +71,9 @@ func TestPublishHostDirEnforcesTenancy(t *testing.T) {
 			if f.d.record(target) != nil {
 				t.Fatal("refused publish left a record")
 			}
-			// The refusal is logged with the pod, the volume and the entry.
-			var logged bool
-			for _, line := range strings.Split(f.logs.String(), "\n") {
-				var rec map[string]any
-				if json.Unmarshal([]byte(line), &rec) != nil || rec["msg"] != "hostdir entry refused to this pod" {
-					continue
-				}
-				logged = rec["volume"] == "vol" && rec["entry"] != nil && rec["entry"] != ""
-			}
-			if !logged {
-				t.Fatalf("no refusal log line with volume and entry in:\n%s", f.logs.String())
+			// The refusal is the call's one record, with the volume, the entry and who it allows.
+			if len(logged) != 1 || logged[0].attrs["volumeID"] != "vol" || logged[0].attrs["entry"] == nil || logged[0].attrs["allowed"] == nil {
+				t.Fatalf("want one record of the refused call with volumeID, entry and allowed; got %+v", logged)
 			}
 		})
 	}

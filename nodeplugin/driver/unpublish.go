@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"time"
@@ -34,8 +35,10 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if target == "" {
 		return nil, status.Error(codes.InvalidArgument, "target_path is missing")
 	}
+	call := callLogFrom(ctx)
 	if _, ok := parseTarget(d.podsDir, target); !ok {
-		d.log.Warn("unpublish of a path that is not a kubelet CSI volume target; nothing done", "volume", req.GetVolumeId(), "target", target, "want", d.targetShape())
+		call.add("nothingDone", "not a kubelet CSI volume target", "want", d.targetShape())
+		call.atLeast(slog.LevelWarn)
 		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
 	unlock, err := d.locks.lock(ctx, "volume/"+req.GetVolumeId(), "target/"+target)
@@ -44,17 +47,15 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	}
 	defer unlock()
 
-	log := d.log.With("volume", req.GetVolumeId(), "target", target)
 	rec := d.record(target)
 	if rec != nil {
 		kind = rec.Kind
-		log = log.With("type", rec.Type)
-		if rec.Pod.Name != "" {
-			log = log.With("pod", rec.Pod.Namespace+"/"+rec.Pod.Name)
-		}
+		call.add("volumeType", rec.Type)
+		call.add(podLogAttrs(rec.Pod.Namespace, rec.Pod.Name, rec.Pod.UID)...)
 		if rec.VolumeID != req.GetVolumeId() {
 			// The target holds another volume: unmounting it would break that one.
-			log.Warn("unpublish of a volume that is not the one published at this target; nothing done", "publishedVolume", rec.VolumeID)
+			call.add("nothingDone", "another volume is published at this target", "publishedVolumeID", rec.VolumeID)
+			call.atLeast(slog.LevelWarn)
 			return &csi.NodeUnpublishVolumeResponse{}, nil
 		}
 		err = d.release(rec)
@@ -76,14 +77,13 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		}
 	}
 	if errors.Is(err, errTargetLink) {
-		log.Warn("the target leads through a symbolic link or a non-directory below the kubelet pods dir; nothing done", "error", err)
+		call.add("nothingDone", "the target leads through a symbolic link or a non-directory below the kubelet pods dir")
+		call.atLeast(slog.LevelWarn)
 		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
 	if err != nil {
-		log.Warn("unpublish failed", "error", err)
 		return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", target, err)
 	}
-	log.Info("unpublished")
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 

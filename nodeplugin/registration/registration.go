@@ -61,7 +61,7 @@ func (s *Server) NotifyRegistrationStatus(_ context.Context, st *registerapi.Reg
 	if st.GetPluginRegistered() {
 		s.log.Info("registered with kubelet", "driver", s.driverName, "endpoint", s.endpoint)
 	} else {
-		s.log.Error("kubelet refused the plugin registration", "driver", s.driverName, "error", st.GetError())
+		s.log.Error("kubelet refused the plugin registration", "driver", s.driverName, "err", st.GetError())
 	}
 	return &registerapi.RegistrationStatusResponse{}, nil
 }

@@ -326,7 +326,7 @@ func TestBinary(t *testing.T) {
 	if nodeplugintest.CountMounts(t, target) != 1 {
 		t.Fatal("the volume must stay mounted while the plugin restarts")
 	}
-	// Every log line is JSON; the publish line carries pod and volume.
+	// Every log line is JSON; the publish call's line carries the pod and the volume.
 	var sawPublish, sawPaths, sawEntry bool
 	sc := bufio.NewScanner(strings.NewReader(logs.String()))
 	for sc.Scan() {
@@ -334,7 +334,7 @@ func TestBinary(t *testing.T) {
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
 			t.Fatalf("log line is not JSON: %s", sc.Text())
 		}
-		if line["msg"] == "published" && line["pod"] == "shop/web" && line["volume"] == "csi-bin" {
+		if line["msg"] == "csi call" && line["method"] == "/csi.v1.Node/NodePublishVolume" && line["pod"] == "web" && line["namespace"] == "shop" && line["volumeID"] == "csi-bin" {
 			sawPublish = true
 		}
 		// At start: which path and mount calls are in use, and each entry's resolved path.

@@ -792,7 +792,7 @@ func (r *run) publishFromLogs() error {
 			continue
 		}
 		podName, _ := m["pod"].(string)
-		ns, _, _ := strings.Cut(podName, "/")
+		ns, _ := m["namespace"].(string)
 		var secs float64
 		switch v := m["duration"].(type) {
 		case float64:
@@ -807,7 +807,7 @@ func (r *run) publishFromLogs() error {
 			continue
 		}
 		for arm, ans := range armNS {
-			if ans == ns && strings.HasPrefix(podName, ns+"/"+arm+"-") {
+			if ans == ns && strings.HasPrefix(podName, arm+"-") {
 				r.res.PublishLog[arm] = append(r.res.PublishLog[arm], secs)
 			}
 		}
