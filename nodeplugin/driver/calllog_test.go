@@ -1,10 +1,13 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -178,4 +181,42 @@ func TestEachCSICallIsLoggedOnce(t *testing.T) {
 			}
 		}
 	})
+}
+
+func TestTokensAndSecretsReachNeitherLogsNorRecords(t *testing.T) {
+	f := newFixture(t)
+	var logs bytes.Buffer
+	node := f.serve(t, slog.New(slog.NewJSONHandler(&logs, nil)))
+	attrs := hostdirAttrs("data")
+	attrs["csi.storage.k8s.io/serviceAccount.tokens"] = `{"aud":{"token":"eyJhbGciOiJSUzI1NiJ9.SECRET-TOKEN"}}`
+	req := f.publishReq("vol-1", f.target("pod-a"), attrs)
+	req.Secrets = map[string]string{"password": "SECRET-PASSWORD"}
+	if _, err := node.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	out := logs.String() + f.logs.String()
+	if strings.Contains(out, "SECRET") {
+		t.Fatalf("a secret reached the logs: %s", out)
+	}
+	for _, want := range []string{`"volumeID":"vol-1"`, `"pod":"app"`, `"namespace":"default"`, `"code":"OK"`} {
+		if !strings.Contains(logs.String(), want) {
+			t.Fatalf("log lacks %s: %s", want, logs.String())
+		}
+	}
+	rec := f.d.Records()[0]
+	if _, ok := rec.Attributes["csi.storage.k8s.io/serviceAccount.tokens"]; ok {
+		t.Fatal("the state record kept the service account tokens")
+	}
+	var data []byte
+	files, _ := os.ReadDir(f.d.store.Dir())
+	for _, e := range files {
+		b, _ := os.ReadFile(filepath.Join(f.d.store.Dir(), e.Name()))
+		data = append(data, b...)
+	}
+	if !strings.Contains(string(data), rec.Key()) {
+		t.Fatalf("the record is not in the state dir %s", f.d.store.Dir())
+	}
+	if strings.Contains(string(data), "SECRET") {
+		t.Fatal("a secret reached the state dir")
+	}
 }
