@@ -159,7 +159,7 @@ func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (stillKept,
 		return true, false, nil
 	}
 	if err := d.release(rec); err != nil {
-		return true, false, fmt.Errorf("removing the kept writable layer of volume %s at %s: %w", rec.VolumeID, rec.TargetPath, err)
+		return true, false, fmt.Errorf("removing the kept writable layer of volume %s: %w", rec.VolumeID, err)
 	}
 	forget()
 	d.metrics.keptRemoved.WithLabelValues("pod-gone").Inc()
@@ -223,7 +223,7 @@ func (d *Driver) removeKeptForBudget(ctx context.Context, rec *state.Record, tot
 		return err
 	}
 	if err := d.release(rec); err != nil {
-		return fmt.Errorf("removing the kept writable layer of volume %s at %s: %w", rec.VolumeID, rec.TargetPath, err)
+		return fmt.Errorf("removing the kept writable layer of volume %s: %w", rec.VolumeID, err)
 	}
 	d.mu.Lock()
 	delete(d.podGone, rec.Key())

@@ -183,7 +183,8 @@ func (d *Driver) checkExisting(r *publishRequest) (done bool, err error) {
 	}
 	r.call.add("droppedStaleRecordOf", rec.VolumeID)
 	if err := d.release(rec); err != nil {
-		return false, status.Errorf(codes.Internal, "cleaning up a stale publish of %s: %v", r.target, err)
+		// err names the target.
+		return false, status.Errorf(codes.Internal, "cleaning up a stale publish: %v", err)
 	}
 	return false, nil
 }
@@ -225,7 +226,8 @@ func (d *Driver) mountWithRecord(r *publishRequest, rec *state.Record, mount fun
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
-	return status.Errorf(codes.Internal, "mounting volume %q at %s: %v", r.volumeID, r.target, err)
+	// kubelet's event names the volume; the target says where on the node.
+	return status.Errorf(codes.Internal, "mounting at %s: %v", r.target, err)
 }
 
 // redactAttributes drops kubelet's service account tokens and masks anything else that looks

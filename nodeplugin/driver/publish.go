@@ -28,9 +28,10 @@ var errNoLibraryStore = status.Error(codes.FailedPrecondition, "library cache no
 func (d *Driver) publishHostDir(r *publishRequest) error {
 	name, via := r.spec.HostDir, ""
 	if name == "" {
-		// A Datadog socket type: the administrator maps it to an entry.
+		// A Datadog socket type: the administrator maps it to an entry. Every message below
+		// names the entry: via says only where the mapping is set.
 		name = d.cfg.DatadogSockets[r.spec.Type]
-		via = fmt.Sprintf("volume type %s maps to hostdir entry %q (set with --datadog-socket-entry): ", r.spec.Type, name)
+		via = fmt.Sprintf("volume type %s (mapped to its hostdir entry by --datadog-socket-entry): ", r.spec.Type)
 	}
 	entry, err := d.cfg.HostDirs.Lookup(name)
 	if err != nil {
@@ -40,13 +41,13 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 		return err
 	}
 	if entry.ReadOnly && r.attrs[volumeattrs.KeyReadOnly] == "false" {
-		return status.Errorf(codes.InvalidArgument, "%shostdir entry %q is read-only on this node and the volume asks for readOnly: \"false\"; drop that attribute or use a writable entry (%s)", via, name, d.describeEntries())
+		return status.Errorf(codes.InvalidArgument, "%shostdir entry %q is read-only on this node and the volume asks for readOnly: \"false\"; drop that attribute or use a writable entry (%s)", via, name, d.describeWritableEntries())
 	}
 	readOnly := r.readOnly || entry.ReadOnly
 	if readOnly {
-		what := fmt.Sprintf("%shostdir entry %q", via, name)
+		what := fmt.Sprintf("%sthe volume asks for hostdir entry %q read-only", via, name)
 		if entry.ReadOnly {
-			what = fmt.Sprintf("%sread-only hostdir entry %q", via, name)
+			what = fmt.Sprintf("%shostdir entry %q is read-only on this node", via, name)
 		}
 		if err := requirePodReadOnly(r, what); err != nil {
 			return err
@@ -82,14 +83,13 @@ func (d *Driver) publishHostDir(r *publishRequest) error {
 // read-write, and the container could then write into the host directory or the library store
 // other pods load from. With readOnly: true kubelet mounts the volume read-only into every
 // container. The code is FailedPrecondition, the CSI code for a capability the volume does not
-// support: the volume cannot be offered writable.
-func requirePodReadOnly(r *publishRequest, what string) error {
+// support: the volume cannot be offered writable. why says why the volume is read-only; the
+// message does not name the volume, which kubelet's event about the failed mount does.
+func requirePodReadOnly(r *publishRequest, why string) error {
 	if r.podReadOnly {
 		return nil
 	}
-	// The target is <kubelet-dir>/pods/<pod-uid>/volumes/kubernetes.io~csi/<volume>/mount: name
-	// the pod's own volume.
-	return status.Errorf(codes.FailedPrecondition, "volume %s: %s is served read-only, and container runtimes re-enable writes on a read-only bind mount unless the pod's CSI volume is readOnly; set readOnly: true under the pod's csi: volume source (volumes[].csi.readOnly; for a persistent volume, readOnly: true on the pod's persistentVolumeClaim volume), then recreate the pod", filepath.Base(filepath.Dir(r.target)), what)
+	return status.Errorf(codes.FailedPrecondition, "%s, and container runtimes re-enable writes on a read-only bind mount unless the pod's CSI volume is readOnly; set readOnly: true under the pod's csi: volume source (volumes[].csi.readOnly; for a persistent volume, readOnly: true on the pod's persistentVolumeClaim volume), then recreate the pod", why)
 }
 
 // bindPath bind-mounts a path of the library store (a layer dir, a generated file) onto the
@@ -127,6 +127,21 @@ func (d *Driver) describeEntries() string {
 		parts = append(parts, n+" ("+mode+")")
 	}
 	return "declared entries: " + strings.Join(parts, ", ")
+}
+
+// describeWritableEntries lists the declared writable entries, for the message of a volume that
+// asks a read-only entry for writes.
+func (d *Driver) describeWritableEntries() string {
+	var names []string
+	for _, n := range d.cfg.HostDirs.Names() {
+		if e, _ := d.cfg.HostDirs.Lookup(n); !e.ReadOnly {
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return "no writable hostdir entries are declared on this node"
+	}
+	return "writable entries: " + strings.Join(names, ", ")
 }
 
 // publishLibrary composes the volume's layers into one mount: a writable overlay with a private
@@ -177,14 +192,14 @@ func (d *Driver) publishLibrary(ctx context.Context, r *publishRequest) error {
 			if errors.Is(err, fs.ErrNotExist) {
 				resume = false
 			} else if err != nil {
-				return fmt.Errorf("resuming the kept %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+				return fmt.Errorf("resuming the kept writable layer: %w", err)
 			}
 		}
 		if !resume {
 			if err := d.writable.Prepare(rec.OverlayDir, limit); err != nil {
 				// A world-writable upper dir (the volume's root, like an emptyDir) and a
 				// work dir, together bounded by the limit.
-				return fmt.Errorf("preparing the %s writable layer: %w", writablelayer.FormatBytes(limit), err)
+				return fmt.Errorf("preparing the writable layer: %w", err)
 			}
 		}
 		return d.writable.Mount(func() error {
@@ -290,7 +305,7 @@ func (d *Driver) publishPreload(r *publishRequest) error {
 	if d.cfg.Libraries == nil {
 		return errNoLibraryStore
 	}
-	if err := requirePodReadOnly(r, "the preload file (type "+r.spec.Type+")"); err != nil {
+	if err := requirePodReadOnly(r, "the preload file (type "+r.spec.Type+") is always read-only"); err != nil {
 		return err
 	}
 	dir, err := d.cfg.Libraries.GeneratedFiles(map[string]string{volumeattrs.PreloadFile: r.spec.Preload + "\n"})

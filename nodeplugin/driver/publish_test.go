@@ -52,7 +52,7 @@ func TestPublishValidation(t *testing.T) {
 		{name: "writable request on read-only entry", mutate: func(r *csi.NodePublishVolumeRequest) {
 			r.VolumeContext["name"] = "ro-data"
 			r.VolumeContext["readOnly"] = "false"
-		}, code: codes.InvalidArgument, contains: []string{"read-only", "ro-data (read-only)"}},
+		}, code: codes.InvalidArgument, contains: []string{`hostdir entry "ro-data" is read-only`, "writable entries: apm-socket, data, demo"}},
 		{name: "datadog socket mapped to undeclared entry", mutate: func(r *csi.NodePublishVolumeRequest) {
 			r.VolumeContext = map[string]string{"type": "DSDSocket"}
 		}, code: codes.InvalidArgument, contains: []string{"--datadog-socket-entry", `"dsd-undeclared" is not declared`}},

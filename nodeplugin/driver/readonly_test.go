@@ -30,10 +30,10 @@ func TestReadOnlyVolumesNeedThePodsReadOnlyFlagOrAreOverlays(t *testing.T) {
 		// naming this; otherwise it is served as an overlay with no upper dir.
 		refused string
 	}{
-		{name: "read-only hostdir entry", attrs: hostdirAttrs("ro-data"), refused: `read-only hostdir entry "ro-data"`},
-		{name: "writable entry asked read-only by attribute", attrs: map[string]string{"type": "hostdir", "name": "data", "readOnly": "true"}, refused: `hostdir entry "data"`},
-		{name: "socket type mapped to a read-only entry", opts: []fixtureOption{withSocketEntry("ro-data")}, attrs: map[string]string{"type": volumeattrs.TypeDSDSocket}, refused: "volume type DSDSocket maps to hostdir entry"},
-		{name: "preload file", attrs: map[string]string{"type": "DatadogInjectorPreload"}, refused: "the preload file"},
+		{name: "read-only hostdir entry", attrs: hostdirAttrs("ro-data"), refused: `hostdir entry "ro-data" is read-only on this node`},
+		{name: "writable entry asked read-only by attribute", attrs: map[string]string{"type": "hostdir", "name": "data", "readOnly": "true"}, refused: `the volume asks for hostdir entry "data" read-only`},
+		{name: "socket type mapped to a read-only entry", opts: []fixtureOption{withSocketEntry("ro-data")}, attrs: map[string]string{"type": volumeattrs.TypeDSDSocket}, refused: `volume type DSDSocket (mapped to its hostdir entry by --datadog-socket-entry): hostdir entry "ro-data" is read-only`},
+		{name: "preload file", attrs: map[string]string{"type": "DatadogInjectorPreload"}, refused: "the preload file (type DatadogInjectorPreload) is always read-only"},
 		{name: "read-only single-layer library", attrs: func() map[string]string {
 			a := libraryAttrs("r.local/a:v1")
 			a["readOnly"] = "true"
@@ -53,7 +53,7 @@ func TestReadOnlyVolumesNeedThePodsReadOnlyFlagOrAreOverlays(t *testing.T) {
 				req.Readonly = podReadOnly
 				_, err := f.d.NodePublishVolume(context.Background(), req)
 				if tt.refused != "" && !podReadOnly {
-					wantCode(t, err, codes.FailedPrecondition, "volume vol: ", tt.refused, "readOnly: true under the pod's csi: volume source", "re-enable writes")
+					wantCode(t, err, codes.FailedPrecondition, tt.refused, "readOnly: true under the pod's csi: volume source", "re-enable writes")
 					if f.m.Len() != 0 || len(f.d.Records()) != 0 {
 						t.Fatalf("a refused publish left %d mounts, records %+v", f.m.Len(), f.d.Records())
 					}

@@ -115,7 +115,8 @@ func targetDirError(target string, err error) error {
 	if errors.Is(err, errTargetLink) {
 		return status.Errorf(codes.FailedPrecondition, "target_path %s leads through a symbolic link or a non-directory below the kubelet pods dir; the node plugin mounts only into a pod's own volume dir and never follows links there", target)
 	}
-	return status.Errorf(codes.Internal, "opening the volume dir of %s: %v", target, err)
+	// err names the target (or the pods dir) already.
+	return status.Errorf(codes.Internal, "opening the volume dir: %v", err)
 }
 
 // isMountedAt is IsMountPointAt with a missing target meaning "not mounted".
@@ -154,7 +155,7 @@ func (d *Driver) unmountAll(dirfd int, target string) error {
 			return nil
 		}
 		if err := d.mounter.UnmountAt(dirfd, targetName); err != nil && !errors.Is(err, mounter.ErrNotMounted) {
-			return err
+			return fmt.Errorf("unmounting %s: %w", target, err)
 		}
 	}
 	return fmt.Errorf("%s still has mounts after %d unmounts", target, maxStackedMounts)
@@ -178,8 +179,10 @@ func prepareTarget(dirfd int, target string, isFile bool) error {
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			flags = unix.AT_REMOVEDIR
 		}
-		if err := unix.Unlinkat(dirfd, targetName, flags); err != nil {
-			return status.Errorf(codes.FailedPrecondition, "target %s exists as a %s and is not empty; the volume needs a %s there: %v", target, kindName(st.Mode), kindName(wantMode(isFile)), err)
+		if err := unix.Unlinkat(dirfd, targetName, flags); errors.Is(err, unix.ENOTEMPTY) || errors.Is(err, unix.EEXIST) {
+			return status.Errorf(codes.FailedPrecondition, "target %s exists as a %s and is not empty; the volume needs a %s there", target, kindName(st.Mode), kindName(wantMode(isFile)))
+		} else if err != nil {
+			return status.Errorf(codes.FailedPrecondition, "target %s exists as a %s and cannot be removed; the volume needs a %s there: %v", target, kindName(st.Mode), kindName(wantMode(isFile)), err)
 		}
 	}
 	if !isFile {

@@ -22,18 +22,17 @@ func (d *Driver) authorizeHostDir(r *publishRequest, entry hostdir.Entry, via st
 	if err == nil {
 		return nil
 	}
-	pod := "a pod whose identity kubelet did not send"
+	// err says which of the pod's namespace and service account is refused, or unknown: the
+	// pod is named without them.
+	pod := "this pod"
 	if id.Namespace != "" {
 		pod = "pod " + id.Namespace + "/" + r.attrs[attrPodName]
-		if id.ServiceAccount != "" {
-			pod += " (service account " + id.ServiceAccount + ")"
-		}
 	}
 	r.call.add("entry", entry.Name, "serviceAccount", id.ServiceAccount, "allowed", entry.Tenancy().Describe())
 	return status.Errorf(codes.PermissionDenied,
 		"%shostdir entry %q may not be used by %s: %v. The node administrator declares who may use each entry "+
-			"in the node plugin's configuration: --hostdir %s=PATH,namespaces=NS1|NS2[,service-accounts=NS/SA], "+
+			"in the node plugin's configuration: --hostdir NAME=PATH,namespaces=NS1|NS2[,service-accounts=NS/SA], "+
 			"or namespaces/serviceAccounts of the entry in its --config file (Helm value node.hostDirs[].namespaces); "+
 			"use an entry allowed for this namespace or ask for this one to be extended",
-		via, entry.Name, pod, err, entry.Name)
+		via, entry.Name, pod, err)
 }

@@ -33,10 +33,10 @@ func TestPublishHostDirEnforcesTenancy(t *testing.T) {
 	}{
 		{name: "allowed namespace", attrs: podAttrs("hostdir", "team-a", "team-a", "default"), code: codes.OK},
 		{name: "other namespace", attrs: podAttrs("hostdir", "team-a", "team-b", "default"), code: codes.PermissionDenied,
-			contains: []string{`hostdir entry "team-a" may not be used by pod team-b/app (service account default)`, "namespace team-b is not allowed; the entry allows namespaces team-a",
-				"--hostdir team-a=PATH,namespaces=", "Helm value node.hostDirs[].namespaces"}},
+			contains: []string{`hostdir entry "team-a" may not be used by pod team-b/app: namespace team-b`, "namespace team-b is not allowed; the entry allows namespaces team-a",
+				"--hostdir NAME=PATH,namespaces=", "Helm value node.hostDirs[].namespaces"}},
 		{name: "no pod info", attrs: podAttrs("hostdir", "team-a", "", ""), code: codes.PermissionDenied,
-			contains: []string{"a pod whose identity kubelet did not send", "podInfoOnMount: true"}},
+			contains: []string{"may not be used by this pod: the pod's namespace is unknown", "podInfoOnMount: true"}},
 		{name: "allowed service account", attrs: podAttrs("hostdir", "team-a-writer", "team-a", "writer"), code: codes.OK},
 		{name: "other service account", attrs: podAttrs("hostdir", "team-a-writer", "team-a", "default"), code: codes.PermissionDenied,
 			contains: []string{"service account team-a/default is not allowed", "service accounts team-a/writer"}},
@@ -46,7 +46,7 @@ func TestPublishHostDirEnforcesTenancy(t *testing.T) {
 			contains: []string{"namespace team-b is not allowed"}},
 		// A Datadog socket type maps to an entry, whose tenancy applies.
 		{name: "socket type from other namespace", attrs: podAttrs("APMSocketDirectory", "", "team-b", "default"), code: codes.PermissionDenied,
-			contains: []string{`volume type APMSocketDirectory maps to hostdir entry "team-a-socket"`, "namespace team-b is not allowed"}},
+			contains: []string{`volume type APMSocketDirectory (mapped to its hostdir entry by --datadog-socket-entry): hostdir entry "team-a-socket" may not be used`, "namespace team-b is not allowed"}},
 		{name: "socket type from allowed namespace", attrs: podAttrs("APMSocketDirectory", "", "team-a", "default"), code: codes.OK},
 		// An entry for every namespace needs no pod info.
 		{name: "unrestricted entry without pod info", attrs: podAttrs("hostdir", "data", "", ""), code: codes.OK},

@@ -82,7 +82,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", target, err)
+		// Every error of the release names the target.
+		return nil, status.Error(codes.Internal, err.Error())
 	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
@@ -90,7 +91,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 // release undoes a publish: unmounts the target if it is still mounted, removes the target, the
 // overlay dirs and the record. Each step tolerates having been done already. The target is
 // reached from the pods dir without following links; one that now leads through a link is
-// left alone, with its record (errTargetLink).
+// left alone, with its record (errTargetLink). Every error names the target once.
 func (d *Driver) release(rec *state.Record) error {
 	dir, err := d.openTargetDir(rec.TargetPath, false)
 	switch {
@@ -108,9 +109,12 @@ func (d *Driver) release(rec *state.Record) error {
 		}
 	}
 	if err := d.removeOverlayDir(rec.OverlayDir); err != nil {
-		return err
+		return fmt.Errorf("releasing the writable layer of %s: %w", rec.TargetPath, err)
 	}
-	return d.deleteRecord(rec)
+	if err := d.deleteRecord(rec); err != nil {
+		return fmt.Errorf("dropping the record of %s: %w", rec.TargetPath, err)
+	}
+	return nil
 }
 
 // overlayKey returns the name of dir in the overlays dir, if dir is exactly

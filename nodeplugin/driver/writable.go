@@ -23,9 +23,8 @@ func (d *Driver) writableLimit(r *publishRequest) (int64, error) {
 	}
 	if maxLimit := d.cfg.MaxWritableLimit; asked > maxLimit {
 		return 0, status.Errorf(codes.InvalidArgument,
-			"volume attribute %q=%q asks for a writable layer of %s (%d bytes), above this node's maximum of %s (%d bytes); ask for at most %s, or have the node administrator raise the node plugin flag --max-writable-layer",
-			volumeattrs.KeyWritableLimit, r.attrs[volumeattrs.KeyWritableLimit], writablelayer.FormatBytes(asked), asked,
-			writablelayer.FormatBytes(maxLimit), maxLimit, writablelayer.FormatBytes(maxLimit))
+			"volume attribute %q asks for a writable layer of %s (%d bytes), above this node's maximum of %s (%d bytes); ask for at most that, or have the node administrator raise the node plugin flag --max-writable-layer",
+			volumeattrs.KeyWritableLimit, writablelayer.FormatBytes(asked), asked, writablelayer.FormatBytes(maxLimit), maxLimit)
 	}
 	return asked, nil
 }

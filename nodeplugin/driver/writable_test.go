@@ -84,7 +84,7 @@ func TestWritableLimitAboveTheMaximumIsRefusedBeforeAnythingIsAllocated(t *testi
 		req := f.publishReq("vol-1", target, attrs)
 		req.Readonly = readonly
 		_, err := f.d.NodePublishVolume(context.Background(), req)
-		wantCode(t, err, codes.InvalidArgument, `"writableLimit"="2Gi"`, "2Gi (2147483648 bytes)", "512Mi (536870912 bytes)", "--max-writable-layer")
+		wantCode(t, err, codes.InvalidArgument, `volume attribute "writableLimit" asks for a writable layer of 2Gi (2147483648 bytes)`, "512Mi (536870912 bytes)", "--max-writable-layer")
 		if f.store.calls != 0 {
 			t.Errorf("the library store was asked for %d layers", f.store.calls)
 		}
@@ -109,7 +109,7 @@ func TestWritableLayerFailureFreesEverything(t *testing.T) {
 			target := f.target("pod-a")
 			_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", target, libraryAttrs("r.local/a:v1")))
 			wantCode(t, err, codes.Internal)
-			if step == "prepare" && !strings.Contains(err.Error(), "preparing the 256Mi writable layer: tmpfs: ENOMEM") {
+			if step == "prepare" && !strings.Contains(err.Error(), "preparing the writable layer: tmpfs: ENOMEM") {
 				t.Errorf("error %q does not say what failed", err)
 			}
 			if list, _ := f.d.store.List(); len(list) != 0 {

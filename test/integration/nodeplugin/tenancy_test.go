@@ -41,7 +41,7 @@ func TestHostDirOfAnotherTeamIsRefused(t *testing.T) {
 	}{
 		{"pod of another namespace", kubeletAttrs(teamA, "thief", "team-b", "app"), "namespace team-b is not allowed"},
 		{"other service account of the same namespace", kubeletAttrs(teamA, "thief", "team-a", "default"), "service account team-a/default is not allowed"},
-		{"publish without pod info", teamA, "identity kubelet did not send"},
+		{"publish without pod info", teamA, "the pod's namespace is unknown"},
 	}
 	for i, a := range attacks {
 		t.Run(a.name, func(t *testing.T) {
