@@ -9,6 +9,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
 // callLog is what the one log record of a CSI call says beyond its request: the facts only the
@@ -49,6 +51,18 @@ func (c *callLog) atLeast(level slog.Level) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.level = max(c.level, level)
+}
+
+// addLibraries attaches the images of a library volume, if spec has any.
+func (c *callLog) addLibraries(spec *volumeattrs.Spec) {
+	if c == nil || len(spec.Libraries) == 0 {
+		return
+	}
+	images := make([]string, 0, len(spec.Libraries))
+	for _, l := range spec.Libraries {
+		images = append(images, l.Image)
+	}
+	c.add("library", images)
 }
 
 // podLogAttrs are the log keys of a pod: name, namespace and uid, those that are known.

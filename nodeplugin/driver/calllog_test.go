@@ -149,8 +149,22 @@ func TestEachCSICallIsLoggedOnce(t *testing.T) {
 		if len(records) != 1 {
 			t.Fatalf("logged %d records, want 1: %+v", len(records), records)
 		}
-		if got := records[0].attrs["library"]; !slices.Equal(got.([]string), []string{"registry.test/java:1", "registry.test/python:2"}) {
-			t.Fatalf("library = %v", got)
+		if got, _ := records[0].attrs["library"].([]string); !slices.Equal(got, []string{"registry.test/java:1", "registry.test/python:2"}) {
+			t.Fatalf("library = %v", records[0].attrs["library"])
+		}
+	})
+
+	t.Run("a library volume's unpublish names its libraries from the record", func(t *testing.T) {
+		h.take()
+		if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-2", TargetPath: f.target("pod-uid-2")}); err != nil {
+			t.Fatal(err)
+		}
+		records := h.take()
+		if len(records) != 1 {
+			t.Fatalf("logged %d records, want 1: %+v", len(records), records)
+		}
+		if got, _ := records[0].attrs["library"].([]string); !slices.Equal(got, []string{"registry.test/java:1", "registry.test/python:2"}) {
+			t.Fatalf("library = %v", records[0].attrs["library"])
 		}
 	})
 

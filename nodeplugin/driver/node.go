@@ -140,13 +140,7 @@ func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest, call *callLo
 		mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY ||
 		mode == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
 	call.add("volumeType", spec.Type)
-	if len(spec.Libraries) > 0 {
-		images := make([]string, 0, len(spec.Libraries))
-		for _, l := range spec.Libraries {
-			images = append(images, l.Image)
-		}
-		call.add("library", images)
-	}
+	call.addLibraries(spec)
 	return &publishRequest{volumeID: req.GetVolumeId(), target: target, spec: spec, attrs: attrs, readOnly: readOnly, podReadOnly: req.GetReadonly(), call: call}, nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
 // NodeUnpublishVolume implements csi.NodeServer: unmount, remove the target, free the overlay
@@ -52,6 +53,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		kind = rec.Kind
 		call.add("volumeType", rec.Type)
 		call.add(podLogAttrs(rec.Pod.Namespace, rec.Pod.Name, rec.Pod.UID)...)
+		if spec, err := volumeattrs.Parse(rec.Attributes); err == nil {
+			call.addLibraries(spec)
+		}
 		if rec.VolumeID != req.GetVolumeId() {
 			// The target holds another volume: unmounting it would break that one.
 			call.add("nothingDone", "another volume is published at this target", "publishedVolumeID", rec.VolumeID)
