@@ -27,8 +27,10 @@ import (
 
 // Parameters of the node reboot scenario.
 const (
-	// rebootPodsEnv sets how many pods the scenario's Deployment runs (default 10); the
-	// recovery time of docs/node-plugin.md was measured with 10 and 30.
+	// rebootPodsEnv sets how many pods the scenario's Deployment runs (default 10), or a
+	// comma-separated list of sizes, each rebooted APM_CSI_E2E_REBOOTS times (the Deployment
+	// is scaled between them); the recovery times of docs/node-plugin.md were measured with
+	// "10,30".
 	rebootPodsEnv     = "APM_CSI_E2E_REBOOT_PODS"
 	defaultRebootPods = 10
 	// rebootsEnv sets how many times the node is rebooted (default 1), for measurements.
@@ -42,17 +44,22 @@ const (
 	writtenFile = framework.LibraryMountPath + "/written-by-pod"
 )
 
-func envCount(t *testing.T, name string, def int) int {
+// envCounts reads a comma-separated list of positive numbers from the environment.
+func envCounts(t *testing.T, name string, def int) []int {
 	t.Helper()
 	v := os.Getenv(name)
 	if v == "" {
-		return def
+		return []int{def}
 	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 1 {
-		t.Fatalf("%s=%q: want a positive number", name, v)
+	var out []int
+	for _, part := range strings.Split(v, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(part))
+		if err != nil || n < 1 {
+			t.Fatalf("%s=%q: want positive numbers, separated by commas", name, v)
+		}
+		out = append(out, n)
 	}
-	return n
+	return out
 }
 
 // Scenario: the node reboots with N pods of a Deployment (the demo app, instrumented by the
@@ -64,7 +71,11 @@ func envCount(t *testing.T, name string, def int) int {
 // written file is gone with tmpfs writable layers (this node, without project quotas), kept
 // where the state dir enforces project quotas (then the scenario turns on kept layers).
 func scenarioNodeReboot(t *testing.T, ctx context.Context, e *env) {
-	runNodeReboot(t, ctx, e, envCount(t, rebootPodsEnv, defaultRebootPods), envCount(t, rebootsEnv, 1))
+	reboots := envCounts(t, rebootsEnv, 1)
+	if len(reboots) != 1 {
+		t.Fatalf("%s: one number", rebootsEnv)
+	}
+	runNodeReboot(t, ctx, e, envCounts(t, rebootPodsEnv, defaultRebootPods), reboots[0])
 }
 
 // rebootFixture is what the reboot scenario runs and checks.
@@ -80,14 +91,14 @@ type rebootFixture struct {
 	writer *corev1.Pod
 }
 
-func runNodeReboot(t *testing.T, ctx context.Context, e *env, pods, reboots int) {
+func runNodeReboot(t *testing.T, ctx context.Context, e *env, sizes []int, reboots int) {
 	ns := namespace(t, ctx, e, "e2e-reboot", ssiLabels)
 	mech, reason, err := framework.WritableLayerMechanism(e.d.StateDir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("writable layers on this node: %s (%s)", mech, reason)
-	f := &rebootFixture{e: e, ns: ns, service: "e2e-reboot-app", pods: pods, keep: mech == writablelayer.ProjectQuota}
+	f := &rebootFixture{e: e, ns: ns, service: "e2e-reboot-app", pods: sizes[0], keep: mech == writablelayer.ProjectQuota}
 	if f.keep {
 		if err := e.d.KeepWritableLayers(ctx, keptLayerGrace); err != nil {
 			t.Fatal(err)
@@ -97,7 +108,7 @@ func runNodeReboot(t *testing.T, ctx context.Context, e *env, pods, reboots int)
 
 	start := time.Now()
 	f.createDeployment(t, ctx)
-	measure(t, fmt.Sprintf("%d pods of the Deployment Ready", pods), start)
+	measure(t, fmt.Sprintf("%d pods of the Deployment Ready", f.pods), start)
 	f.writer = createReady(t, ctx, e, framework.BusyboxPod(ns, "writer", "true"))
 	checkInstrumented(t, e, f.writer, e.jsRef)
 	f.checkLibraries(t, ctx, time.Time{})
@@ -112,19 +123,26 @@ func runNodeReboot(t *testing.T, ctx context.Context, e *env, pods, reboots int)
 	}
 	f.checkMounts(t, ctx)
 
-	for round := 1; round <= reboots; round++ {
-		t.Logf("reboot %d of %d with %d Deployment pods", round, reboots, pods)
-		execIn(t, ctx, e, f.writer, "sh", "-c", fmt.Sprintf("echo before-reboot-%d > %s", round, writtenFile))
-		var doomed *corev1.Pod
-		if round == 1 {
-			doomed = createReady(t, ctx, e, framework.BusyboxPod(ns, "deleted-while-down", "true"))
+	round := 0
+	for i, size := range sizes {
+		if i > 0 {
+			f.scale(t, ctx, size)
 		}
-		f.reboot(t, ctx, round, doomed)
-		f.checkLibraries(t, ctx, time.Now())
-		f.checkWrites(t, ctx, round)
-		f.checkMounts(t, ctx)
-		if doomed != nil {
-			f.checkGone(t, ctx, doomed)
+		for r := 1; r <= reboots; r++ {
+			round++
+			t.Logf("reboot %d of %d with %d Deployment pods", r, reboots, f.pods)
+			execIn(t, ctx, e, f.writer, "sh", "-c", fmt.Sprintf("echo before-reboot-%d > %s", round, writtenFile))
+			var doomed *corev1.Pod
+			if round == 1 {
+				doomed = createReady(t, ctx, e, framework.BusyboxPod(ns, "deleted-while-down", "true"))
+			}
+			f.reboot(t, ctx, round, doomed)
+			f.checkLibraries(t, ctx, time.Now())
+			f.checkWrites(t, ctx, round)
+			f.checkMounts(t, ctx)
+			if doomed != nil {
+				f.checkGone(t, ctx, doomed)
+			}
 		}
 	}
 	if err := e.d.WaitReady(ctx); err != nil {
@@ -147,9 +165,36 @@ func (f *rebootFixture) createDeployment(t *testing.T, ctx context.Context) {
 	if _, err := f.e.cs.AppsV1().Deployments(f.ns).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	f.waitPods(t, ctx)
+}
+
+// scale sets the Deployment's replicas and waits for its pods.
+func (f *rebootFixture) scale(t *testing.T, ctx context.Context, pods int) {
+	t.Helper()
+	start := time.Now()
+	s, err := f.e.cs.AppsV1().Deployments(f.ns).GetScale(ctx, "web", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Spec.Replicas = int32(pods)
+	if _, err := f.e.cs.AppsV1().Deployments(f.ns).UpdateScale(ctx, "web", s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	f.pods = pods
+	f.waitPods(t, ctx)
+	measure(t, fmt.Sprintf("Deployment scaled to %d Ready pods", pods), start)
+	f.checkMounts(t, ctx)
+}
+
+// waitPods waits until the Deployment has f.pods Ready pods (and no other) and records them.
+func (f *rebootFixture) waitPods(t *testing.T, ctx context.Context) {
+	t.Helper()
 	var ready []corev1.Pod
 	if err := framework.Poll(ctx, rebootRecoveryTimeout, fmt.Sprintf("%d Ready pods of the Deployment", f.pods), func() (bool, error) {
-		var err error
+		l, err := f.e.cs.CoreV1().Pods(f.ns).List(ctx, metav1.ListOptions{LabelSelector: "app=web"})
+		if err != nil || len(l.Items) != f.pods {
+			return false, nil
+		}
 		ready, err = f.readyPods(ctx, time.Time{})
 		return err == nil && len(ready) == f.pods, nil
 	}); err != nil {
@@ -243,9 +288,22 @@ func (f *rebootFixture) reboot(t *testing.T, ctx context.Context, round int, doo
 		t.Fatalf("simulated reboot: %v", err)
 	}
 	t0 := r.KubeletStarted
-	var firstReady, allReady time.Duration
+	var firstReady, allReady, allMounted time.Duration
 	var last int
 	if err := framework.Poll(ctx, rebootRecoveryTimeout, fmt.Sprintf("the %d Deployment pods Ready again after the reboot", f.pods), func() (bool, error) {
+		if allMounted == 0 {
+			if all, err := framework.Mounts(); err == nil {
+				mounted := 0
+				for uid := range f.uids {
+					if len(framework.MountsAt(all, framework.CSIMountDir(f.e.c.KubeletDir(), uid, framework.LibraryVolumeName))) > 0 {
+						mounted++
+					}
+				}
+				if mounted == len(f.uids) {
+					allMounted = time.Since(t0)
+				}
+			}
+		}
 		ready, err := f.readyPods(ctx, t0)
 		if err != nil {
 			return false, nil
@@ -263,8 +321,8 @@ func (f *rebootFixture) reboot(t *testing.T, ctx context.Context, round int, doo
 		t.Fatalf("%v (%d of %d Ready)", err, last, f.pods)
 	}
 	registered := f.pluginRegisteredAfter(t, ctx, t0)
-	t.Logf("MEASURE reboot %d, %d pods: first pod Ready %s, all pods Ready %s, node plugin registered %s after kubelet start; node down %s, %d mounts dropped; load average before %s, after %s",
-		round, f.pods, firstReady.Round(100*time.Millisecond), allReady.Round(100*time.Millisecond), registered.Round(100*time.Millisecond),
+	t.Logf("MEASURE reboot %d, %d pods: first pod Ready %s, all pods Ready %s, node plugin registered %s, every volume mounted again %s after kubelet start; node down %s, %d mounts dropped; load average before %s, after %s",
+		round, f.pods, firstReady.Round(100*time.Millisecond), allReady.Round(100*time.Millisecond), registered.Round(100*time.Millisecond), allMounted.Round(100*time.Millisecond),
 		t0.Sub(r.Down).Round(100*time.Millisecond), r.Unmounted, loadBefore, loadAverage())
 
 	// The same pods come back: a reboot replaces no pod.
