@@ -100,9 +100,14 @@ func runNodeReboot(t *testing.T, ctx context.Context, e *env, sizes []int, reboo
 	t.Logf("writable layers on this node: %s (%s)", mech, reason)
 	f := &rebootFixture{e: e, ns: ns, service: "e2e-reboot-app", pods: sizes[0], keep: mech == writablelayer.ProjectQuota}
 	if f.keep {
-		if err := e.d.KeepWritableLayers(ctx, keptLayerGrace); err != nil {
+		if err := e.d.SetKeepWritableLayers(ctx, true, keptLayerGrace); err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() {
+			if err := e.d.SetKeepWritableLayers(context.Background(), false, ""); err != nil {
+				t.Errorf("turning kept writable layers off again: %v", err)
+			}
+		})
 		t.Logf("project quotas: the node plugin keeps writable layers (grace %s)", keptLayerGrace)
 	}
 

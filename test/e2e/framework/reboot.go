@@ -143,14 +143,21 @@ func emptyDir(dir string) error {
 	return nil
 }
 
-// KeepWritableLayers upgrades the release with the node plugin keeping writable layers across
-// reboots (chart values node.writableLayer.keep and .keptGrace), every other value kept, and
-// waits until the new plugin pod is ready and registered.
-func (d *Deployment) KeepWritableLayers(ctx context.Context, grace string) error {
-	d.logf("helm upgrade %s --set node.writableLayer.keep=true,node.writableLayer.keptGrace=%s", Release, grace)
-	if out, err := d.Helm(ctx, "upgrade", Release, filepath.Join(d.Opts.RepoRoot, chartDir), "--namespace", Namespace,
-		"--reuse-values", "--set", "node.writableLayer.keep=true", "--set", "node.writableLayer.keptGrace="+grace,
-		"--wait", "--timeout", "5m"); err != nil {
+// SetKeepWritableLayers upgrades the release with the node plugin keeping writable layers
+// across reboots or not (chart values node.writableLayer.keep and .keptGrace; grace is
+// ignored when keep is false), every other value kept, and waits until the new plugin pod is
+// ready and registered.
+func (d *Deployment) SetKeepWritableLayers(ctx context.Context, keep bool, grace string) error {
+	if !keep {
+		grace = ""
+	}
+	sets := []string{fmt.Sprintf("node.writableLayer.keep=%t", keep), "node.writableLayer.keptGrace=" + grace}
+	d.logf("helm upgrade %s --set %s", Release, strings.Join(sets, ","))
+	args := []string{"upgrade", Release, filepath.Join(d.Opts.RepoRoot, chartDir), "--namespace", Namespace, "--reuse-values", "--wait", "--timeout", "5m"}
+	for _, s := range sets {
+		args = append(args, "--set", s)
+	}
+	if out, err := d.Helm(ctx, args...); err != nil {
 		return fmt.Errorf("%w\n%s", err, out)
 	}
 	return d.WaitReady(ctx)
