@@ -63,6 +63,10 @@ var badValues = []struct {
 	{"prefetch-without-tag-format", "libraries:\n  prefetch:\n  - 'https://gcr.io/datadoghq/apm-inject'\n", []string{"/libraries/prefetch/0"}},
 	{"issuer-without-name", "webhook:\n  tls:\n    certManager:\n      issuerRef:\n        kind: ClusterIssuer\n", []string{"/webhook/tls/certManager/issuerRef", "missing property 'name'"}},
 	{"replicas-zero", "webhook:\n  replicas: 0\n", []string{"/webhook/replicas"}},
+	{"kept-grace-typo", "node:\n  writableLayer:\n    keep: true\n    keptGrace: 10 minutes\n", []string{"/node/writableLayer/keptGrace"}},
+	{"max-kept-bytes-not-a-quantity", "node:\n  writableLayer:\n    keep: true\n    maxKeptBytes: 10GB\n", []string{"/node/writableLayer/maxKeptBytes"}},
+	{"keep-with-tmpfs", "node:\n  writableLayer:\n    mechanism: tmpfs\n    keep: true\n", []string{"node.writableLayer.keep needs project-quota writable layers"}},
+	{"kept-grace-without-keep", "node:\n  writableLayer:\n    keptGrace: 30m\n", []string{"only apply with node.writableLayer.keep: true"}},
 }
 
 // TestHelmSchemaRejectsBadValues: each bad value fails `helm template` (as it fails

@@ -14,6 +14,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
@@ -102,6 +103,24 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 		}
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
+		if keepNeedsProjectQuotas(t, args, filepath.Join(dir, "state")) {
+			// Kept writable layers need a state dir filesystem that enforces project quotas,
+			// which a temporary dir here does not have: the plugin must parse every value and
+			// then refuse to start for that reason alone.
+			select {
+			case err := <-exited:
+				out := logs.String()
+				if err == nil || !strings.Contains(out, "project-quota") || strings.Contains(out, "invalid value") {
+					t.Fatalf("want a refusal for the missing project quotas after the flags were parsed; exit %v, logs:\n%s", err, out)
+				}
+				t.Logf("refused as expected without project quotas: %s", firstLines(strings.TrimSpace(out), 2))
+			case <-time.After(30 * time.Second):
+				_ = cmd.Process.Kill()
+				<-exited
+				t.Fatalf("the node plugin started with --keep-writable-layers on a state dir without project quotas:\n%s", logs.String())
+			}
+			return
+		}
 		stopped := false
 		defer func() {
 			if !stopped {
@@ -153,4 +172,25 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 			t.Errorf("the node plugin did not stop within 40s of SIGTERM")
 		}
 	})
+}
+
+// keepNeedsProjectQuotas reports whether the command line keeps writable layers
+// (--keep-writable-layers) while stateDir's filesystem does not enforce project quotas, so
+// that the plugin must refuse to start.
+func keepNeedsProjectQuotas(t *testing.T, args []string, stateDir string) bool {
+	t.Helper()
+	keep := false
+	for _, a := range args {
+		if a == "--keep-writable-layers" || a == "--keep-writable-layers=true" {
+			keep = true
+		}
+	}
+	if !keep {
+		return false
+	}
+	_, err := writablelayer.New(filepath.Join(stateDir, "overlays"), writablelayer.ProjectQuota)
+	if err != nil {
+		t.Logf("%s: %v", stateDir, err)
+	}
+	return err != nil
 }

@@ -100,6 +100,7 @@ func TestEndToEnd(t *testing.T) {
 		{"webhook down: uninstrumented pods are reported and their Deployment restarted once", scenarioDriftRestart},
 		{"7 registry down: cached libraries still start pods, uncached wait", scenarioRegistryDown},
 		{"6 kubelet restart keeps exactly one mount per volume", scenarioKubeletRestart},
+		{"node reboot: pods come back with their libraries", scenarioNodeReboot},
 		{"cert-manager issues and renews the webhook certificate under pod creation load", scenarioCertManager},
 		{"5 node plugin killed during pod churn; no leftovers after all pods are deleted", scenarioChurn},
 	}
