@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
@@ -44,26 +45,26 @@ type fakeStore struct {
 	before func(ctx context.Context, image string) error
 }
 
-func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (Layer, error) {
+func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (library.Layer, error) {
 	s.mu.Lock()
 	s.calls++
 	before := s.before
 	s.mu.Unlock()
 	if before != nil {
 		if err := before(ctx, lib.Image); err != nil {
-			return Layer{}, err
+			return library.Layer{}, err
 		}
 	}
 	if err := s.errs[lib.Image]; err != nil {
-		return Layer{}, err
+		return library.Layer{}, err
 	}
 	sum := sha256.Sum256([]byte(lib.Image + lib.Source + lib.Target))
 	d := "sha256:" + hex.EncodeToString(sum[:])
 	dir := filepath.Join(s.root, "layers", hex.EncodeToString(sum[:8]))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return Layer{}, err
+		return library.Layer{}, err
 	}
-	return Layer{Dir: dir, Digest: d}, nil
+	return library.Layer{Dir: dir, Digest: d}, nil
 }
 
 func (s *fakeStore) GeneratedFiles(files map[string]string) (string, error) {
@@ -523,13 +524,13 @@ func TestPublishLibraryErrors(t *testing.T) {
 		code     codes.Code
 		contains string
 	}{
-		{name: "download in progress", err: fmt.Errorf("pulling: %w", ErrDownloadInProgress), code: codes.Unavailable, contains: "still downloading"},
-		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be pulled now"},
-		{name: "not found", err: fmt.Errorf("manifest unknown: %w", ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
-		{name: "rejected", err: fmt.Errorf("setuid file: %w", ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
-		{name: "download slots busy", err: fmt.Errorf("all 3 download slots are busy: %w", ErrDownloadSlotsBusy), code: codes.Unavailable, contains: "waits for a download slot"},
-		{name: "cache full", err: fmt.Errorf("over the disk budget: %w", ErrCacheFull), code: codes.ResourceExhausted, contains: "cannot be stored on this node"},
-		{name: "not allowed", err: fmt.Errorf("%w: not in the allowed repositories; add it with --allowed-repository", ErrImageNotAllowed), code: codes.PermissionDenied, contains: "--allowed-repository"},
+		{name: "download in progress", err: fmt.Errorf("pulling: %w", library.ErrDownloadInProgress), code: codes.Unavailable, contains: "still downloading"},
+		{name: "registry unavailable", err: fmt.Errorf("dial: %w", library.ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be pulled now"},
+		{name: "not found", err: fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
+		{name: "rejected", err: fmt.Errorf("setuid file: %w", library.ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
+		{name: "download slots busy", err: fmt.Errorf("all 3 download slots are busy: %w", library.ErrDownloadSlotsBusy), code: codes.Unavailable, contains: "waits for a download slot"},
+		{name: "cache full", err: fmt.Errorf("over the disk budget: %w", library.ErrCacheFull), code: codes.ResourceExhausted, contains: "cannot be stored on this node"},
+		{name: "not allowed", err: fmt.Errorf("%w: not in the allowed repositories; add it with --allowed-repository", library.ErrImageNotAllowed), code: codes.PermissionDenied, contains: "--allowed-repository"},
 		{name: "budget exceeded", err: context.DeadlineExceeded, code: codes.Unavailable, contains: "publish budget"},
 		{name: "other", err: errors.New("disk full"), code: codes.Internal, contains: "disk full"},
 	}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
@@ -265,19 +266,19 @@ func finalLibraryError(err error) bool {
 // non-final: kubelet retries the publish, by which time a background download may be done.
 func (d *Driver) libraryError(ctx context.Context, image string, err error) error {
 	switch {
-	case errors.Is(err, ErrDownloadInProgress):
+	case errors.Is(err, library.ErrDownloadInProgress):
 		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node; kubelet retries the mount: %v", image, err)
-	case errors.Is(err, ErrRegistryUnavailable):
+	case errors.Is(err, library.ErrRegistryUnavailable):
 		return status.Errorf(codes.Unavailable, "library image %s is not available on this node and cannot be pulled now: %v", image, err)
-	case errors.Is(err, ErrDownloadSlotsBusy):
+	case errors.Is(err, library.ErrDownloadSlotsBusy):
 		return status.Errorf(codes.Unavailable, "library image %s waits for a download slot on this node; kubelet retries the mount: %v", image, err)
-	case errors.Is(err, ErrCacheFull):
+	case errors.Is(err, library.ErrCacheFull):
 		return status.Errorf(codes.ResourceExhausted, "library image %s cannot be stored on this node: %v", image, err)
-	case errors.Is(err, ErrImageNotFound):
+	case errors.Is(err, library.ErrImageNotFound):
 		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry; check the repository and tag or digest: %v", image, err)
-	case errors.Is(err, ErrImageRejected):
+	case errors.Is(err, library.ErrImageRejected):
 		return status.Errorf(codes.FailedPrecondition, "library image %s cannot be served: %v", image, err)
-	case errors.Is(err, ErrImageNotAllowed):
+	case errors.Is(err, library.ErrImageNotAllowed):
 		return status.Errorf(codes.PermissionDenied, "library image %s is not served by this node: %v", image, err)
 	case ctx.Err() != nil:
 		return status.FromContextError(ctx.Err()).Err()

@@ -8,7 +8,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
@@ -24,7 +24,7 @@ func refusalTTL(err error) time.Duration {
 	switch {
 	case errors.Is(err, errCorrupt):
 		return transportRejectionTTL
-	case errors.Is(err, driver.ErrImageRejected):
+	case errors.Is(err, library.ErrImageRejected):
 		return rejectionTTL
 	}
 	return 0
@@ -97,7 +97,7 @@ func (c *Config) validateTrust() error {
 // checkAllowed refuses an image outside the allowlist before any registry is contacted.
 func (c *Cache) checkAllowed(image string) error {
 	if err := c.allowed.Check(image); err != nil {
-		return fmt.Errorf("%w: %w", driver.ErrImageNotAllowed, err)
+		return fmt.Errorf("%w: %w", library.ErrImageNotAllowed, err)
 	}
 	return nil
 }

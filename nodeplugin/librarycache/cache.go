@@ -1,6 +1,6 @@
 // Package librarycache downloads each tracer library image once per node into a
 // content-addressed store and hands the CSI driver immutable directories to stack as
-// overlayfs lower dirs. It implements driver.LibraryStore.
+// overlayfs lower dirs. It implements library.Store.
 //
 // Downloads are single-flight (one per image however many volumes ask), detached from the
 // caller (a publish that runs out of time gets ErrDownloadInProgress while the download goes
@@ -31,13 +31,13 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
-var _ driver.LibraryStore = (*Cache)(nil)
+var _ library.Store = (*Cache)(nil)
 
 const (
 	// revalidateWait bounds how long a publish of a cached tag waits for the registry to
@@ -316,22 +316,22 @@ func (c *Cache) goBackground(fn func()) bool {
 
 // Layer is LayerFor a caller without a namespace: only credentials that serve every
 // namespace are used.
-func (c *Cache) Layer(ctx context.Context, lib volumeattrs.Library) (driver.Layer, error) {
+func (c *Cache) Layer(ctx context.Context, lib volumeattrs.Library) (library.Layer, error) {
 	return c.LayerFor(ctx, "", lib)
 }
 
-// LayerFor implements driver.LibraryStore.
-func (c *Cache) LayerFor(ctx context.Context, namespace string, lib volumeattrs.Library) (driver.Layer, error) {
+// LayerFor implements library.Store.
+func (c *Cache) LayerFor(ctx context.Context, namespace string, lib volumeattrs.Library) (library.Layer, error) {
 	ref, err := libref.Parse(lib.Image)
 	if err != nil {
-		return driver.Layer{}, fmt.Errorf("%w: %v", driver.ErrImageRejected, err)
+		return library.Layer{}, fmt.Errorf("%w: %v", library.ErrImageRejected, err)
 	}
 	source, target, err := cleanPlacement(lib.Source, lib.Target)
 	if err != nil {
-		return driver.Layer{}, fmt.Errorf("%w: library %s: %v", driver.ErrImageRejected, lib.Image, err)
+		return library.Layer{}, fmt.Errorf("%w: library %s: %v", library.ErrImageRejected, lib.Image, err)
 	}
 	if err := c.checkAllowed(lib.Image); err != nil {
-		return driver.Layer{}, err
+		return library.Layer{}, err
 	}
 	img, hit, err := c.image(ctx, ref, namespace)
 	if hit {
@@ -340,14 +340,14 @@ func (c *Cache) LayerFor(ctx context.Context, namespace string, lib volumeattrs.
 		c.metrics.misses.Inc()
 	}
 	if err != nil {
-		return driver.Layer{}, err
+		return library.Layer{}, err
 	}
 	defer c.release(img)
 	dir, err := c.place(img, ref.String(), source, target)
 	if err != nil {
-		return driver.Layer{}, err
+		return library.Layer{}, err
 	}
-	return driver.Layer{Dir: dir, Digest: img.meta.Digest}, nil
+	return library.Layer{Dir: dir, Digest: img.meta.Digest}, nil
 }
 
 // cleanPlacement re-validates what volumeattrs already validated: the cache must not trust
@@ -421,7 +421,7 @@ func (c *Cache) fetch(ctx context.Context, ref libref.Ref, rq *requester) (e *en
 			}
 			break
 		}
-		if errors.Is(res.Err, driver.ErrImageNotFound) {
+		if errors.Is(res.Err, library.ErrImageNotFound) {
 			c.release(cached)
 			return nil, false, res.Err
 		}
@@ -477,7 +477,7 @@ func (c *Cache) wait(ctx context.Context, ch <-chan singleflight.Result, ref lib
 		if e := c.acquireEntry(res.Val.(*entry)); e != nil {
 			return e, false, nil
 		}
-		return nil, false, fmt.Errorf("%w: %s was evicted right after its download; retry", driver.ErrDownloadInProgress, ref)
+		return nil, false, fmt.Errorf("%w: %s was evicted right after its download; retry", library.ErrDownloadInProgress, ref)
 	case <-ctx.Done():
 		c.mu.Lock()
 		started, ok := c.inFlight[key]
@@ -486,7 +486,7 @@ func (c *Cache) wait(ctx context.Context, ch <-chan singleflight.Result, ref lib
 		if ok {
 			since = fmt.Sprintf(" (running for %s)", time.Since(started).Round(time.Second))
 		}
-		return nil, false, fmt.Errorf("%w: the first download of %s on this node%s takes longer than this request may wait; it goes on in the background and kubelet's retry will find it ready", driver.ErrDownloadInProgress, ref, since)
+		return nil, false, fmt.Errorf("%w: the first download of %s on this node%s takes longer than this request may wait; it goes on in the background and kubelet's retry will find it ready", library.ErrDownloadInProgress, ref, since)
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -135,7 +135,7 @@ func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 
 	const n = 25
 	var wg sync.WaitGroup
-	layers := make([]driver.Layer, n)
+	layers := make([]library.Layer, n)
 	errs := make([]error, n)
 	for i := range n {
 		wg.Go(func() {
@@ -228,7 +228,7 @@ func TestSlowFirstDownloadReturnsInProgress(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
 	defer cancel()
 	_, err := c.Layer(ctx, volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrDownloadInProgress) {
+	if !errors.Is(err, library.ErrDownloadInProgress) {
 		t.Fatalf("Layer with a short budget = %v, want ErrDownloadInProgress", err)
 	}
 	if !strings.Contains(err.Error(), "in the background") || !strings.Contains(err.Error(), image) {
@@ -273,7 +273,7 @@ func TestRegistryOutage(t *testing.T) {
 		t.Errorf("cached digest during an outage: %v", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: uncached})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) {
+	if !errors.Is(err, library.ErrRegistryUnavailable) {
 		t.Fatalf("uncached tag during an outage = %v, want ErrRegistryUnavailable", err)
 	}
 	for _, want := range []string{uncached, "not cached on this node", "connection refused"} {
@@ -356,7 +356,7 @@ func TestNotFound(t *testing.T) {
 		reg.Repo("datadog/dd-lib-java-init") + "@sha256:" + strings.Repeat("ab", 32),
 	} {
 		_, err := c.Layer(t.Context(), volumeattrs.Library{Image: ref})
-		if !errors.Is(err, driver.ErrImageNotFound) {
+		if !errors.Is(err, library.ErrImageNotFound) {
 			t.Errorf("%s: %v, want ErrImageNotFound", ref, err)
 			continue
 		}
@@ -371,15 +371,15 @@ func TestSourceMissing(t *testing.T) {
 	image, _ := pushLibrary(t, reg, "java", "v1")
 	c := newCache(t, Config{}, reg)
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/no/such/dir"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "/no/such/dir") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "/no/such/dir") {
 		t.Fatalf("Layer = %v, want ErrImageRejected naming /no/such/dir", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/datadog-init/copy-lib.sh"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "not a directory") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "not a directory") {
 		t.Errorf("file as source = %v, want ErrImageRejected (not a directory)", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/usr/bin/env"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "symlink") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "symlink") {
 		t.Errorf("symlink as source = %v, want ErrImageRejected (symlink)", err)
 	}
 }
@@ -415,7 +415,7 @@ func TestMultiPlatformIndex(t *testing.T) {
 		t.Errorf("index digest of a cached image made %d requests", n)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: reg.Repo("datadog/dd-lib-java-init") + ":foreign"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "platform") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "platform") {
 		t.Errorf("index without this platform = %v, want ErrImageRejected naming the platform", err)
 	}
 }
@@ -472,7 +472,7 @@ func TestPullSecretDir(t *testing.T) {
 	secrets := t.TempDir()
 	c := newCache(t, Config{PullSecretDir: secrets}, reg)
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--pull-secret-dir") {
+	if !errors.Is(err, library.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--pull-secret-dir") {
 		t.Fatalf("without credentials = %v, want ErrRegistryUnavailable pointing at --pull-secret-dir", err)
 	}
 	// A secret mounted the way kubelet mounts it: a ..data symlink and a key symlink.
@@ -538,7 +538,7 @@ func TestInvalidLibrary(t *testing.T) {
 		{Image: "example.invalid/x:v1", Target: "../escape"},
 		{Image: "example.invalid/x:v1", Target: "/abs"},
 	} {
-		if _, err := c.Layer(t.Context(), lib); !errors.Is(err, driver.ErrImageRejected) {
+		if _, err := c.Layer(t.Context(), lib); !errors.Is(err, library.ErrImageRejected) {
 			t.Errorf("Layer(%+v) = %v, want ErrImageRejected", lib, err)
 		}
 	}

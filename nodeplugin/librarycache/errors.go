@@ -12,7 +12,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 )
 
@@ -43,7 +43,7 @@ var errCorrupt = errors.New("content corrupted in transit")
 
 // classify decides what err from go-containerregistry or the extractor means.
 func classify(err error) failure {
-	if errors.Is(err, extract.ErrRejected) || errors.Is(err, driver.ErrImageRejected) {
+	if errors.Is(err, extract.ErrRejected) || errors.Is(err, library.ErrImageRejected) {
 		return failRejected
 	}
 	var terr *transport.Error
@@ -155,18 +155,18 @@ func registryError(image string, attempts []attempt) error {
 func wrapFailure(f failure, image string, cause error) error {
 	switch f {
 	case failNotFound:
-		return fmt.Errorf("%w: %s does not exist in the registry (%w); check the library image and version in the pod's annotations or volume attributes", driver.ErrImageNotFound, image, cause)
+		return fmt.Errorf("%w: %s does not exist in the registry (%w); check the library image and version in the pod's annotations or volume attributes", library.ErrImageNotFound, image, cause)
 	case failDenied:
-		return fmt.Errorf("%w: the registry refused access to %s (%w); the node plugin needs a pull secret for it that is granted to this pod's namespace (--pull-secret-dir, --pull-secret-scope; Helm: libraries.pullSecrets) or node docker credentials, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+		return fmt.Errorf("%w: the registry refused access to %s (%w); the node plugin needs a pull secret for it that is granted to this pod's namespace (--pull-secret-dir, --pull-secret-scope; Helm: libraries.pullSecrets) or node docker credentials, kubelet retries the mount", library.ErrRegistryUnavailable, image, cause)
 	case failCorrupt:
-		return fmt.Errorf("%w: %w: every location of %s served bytes that do not match the image's digest (%w); check the --registry-mirror and any proxy between the node and the registry, kubelet retries the mount", driver.ErrRegistryUnavailable, errCorrupt, image, cause)
+		return fmt.Errorf("%w: %w: every location of %s served bytes that do not match the image's digest (%w); check the --registry-mirror and any proxy between the node and the registry, kubelet retries the mount", library.ErrRegistryUnavailable, errCorrupt, image, cause)
 	case failUnavailable:
-		return fmt.Errorf("%w: cannot pull %s and it is not cached on this node (%w); pods that use it wait until the registry or a --registry-mirror is reachable, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+		return fmt.Errorf("%w: cannot pull %s and it is not cached on this node (%w); pods that use it wait until the registry or a --registry-mirror is reachable, kubelet retries the mount", library.ErrRegistryUnavailable, image, cause)
 	case failRejected:
-		if errors.Is(cause, driver.ErrImageRejected) {
+		if errors.Is(cause, library.ErrImageRejected) {
 			return cause
 		}
-		return fmt.Errorf("%w: %s cannot be served as a library: %w", driver.ErrImageRejected, image, cause)
+		return fmt.Errorf("%w: %s cannot be served as a library: %w", library.ErrImageRejected, image, cause)
 	default:
 		return fmt.Errorf("storing %s in the library cache: %w", image, cause)
 	}

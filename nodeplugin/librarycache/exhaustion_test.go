@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 	clocktesting "k8s.io/utils/clock/testing"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -29,7 +29,7 @@ func TestZstdWindowBombRefused(t *testing.T) {
 	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/zstd-window") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected for a 512 MiB zstd window", err)
 	}
 	t.Logf("refused: %v", err)
@@ -61,7 +61,7 @@ func TestOversizedManifestRefused(t *testing.T) {
 	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/big-manifest") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected for a 5 MiB manifest", err)
 	}
 	t.Logf("refused: %v", err)
@@ -79,7 +79,7 @@ func TestDirectoryBombCountsAgainstCap(t *testing.T) {
 	c := newCache(t, Config{MaxLibraryBytes: 1 << 20}, reg)
 	image := reg.Repo("hostile/dirs") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected: 20,000 directories exceed a 1 MiB cap", err)
 	}
 	t.Logf("refused: %v", err)
@@ -133,7 +133,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := first.Layer(t.Context(), volumeattrs.Library{Image: image}); !errors.Is(err, driver.ErrImageRejected) {
+	if _, err := first.Layer(t.Context(), volumeattrs.Library{Image: image}); !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected", err)
 	}
 	if err := first.Close(); err != nil {
@@ -146,7 +146,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 
 	second := newCache(t, Config{StoreDir: store, Clock: clk}, reg)
 	_, err = second.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "window") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "window") {
 		t.Fatalf("Layer after a restart = %v, want the remembered rejection", err)
 	}
 	byDigest := func(q libimages.Request) bool {
@@ -159,7 +159,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	// Once the rejection expires, the image is tried again.
 	clk.Step(rejectionTTL + time.Second)
 	_, err = second.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer after expiry = %v, want a fresh rejection", err)
 	}
 	if n := reg.Count(byDigest); n == 0 {
@@ -179,7 +179,7 @@ func TestDiskBudgetRefusesNewLibraries(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: rubyRef})
-	if !errors.Is(err, driver.ErrCacheFull) {
+	if !errors.Is(err, library.ErrCacheFull) {
 		t.Fatalf("Layer over the disk budget = %v, want ErrCacheFull", err)
 	}
 	t.Logf("refused: %v", err)

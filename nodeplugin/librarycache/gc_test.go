@@ -15,7 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -37,9 +37,9 @@ type gcFixture struct {
 	c          *Cache
 	reg        *libimages.Registry
 	java, ruby string
-	javaLayer  driver.Layer
-	rubyLayer  driver.Layer
-	javaView   driver.Layer
+	javaLayer  library.Layer
+	rubyLayer  library.Layer
+	javaView   library.Layer
 	preload    string
 	mountInfo  string
 }
@@ -250,7 +250,7 @@ func TestGCDiskBudget(t *testing.T) {
 	}
 	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour}, reg)
 	c.mountInfo = "/proc/self/mountinfo"
-	var layers []driver.Layer
+	var layers []library.Layer
 	for _, r := range refs {
 		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: r, Target: "x"})
 		if err != nil {
@@ -350,7 +350,7 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 	defer release()
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	defer cancel()
-	if _, err := c.Layer(ctx, volumeattrs.Library{Image: image}); !errors.Is(err, driver.ErrDownloadInProgress) {
+	if _, err := c.Layer(ctx, volumeattrs.Library{Image: image}); !errors.Is(err, library.ErrDownloadInProgress) {
 		t.Fatalf("Layer = %v, want in progress", err)
 	}
 	// Wait until the extraction has written part of the library.
@@ -471,7 +471,7 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	entryDir := func(l driver.Layer) string {
+	entryDir := func(l library.Layer) string {
 		return filepath.Join(store, "images", strings.TrimPrefix(l.Digest, "sha256:"))
 	}
 	waitDurable(t, entryDir(java))
@@ -479,7 +479,7 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	unflush := func(l driver.Layer, boot string) {
+	unflush := func(l library.Layer, boot string) {
 		m := readMeta(t, entryDir(l))
 		m.Durable, m.BootID = false, boot
 		b, _ := json.Marshal(m)

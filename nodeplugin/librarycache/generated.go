@@ -18,7 +18,7 @@ import (
 // maxGeneratedBytes bounds GeneratedFiles: it holds one-line files such as ld.so.preload.
 const maxGeneratedBytes = 1 << 20
 
-// GeneratedFiles implements driver.LibraryStore: an immutable directory holding exactly
+// GeneratedFiles implements library.Store: an immutable directory holding exactly
 // files, shared by every caller asking for the same content.
 func (c *Cache) GeneratedFiles(files map[string]string) (string, error) {
 	names, err := validateGenerated(files)

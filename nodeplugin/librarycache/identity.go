@@ -15,7 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
@@ -183,10 +183,10 @@ func (c *Cache) image(ctx context.Context, ref libref.Ref, namespace string) (*e
 			return e, false, nil
 		}
 		c.release(e)
-		return nil, false, fmt.Errorf("%w: %s: the registry confirmed the digest with credentials this pod's namespace is not granted; retry", driver.ErrRegistryUnavailable, ref)
+		return nil, false, fmt.Errorf("%w: %s: the registry confirmed the digest with credentials this pod's namespace is not granted; retry", library.ErrRegistryUnavailable, ref)
 	case <-ctx.Done():
 		c.release(e)
-		return nil, false, fmt.Errorf("%w: the registry of %s is being asked whether %s holds this digest; kubelet's retry will find the answer", driver.ErrDownloadInProgress, ref, ref.Repository)
+		return nil, false, fmt.Errorf("%w: the registry of %s is being asked whether %s holds this digest; kubelet's retry will find the answer", library.ErrDownloadInProgress, ref, ref.Repository)
 	}
 }
 
@@ -219,7 +219,7 @@ func (c *Cache) confirm(bg context.Context, ref libref.Ref, digest string) error
 	display := ref.Repository + "@" + digest
 	c.logAttempts(display, attempts)
 	err := registryError(display, attempts)
-	if errors.Is(err, driver.ErrRegistryUnavailable) {
+	if errors.Is(err, library.ErrRegistryUnavailable) {
 		return fmt.Errorf("%w; the image is served for %s only once that repository confirms that it holds this digest", err, ref.Repository)
 	}
 	return err

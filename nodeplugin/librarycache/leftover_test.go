@@ -9,7 +9,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -81,8 +81,8 @@ func TestEntryAlreadyOnDiskIsSettled(t *testing.T) {
 
 			layer, err := c.Layer(t.Context(), lib)
 			if tc.wantInProgress {
-				if !errors.Is(err, driver.ErrDownloadInProgress) {
-					t.Fatalf("Layer = %v, want an error that is driver.ErrDownloadInProgress", err)
+				if !errors.Is(err, library.ErrDownloadInProgress) {
+					t.Fatalf("Layer = %v, want an error that is library.ErrDownloadInProgress", err)
 				}
 				return
 			}

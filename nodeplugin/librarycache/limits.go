@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
@@ -195,7 +195,7 @@ func stallError(ctx context.Context, image string, err error) error {
 	if err == nil || !errors.As(context.Cause(ctx), &st) {
 		return err
 	}
-	return fmt.Errorf("%w: %s: %w", driver.ErrRegistryUnavailable, image, st)
+	return fmt.Errorf("%w: %s: %w", library.ErrRegistryUnavailable, image, st)
 }
 
 // resolveBounded is resolveTag within the resolution slots: each resolution may read a
@@ -204,7 +204,7 @@ func (c *Cache) resolveBounded(bg context.Context, ref libref.Ref) (string, erro
 	select {
 	case c.resolveSlots <- struct{}{}:
 	case <-bg.Done():
-		return "", fmt.Errorf("%w: resolving %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+		return "", fmt.Errorf("%w: resolving %s abandoned: %w", library.ErrRegistryUnavailable, ref, errClosed)
 	}
 	defer func() { <-c.resolveSlots }()
 	return c.resolveTag(bg, ref)
@@ -249,5 +249,5 @@ func (c *Cache) checkBudget(what string) error {
 	}
 	c.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", c.cfg.DiskBudget)
 	return fmt.Errorf("%w: %s: the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget; kubelet retries the mount",
-		driver.ErrCacheFull, what, used, c.cfg.DiskBudget, DefaultDiskBudgetPercent)
+		library.ErrCacheFull, what, used, c.cfg.DiskBudget, DefaultDiskBudgetPercent)
 }

@@ -19,7 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/names"
@@ -108,7 +108,7 @@ func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry,
 		release, err := c.downloadSlots.acquire(bg, host, ref.String(), c.cfg.DownloadSlotWait)
 		if err != nil {
 			if bg.Err() != nil {
-				return nil, fmt.Errorf("%w: download of %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+				return nil, fmt.Errorf("%w: download of %s abandoned: %w", library.ErrRegistryUnavailable, ref, errClosed)
 			}
 			return nil, err
 		}
@@ -123,7 +123,7 @@ func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry,
 		go watchThroughput(ctx, c.clock, meter, c.cfg.MinDownloadRate, c.cfg.MinDownloadRateWindow, host, cancel)
 		e, err := c.download(ctx, ref, digest)
 		if err = stallError(ctx, ref.String(), err); err != nil {
-			if errors.Is(err, driver.ErrImageRejected) {
+			if errors.Is(err, library.ErrImageRejected) {
 				c.rememberRejection(digest, err)
 			}
 			return nil, err
@@ -188,7 +188,7 @@ func (c *Cache) download(bg context.Context, ref libref.Ref, digest string) (*en
 	}
 	err := registryError(display, attempts)
 	f := classify(attempts[len(attempts)-1].err)
-	if errors.Is(err, driver.ErrImageNotFound) {
+	if errors.Is(err, library.ErrImageNotFound) {
 		f = failNotFound
 	}
 	c.metrics.downloads.WithLabelValues(downloadResult(f)).Inc()
@@ -238,7 +238,7 @@ func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, d
 			return nil, err
 		}
 	default:
-		return nil, fmt.Errorf("%w: %s is a %s, not a container image", driver.ErrImageRejected, ref, desc.MediaType)
+		return nil, fmt.Errorf("%w: %s is a %s, not a container image", library.ErrImageRejected, ref, desc.MediaType)
 	}
 	e, err := c.extractImage(ctx, img, ref)
 	if err != nil && archiveReadFailed(err) {
@@ -266,7 +266,7 @@ func (c *Cache) platformManifest(idx v1.ImageIndex, ref libref.Ref) (v1.Hash, er
 		}
 		available = append(available, m.Platform.String())
 	}
-	return v1.Hash{}, fmt.Errorf("%w: %s has no image for this node's platform %s (it has: %s)", driver.ErrImageRejected, ref, c.platform.String(), strings.Join(available, ", "))
+	return v1.Hash{}, fmt.Errorf("%w: %s has no image for this node's platform %s (it has: %s)", library.ErrImageRejected, ref, c.platform.String(), strings.Join(available, ", "))
 }
 
 // extractImage flattens img into a work dir, then renames it into images/<hex>.
@@ -283,7 +283,7 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 		return nil, err
 	}
 	if len(layers) > maxLayers {
-		return nil, fmt.Errorf("%w: %s has %d layers, the limit is %d", driver.ErrImageRejected, ref, len(layers), maxLayers)
+		return nil, fmt.Errorf("%w: %s has %d layers, the limit is %d", library.ErrImageRejected, ref, len(layers), maxLayers)
 	}
 	tmp, err := c.mkTemp("pull")
 	if err != nil {

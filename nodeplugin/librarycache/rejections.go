@@ -7,7 +7,7 @@ import (
 	"path"
 	"time"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 )
 
 // rejectionsFile remembers rejected images across restarts: a hostile image that makes the
@@ -28,7 +28,7 @@ type rejectionRecord struct {
 type rememberedRejection struct{ msg string }
 
 func (e *rememberedRejection) Error() string        { return e.msg }
-func (e *rememberedRejection) Is(target error) bool { return target == driver.ErrImageRejected }
+func (e *rememberedRejection) Is(target error) bool { return target == library.ErrImageRejected }
 
 // loadRejectionsLocked reads the rejections still in force into c.rejected.
 func (c *Cache) loadRejections() {

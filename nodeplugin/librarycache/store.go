@@ -14,7 +14,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"golang.org/x/sys/unix"
 )
 
@@ -270,7 +270,7 @@ func (c *Cache) publishOrSettle(tmpRel string, k kind, key string) (*entry, erro
 	c.mu.Unlock()
 	switch {
 	case removing:
-		return nil, localErr(fmt.Errorf("%w: %s is being removed from the cache; kubelet retries the mount", driver.ErrDownloadInProgress, rel))
+		return nil, localErr(fmt.Errorf("%w: %s is being removed from the cache; kubelet retries the mount", library.ErrDownloadInProgress, rel))
 	case live != nil:
 		return live, nil
 	}
@@ -284,7 +284,7 @@ func (c *Cache) publishOrSettle(tmpRel string, k kind, key string) (*entry, erro
 	c.log.Warn("replaced an incomplete cache entry with a fresh copy", "entry", rel)
 	if err := c.publish(tmpRel, k, key); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			return nil, localErr(fmt.Errorf("%w: %s was written by another download meanwhile; kubelet retries the mount", driver.ErrDownloadInProgress, rel))
+			return nil, localErr(fmt.Errorf("%w: %s was written by another download meanwhile; kubelet retries the mount", library.ErrDownloadInProgress, rel))
 		}
 		return nil, err
 	}

@@ -15,7 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
@@ -50,7 +50,7 @@ func (c *Cache) place(img *entry, image, source, target string) (string, error) 
 	}
 	v := c.acquireEntry(val.(*entry))
 	if v == nil {
-		return "", fmt.Errorf("%w: the view of %s was evicted right after it was built; retry", driver.ErrDownloadInProgress, image)
+		return "", fmt.Errorf("%w: the view of %s was evicted right after it was built; retry", library.ErrDownloadInProgress, image)
 	}
 	c.release(v)
 	return c.contentDir(v), nil
@@ -85,13 +85,13 @@ func (c *Cache) checkSourceDir(img *entry, image, source string) error {
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
 			return fmt.Errorf("%w: %s (%s) has no directory %s; set the library source to a directory that exists in the image (Datadog images keep a tracer in %s and the injector in %s)",
-				driver.ErrImageRejected, image, img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
+				library.ErrImageRejected, image, img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
 		case err != nil:
 			return localErr(err)
 		case fi.Mode()&fs.ModeSymlink != 0:
-			return fmt.Errorf("%w: in %s (%s), %s is a symlink; a library source must be a real directory of the image", driver.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+			return fmt.Errorf("%w: in %s (%s), %s is a symlink; a library source must be a real directory of the image", library.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
 		case !fi.IsDir():
-			return fmt.Errorf("%w: in %s (%s), %s is not a directory", driver.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+			return fmt.Errorf("%w: in %s (%s), %s is not a directory", library.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
 		}
 	}
 	return nil

@@ -13,7 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -54,7 +54,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	c := newCache(t, librarycache.Config{}, reg)
 
 	const volumes = 100
-	layers := make([]driver.Layer, volumes)
+	layers := make([]library.Layer, volumes)
 	errs := make([]error, volumes)
 	var wg sync.WaitGroup
 	start := make(chan struct{})
