@@ -69,8 +69,6 @@ type Cache struct {
 	// (identity.go).
 	allowed *repoallow.List
 	ids     *identities
-	// mountInfo is the mount table GC reads.
-	mountInfo string
 
 	bg            context.Context
 	stop          context.CancelFunc
@@ -117,7 +115,8 @@ func New(cfg Config) (*Cache, error) {
 	if err := os.MkdirAll(cfg.StoreDir, 0o700); err != nil {
 		return nil, fmt.Errorf("library cache: %w", err)
 	}
-	// Handed-out paths must be the ones the mount table shows, so GC can match them.
+	// Handed-out paths must be the ones the mount table shows, so the paths in use that GC is
+	// given match them.
 	dir, err := filepath.EvalSymlinks(cfg.StoreDir)
 	if err != nil {
 		return nil, fmt.Errorf("library cache: %w", err)
@@ -185,7 +184,6 @@ func open(cfg Config, dir string, lock *os.File) (*Cache, error) {
 		refs:          refs,
 		insecure:      insecure,
 		allowed:       allowed,
-		mountInfo:     "/proc/self/mountinfo",
 		bg:            bg,
 		stop:          stop,
 		downloadSlots: newDownloadSlots(cfg.MaxParallelDownloads, cfg.MaxDownloadsPerRegistry, cfg.Clock),

@@ -6,13 +6,10 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-	"k8s.io/mount-utils"
-
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
@@ -25,25 +22,21 @@ type victim struct {
 	reason string
 }
 
-// GC removes cache entries that nothing uses: an entry is in use if inUse (the driver's
-// mount records and publishes in progress) or the mount table references its directory, or
-// a view derived from it. An unused entry is removed once unused for the grace period; with
-// a disk budget, the least recently used unused libraries go first until the cache fits.
-// Libraries listed for prefetch are kept. If inUse or the mount table cannot be read,
-// nothing is removed.
+// GC removes cache entries that nothing uses: an entry is in use if inUse (built by the
+// driver: its mount records, publishes in progress, and what the mount table references:
+// driver.LibrariesInUse) names a path inside it, or inside a view derived from it. An unused
+// entry is removed once unused for the grace period; with a disk budget, the least recently
+// used unused libraries go first until the cache fits. Libraries listed for prefetch are
+// kept. If inUse fails, nothing is removed.
 //
 // The driver runs GC periodically and once at start-up, after its reconcile: entries whose
 // pods were deleted while the node was down are unused and age out like any other.
-func (c *Cache) GC(ctx context.Context, inUse func() (map[string]struct{}, error)) error {
+func (c *Cache) GC(ctx context.Context, inUse func() (library.InUse, error)) error {
 	c.gcMu.Lock()
 	defer c.gcMu.Unlock()
 	used, err := inUse()
 	if err != nil {
 		return fmt.Errorf("library cache GC: listing the layers in use: %w (nothing removed)", err)
-	}
-	mounted, err := c.mountedPaths()
-	if err != nil {
-		return fmt.Errorf("library cache GC: reading the mount table %s: %w (nothing removed)", c.mountInfo, err)
 	}
 	now := time.Now()
 	pinned := c.pinned()
@@ -64,9 +57,6 @@ func (c *Cache) GC(ctx context.Context, inUse func() (map[string]struct{}, error
 		}
 	}
 	for p := range used {
-		mark(p)
-	}
-	for _, p := range mounted {
 		mark(p)
 	}
 	var victims []victim
@@ -234,103 +224,4 @@ func (c *Cache) entryForPathLocked(p string) *entry {
 		}
 	}
 	return nil
-}
-
-// mountedPaths lists the store paths the mount table references: every overlayfs layer dir,
-// and the source of every bind mount from the store's filesystem. The driver's records say
-// what should be mounted; the mount table says what is, and a lower dir removed under a
-// mount would break a running pod.
-func (c *Cache) mountedPaths() ([]string, error) {
-	infos, err := mount.ParseMountInfo(c.mountInfo)
-	if err != nil {
-		return nil, err
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(c.dir, &st); err != nil {
-		return nil, err
-	}
-	major, minor := int(unix.Major(st.Dev)), int(unix.Minor(st.Dev))
-	// The mount through which the plugin sees the store: a bind mount's "root" field is a
-	// path inside the filesystem, which this mount translates back to a path we handed out.
-	var storeMount *mount.MountInfo
-	for i := range infos {
-		mi := &infos[i]
-		if mi.Major != major || mi.Minor != minor || !within(c.dir, unescapeMountInfo(mi.MountPoint)) {
-			continue
-		}
-		if storeMount == nil || len(mi.MountPoint) > len(storeMount.MountPoint) {
-			storeMount = mi
-		}
-	}
-	var out []string
-	for _, mi := range infos {
-		if mi.FsType == "overlay" {
-			for _, opt := range mi.SuperOptions {
-				k, v, _ := strings.Cut(opt, "=")
-				switch k {
-				case "lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir":
-					out = append(out, splitLayers(v)...)
-				}
-			}
-		}
-		if storeMount != nil && mi.Major == major && mi.Minor == minor {
-			root, storeRoot := unescapeMountInfo(mi.Root), unescapeMountInfo(storeMount.Root)
-			if within(root, storeRoot) {
-				rel, _ := filepath.Rel(storeRoot, root)
-				out = append(out, filepath.Join(unescapeMountInfo(storeMount.MountPoint), rel))
-			}
-		}
-	}
-	return out, nil
-}
-
-// within reports whether p is dir or below it.
-func within(p, dir string) bool {
-	rel, err := filepath.Rel(dir, p)
-	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
-}
-
-// splitLayers splits an overlayfs layer list: ':' separates layers ("::" before data-only
-// layers), "\:" is a literal colon, and mountinfo escapes other characters in octal.
-func splitLayers(v string) []string {
-	var out []string
-	var cur strings.Builder
-	for i := 0; i < len(v); i++ {
-		switch {
-		case v[i] == '\\' && i+1 < len(v) && (v[i+1] == ':' || v[i+1] == '\\' || v[i+1] == ','):
-			cur.WriteByte(v[i+1])
-			i++
-		case v[i] == ':':
-			if cur.Len() > 0 {
-				out = append(out, unescapeMountInfo(cur.String()))
-			}
-			cur.Reset()
-		default:
-			cur.WriteByte(v[i])
-		}
-	}
-	if cur.Len() > 0 {
-		out = append(out, unescapeMountInfo(cur.String()))
-	}
-	return out
-}
-
-// unescapeMountInfo decodes the \NNN octal escapes the kernel writes for spaces, tabs,
-// newlines and backslashes in mountinfo fields.
-func unescapeMountInfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

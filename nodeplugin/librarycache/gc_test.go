@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -22,17 +19,11 @@ import (
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
-func set(paths ...string) func() (map[string]struct{}, error) {
-	return func() (map[string]struct{}, error) {
-		m := map[string]struct{}{}
-		for _, p := range paths {
-			m[p] = struct{}{}
-		}
-		return m, nil
-	}
+func set(paths ...string) func() (library.InUse, error) {
+	return func() (library.InUse, error) { return library.NewInUse(paths...), nil }
 }
 
-// gcFixture is a cache with two cached libraries and a mount table that the test writes.
+// gcFixture is a cache with two cached libraries.
 type gcFixture struct {
 	c          *Cache
 	reg        *libimages.Registry
@@ -41,7 +32,6 @@ type gcFixture struct {
 	rubyLayer  library.Layer
 	javaView   library.Layer
 	preload    string
-	mountInfo  string
 }
 
 func newGCFixture(t *testing.T, cfg Config) *gcFixture {
@@ -50,9 +40,6 @@ func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 	f.java, _ = pushLibrary(t, f.reg, "java", "v1")
 	f.ruby, _ = pushLibrary(t, f.reg, "ruby", "v1")
 	f.c = newCache(t, cfg, f.reg)
-	f.mountInfo = filepath.Join(t.TempDir(), "mountinfo")
-	f.writeMounts(t)
-	f.c.mountInfo = f.mountInfo
 	var err error
 	if f.javaLayer, err = f.c.Layer(t.Context(), volumeattrs.Library{Image: f.java}); err != nil {
 		t.Fatal(err)
@@ -67,23 +54,6 @@ func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 		t.Fatal(err)
 	}
 	return f
-}
-
-// writeMounts writes a mount table: the filesystem holding the store mounted at /, plus lines.
-func (f *gcFixture) writeMounts(t *testing.T, lines ...string) {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(os.TempDir(), &st); err != nil {
-		t.Fatal(err)
-	}
-	dev := fmt.Sprintf("%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev))
-	all := []string{"22 1 " + dev + " / / rw,relatime shared:1 - ext4 /dev/vda rw"}
-	for _, l := range lines {
-		all = append(all, strings.ReplaceAll(l, "DEV", dev))
-	}
-	if err := os.WriteFile(f.mountInfo, []byte(strings.Join(all, "\n")+"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // age makes every entry look unused since d ago.
@@ -161,25 +131,21 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 	}
 }
 
-func TestGCTrustsTheMountTable(t *testing.T) {
+// TestGCKeepsEveryEntryAPathInUseLiesIn: the set the driver builds names what its records and
+// the mount table reference: an overlay's lower dirs (an image's directory, a view) and a file
+// bind-mounted from inside an entry (the preload file). Each keeps its entry, a view keeps its
+// image, and once the set no longer names them they go.
+func TestGCKeepsEveryEntryAPathInUseLiesIn(t *testing.T) {
 	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
-	upper := t.TempDir()
-	f.writeMounts(t,
-		// An overlay using the ruby library and the java view as lower dirs.
-		fmt.Sprintf("500 22 0:99 / /var/lib/kubelet/pods/x/volumes/v rw - overlay overlay rw,lowerdir=%s:%s,upperdir=%s/u,workdir=%s/w,index=off", f.javaView.Dir, f.rubyLayer.Dir, upper, upper),
-		// The preload file bind-mounted from the store's filesystem.
-		fmt.Sprintf("501 22 DEV %s /var/lib/kubelet/pods/x/volumes/p ro - ext4 /dev/vda rw", filepath.Join(f.preload, volumeattrs.PreloadFile)),
-	)
-	// The driver's records have lost track of everything: the mount table still protects.
-	if err := f.c.GC(t.Context(), set()); err != nil {
+	used := set(f.javaView.Dir, f.rubyLayer.Dir, filepath.Join(f.preload, volumeattrs.PreloadFile))
+	if err := f.c.GC(t.Context(), used); err != nil {
 		t.Fatal(err)
 	}
 	for _, d := range []string{f.javaView.Dir, f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
 		if !exists(d) {
-			t.Errorf("%s removed while the mount table references it", d)
+			t.Errorf("%s removed while a path in use lies in it", d)
 		}
 	}
-	f.writeMounts(t)
 	if err := f.c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
@@ -192,13 +158,9 @@ func TestGCTrustsTheMountTable(t *testing.T) {
 
 func TestGCRemovesNothingWhenUnsure(t *testing.T) {
 	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
-	err := f.c.GC(t.Context(), func() (map[string]struct{}, error) { return nil, errors.New("records unreadable") })
+	err := f.c.GC(t.Context(), func() (library.InUse, error) { return nil, errors.New("mount table unreadable") })
 	if err == nil || !strings.Contains(err.Error(), "nothing removed") {
 		t.Errorf("GC with failing inUse = %v, want an error saying nothing was removed", err)
-	}
-	f.c.mountInfo = filepath.Join(t.TempDir(), "missing")
-	if err := f.c.GC(t.Context(), set()); err == nil {
-		t.Errorf("GC with an unreadable mount table succeeded")
 	}
 	for _, d := range []string{f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
 		if !exists(d) {
@@ -212,7 +174,6 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	pre, _ := pushLibrary(t, reg, "js", "v1")
 	other, _ := pushLibrary(t, reg, "php", "v1")
 	c := newCache(t, Config{GCGracePeriod: time.Nanosecond, Prefetch: []string{pre}}, reg)
-	c.mountInfo = "/proc/self/mountinfo"
 	preLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: pre})
 	if err != nil {
 		t.Fatal(err)
@@ -249,7 +210,6 @@ func TestGCDiskBudget(t *testing.T) {
 		refs = append(refs, r)
 	}
 	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour}, reg)
-	c.mountInfo = "/proc/self/mountinfo"
 	var layers []library.Layer
 	for _, r := range refs {
 		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: r, Target: "x"})
@@ -411,25 +371,6 @@ func TestStoreLocked(t *testing.T) {
 	}
 }
 
-func TestSplitLayers(t *testing.T) {
-	tests := []struct {
-		in   string
-		want []string
-	}{
-		{"/a:/b", []string{"/a", "/b"}},
-		{"/a", []string{"/a"}},
-		{`/with\:colon:/b`, []string{"/with:colon", "/b"}},
-		{`/sp\040ace:/b`, []string{"/sp ace", "/b"}},
-		{"/a::/data", []string{"/a", "/data"}},
-	}
-	for _, tt := range tests {
-		got := splitLayers(tt.in)
-		if strings.Join(got, "|") != strings.Join(tt.want, "|") {
-			t.Errorf("splitLayers(%q) = %q, want %q", tt.in, got, tt.want)
-		}
-	}
-}
-
 func readMeta(t *testing.T, dir string) entryMeta {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, metaFile))
@@ -511,7 +452,6 @@ func TestGCWaitsForAnEntryBeingRecordedDurable(t *testing.T) {
 	reg := libimages.Start(t)
 	ref, _ := pushLibrary(t, reg, "php", "v1")
 	c := newCache(t, Config{GCGracePeriod: time.Nanosecond}, reg)
-	c.mountInfo = "/proc/self/mountinfo"
 	gcCouldRun := make(chan bool, 1)
 	gcDone := make(chan error, 1)
 	var once sync.Once
