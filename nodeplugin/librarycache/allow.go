@@ -95,8 +95,8 @@ func (c *Config) validateTrust() error {
 }
 
 // checkAllowed refuses an image outside the allowlist before any registry is contacted.
-func (c *Cache) checkAllowed(image string) error {
-	if err := c.allowed.Check(image); err != nil {
+func (p *puller) checkAllowed(image string) error {
+	if err := p.allowed.Check(image); err != nil {
 		return fmt.Errorf("%w: %w", library.ErrImageNotAllowed, err)
 	}
 	return nil

@@ -53,16 +53,16 @@ func TestLayerServesLibraryAtRoot(t *testing.T) {
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("the registry saw %d requests for a cached tag within its TTL: %v", n, reg.Requests())
 	}
-	if hits := metricValue(t, c.metrics.hits); hits != 1 {
+	if hits := metricValue(t, c.store.metrics.hits); hits != 1 {
 		t.Errorf("hits = %v, want 1", hits)
 	}
-	if misses := metricValue(t, c.metrics.misses); misses != 1 {
+	if misses := metricValue(t, c.store.metrics.misses); misses != 1 {
 		t.Errorf("misses = %v, want 1", misses)
 	}
-	if n := metricValue(t, c.metrics.downloads.WithLabelValues(resultSuccess)); n != 1 {
+	if n := metricValue(t, c.store.metrics.downloads.WithLabelValues(resultSuccess)); n != 1 {
 		t.Errorf("successful downloads = %v, want 1", n)
 	}
-	if n := metricValue(t, c.metrics.libraries); n != 1 {
+	if n := metricValue(t, c.store.metrics.libraries); n != 1 {
 		t.Errorf("libraries gauge = %v, want 1", n)
 	}
 }
@@ -266,7 +266,7 @@ func TestRegistryOutage(t *testing.T) {
 	if err != nil || got != first {
 		t.Fatalf("cached tag during an outage = %v, %v; want %v", got, err, first)
 	}
-	if n := metricValue(t, c.metrics.staleServed); n != 1 {
+	if n := metricValue(t, c.store.metrics.staleServed); n != 1 {
 		t.Errorf("stale_served = %v, want 1", n)
 	}
 	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: pinned}); err != nil {
@@ -588,7 +588,7 @@ func TestPrefetch(t *testing.T) {
 	for strings.Count(log.String(), `"msg":"prefetched library"`) < 2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if n := metricValue(t, c.metrics.libraries); n != 2 {
+	if n := metricValue(t, c.store.metrics.libraries); n != 2 {
 		t.Fatalf("%v libraries cached after Start, want the 2 prefetched", n)
 	}
 	// The first pod finds them ready, even with the registry gone.
@@ -600,7 +600,7 @@ func TestPrefetch(t *testing.T) {
 			t.Errorf("%s after prefetch: %v", ref, err)
 		}
 	}
-	if hits := metricValue(t, c.metrics.hits); hits != 2 {
+	if hits := metricValue(t, c.store.metrics.hits); hits != 2 {
 		t.Errorf("hits = %v, want 2", hits)
 	}
 }

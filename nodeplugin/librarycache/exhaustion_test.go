@@ -101,18 +101,18 @@ func TestDirectoryBombChargedToBudget(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.store.mu.Lock()
+	defer c.store.mu.Unlock()
 	const want = 2_000 * 4096
-	if len(c.images) != 1 || len(c.views) != 2 {
-		t.Fatalf("%d images, %d views; want 1 and 2", len(c.images), len(c.views))
+	if len(c.store.images) != 1 || len(c.store.views) != 2 {
+		t.Fatalf("%d images, %d views; want 1 and 2", len(c.store.images), len(c.store.views))
 	}
-	for _, e := range c.images {
+	for _, e := range c.store.images {
 		if e.meta.Bytes < want {
 			t.Errorf("image charged %d bytes, want at least %d (a block per directory)", e.meta.Bytes, want)
 		}
 	}
-	for _, e := range c.views {
+	for _, e := range c.store.views {
 		if e.meta.Bytes < want {
 			t.Errorf("view %s charged %d bytes, want at least %d (a block per directory)", e.meta.Target, e.meta.Bytes, want)
 		}

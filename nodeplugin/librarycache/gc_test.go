@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	clocktesting "k8s.io/utils/clock/testing"
+
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -58,10 +60,10 @@ func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 
 // age makes every entry look unused since d ago.
 func (f *gcFixture) age(d time.Duration) {
-	f.c.mu.Lock()
-	defer f.c.mu.Unlock()
+	f.c.store.mu.Lock()
+	defer f.c.store.mu.Unlock()
 	for _, k := range kinds {
-		for _, e := range f.c.entries(k) {
+		for _, e := range f.c.store.entries(k) {
 			e.lastUsed = time.Now().Add(-d)
 		}
 	}
@@ -98,13 +100,13 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 			t.Errorf("%s kept past the grace period though unused", d)
 		}
 	}
-	if n := metricValue(t, f.c.metrics.libraries); n != 1 {
+	if n := metricValue(t, f.c.store.metrics.libraries); n != 1 {
 		t.Errorf("libraries gauge = %v, want 1", n)
 	}
-	if n := metricValue(t, f.c.metrics.librariesInUse); n != 1 {
+	if n := metricValue(t, f.c.store.metrics.librariesInUse); n != 1 {
 		t.Errorf("libraries in use = %v, want 1", n)
 	}
-	if n := metricValue(t, f.c.metrics.evictions.WithLabelValues(evictUnused)); n != 2 {
+	if n := metricValue(t, f.c.store.metrics.evictions.WithLabelValues(evictUnused)); n != 2 {
 		t.Errorf("evictions{unused} = %v, want 2", n)
 	}
 	// Being in use counts as a use: after the view goes away, the grace period starts again.
@@ -183,14 +185,14 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A publish between lookup and hand-out holds the entry.
-	busy := c.acquireDigest(otherLayer.Digest)
+	busy := c.pull.acquireDigest(otherLayer.Digest)
 	if err := c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
 	if !exists(otherLayer.Dir) {
 		t.Errorf("busy entry removed")
 	}
-	c.release(busy)
+	c.store.release(busy)
 	if err := c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
@@ -219,18 +221,18 @@ func TestGCDiskBudget(t *testing.T) {
 		layers = append(layers, l)
 	}
 	// Oldest first: java, js, python. Each image holds a few hundred bytes.
-	c.mu.Lock()
+	c.store.mu.Lock()
 	var total int64
 	for i, img := range []string{layers[0].Digest, layers[1].Digest, layers[2].Digest} {
-		e := c.images[strings.TrimPrefix(img, "sha256:")]
+		e := c.store.images[strings.TrimPrefix(img, "sha256:")]
 		e.lastUsed = time.Now().Add(-time.Duration(10-i) * time.Hour)
 		total += e.meta.Bytes
 	}
-	for _, v := range c.views {
+	for _, v := range c.store.views {
 		v.lastUsed = time.Now().Add(-time.Hour)
 	}
 	c.cfg.DiskBudget = total - 1
-	c.mu.Unlock()
+	c.store.mu.Unlock()
 
 	// java is in use, so the least recently used unreferenced library is js.
 	if err := c.GC(t.Context(), set(layers[0].Dir)); err != nil {
@@ -245,7 +247,7 @@ func TestGCDiskBudget(t *testing.T) {
 	if !exists(layers[2].Dir) {
 		t.Errorf("more was evicted than the budget needs")
 	}
-	if n := metricValue(t, c.metrics.evictions.WithLabelValues(evictBudget)); n != 2 {
+	if n := metricValue(t, c.store.metrics.evictions.WithLabelValues(evictBudget)); n != 2 {
 		t.Errorf("evictions{budget} = %v, want 2 (the image and its view)", n)
 	}
 }
@@ -289,7 +291,7 @@ func TestStartRemovesLeftovers(t *testing.T) {
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("a complete entry was not reused after the restart (%d requests)", n)
 	}
-	if n := metricValue(t, c2.metrics.evictions.WithLabelValues(evictOrphan)); n != 3 {
+	if n := metricValue(t, c2.store.metrics.evictions.WithLabelValues(evictOrphan)); n != 3 {
 		t.Errorf("evictions{orphan} = %v, want 3", n)
 	}
 }
@@ -365,7 +367,7 @@ func partial(t *testing.T, store string) bool {
 func TestStoreLocked(t *testing.T) {
 	store := filepath.Join(t.TempDir(), "store")
 	newCache(t, Config{StoreDir: store})
-	_, err := lockStore(store, 300*time.Millisecond)
+	_, err := lockStore(store, 300*time.Millisecond, clocktesting.NewFakeClock(time.Now()))
 	if err == nil || !strings.Contains(err.Error(), "locked by another apm-csi-node process (pid "+strconv.Itoa(os.Getpid())) {
 		t.Errorf("second lock = %v, want an error naming the holder", err)
 	}
@@ -455,11 +457,11 @@ func TestGCWaitsForAnEntryBeingRecordedDurable(t *testing.T) {
 	gcCouldRun := make(chan bool, 1)
 	gcDone := make(chan error, 1)
 	var once sync.Once
-	c.beforeDurableRewrite = func() {
+	c.store.beforeDurableRewrite = func() {
 		once.Do(func() {
-			free := c.gcMu.TryLock()
+			free := c.store.gcMu.TryLock()
 			if free {
-				c.gcMu.Unlock()
+				c.store.gcMu.Unlock()
 			}
 			gcCouldRun <- free
 			go func() { gcDone <- c.GC(context.Background(), set()) }()

@@ -200,14 +200,14 @@ func stallError(ctx context.Context, image string, err error) error {
 
 // resolveBounded is resolveTag within the resolution slots: each resolution may read a
 // manifest (up to maxManifestBytes), so their number bounds that memory.
-func (c *Cache) resolveBounded(bg context.Context, ref libref.Ref) (string, error) {
+func (p *puller) resolveBounded(bg context.Context, ref libref.Ref) (string, error) {
 	select {
-	case c.resolveSlots <- struct{}{}:
+	case p.resolveSlots <- struct{}{}:
 	case <-bg.Done():
 		return "", fmt.Errorf("%w: resolving %s abandoned: %w", library.ErrRegistryUnavailable, ref, errClosed)
 	}
-	defer func() { <-c.resolveSlots }()
-	return c.resolveTag(bg, ref)
+	defer func() { <-p.resolveSlots }()
+	return p.resolveTag(bg, ref)
 }
 
 // diskBudget is the configured budget, or the configured share of the size of the
@@ -225,10 +225,10 @@ func diskBudget(cfg Config) (int64, error) {
 }
 
 // cacheBytesLocked is what the cache's entries are charged (see extract.BlockSize).
-func (c *Cache) cacheBytesLocked() int64 {
+func (s *store) cacheBytesLocked() int64 {
 	var total int64
 	for _, k := range kinds {
-		for _, e := range c.entries(k) {
+		for _, e := range s.entries(k) {
 			if !e.removing {
 				total += e.meta.Bytes
 			}
@@ -240,14 +240,14 @@ func (c *Cache) cacheBytesLocked() int64 {
 // checkBudget refuses to add to a cache that is over its disk budget, whether or not the
 // entries filling it are in use: GC can free only unused ones, and a pod must not be able
 // to fill the node's disk by naming ever more libraries.
-func (c *Cache) checkBudget(what string) error {
-	c.mu.Lock()
-	used := c.cacheBytesLocked()
-	c.mu.Unlock()
-	if used < c.cfg.DiskBudget {
+func (s *store) checkBudget(what string) error {
+	s.mu.Lock()
+	used := s.cacheBytesLocked()
+	s.mu.Unlock()
+	if used < s.cfg.DiskBudget {
 		return nil
 	}
-	c.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", c.cfg.DiskBudget)
+	s.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", s.cfg.DiskBudget)
 	return fmt.Errorf("%w: %s: the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget; kubelet retries the mount",
-		library.ErrCacheFull, what, used, c.cfg.DiskBudget, DefaultDiskBudgetPercent)
+		library.ErrCacheFull, what, used, s.cfg.DiskBudget, DefaultDiskBudgetPercent)
 }
