@@ -15,6 +15,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
@@ -199,10 +200,8 @@ func TestDownloadsInParallelBounded(t *testing.T) {
 				n += min(1, reg2.BlobFetches(payload(rubyImg)))
 				return n
 			}
-			deadline := time.Now().Add(5 * time.Second)
-			for started() < parallel && time.Now().Before(deadline) {
-				time.Sleep(10 * time.Millisecond)
-			}
+			waitUntil(t, 5*time.Second, func() bool { return started() >= parallel })
+			// Give a download beyond the bound time to start, if the bound failed to hold it.
 			time.Sleep(200 * time.Millisecond)
 			if got := started(); got != parallel {
 				t.Errorf("%d downloads running at once, want %d", got, parallel)
@@ -319,22 +318,25 @@ func TestTagTTL(t *testing.T) {
 	repo := "datadog/dd-lib-ruby-init"
 	must[string](t)(reg.Push(repo, "latest-1", v1img))
 	image := reg.Repo(repo) + ":latest-1"
-	const ttl = time.Second
-	c := newCache(t, Config{TagTTL: ttl}, reg)
-	resolved := time.Now()
+	const ttl = 5 * time.Minute
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{TagTTL: ttl, Clock: clk}, reg)
 	first, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The tag moves; within the TTL the old digest is still served without asking.
 	must[string](t)(reg.Push(repo, "latest-1", v2img))
+	clk.Step(ttl - time.Second)
 	if got, err := c.Layer(t.Context(), volumeattrs.Library{Image: image}); err != nil || got.Digest != first.Digest {
 		t.Errorf("within the TTL: %v, %v; want digest %s", got, err, first.Digest)
 	}
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("%d registry requests within the TTL", n)
 	}
-	time.Sleep(time.Until(resolved.Add(ttl + 100*time.Millisecond)))
+	// Past the TTL the registry is asked. The fake clock never fires the wait for a slow
+	// registry (revalidateWait), so the answer decides.
+	clk.Step(time.Second)
 	got, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
 		t.Fatal(err)
@@ -584,10 +586,7 @@ func TestPrefetch(t *testing.T) {
 	// window joins the download instead of hitting the cache.
 	var log syncBuffer
 	c := newCache(t, Config{Prefetch: []string{image, pinned}, Logger: slog.New(slog.NewJSONHandler(&log, nil))}, reg)
-	deadline := time.Now().Add(10 * time.Second)
-	for strings.Count(log.String(), `"msg":"prefetched library"`) < 2 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitUntil(t, 10*time.Second, func() bool { return strings.Count(log.String(), `"msg":"prefetched library"`) >= 2 })
 	if n := metricValue(t, c.store.metrics.libraries); n != 2 {
 		t.Fatalf("%v libraries cached after Start, want the 2 prefetched", n)
 	}

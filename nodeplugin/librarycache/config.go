@@ -96,8 +96,10 @@ type Config struct {
 	// DiskBudgetPercent of the size of the filesystem holding StoreDir.
 	DiskBudget        int64
 	DiskBudgetPercent int
-	// Clock times download slot waits, the minimum download rate and rejection expiry.
-	// Default: the real clock.
+	// Clock is where the cache reads time: tag TTLs and the wait for a tag's revalidation,
+	// GC grace periods and ages, last uses, download slot waits, the minimum download rate,
+	// flush waits, rejection expiry, the store lock wait and the durations it logs. Default:
+	// the real clock.
 	Clock clock.Clock
 	// Prefetch lists image references pulled at Start and kept while configured.
 	Prefetch []string

@@ -25,9 +25,10 @@ func set(paths ...string) func() (library.InUse, error) {
 	return func() (library.InUse, error) { return library.NewInUse(paths...), nil }
 }
 
-// gcFixture is a cache with two cached libraries.
+// gcFixture is a cache with two cached libraries, on a fake clock.
 type gcFixture struct {
 	c          *Cache
+	clk        *clocktesting.FakeClock
 	reg        *libimages.Registry
 	java, ruby string
 	javaLayer  library.Layer
@@ -38,9 +39,10 @@ type gcFixture struct {
 
 func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 	t.Helper()
-	f := &gcFixture{reg: libimages.Start(t)}
+	f := &gcFixture{reg: libimages.Start(t), clk: clocktesting.NewFakeClock(time.Now())}
 	f.java, _ = pushLibrary(t, f.reg, "java", "v1")
 	f.ruby, _ = pushLibrary(t, f.reg, "ruby", "v1")
+	cfg.Clock = f.clk
 	f.c = newCache(t, cfg, f.reg)
 	var err error
 	if f.javaLayer, err = f.c.Layer(t.Context(), volumeattrs.Library{Image: f.java}); err != nil {
@@ -56,17 +58,6 @@ func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 		t.Fatal(err)
 	}
 	return f
-}
-
-// age makes every entry look unused since d ago.
-func (f *gcFixture) age(d time.Duration) {
-	f.c.store.mu.Lock()
-	defer f.c.store.mu.Unlock()
-	for _, k := range kinds {
-		for _, e := range f.c.store.entries(k) {
-			e.lastUsed = time.Now().Add(-d)
-		}
-	}
 }
 
 func exists(p string) bool {
@@ -85,7 +76,7 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 			t.Errorf("%s removed within the grace period", d)
 		}
 	}
-	f.age(2 * time.Hour)
+	f.clk.Step(2 * time.Hour)
 	// The java view is in use (so its image is too), ruby and the preload file are not.
 	if err := f.c.GC(t.Context(), set(f.javaView.Dir)); err != nil {
 		t.Fatal(err)
@@ -138,7 +129,8 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 // bind-mounted from inside an entry (the preload file). Each keeps its entry, a view keeps its
 // image, and once the set no longer names them they go.
 func TestGCKeepsEveryEntryAPathInUseLiesIn(t *testing.T) {
-	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
+	f := newGCFixture(t, Config{GCGracePeriod: time.Hour})
+	f.clk.Step(2 * time.Hour)
 	used := set(f.javaView.Dir, f.rubyLayer.Dir, filepath.Join(f.preload, volumeattrs.PreloadFile))
 	if err := f.c.GC(t.Context(), used); err != nil {
 		t.Fatal(err)
@@ -148,6 +140,8 @@ func TestGCKeepsEveryEntryAPathInUseLiesIn(t *testing.T) {
 			t.Errorf("%s removed while a path in use lies in it", d)
 		}
 	}
+	// Seen in use is a use: the grace period starts again.
+	f.clk.Step(2 * time.Hour)
 	if err := f.c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +153,8 @@ func TestGCKeepsEveryEntryAPathInUseLiesIn(t *testing.T) {
 }
 
 func TestGCRemovesNothingWhenUnsure(t *testing.T) {
-	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
+	f := newGCFixture(t, Config{GCGracePeriod: time.Hour})
+	f.clk.Step(2 * time.Hour)
 	err := f.c.GC(t.Context(), func() (library.InUse, error) { return nil, errors.New("mount table unreadable") })
 	if err == nil || !strings.Contains(err.Error(), "nothing removed") {
 		t.Errorf("GC with failing inUse = %v, want an error saying nothing was removed", err)
@@ -175,7 +170,8 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	reg := libimages.Start(t)
 	pre, _ := pushLibrary(t, reg, "js", "v1")
 	other, _ := pushLibrary(t, reg, "php", "v1")
-	c := newCache(t, Config{GCGracePeriod: time.Nanosecond, Prefetch: []string{pre}}, reg)
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{GCGracePeriod: time.Hour, Prefetch: []string{pre}, Clock: clk}, reg)
 	preLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: pre})
 	if err != nil {
 		t.Fatal(err)
@@ -184,6 +180,7 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	clk.Step(2 * time.Hour)
 	// A publish between lookup and hand-out holds the entry.
 	busy := c.pull.acquireDigest(otherLayer.Digest)
 	if err := c.GC(t.Context(), set()); err != nil {
@@ -193,6 +190,8 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 		t.Errorf("busy entry removed")
 	}
 	c.store.release(busy)
+	// The acquisition was a use: the grace period starts again.
+	clk.Step(2 * time.Hour)
 	if err := c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
@@ -211,7 +210,10 @@ func TestGCDiskBudget(t *testing.T) {
 		r, _ := pushLibrary(t, reg, lang, "v1")
 		refs = append(refs, r)
 	}
-	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour}, reg)
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour, Clock: clk}, reg)
+	// Used an hour apart, oldest first: java, js, python; the last an hour ago, past the
+	// protection of a fresh hand-out.
 	var layers []library.Layer
 	for _, r := range refs {
 		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: r, Target: "x"})
@@ -219,17 +221,13 @@ func TestGCDiskBudget(t *testing.T) {
 			t.Fatal(err)
 		}
 		layers = append(layers, l)
+		clk.Step(time.Hour)
 	}
-	// Oldest first: java, js, python. Each image holds a few hundred bytes.
+	// Each image holds a few hundred bytes: a budget of one byte less than all three.
 	c.store.mu.Lock()
 	var total int64
-	for i, img := range []string{layers[0].Digest, layers[1].Digest, layers[2].Digest} {
-		e := c.store.images[strings.TrimPrefix(img, "sha256:")]
-		e.lastUsed = time.Now().Add(-time.Duration(10-i) * time.Hour)
-		total += e.meta.Bytes
-	}
-	for _, v := range c.store.views {
-		v.lastUsed = time.Now().Add(-time.Hour)
+	for _, l := range layers {
+		total += c.store.images[strings.TrimPrefix(l.Digest, "sha256:")].meta.Bytes
 	}
 	c.cfg.DiskBudget = total - 1
 	c.store.mu.Unlock()
@@ -316,11 +314,7 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 		t.Fatalf("Layer = %v, want in progress", err)
 	}
 	// Wait until the extraction has written part of the library.
-	deadline := time.Now().Add(10 * time.Second)
-	for !partial(t, store) && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if !partial(t, store) {
+	if !waitUntil(t, 10*time.Second, func() bool { return partial(t, store) }) {
 		t.Fatal("the download never wrote anything")
 	}
 	if err := c.Close(); err != nil {
@@ -388,12 +382,8 @@ func readMeta(t *testing.T, dir string) entryMeta {
 
 func waitDurable(t *testing.T, dir string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !readMeta(t, dir).Durable {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s never became durable", dir)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !waitUntil(t, 10*time.Second, func() bool { return readMeta(t, dir).Durable }) {
+		t.Fatalf("%s never became durable", dir)
 	}
 }
 

@@ -1,13 +1,16 @@
 package librarycache
 
 import (
+	"context"
 	"log/slog"
 	"path/filepath"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
@@ -101,4 +104,14 @@ func trust(cfg Config, regs ...*libimages.Registry) Config {
 		cfg.InsecureRegistries = append(cfg.InsecureRegistries, r.Addr())
 	}
 	return cfg
+}
+
+// waitUntil polls cond until it holds or timeout passes, and reports whether it held. It waits
+// in real time, for downloads and workers running in other goroutines that no clock drives.
+func waitUntil(t *testing.T, timeout time.Duration, cond func() bool) bool {
+	t.Helper()
+	err := wait.PollUntilContextTimeout(t.Context(), 10*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		return cond(), nil
+	})
+	return err == nil
 }
