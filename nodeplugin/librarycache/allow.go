@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
@@ -96,10 +97,21 @@ func (c *Config) validateTrust() error {
 
 // checkAllowed refuses an image outside the allowlist before any registry is contacted.
 func (p *puller) checkAllowed(image string) error {
-	if err := p.allowed.Check(image); err != nil {
-		return fmt.Errorf("%w: %w", library.ErrImageNotAllowed, err)
+	err := p.allowed.Check(image)
+	var nae *repoallow.NotAllowedError
+	if !errors.As(err, &nae) {
+		if err != nil {
+			return fail(library.ErrImageNotAllowed, "%w", err)
+		}
+		return nil
 	}
-	return nil
+	allowed := "none"
+	if len(nae.Allowed) > 0 {
+		allowed = strings.Join(nae.Allowed, ", ")
+	}
+	// The driver names the image: the message says which repository and what to do, once.
+	return failf([]error{library.ErrImageNotAllowed, nae}, "its repository %s is not in the allowed repositories (%s); use an image from an allowed repository, or ask the cluster administrator to add its repository with %s (Helm: libraries.allowedRepositories)",
+		nae.Repository, allowed, repoallow.Flag)
 }
 
 // plainHTTPGuard refuses plain HTTP to every host not listed in --insecure-registry.

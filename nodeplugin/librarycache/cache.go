@@ -295,11 +295,11 @@ func (c *Cache) Layer(ctx context.Context, lib volumeattrs.Library) (library.Lay
 func (c *Cache) LayerFor(ctx context.Context, namespace string, lib volumeattrs.Library) (library.Layer, error) {
 	ref, err := libref.Parse(lib.Image)
 	if err != nil {
-		return library.Layer{}, fmt.Errorf("%w: %v", library.ErrImageRejected, err)
+		return library.Layer{}, fail(library.ErrImageRejected, "%v", err)
 	}
 	source, target, err := cleanPlacement(lib.Source, lib.Target)
 	if err != nil {
-		return library.Layer{}, fmt.Errorf("%w: library %s: %v", library.ErrImageRejected, lib.Image, err)
+		return library.Layer{}, fail(library.ErrImageRejected, "%v", err)
 	}
 	if err := c.pull.checkAllowed(lib.Image); err != nil {
 		return library.Layer{}, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -114,4 +115,19 @@ func waitUntil(t *testing.T, timeout time.Duration, cond func() bool) bool {
 		return cond(), nil
 	})
 	return err == nil
+}
+
+// checkMessage checks the message of a cache error: it says each of want, and it does not
+// name image, which the driver's message names once (the cache says what failed, not again
+// which image).
+func checkMessage(t *testing.T, err error, image string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("message %q does not say %q", err, w)
+		}
+	}
+	if image != "" && strings.Contains(err.Error(), image) {
+		t.Errorf("message %q names the image %s again: the driver's message names it", err, image)
+	}
 }

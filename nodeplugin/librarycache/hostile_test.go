@@ -99,9 +99,7 @@ func TestHostileImages(t *testing.T) {
 				if !errors.Is(err, library.ErrImageRejected) {
 					t.Fatalf("Layer = %v, want ErrImageRejected", err)
 				}
-				if !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), image) {
-					t.Errorf("message %q should name the image and say %q", err, tt.wantErr)
-				}
+				checkMessage(t, err, image, tt.wantErr)
 				// A rejected image is remembered: a retry does not download it again. The
 				// aborted first download may still have a blob request on the wire (the
 				// flattening goroutine of mutate.Extract fetches the next layer while the

@@ -183,10 +183,10 @@ func (p *puller) image(ctx context.Context, ref libref.Ref, namespace string) (*
 			return e, false, nil
 		}
 		p.store.release(e)
-		return nil, false, fmt.Errorf("%w: %s: the registry confirmed the digest with credentials this pod's namespace is not granted; retry", library.ErrRegistryUnavailable, ref)
+		return nil, false, fail(library.ErrRegistryUnavailable, "the registry confirmed the digest with credentials this pod's namespace is not granted")
 	case <-ctx.Done():
 		p.store.release(e)
-		return nil, false, fmt.Errorf("%w: the registry of %s is being asked whether %s holds this digest; kubelet's retry will find the answer", library.ErrDownloadInProgress, ref, ref.Repository)
+		return nil, false, fail(library.ErrDownloadInProgress, "the registry is being asked whether the image's repository holds its digest")
 	}
 }
 
@@ -218,9 +218,9 @@ func (p *puller) confirm(bg context.Context, ref libref.Ref, digest string) erro
 	}
 	display := ref.Repository + "@" + digest
 	p.logAttempts(display, attempts)
-	err := registryError(display, attempts)
+	err := registryError(attempts)
 	if errors.Is(err, library.ErrRegistryUnavailable) {
-		return fmt.Errorf("%w; the image is served for %s only once that repository confirms that it holds this digest", err, ref.Repository)
+		return fmt.Errorf("%w; a cached image is served for a repository only once it confirms that it holds the image's digest", err)
 	}
 	return err
 }

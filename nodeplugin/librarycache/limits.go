@@ -158,7 +158,7 @@ type errStalled struct {
 }
 
 func (e *errStalled) Error() string {
-	return fmt.Sprintf("download from %s aborted: it received %d bytes in %s, below the minimum of %d bytes/s (--min-download-rate over --min-download-rate-window); the registry is stalled or too slow, kubelet retries the mount", e.host, e.received, e.window, e.floor)
+	return fmt.Sprintf("download from %s aborted: it received %d bytes in %s, below the minimum of %d bytes/s (--min-download-rate over --min-download-rate-window); the registry is stalled or too slow", e.host, e.received, e.window, e.floor)
 }
 
 // watchThroughput cancels the download (through cancel) when fewer than floor*window bytes
@@ -195,7 +195,7 @@ func stallError(ctx context.Context, image string, err error) error {
 	if err == nil || !errors.As(context.Cause(ctx), &st) {
 		return err
 	}
-	return fmt.Errorf("%w: %s: %w", library.ErrRegistryUnavailable, image, st)
+	return fail(library.ErrRegistryUnavailable, "%w", st)
 }
 
 // resolveBounded is resolveTag within the resolution slots: each resolution may read a
@@ -204,7 +204,7 @@ func (p *puller) resolveBounded(bg context.Context, ref libref.Ref) (string, err
 	select {
 	case p.resolveSlots <- struct{}{}:
 	case <-bg.Done():
-		return "", fmt.Errorf("%w: resolving %s abandoned: %w", library.ErrRegistryUnavailable, ref, errClosed)
+		return "", fail(library.ErrRegistryUnavailable, "resolving its tag was abandoned: %w", errClosed)
 	}
 	defer func() { <-p.resolveSlots }()
 	return p.resolveTag(bg, ref)
@@ -248,6 +248,6 @@ func (s *store) checkBudget(what string) error {
 		return nil
 	}
 	s.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", s.cfg.DiskBudget)
-	return fmt.Errorf("%w: %s: the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget; kubelet retries the mount",
-		library.ErrCacheFull, what, used, s.cfg.DiskBudget, DefaultDiskBudgetPercent)
+	return fail(library.ErrCacheFull, "the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget",
+		used, s.cfg.DiskBudget, DefaultDiskBudgetPercent)
 }

@@ -86,7 +86,7 @@ func (p *puller) resolveTag(bg context.Context, ref libref.Ref) (string, error) 
 		return desc.Digest.String(), nil
 	}
 	p.logAttempts(ref.String(), attempts)
-	return "", registryError(ref.String(), attempts)
+	return "", registryError(attempts)
 }
 
 // pull makes sure the image with this manifest (or index) digest is cached: one download
@@ -107,7 +107,7 @@ func (p *puller) pull(bg context.Context, ref libref.Ref, digest string) (*entry
 		release, err := p.downloadSlots.acquire(bg, host, ref.String(), p.cfg.DownloadSlotWait)
 		if err != nil {
 			if bg.Err() != nil {
-				return nil, fmt.Errorf("%w: download of %s abandoned: %w", library.ErrRegistryUnavailable, ref, errClosed)
+				return nil, fail(library.ErrRegistryUnavailable, "the download was abandoned: %w", errClosed)
 			}
 			return nil, err
 		}
@@ -185,7 +185,7 @@ func (p *puller) download(bg context.Context, ref libref.Ref, digest string) (*e
 			"files", e.meta.Files, "downloaded_bytes", received.Load(), "seconds", seconds)
 		return e, nil
 	}
-	err := registryError(display, attempts)
+	err := registryError(attempts)
 	f := classify(attempts[len(attempts)-1].err)
 	if errors.Is(err, library.ErrImageNotFound) {
 		f = failNotFound
@@ -237,7 +237,7 @@ func (p *puller) downloadFrom(ctx context.Context, repo string, ref libref.Ref, 
 			return nil, err
 		}
 	default:
-		return nil, fmt.Errorf("%w: %s is a %s, not a container image", library.ErrImageRejected, ref, desc.MediaType)
+		return nil, fail(library.ErrImageRejected, "the reference names a %s, not a container image", desc.MediaType)
 	}
 	e, err := p.extractImage(ctx, img, ref)
 	if err != nil && archiveReadFailed(err) {
@@ -265,7 +265,7 @@ func (p *puller) platformManifest(idx v1.ImageIndex, ref libref.Ref) (v1.Hash, e
 		}
 		available = append(available, m.Platform.String())
 	}
-	return v1.Hash{}, fmt.Errorf("%w: %s has no image for this node's platform %s (it has: %s)", library.ErrImageRejected, ref, p.platform.String(), strings.Join(available, ", "))
+	return v1.Hash{}, fail(library.ErrImageRejected, "its index has no image for this node's platform %s (it has: %s)", p.platform.String(), strings.Join(available, ", "))
 }
 
 // extractImage flattens img into a new image entry of the store (built in a work dir, then
@@ -283,7 +283,7 @@ func (p *puller) extractImage(ctx context.Context, img v1.Image, ref libref.Ref)
 		return nil, err
 	}
 	if len(layers) > maxLayers {
-		return nil, fmt.Errorf("%w: %s has %d layers, the limit is %d", library.ErrImageRejected, ref, len(layers), maxLayers)
+		return nil, fail(library.ErrImageRejected, "it has %d layers, the limit is %d", len(layers), maxLayers)
 	}
 	var extracted int64
 	// Reached through another index or reference meanwhile, the existing entry holds the

@@ -180,7 +180,7 @@ func (p *puller) wait(ctx context.Context, ch <-chan singleflight.Result, ref li
 		if e := p.store.acquireEntry(res.Val.(*entry)); e != nil {
 			return e, false, nil
 		}
-		return nil, false, fmt.Errorf("%w: %s was evicted right after its download; retry", library.ErrDownloadInProgress, ref)
+		return nil, false, fail(library.ErrDownloadInProgress, "it was evicted from the cache right after its download")
 	case <-ctx.Done():
 		p.mu.Lock()
 		started, ok := p.inFlight[key]
@@ -189,7 +189,7 @@ func (p *puller) wait(ctx context.Context, ch <-chan singleflight.Result, ref li
 		if ok {
 			since = fmt.Sprintf(" (running for %s)", p.clock.Since(started).Round(time.Second))
 		}
-		return nil, false, fmt.Errorf("%w: the first download of %s on this node%s takes longer than this request may wait; it goes on in the background and kubelet's retry will find it ready", library.ErrDownloadInProgress, ref, since)
+		return nil, false, fail(library.ErrDownloadInProgress, "its first download%s takes longer than this request may wait and goes on in the background", since)
 	}
 }
 

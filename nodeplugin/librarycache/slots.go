@@ -60,7 +60,7 @@ func (s *downloadSlots) acquire(ctx context.Context, host, what string, wait tim
 			timer.Stop()
 			return nil, ctx.Err()
 		case <-timer.C():
-			return nil, fmt.Errorf("%w: %s did not start downloading within %s (--download-slot-wait): %s; kubelet retries the mount", library.ErrDownloadSlotsBusy, what, wait, reason)
+			return nil, fail(library.ErrDownloadSlotsBusy, "its download did not start within %s (--download-slot-wait): %s", wait, reason)
 		}
 	}
 }

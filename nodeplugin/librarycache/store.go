@@ -397,7 +397,7 @@ func (s *store) publishOrSettle(tmpRel string, k kind, key string) (*entry, erro
 	s.mu.Unlock()
 	switch {
 	case removing:
-		return nil, localErr(fmt.Errorf("%w: %s is being removed from the cache; kubelet retries the mount", library.ErrDownloadInProgress, rel))
+		return nil, localErr(fail(library.ErrDownloadInProgress, "%s is being removed from the cache", rel))
 	case live != nil:
 		return live, nil
 	}
@@ -411,7 +411,7 @@ func (s *store) publishOrSettle(tmpRel string, k kind, key string) (*entry, erro
 	s.log.Warn("replaced an incomplete cache entry with a fresh copy", "entry", rel)
 	if err := s.publish(tmpRel, k, key); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			return nil, localErr(fmt.Errorf("%w: %s was written by another download meanwhile; kubelet retries the mount", library.ErrDownloadInProgress, rel))
+			return nil, localErr(fail(library.ErrDownloadInProgress, "%s was written by another download meanwhile", rel))
 		}
 		return nil, err
 	}

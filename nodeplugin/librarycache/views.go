@@ -50,7 +50,7 @@ func (s *store) place(img *entry, image, source, target string) (string, error) 
 	}
 	v := s.acquireEntry(val.(*entry))
 	if v == nil {
-		return "", fmt.Errorf("%w: the view of %s was evicted right after it was built; retry", library.ErrDownloadInProgress, image)
+		return "", fail(library.ErrDownloadInProgress, "its view was evicted from the cache right after it was built")
 	}
 	s.release(v)
 	return s.contentDir(v), nil
@@ -84,14 +84,14 @@ func (s *store) checkSourceDir(img *entry, image, source string) error {
 		fi, err := s.root.Lstat(p)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
-			return fmt.Errorf("%w: %s (%s) has no directory %s; set the library source to a directory that exists in the image (Datadog images keep a tracer in %s and the injector in %s)",
-				library.ErrImageRejected, image, img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
+			return fail(library.ErrImageRejected, "its content (%s) has no directory %s; set the library source to a directory that exists in the image (Datadog images keep a tracer in %s and the injector in %s)",
+				img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
 		case err != nil:
 			return localErr(err)
 		case fi.Mode()&fs.ModeSymlink != 0:
-			return fmt.Errorf("%w: in %s (%s), %s is a symlink; a library source must be a real directory of the image", library.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+			return fail(library.ErrImageRejected, "in its content (%s), %s is a symlink; a library source must be a real directory of the image", img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
 		case !fi.IsDir():
-			return fmt.Errorf("%w: in %s (%s), %s is not a directory", library.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+			return fail(library.ErrImageRejected, "in its content (%s), %s is not a directory", img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
 		}
 	}
 	return nil
