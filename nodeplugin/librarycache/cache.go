@@ -314,7 +314,7 @@ func (c *Cache) LayerFor(ctx context.Context, namespace string, lib volumeattrs.
 		return library.Layer{}, err
 	}
 	defer c.store.release(img)
-	dir, err := c.store.place(img, ref.String(), source, target)
+	dir, err := c.store.place(img, source, target)
 	if err != nil {
 		return library.Layer{}, err
 	}

@@ -190,7 +190,7 @@ func watchThroughput(ctx context.Context, clk clock.Clock, p *progress, floor in
 
 // stallError turns a download that failed because the watchdog cancelled it into an
 // Unavailable error naming the cause; other errors pass unchanged.
-func stallError(ctx context.Context, image string, err error) error {
+func stallError(ctx context.Context, err error) error {
 	var st *errStalled
 	if err == nil || !errors.As(context.Cause(ctx), &st) {
 		return err

@@ -121,7 +121,7 @@ func (p *puller) pull(bg context.Context, ref libref.Ref, digest string) (*entry
 		ctx = withProgress(ctx, meter)
 		go watchThroughput(ctx, p.clock, meter, p.cfg.MinDownloadRate, p.cfg.MinDownloadRateWindow, host, cancel)
 		e, err := p.download(ctx, ref, digest)
-		if err = stallError(ctx, ref.String(), err); err != nil {
+		if err = stallError(ctx, err); err != nil {
 			if errors.Is(err, library.ErrImageRejected) {
 				p.rememberRejection(digest, err)
 			}

@@ -23,9 +23,9 @@ import (
 // place returns the directory to hand out for the source directory of img placed at target
 // inside a volume. At the volume root the image's own directory serves; elsewhere a view
 // (a hardlink farm of the source below target) is built once and shared.
-func (s *store) place(img *entry, image, source, target string) (string, error) {
+func (s *store) place(img *entry, source, target string) (string, error) {
 	srcRel := path.Join(img.rel(), kindImage.content(), strings.TrimPrefix(source, "/"))
-	if err := s.checkSourceDir(img, image, source); err != nil {
+	if err := s.checkSourceDir(img, source); err != nil {
 		return "", err
 	}
 	if target == "" {
@@ -74,7 +74,7 @@ func contentKey(parts ...string) string {
 // checkSourceDir verifies, one component at a time without following links, that source is
 // a real directory of the image: overlayfs resolves lowerdir on the host, so a symlinked
 // source must never be handed out.
-func (s *store) checkSourceDir(img *entry, image, source string) error {
+func (s *store) checkSourceDir(img *entry, source string) error {
 	p := path.Join(img.rel(), kindImage.content())
 	for _, comp := range strings.Split(strings.TrimPrefix(source, "/"), "/") {
 		if comp == "" {
