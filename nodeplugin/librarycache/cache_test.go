@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -595,5 +596,77 @@ func TestPrefetch(t *testing.T) {
 	}
 	if hits := metricValue(t, c.store.metrics.hits); hits != 2 {
 		t.Errorf("hits = %v, want 2", hits)
+	}
+}
+
+// TestSlowRegistryServesTheLastKnownDigest: past a tag's TTL the registry is asked again, but a
+// registry that does not answer keeps no pod waiting longer than revalidateWait: the tag's
+// last known digest is served meanwhile. The wait is on the cache's clock, so the test
+// advances it instead of sleeping.
+func TestSlowRegistryServesTheLastKnownDigest(t *testing.T) {
+	reg := libimages.Start(t)
+	image, _ := pushLibrary(t, reg, "php", "v1")
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{TagTTL: time.Minute, Clock: clk}, reg)
+	first, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The registry's address now accepts connections and never answers.
+	if err := reg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", reg.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { _ = conn.Close() })
+		}
+	}()
+	clk.Step(time.Minute)
+	type result struct {
+		layer library.Layer
+		err   error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
+		done <- result{l, err}
+	}()
+	// Once the publish waits for the registry's answer, its wait runs out.
+	if !waitUntil(t, 10*time.Second, clk.HasWaiters) {
+		t.Fatal("the publish never waited for the registry")
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("the publish did not wait for the registry: %v, %v", r.layer, r.err)
+	default:
+	}
+	// Step until the publish returns: a timer of the finished download may still be among
+	// the waiters when the publish's own wait starts.
+	var r result
+	if !waitUntil(t, 10*time.Second, func() bool {
+		clk.Step(revalidateWait)
+		select {
+		case r = <-done:
+			return true
+		default:
+			return false
+		}
+	}) {
+		t.Fatal("the publish kept waiting for a silent registry past revalidateWait")
+	}
+	if r.err != nil || r.layer != first {
+		t.Fatalf("publish with a silent registry = %v, %v; want the last known %v", r.layer, r.err, first)
+	}
+	if n := metricValue(t, c.store.metrics.staleServed); n != 1 {
+		t.Errorf("stale_served = %v, want 1", n)
 	}
 }
