@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -38,26 +39,26 @@ type fakeStore struct {
 	before func(ctx context.Context, image string) error
 }
 
-func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (Layer, error) {
+func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (library.Layer, error) {
 	s.mu.Lock()
 	s.calls++
 	before := s.before
 	s.mu.Unlock()
 	if before != nil {
 		if err := before(ctx, lib.Image); err != nil {
-			return Layer{}, err
+			return library.Layer{}, err
 		}
 	}
 	if err := s.errs[lib.Image]; err != nil {
-		return Layer{}, err
+		return library.Layer{}, err
 	}
 	sum := sha256.Sum256([]byte(lib.Image + lib.Source + lib.Target))
 	d := "sha256:" + hex.EncodeToString(sum[:])
 	dir := filepath.Join(s.root, "layers", hex.EncodeToString(sum[:8]))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return Layer{}, err
+		return library.Layer{}, err
 	}
-	return Layer{Dir: dir, Digest: d}, nil
+	return library.Layer{Dir: dir, Digest: d}, nil
 }
 
 func (s *fakeStore) GeneratedFiles(files map[string]string) (string, error) {

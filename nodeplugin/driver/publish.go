@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
@@ -273,26 +274,30 @@ func finalLibraryError(err error) bool {
 
 // libraryError maps a LibraryStore error to the gRPC code kubelet acts on. Unavailable is
 // non-final: kubelet retries the publish, by which time a background download may be done.
+// The message says each fact once: this frame names the image and, for the codes kubelet
+// retries, says so; the store's error (never a registry's words) says what failed and what
+// to fix, without naming the image again or promising a retry.
 func (d *Driver) libraryError(ctx context.Context, image string, err error) error {
+	const retries = "; kubelet retries the mount"
 	switch {
-	case errors.Is(err, ErrDownloadInProgress):
-		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node; kubelet retries the mount: %v", image, err)
-	case errors.Is(err, ErrRegistryUnavailable):
-		return status.Errorf(codes.Unavailable, "library image %s is not available on this node and cannot be pulled now: %v", image, err)
-	case errors.Is(err, ErrDownloadSlotsBusy):
-		return status.Errorf(codes.Unavailable, "library image %s waits for a download slot on this node; kubelet retries the mount: %v", image, err)
-	case errors.Is(err, ErrCacheFull):
-		return status.Errorf(codes.ResourceExhausted, "library image %s cannot be stored on this node: %v", image, err)
-	case errors.Is(err, ErrImageNotFound):
-		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry; check the repository and tag or digest: %v", image, err)
-	case errors.Is(err, ErrImageRejected):
+	case errors.Is(err, library.ErrDownloadInProgress):
+		return status.Errorf(codes.Unavailable, "library image %s is still downloading on this node: %v"+retries, image, err)
+	case errors.Is(err, library.ErrRegistryUnavailable):
+		return status.Errorf(codes.Unavailable, "library image %s cannot be pulled now: %v"+retries, image, err)
+	case errors.Is(err, library.ErrDownloadSlotsBusy):
+		return status.Errorf(codes.Unavailable, "library image %s waits for a download slot on this node: %v"+retries, image, err)
+	case errors.Is(err, library.ErrCacheFull):
+		return status.Errorf(codes.ResourceExhausted, "library image %s cannot be stored on this node: %v"+retries, image, err)
+	case errors.Is(err, library.ErrImageNotFound):
+		return status.Errorf(codes.NotFound, "library image %s does not exist in its registry: %v", image, err)
+	case errors.Is(err, library.ErrImageRejected):
 		return status.Errorf(codes.FailedPrecondition, "library image %s cannot be served: %v", image, err)
-	case errors.Is(err, ErrImageNotAllowed):
+	case errors.Is(err, library.ErrImageNotAllowed):
 		return status.Errorf(codes.PermissionDenied, "library image %s is not served by this node: %v", image, err)
 	case ctx.Err() != nil:
 		return status.FromContextError(ctx.Err()).Err()
 	case errors.Is(err, context.DeadlineExceeded):
-		return status.Errorf(codes.Unavailable, "library image %s was not ready within the publish budget of %s; kubelet retries the mount", image, d.cfg.PublishDownloadBudget)
+		return status.Errorf(codes.Unavailable, "library image %s was not ready within the publish budget of %s"+retries, image, d.cfg.PublishDownloadBudget)
 	}
 	return status.Errorf(codes.Internal, "library image %s: %v", image, err)
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -357,13 +358,13 @@ func TestPublishLibraryErrors(t *testing.T) {
 		code     codes.Code
 		contains string
 	}{
-		{name: "download in progress", err: fmt.Errorf("pulling: %w", ErrDownloadInProgress), code: codes.Unavailable, contains: "still downloading"},
-		{name: "registry unavailable", err: fmt.Errorf("dial: %w", ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be pulled now"},
-		{name: "not found", err: fmt.Errorf("manifest unknown: %w", ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
-		{name: "rejected", err: fmt.Errorf("setuid file: %w", ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
-		{name: "download slots busy", err: fmt.Errorf("all 3 download slots are busy: %w", ErrDownloadSlotsBusy), code: codes.Unavailable, contains: "waits for a download slot"},
-		{name: "cache full", err: fmt.Errorf("over the disk budget: %w", ErrCacheFull), code: codes.ResourceExhausted, contains: "cannot be stored on this node"},
-		{name: "not allowed", err: fmt.Errorf("%w: not in the allowed repositories; add it with --allowed-repository", ErrImageNotAllowed), code: codes.PermissionDenied, contains: "--allowed-repository"},
+		{name: "download in progress", err: fmt.Errorf("pulling: %w", library.ErrDownloadInProgress), code: codes.Unavailable, contains: "still downloading"},
+		{name: "registry unavailable", err: fmt.Errorf("dial: %w", library.ErrRegistryUnavailable), code: codes.Unavailable, contains: "cannot be pulled now"},
+		{name: "not found", err: fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound), code: codes.NotFound, contains: "does not exist"},
+		{name: "rejected", err: fmt.Errorf("setuid file: %w", library.ErrImageRejected), code: codes.FailedPrecondition, contains: "cannot be served"},
+		{name: "download slots busy", err: fmt.Errorf("all 3 download slots are busy: %w", library.ErrDownloadSlotsBusy), code: codes.Unavailable, contains: "waits for a download slot"},
+		{name: "cache full", err: fmt.Errorf("over the disk budget: %w", library.ErrCacheFull), code: codes.ResourceExhausted, contains: "cannot be stored on this node"},
+		{name: "not allowed", err: fmt.Errorf("%w: not in the allowed repositories; add it with --allowed-repository", library.ErrImageNotAllowed), code: codes.PermissionDenied, contains: "--allowed-repository"},
 		{name: "budget exceeded", err: context.DeadlineExceeded, code: codes.Unavailable, contains: "publish budget"},
 		{name: "other", err: errors.New("disk full"), code: codes.Internal, contains: "disk full"},
 	}

@@ -269,31 +269,6 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 	return removed, errors.Join(errs...)
 }
 
-// LibrariesInUse returns what the library cache's garbage collector must keep besides what
-// the mount table shows: every layer dir (absolute path) and image digest ("sha256:...")
-// referenced by a state record or by a publish in progress. The collector reads the mount
-// table itself, once per pass (every overlay layer dir and every bind mount from the store),
-// so this does not read it again; records add what the table cannot show (a digest, a
-// publish whose mount does not exist yet). It fails until the startup reconcile has run, so
-// that a collector never acts on a partial view.
-func (d *Driver) LibrariesInUse() (map[string]struct{}, error) {
-	if !d.Ready() {
-		return nil, errors.New("the node plugin has not reconciled its state yet")
-	}
-	inUse := map[string]struct{}{}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, rec := range d.byTarget {
-		for _, k := range layerKeys(rec.Layers) {
-			inUse[k] = struct{}{}
-		}
-	}
-	for k := range d.inFlight {
-		inUse[k] = struct{}{}
-	}
-	return inUse, nil
-}
-
 // Records returns a copy of the published targets' records, for diagnostics and tests.
 func (d *Driver) Records() []state.Record {
 	d.mu.Lock()

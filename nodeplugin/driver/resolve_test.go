@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -61,7 +62,7 @@ func TestPublishFailsFastOnAFinalLibraryError(t *testing.T) {
 	f := newFixture(t)
 	_, release := heldStore(f, "r.local/slow:v1")
 	defer release()
-	f.store.errs["r.local/missing:v1"] = fmt.Errorf("manifest unknown: %w", ErrImageNotFound)
+	f.store.errs["r.local/missing:v1"] = fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound)
 	done := make(chan error, 1)
 	go func() {
 		_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", f.target("pod-a"), libraryAttrs("r.local/slow:v1", "r.local/missing:v1")))
@@ -82,8 +83,8 @@ func TestPublishReturnsAFinalErrorOverARetryableOne(t *testing.T) {
 	for _, order := range [][]string{{"r.local/busy:v1", "r.local/denied:v1"}, {"r.local/denied:v1", "r.local/busy:v1"}} {
 		t.Run(order[0], func(t *testing.T) {
 			f := newFixture(t)
-			f.store.errs["r.local/busy:v1"] = fmt.Errorf("pulling: %w", ErrDownloadInProgress)
-			f.store.errs["r.local/denied:v1"] = fmt.Errorf("%w: not in the allowed repositories", ErrImageNotAllowed)
+			f.store.errs["r.local/busy:v1"] = fmt.Errorf("pulling: %w", library.ErrDownloadInProgress)
+			f.store.errs["r.local/denied:v1"] = fmt.Errorf("%w: not in the allowed repositories", library.ErrImageNotAllowed)
 			_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", f.target("pod-a"), libraryAttrs(order...)))
 			wantCode(t, err, codes.PermissionDenied, "r.local/denied:v1")
 		})

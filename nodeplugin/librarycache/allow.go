@@ -6,9 +6,10 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
@@ -24,7 +25,7 @@ func refusalTTL(err error) time.Duration {
 	switch {
 	case errors.Is(err, errCorrupt):
 		return transportRejectionTTL
-	case errors.Is(err, driver.ErrImageRejected):
+	case errors.Is(err, library.ErrImageRejected):
 		return rejectionTTL
 	}
 	return 0
@@ -95,11 +96,22 @@ func (c *Config) validateTrust() error {
 }
 
 // checkAllowed refuses an image outside the allowlist before any registry is contacted.
-func (c *Cache) checkAllowed(image string) error {
-	if err := c.allowed.Check(image); err != nil {
-		return fmt.Errorf("%w: %w", driver.ErrImageNotAllowed, err)
+func (p *puller) checkAllowed(image string) error {
+	err := p.allowed.Check(image)
+	var nae *repoallow.NotAllowedError
+	if !errors.As(err, &nae) {
+		if err != nil {
+			return fail(library.ErrImageNotAllowed, "%w", err)
+		}
+		return nil
 	}
-	return nil
+	allowed := "none"
+	if len(nae.Allowed) > 0 {
+		allowed = strings.Join(nae.Allowed, ", ")
+	}
+	// The driver names the image: the message says which repository and what to do, once.
+	return failf([]error{library.ErrImageNotAllowed, nae}, "its repository %s is not in the allowed repositories (%s); use an image from an allowed repository, or ask the cluster administrator to add its repository with %s (Helm: libraries.allowedRepositories)",
+		nae.Repository, allowed, repoallow.Flag)
 }
 
 // plainHTTPGuard refuses plain HTTP to every host not listed in --insecure-registry.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,8 +16,9 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
+	clocktesting "k8s.io/utils/clock/testing"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -53,16 +55,16 @@ func TestLayerServesLibraryAtRoot(t *testing.T) {
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("the registry saw %d requests for a cached tag within its TTL: %v", n, reg.Requests())
 	}
-	if hits := metricValue(t, c.metrics.hits); hits != 1 {
+	if hits := metricValue(t, c.store.metrics.hits); hits != 1 {
 		t.Errorf("hits = %v, want 1", hits)
 	}
-	if misses := metricValue(t, c.metrics.misses); misses != 1 {
+	if misses := metricValue(t, c.store.metrics.misses); misses != 1 {
 		t.Errorf("misses = %v, want 1", misses)
 	}
-	if n := metricValue(t, c.metrics.downloads.WithLabelValues(resultSuccess)); n != 1 {
+	if n := metricValue(t, c.store.metrics.downloads.WithLabelValues(resultSuccess)); n != 1 {
 		t.Errorf("successful downloads = %v, want 1", n)
 	}
-	if n := metricValue(t, c.metrics.libraries); n != 1 {
+	if n := metricValue(t, c.store.metrics.libraries); n != 1 {
 		t.Errorf("libraries gauge = %v, want 1", n)
 	}
 }
@@ -135,7 +137,7 @@ func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 
 	const n = 25
 	var wg sync.WaitGroup
-	layers := make([]driver.Layer, n)
+	layers := make([]library.Layer, n)
 	errs := make([]error, n)
 	for i := range n {
 		wg.Go(func() {
@@ -199,10 +201,8 @@ func TestDownloadsInParallelBounded(t *testing.T) {
 				n += min(1, reg2.BlobFetches(payload(rubyImg)))
 				return n
 			}
-			deadline := time.Now().Add(5 * time.Second)
-			for started() < parallel && time.Now().Before(deadline) {
-				time.Sleep(10 * time.Millisecond)
-			}
+			waitUntil(t, 5*time.Second, func() bool { return started() >= parallel })
+			// Give a download beyond the bound time to start, if the bound failed to hold it.
 			time.Sleep(200 * time.Millisecond)
 			if got := started(); got != parallel {
 				t.Errorf("%d downloads running at once, want %d", got, parallel)
@@ -228,12 +228,10 @@ func TestSlowFirstDownloadReturnsInProgress(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
 	defer cancel()
 	_, err := c.Layer(ctx, volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrDownloadInProgress) {
+	if !errors.Is(err, library.ErrDownloadInProgress) {
 		t.Fatalf("Layer with a short budget = %v, want ErrDownloadInProgress", err)
 	}
-	if !strings.Contains(err.Error(), "in the background") || !strings.Contains(err.Error(), image) {
-		t.Errorf("message %q should name the image and say the download goes on", err)
-	}
+	checkMessage(t, err, image, "in the background")
 	release()
 	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
@@ -266,21 +264,17 @@ func TestRegistryOutage(t *testing.T) {
 	if err != nil || got != first {
 		t.Fatalf("cached tag during an outage = %v, %v; want %v", got, err, first)
 	}
-	if n := metricValue(t, c.metrics.staleServed); n != 1 {
+	if n := metricValue(t, c.store.metrics.staleServed); n != 1 {
 		t.Errorf("stale_served = %v, want 1", n)
 	}
 	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: pinned}); err != nil {
 		t.Errorf("cached digest during an outage: %v", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: uncached})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) {
+	if !errors.Is(err, library.ErrRegistryUnavailable) {
 		t.Fatalf("uncached tag during an outage = %v, want ErrRegistryUnavailable", err)
 	}
-	for _, want := range []string{uncached, "not cached on this node", "connection refused"} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("message %q does not say %q", err, want)
-		}
-	}
+	checkMessage(t, err, uncached, "not cached on this node", "connection refused")
 
 	// After a restart, still during the outage, the remembered tag is served.
 	if err := c.Close(); err != nil {
@@ -319,22 +313,25 @@ func TestTagTTL(t *testing.T) {
 	repo := "datadog/dd-lib-ruby-init"
 	must[string](t)(reg.Push(repo, "latest-1", v1img))
 	image := reg.Repo(repo) + ":latest-1"
-	const ttl = time.Second
-	c := newCache(t, Config{TagTTL: ttl}, reg)
-	resolved := time.Now()
+	const ttl = 5 * time.Minute
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{TagTTL: ttl, Clock: clk}, reg)
 	first, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The tag moves; within the TTL the old digest is still served without asking.
 	must[string](t)(reg.Push(repo, "latest-1", v2img))
+	clk.Step(ttl - time.Second)
 	if got, err := c.Layer(t.Context(), volumeattrs.Library{Image: image}); err != nil || got.Digest != first.Digest {
 		t.Errorf("within the TTL: %v, %v; want digest %s", got, err, first.Digest)
 	}
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("%d registry requests within the TTL", n)
 	}
-	time.Sleep(time.Until(resolved.Add(ttl + 100*time.Millisecond)))
+	// Past the TTL the registry is asked. The fake clock never fires the wait for a slow
+	// registry (revalidateWait), so the answer decides.
+	clk.Step(time.Second)
 	got, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
 	if err != nil {
 		t.Fatal(err)
@@ -356,7 +353,7 @@ func TestNotFound(t *testing.T) {
 		reg.Repo("datadog/dd-lib-java-init") + "@sha256:" + strings.Repeat("ab", 32),
 	} {
 		_, err := c.Layer(t.Context(), volumeattrs.Library{Image: ref})
-		if !errors.Is(err, driver.ErrImageNotFound) {
+		if !errors.Is(err, library.ErrImageNotFound) {
 			t.Errorf("%s: %v, want ErrImageNotFound", ref, err)
 			continue
 		}
@@ -371,15 +368,15 @@ func TestSourceMissing(t *testing.T) {
 	image, _ := pushLibrary(t, reg, "java", "v1")
 	c := newCache(t, Config{}, reg)
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/no/such/dir"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "/no/such/dir") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "/no/such/dir") {
 		t.Fatalf("Layer = %v, want ErrImageRejected naming /no/such/dir", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/datadog-init/copy-lib.sh"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "not a directory") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "not a directory") {
 		t.Errorf("file as source = %v, want ErrImageRejected (not a directory)", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: image, Source: "/usr/bin/env"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "symlink") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "symlink") {
 		t.Errorf("symlink as source = %v, want ErrImageRejected (symlink)", err)
 	}
 }
@@ -415,7 +412,7 @@ func TestMultiPlatformIndex(t *testing.T) {
 		t.Errorf("index digest of a cached image made %d requests", n)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: reg.Repo("datadog/dd-lib-java-init") + ":foreign"})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "platform") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "platform") {
 		t.Errorf("index without this platform = %v, want ErrImageRejected naming the platform", err)
 	}
 }
@@ -472,7 +469,7 @@ func TestPullSecretDir(t *testing.T) {
 	secrets := t.TempDir()
 	c := newCache(t, Config{PullSecretDir: secrets}, reg)
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--pull-secret-dir") {
+	if !errors.Is(err, library.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--pull-secret-dir") {
 		t.Fatalf("without credentials = %v, want ErrRegistryUnavailable pointing at --pull-secret-dir", err)
 	}
 	// A secret mounted the way kubelet mounts it: a ..data symlink and a key symlink.
@@ -538,7 +535,7 @@ func TestInvalidLibrary(t *testing.T) {
 		{Image: "example.invalid/x:v1", Target: "../escape"},
 		{Image: "example.invalid/x:v1", Target: "/abs"},
 	} {
-		if _, err := c.Layer(t.Context(), lib); !errors.Is(err, driver.ErrImageRejected) {
+		if _, err := c.Layer(t.Context(), lib); !errors.Is(err, library.ErrImageRejected) {
 			t.Errorf("Layer(%+v) = %v, want ErrImageRejected", lib, err)
 		}
 	}
@@ -584,11 +581,8 @@ func TestPrefetch(t *testing.T) {
 	// window joins the download instead of hitting the cache.
 	var log syncBuffer
 	c := newCache(t, Config{Prefetch: []string{image, pinned}, Logger: slog.New(slog.NewJSONHandler(&log, nil))}, reg)
-	deadline := time.Now().Add(10 * time.Second)
-	for strings.Count(log.String(), `"msg":"prefetched library"`) < 2 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := metricValue(t, c.metrics.libraries); n != 2 {
+	waitUntil(t, 10*time.Second, func() bool { return strings.Count(log.String(), `"msg":"prefetched library"`) >= 2 })
+	if n := metricValue(t, c.store.metrics.libraries); n != 2 {
 		t.Fatalf("%v libraries cached after Start, want the 2 prefetched", n)
 	}
 	// The first pod finds them ready, even with the registry gone.
@@ -600,7 +594,79 @@ func TestPrefetch(t *testing.T) {
 			t.Errorf("%s after prefetch: %v", ref, err)
 		}
 	}
-	if hits := metricValue(t, c.metrics.hits); hits != 2 {
+	if hits := metricValue(t, c.store.metrics.hits); hits != 2 {
 		t.Errorf("hits = %v, want 2", hits)
+	}
+}
+
+// TestSlowRegistryServesTheLastKnownDigest: past a tag's TTL the registry is asked again, but a
+// registry that does not answer keeps no pod waiting longer than revalidateWait: the tag's
+// last known digest is served meanwhile. The wait is on the cache's clock, so the test
+// advances it instead of sleeping.
+func TestSlowRegistryServesTheLastKnownDigest(t *testing.T) {
+	reg := libimages.Start(t)
+	image, _ := pushLibrary(t, reg, "php", "v1")
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{TagTTL: time.Minute, Clock: clk}, reg)
+	first, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The registry's address now accepts connections and never answers.
+	if err := reg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", reg.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { _ = conn.Close() })
+		}
+	}()
+	clk.Step(time.Minute)
+	type result struct {
+		layer library.Layer
+		err   error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
+		done <- result{l, err}
+	}()
+	// Once the publish waits for the registry's answer, its wait runs out.
+	if !waitUntil(t, 10*time.Second, clk.HasWaiters) {
+		t.Fatal("the publish never waited for the registry")
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("the publish did not wait for the registry: %v, %v", r.layer, r.err)
+	default:
+	}
+	// Step until the publish returns: a timer of the finished download may still be among
+	// the waiters when the publish's own wait starts.
+	var r result
+	if !waitUntil(t, 10*time.Second, func() bool {
+		clk.Step(revalidateWait)
+		select {
+		case r = <-done:
+			return true
+		default:
+			return false
+		}
+	}) {
+		t.Fatal("the publish kept waiting for a silent registry past revalidateWait")
+	}
+	if r.err != nil || r.layer != first {
+		t.Fatalf("publish with a silent registry = %v, %v; want the last known %v", r.layer, r.err, first)
+	}
+	if n := metricValue(t, c.store.metrics.staleServed); n != 1 {
+		t.Errorf("stale_served = %v, want 1", n)
 	}
 }

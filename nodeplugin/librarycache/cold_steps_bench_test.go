@@ -92,16 +92,16 @@ func BenchmarkColdSteps(b *testing.B) {
 		steps[name] = append(steps[name], time.Since(start))
 	}
 	for i := range b.N {
-		tmp, err := c.mkTemp("steps")
+		tmp, err := c.store.mkTemp("steps")
 		if err != nil {
 			b.Fatal(err)
 		}
-		plain := filepath.Join(c.dir, tmp, "plain")
+		plain := filepath.Join(c.store.dir, tmp, "plain")
 		if err := os.Mkdir(plain, 0o755); err != nil {
 			b.Fatal(err)
 		}
 		rootRel := path.Join(tmp, "root")
-		if err := c.root.Mkdir(rootRel, 0o755); err != nil {
+		if err := c.store.root.Mkdir(rootRel, 0o755); err != nil {
 			b.Fatal(err)
 		}
 		unix.Sync()
@@ -111,7 +111,7 @@ func BenchmarkColdSteps(b *testing.B) {
 			},
 			func() {
 				timed("extract", func() error {
-					_, err := extract.Extract(b.Context(), bytes.NewReader(layer), filepath.Join(c.dir, rootRel), extract.Options{PreserveOwnership: os.Geteuid() == 0})
+					_, err := extract.Extract(b.Context(), bytes.NewReader(layer), filepath.Join(c.store.dir, rootRel), extract.Options{PreserveOwnership: os.Geteuid() == 0})
 					return err
 				})
 			},
@@ -123,11 +123,11 @@ func BenchmarkColdSteps(b *testing.B) {
 			run()
 		}
 		timed("view", func() error {
-			_, err := c.farm(path.Join(rootRel, "opt/datadog/lib"), path.Join(tmp, "view"))
+			_, err := c.store.farm(path.Join(rootRel, "opt/datadog/lib"), path.Join(tmp, "view"))
 			return err
 		})
-		timed("syncfs", c.syncStore)
-		if err := c.root.RemoveAll(tmp); err != nil {
+		timed("syncfs", c.store.syncStore)
+		if err := c.store.root.RemoveAll(tmp); err != nil {
 			b.Fatal(err)
 		}
 	}

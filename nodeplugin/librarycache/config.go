@@ -78,7 +78,7 @@ type Config struct {
 	// Default and upper bound: MaxParallelDownloads-1 (1 when only one download is allowed).
 	MaxDownloadsPerRegistry int
 	// DownloadSlotWait bounds how long a download waits for a slot before failing with
-	// driver.ErrDownloadSlotsBusy (kubelet retries the mount).
+	// library.ErrDownloadSlotsBusy (kubelet retries the mount).
 	DownloadSlotWait time.Duration
 	// MinDownloadRate (bytes per second) over MinDownloadRateWindow: a download receiving
 	// less is aborted. Negative disables the check.
@@ -92,12 +92,14 @@ type Config struct {
 	// GCGracePeriod is how long an entry no volume uses is kept.
 	GCGracePeriod time.Duration
 	// DiskBudget makes GC evict least recently used unreferenced libraries until the cache
-	// fits, and new downloads wait (driver.ErrCacheFull) while it is exceeded. Zero means
+	// fits, and new downloads wait (library.ErrCacheFull) while it is exceeded. Zero means
 	// DiskBudgetPercent of the size of the filesystem holding StoreDir.
 	DiskBudget        int64
 	DiskBudgetPercent int
-	// Clock times download slot waits, the minimum download rate and rejection expiry.
-	// Default: the real clock.
+	// Clock is where the cache reads time: tag TTLs and the wait for a tag's revalidation,
+	// GC grace periods and ages, last uses, download slot waits, the minimum download rate,
+	// flush waits, rejection expiry, the store lock wait and the durations it logs. Default:
+	// the real clock.
 	Clock clock.Clock
 	// Prefetch lists image references pulled at Start and kept while configured.
 	Prefetch []string

@@ -55,9 +55,9 @@ func (rq *requester) record(secret string) {
 }
 
 // newRequester computes the scope key of namespace.
-func (c *Cache) newRequester(namespace string) *requester {
+func (p *puller) newRequester(namespace string) *requester {
 	var granted []string
-	for _, sc := range c.cfg.PullSecretScopes {
+	for _, sc := range p.cfg.PullSecretScopes {
 		if len(sc.Namespaces) > 0 && slices.Contains(sc.Namespaces, namespace) {
 			granted = append(granted, sc.Secret)
 		}
@@ -67,22 +67,22 @@ func (c *Cache) newRequester(namespace string) *requester {
 }
 
 // scopeOf returns the scope configured for a secret, if any.
-func (c *Cache) scopeOf(secret string) (repoallow.SecretScope, bool) {
-	i := slices.IndexFunc(c.cfg.PullSecretScopes, func(sc repoallow.SecretScope) bool { return sc.Secret == secret })
+func (p *puller) scopeOf(secret string) (repoallow.SecretScope, bool) {
+	i := slices.IndexFunc(p.cfg.PullSecretScopes, func(sc repoallow.SecretScope) bool { return sc.Secret == secret })
 	if i < 0 {
 		return repoallow.SecretScope{}, false
 	}
-	return c.cfg.PullSecretScopes[i], true
+	return p.cfg.PullSecretScopes[i], true
 }
 
 // keychainFor is the keychain of the flight running in ctx: the mounted pull secrets its
 // namespace is granted, then the node's docker config.
-func (c *Cache) keychainFor(ctx context.Context) authn.Keychain {
-	return &requestKeychain{c: c, rq: requesterFrom(ctx)}
+func (p *puller) keychainFor(ctx context.Context) authn.Keychain {
+	return &requestKeychain{p: p, rq: requesterFrom(ctx)}
 }
 
 type requestKeychain struct {
-	c  *Cache
+	p  *puller
 	rq *requester
 }
 
@@ -91,16 +91,16 @@ func (k *requestKeychain) Resolve(res authn.Resource) (authn.Authenticator, erro
 }
 
 func (k *requestKeychain) ResolveContext(ctx context.Context, res authn.Resource) (authn.Authenticator, error) {
-	if k.c.cfg.Keychain != nil {
+	if k.p.cfg.Keychain != nil {
 		k.rq.record("")
-		return authn.Resolve(ctx, k.c.cfg.Keychain, res)
+		return authn.Resolve(ctx, k.p.cfg.Keychain, res)
 	}
-	if k.c.cfg.PullSecretDir != "" {
-		sk := &secretDirKeychain{dir: k.c.cfg.PullSecretDir, log: k.c.log, scopes: k.c.cfg.PullSecretScopes, namespace: k.rq.namespace}
+	if k.p.cfg.PullSecretDir != "" {
+		sk := &secretDirKeychain{dir: k.p.cfg.PullSecretDir, log: k.p.log, scopes: k.p.cfg.PullSecretScopes, namespace: k.rq.namespace}
 		auth, secret := sk.resolve(res)
 		if auth != authn.Anonymous {
 			restricted := ""
-			if sc, ok := k.c.scopeOf(secret); ok && len(sc.Namespaces) > 0 {
+			if sc, ok := k.p.scopeOf(secret); ok && len(sc.Namespaces) > 0 {
 				restricted = secret
 			}
 			k.rq.record(restricted)

@@ -39,41 +39,41 @@ func readBootID() string {
 	return strings.TrimSpace(string(b))
 }
 
-// makeDurableLocked queues e for the durability worker. Guarded by c.mu.
-func (c *Cache) makeDurableLocked(e *entry) {
+// makeDurableLocked queues e for the durability worker. Guarded by s.mu.
+func (s *store) makeDurableLocked(e *entry) {
 	if e.meta.Durable {
 		return
 	}
-	c.pendingDurable = append(c.pendingDurable, e)
+	s.pendingDurable = append(s.pendingDurable, e)
 	select {
-	case c.durableSignal <- struct{}{}:
+	case s.durableSignal <- struct{}{}:
 	default:
 	}
 }
 
 // durabilityWorker runs until the cache closes.
-func (c *Cache) durabilityWorker() {
-	defer c.wg.Done()
+func (s *store) durabilityWorker() {
+	defer s.life.wg.Done()
 	for {
 		select {
-		case <-c.bg.Done():
+		case <-s.life.bg.Done():
 			return
-		case <-c.durableSignal:
+		case <-s.durableSignal:
 		}
-		c.downloadSlots.waitIdle(c.bg, c.clock, maxFlushDelay)
-		c.mu.Lock()
-		pending := c.pendingDurable
-		c.pendingDurable = nil
-		c.mu.Unlock()
+		s.waitIdle(s.life.bg, maxFlushDelay)
+		s.mu.Lock()
+		pending := s.pendingDurable
+		s.pendingDurable = nil
+		s.mu.Unlock()
 		if len(pending) == 0 {
 			continue
 		}
-		if err := c.syncStore(); err != nil {
-			c.log.Error("cannot flush the library store to disk; entries stay unconfirmed and are removed after a reboot", "error", err)
+		if err := s.syncStore(); err != nil {
+			s.log.Error("cannot flush the library store to disk; entries stay unconfirmed and are removed after a reboot", "error", err)
 			continue
 		}
 		for _, e := range pending {
-			c.recordDurable(e)
+			s.recordDurable(e)
 		}
 	}
 }
@@ -81,31 +81,31 @@ func (c *Cache) durabilityWorker() {
 // recordDurable rewrites e's entry.json as durable. It excludes GC passes meanwhile: a GC
 // removing the entry under the rewrite would race the new file into a directory being
 // deleted, and the removal would fail with "directory not empty".
-func (c *Cache) recordDurable(e *entry) {
-	c.gcMu.Lock()
-	defer c.gcMu.Unlock()
-	c.mu.Lock()
-	live := c.entries(e.kind)[e.key] == e && !e.removing
+func (s *store) recordDurable(e *entry) {
+	s.gcMu.Lock()
+	defer s.gcMu.Unlock()
+	s.mu.Lock()
+	live := s.entries(e.kind)[e.key] == e && !e.removing
 	meta := e.meta
-	c.mu.Unlock()
+	s.mu.Unlock()
 	if !live {
 		return
 	}
-	if c.beforeDurableRewrite != nil {
-		c.beforeDurableRewrite()
+	if s.beforeDurableRewrite != nil {
+		s.beforeDurableRewrite()
 	}
 	meta.Durable = true
-	if err := c.rewriteMeta(e.rel(), meta); err != nil {
-		c.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
+	if err := s.rewriteMeta(e.rel(), meta); err != nil {
+		s.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
 		return
 	}
-	c.mu.Lock()
+	s.mu.Lock()
 	e.meta.Durable = true
-	c.mu.Unlock()
+	s.mu.Unlock()
 }
 
-func (c *Cache) syncStore() error {
-	f, err := c.root.Open(".")
+func (s *store) syncStore() error {
+	f, err := s.root.Open(".")
 	if err != nil {
 		return err
 	}
@@ -115,15 +115,15 @@ func (c *Cache) syncStore() error {
 
 // rewriteMeta replaces entry.json atomically and durably: written beside, synced, renamed,
 // and the directory synced.
-func (c *Cache) rewriteMeta(dirRel string, m entryMeta) error {
+func (s *store) rewriteMeta(dirRel string, m entryMeta) error {
 	b, err := json.MarshalIndent(m, "", " ")
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(c.root, path.Join(dirRel, metaFile), b, 0o644); err != nil {
+	if err := writeFileAtomic(s.root, path.Join(dirRel, metaFile), b, 0o644); err != nil {
 		return err
 	}
-	d, err := c.root.Open(dirRel)
+	d, err := s.root.Open(dirRel)
 	if err != nil {
 		return err
 	}

@@ -12,7 +12,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 )
 
@@ -43,7 +43,7 @@ var errCorrupt = errors.New("content corrupted in transit")
 
 // classify decides what err from go-containerregistry or the extractor means.
 func classify(err error) failure {
-	if errors.Is(err, extract.ErrRejected) || errors.Is(err, driver.ErrImageRejected) {
+	if errors.Is(err, extract.ErrRejected) || errors.Is(err, library.ErrImageRejected) {
 		return failRejected
 	}
 	var terr *transport.Error
@@ -87,6 +87,28 @@ func classify(err error) failure {
 	return failUnavailable
 }
 
+// failf returns an error of the kinds given (library.Err* sentinels, or any error errors.Is
+// and errors.As should find) whose message is only the formatted text: the kinds' own words
+// are not repeated. Messages say each fact once: the driver names the image the pod asked for,
+// the kind of failure and whether kubelet retries; the cache's message says what failed and
+// what to fix, without naming the image again or promising a retry.
+func failf(kinds []error, format string, args ...any) error {
+	return &kindError{kinds: kinds, err: fmt.Errorf(format, args...)}
+}
+
+// fail is failf of one kind.
+func fail(kind error, format string, args ...any) error {
+	return failf([]error{kind}, format, args...)
+}
+
+type kindError struct {
+	kinds []error
+	err   error
+}
+
+func (e *kindError) Error() string   { return e.err.Error() }
+func (e *kindError) Unwrap() []error { return append([]error{e.err}, e.kinds...) }
+
 // pathError marks failures of the node's own filesystem, so they are never blamed on the
 // registry.
 type pathError struct{ err error }
@@ -115,7 +137,7 @@ type attempt struct {
 // "Not found" is only believed when every location says so; content is refused only when
 // every location that served it served unusable content; corrupted transfers everywhere are
 // errCorrupt (remembered briefly); otherwise the registry is unavailable (or refused access).
-func registryError(image string, attempts []attempt) error {
+func registryError(attempts []attempt) error {
 	var parts []string
 	var served, rejected, corrupt []attempt
 	worst := failNotFound
@@ -124,7 +146,7 @@ func registryError(image string, attempts []attempt) error {
 		switch f {
 		case failLocal:
 			// The node's own failure does not depend on where the image came from.
-			return wrapFailure(f, image, a.err)
+			return wrapFailure(f, a.err)
 		case failRejected:
 			rejected = append(rejected, a)
 		case failCorrupt:
@@ -142,32 +164,32 @@ func registryError(image string, attempts []attempt) error {
 	switch {
 	case len(served) > 0 && len(rejected) == len(served):
 		// The last location is the most authoritative (the source comes after mirrors).
-		return wrapFailure(failRejected, image, rejected[len(rejected)-1].err)
+		return wrapFailure(failRejected, rejected[len(rejected)-1].err)
 	case len(served) > 0 && len(rejected)+len(corrupt) == len(served):
-		return wrapFailure(failCorrupt, image, cause)
+		return wrapFailure(failCorrupt, cause)
 	case len(served) > 0 && worst == failNotFound:
 		worst = failUnavailable
 	}
-	return wrapFailure(worst, image, cause)
+	return wrapFailure(worst, cause)
 }
 
 // wrapFailure wraps both the sentinel and the cause, so errors.Is sees either.
-func wrapFailure(f failure, image string, cause error) error {
+func wrapFailure(f failure, cause error) error {
 	switch f {
 	case failNotFound:
-		return fmt.Errorf("%w: %s does not exist in the registry (%w); check the library image and version in the pod's annotations or volume attributes", driver.ErrImageNotFound, image, cause)
+		return fail(library.ErrImageNotFound, "no registry location has it (%w); check the library image and version in the pod's annotations or volume attributes", cause)
 	case failDenied:
-		return fmt.Errorf("%w: the registry refused access to %s (%w); the node plugin needs a pull secret for it that is granted to this pod's namespace (--pull-secret-dir, --pull-secret-scope; Helm: libraries.pullSecrets) or node docker credentials, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+		return fail(library.ErrRegistryUnavailable, "the registry refused access (%w); the node plugin needs a pull secret for it that is granted to this pod's namespace (--pull-secret-dir, --pull-secret-scope; Helm: libraries.pullSecrets) or node docker credentials", cause)
 	case failCorrupt:
-		return fmt.Errorf("%w: %w: every location of %s served bytes that do not match the image's digest (%w); check the --registry-mirror and any proxy between the node and the registry, kubelet retries the mount", driver.ErrRegistryUnavailable, errCorrupt, image, cause)
+		return failf([]error{library.ErrRegistryUnavailable, errCorrupt}, "every location served bytes that do not match the image's digest (%w); check the --registry-mirror and any proxy between the node and the registry", cause)
 	case failUnavailable:
-		return fmt.Errorf("%w: cannot pull %s and it is not cached on this node (%w); pods that use it wait until the registry or a --registry-mirror is reachable, kubelet retries the mount", driver.ErrRegistryUnavailable, image, cause)
+		return fail(library.ErrRegistryUnavailable, "it is not cached on this node and no registry location answered (%w); check that the registry or a --registry-mirror is reachable from the node", cause)
 	case failRejected:
-		if errors.Is(cause, driver.ErrImageRejected) {
+		if errors.Is(cause, library.ErrImageRejected) {
 			return cause
 		}
-		return fmt.Errorf("%w: %s cannot be served as a library: %w", driver.ErrImageRejected, image, cause)
+		return fail(library.ErrImageRejected, "%w", cause)
 	default:
-		return fmt.Errorf("storing %s in the library cache: %w", image, cause)
+		return fmt.Errorf("storing it in the library cache: %w", cause)
 	}
 }

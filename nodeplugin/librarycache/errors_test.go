@@ -13,7 +13,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 )
 
@@ -39,7 +39,7 @@ func TestClassify(t *testing.T) {
 		{"timeout", fmt.Errorf("pull: %w", context.DeadlineExceeded), failUnavailable},
 		{"hostile entry", &extract.RejectedError{Entry: "dev/mem", Reason: "is a device node"}, failRejected},
 		{"corrupt archive", &extract.ReadError{Err: errors.New("archive/tar: invalid tar header")}, failRejected},
-		{"rejected by the cache", fmt.Errorf("%w: no platform", driver.ErrImageRejected), failRejected},
+		{"rejected by the cache", fmt.Errorf("%w: no platform", library.ErrImageRejected), failRejected},
 		{"disk full", localErr(syscall.ENOSPC), failLocal},
 	}
 	for _, tt := range tests {
@@ -60,18 +60,18 @@ func TestRegistryError(t *testing.T) {
 		want     error
 		wantText []string
 	}{
-		{"not found everywhere", []attempt{{"mirror/x", notFound}, {"gcr.io/x", notFound}}, driver.ErrImageNotFound, []string{"img:v1", "does not exist", "mirror/x", "gcr.io/x"}},
+		{"not found everywhere", []attempt{{"mirror/x", notFound}, {"gcr.io/x", notFound}}, library.ErrImageNotFound, []string{"no registry location has it", "mirror/x", "gcr.io/x"}},
 		// A mirror without the image and an unreachable source: the image may exist.
-		{"not found on the mirror, source down", []attempt{{"mirror/x", notFound}, {"gcr.io/x", refused}}, driver.ErrRegistryUnavailable, []string{"not cached on this node", "connection refused"}},
-		{"denied", []attempt{{"gcr.io/x", &transport.Error{StatusCode: 401}}}, driver.ErrRegistryUnavailable, []string{"refused access", "--pull-secret-dir"}},
-		{"content refused only when every location serves it so", []attempt{{"mirror/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}, {"gcr.io/x", refused}}, driver.ErrRegistryUnavailable, []string{"not cached on this node", "connection refused"}},
+		{"not found on the mirror, source down", []attempt{{"mirror/x", notFound}, {"gcr.io/x", refused}}, library.ErrRegistryUnavailable, []string{"not cached on this node", "connection refused"}},
+		{"denied", []attempt{{"gcr.io/x", &transport.Error{StatusCode: 401}}}, library.ErrRegistryUnavailable, []string{"refused access", "--pull-secret-dir"}},
+		{"content refused only when every location serves it so", []attempt{{"mirror/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}, {"gcr.io/x", refused}}, library.ErrRegistryUnavailable, []string{"not cached on this node", "connection refused"}},
 		{"corrupt everywhere", []attempt{{"mirror/x", &extract.ReadError{Err: io.ErrUnexpectedEOF}}, {"gcr.io/x", &extract.ReadError{Err: errors.New("error verifying sha256 checksum")}}}, errCorrupt, []string{"do not match the image's digest", "mirror/x", "gcr.io/x"}},
-		{"server text stays out", []attempt{{"gcr.io/x", &transport.Error{StatusCode: 502, Errors: []transport.Diagnostic{{Code: "PWNED", Message: "token=abc"}}}}}, driver.ErrRegistryUnavailable, []string{"HTTP 502 (server error)"}},
-		{"rejected everywhere", []attempt{{"gcr.io/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}}, driver.ErrImageRejected, []string{"img:v1", "is a FIFO"}},
+		{"server text stays out", []attempt{{"gcr.io/x", &transport.Error{StatusCode: 502, Errors: []transport.Diagnostic{{Code: "PWNED", Message: "token=abc"}}}}}, library.ErrRegistryUnavailable, []string{"HTTP 502 (server error)"}},
+		{"rejected everywhere", []attempt{{"gcr.io/x", &extract.RejectedError{Entry: "a", Reason: "is a FIFO"}}}, library.ErrImageRejected, []string{"is a FIFO"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := registryError("img:v1", tt.attempts)
+			err := registryError(tt.attempts)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("registryError = %v, want %v", err, tt.want)
 			}
@@ -86,8 +86,8 @@ func TestRegistryError(t *testing.T) {
 		})
 	}
 	// Local failures wrap no registry sentinel: the driver reports them as internal errors.
-	err := registryError("img:v1", []attempt{{"gcr.io/x", localErr(syscall.ENOSPC)}})
-	for _, s := range []error{driver.ErrImageNotFound, driver.ErrRegistryUnavailable, driver.ErrImageRejected, driver.ErrDownloadInProgress} {
+	err := registryError([]attempt{{"gcr.io/x", localErr(syscall.ENOSPC)}})
+	for _, s := range []error{library.ErrImageNotFound, library.ErrRegistryUnavailable, library.ErrImageRejected, library.ErrDownloadInProgress} {
 		if errors.Is(err, s) {
 			t.Errorf("disk full wraps %v", s)
 		}

@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 	clocktesting "k8s.io/utils/clock/testing"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -29,15 +29,11 @@ func TestZstdWindowBombRefused(t *testing.T) {
 	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/zstd-window") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected for a 512 MiB zstd window", err)
 	}
 	t.Logf("refused: %v", err)
-	for _, want := range []string{image, "window", "536870912", "8388608"} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("message %q should say %q", err, want)
-		}
-	}
+	checkMessage(t, err, image, "window", "536870912", "8388608")
 }
 
 // TestZstdLayerWithinWindowServed: zstd layers made with ordinary settings (a window within
@@ -61,7 +57,7 @@ func TestOversizedManifestRefused(t *testing.T) {
 	c := newCache(t, Config{}, reg)
 	image := reg.Repo("hostile/big-manifest") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected for a 5 MiB manifest", err)
 	}
 	t.Logf("refused: %v", err)
@@ -79,7 +75,7 @@ func TestDirectoryBombCountsAgainstCap(t *testing.T) {
 	c := newCache(t, Config{MaxLibraryBytes: 1 << 20}, reg)
 	image := reg.Repo("hostile/dirs") + ":v1"
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected: 20,000 directories exceed a 1 MiB cap", err)
 	}
 	t.Logf("refused: %v", err)
@@ -101,18 +97,18 @@ func TestDirectoryBombChargedToBudget(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.store.mu.Lock()
+	defer c.store.mu.Unlock()
 	const want = 2_000 * 4096
-	if len(c.images) != 1 || len(c.views) != 2 {
-		t.Fatalf("%d images, %d views; want 1 and 2", len(c.images), len(c.views))
+	if len(c.store.images) != 1 || len(c.store.views) != 2 {
+		t.Fatalf("%d images, %d views; want 1 and 2", len(c.store.images), len(c.store.views))
 	}
-	for _, e := range c.images {
+	for _, e := range c.store.images {
 		if e.meta.Bytes < want {
 			t.Errorf("image charged %d bytes, want at least %d (a block per directory)", e.meta.Bytes, want)
 		}
 	}
-	for _, e := range c.views {
+	for _, e := range c.store.views {
 		if e.meta.Bytes < want {
 			t.Errorf("view %s charged %d bytes, want at least %d (a block per directory)", e.meta.Target, e.meta.Bytes, want)
 		}
@@ -133,7 +129,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := first.Layer(t.Context(), volumeattrs.Library{Image: image}); !errors.Is(err, driver.ErrImageRejected) {
+	if _, err := first.Layer(t.Context(), volumeattrs.Library{Image: image}); !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer = %v, want ErrImageRejected", err)
 	}
 	if err := first.Close(); err != nil {
@@ -146,7 +142,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 
 	second := newCache(t, Config{StoreDir: store, Clock: clk}, reg)
 	_, err = second.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "window") {
+	if !errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "window") {
 		t.Fatalf("Layer after a restart = %v, want the remembered rejection", err)
 	}
 	byDigest := func(q libimages.Request) bool {
@@ -159,7 +155,7 @@ func TestRejectionSurvivesRestart(t *testing.T) {
 	// Once the rejection expires, the image is tried again.
 	clk.Step(rejectionTTL + time.Second)
 	_, err = second.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrImageRejected) {
+	if !errors.Is(err, library.ErrImageRejected) {
 		t.Fatalf("Layer after expiry = %v, want a fresh rejection", err)
 	}
 	if n := reg.Count(byDigest); n == 0 {
@@ -179,15 +175,11 @@ func TestDiskBudgetRefusesNewLibraries(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: rubyRef})
-	if !errors.Is(err, driver.ErrCacheFull) {
+	if !errors.Is(err, library.ErrCacheFull) {
 		t.Fatalf("Layer over the disk budget = %v, want ErrCacheFull", err)
 	}
 	t.Logf("refused: %v", err)
-	for _, want := range []string{rubyRef, "disk budget of 4096 bytes", "--cache-disk-budget"} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("message %q should say %q", err, want)
-		}
-	}
+	checkMessage(t, err, rubyRef, "disk budget of 4096 bytes", "--cache-disk-budget")
 	if _, err := c.Layer(t.Context(), volumeattrs.Library{Image: javaRef}); err != nil {
 		t.Errorf("a cached library over the budget: %v, want it served", err)
 	}

@@ -6,13 +6,10 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-	"k8s.io/mount-utils"
-
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
@@ -25,68 +22,98 @@ type victim struct {
 	reason string
 }
 
-// GC removes cache entries that nothing uses: an entry is in use if inUse (the driver's
-// mount records and publishes in progress) or the mount table references its directory, or
-// a view derived from it. An unused entry is removed once unused for the grace period; with
-// a disk budget, the least recently used unused libraries go first until the cache fits.
-// Libraries listed for prefetch are kept. If inUse or the mount table cannot be read,
-// nothing is removed.
+// GC removes cache entries that nothing uses: an entry is in use if inUse (built by the
+// driver: its mount records, publishes in progress, and what the mount table references:
+// driver.LibrariesInUse) names a path inside it, or inside a view derived from it. An unused
+// entry is removed once unused for the grace period; with a disk budget, the least recently
+// used unused libraries go first until the cache fits. Libraries listed for prefetch are
+// kept. If inUse fails, nothing is removed.
 //
 // The driver runs GC periodically and once at start-up, after its reconcile: entries whose
 // pods were deleted while the node was down are unused and age out like any other.
-func (c *Cache) GC(ctx context.Context, inUse func() (map[string]struct{}, error)) error {
-	c.gcMu.Lock()
-	defer c.gcMu.Unlock()
+func (c *Cache) GC(ctx context.Context, inUse func() (library.InUse, error)) error {
+	err := c.store.collect(ctx, inUse, c.pull.pinned())
+	if errors.Is(err, errInUseUnknown) {
+		return err
+	}
+	if perr := c.pull.refs.prune(c.store.hasImage, max(c.cfg.TagTTL, 24*time.Hour), c.clock.Now()); perr != nil {
+		c.log.Warn("cannot prune remembered tags", "error", perr)
+	}
+	return err
+}
+
+// errInUseUnknown marks a GC pass that removed nothing because it could not tell what is used.
+var errInUseUnknown = errors.New("nothing removed")
+
+// collect is one GC pass over the store: it marks what used names, picks the victims
+// (unused past the grace period, then least recently used for the budget) and removes them.
+// pinned are image keys kept whatever happens (the prefetch list). Ages are measured from
+// when the pass got the lock and the set in use, not from when it was asked for.
+func (s *store) collect(ctx context.Context, inUse func() (library.InUse, error), pinned map[string]bool) error {
+	s.gcMu.Lock()
+	defer s.gcMu.Unlock()
 	used, err := inUse()
 	if err != nil {
-		return fmt.Errorf("library cache GC: listing the layers in use: %w (nothing removed)", err)
+		return fmt.Errorf("library cache GC: listing the layers in use: %w (%w)", err, errInUseUnknown)
 	}
-	mounted, err := c.mountedPaths()
-	if err != nil {
-		return fmt.Errorf("library cache GC: reading the mount table %s: %w (nothing removed)", c.mountInfo, err)
+	now := s.clock.Now()
+	victims, persist := s.pickVictims(used, pinned, now)
+	for _, e := range persist {
+		s.persistUse(e)
 	}
-	now := time.Now()
-	pinned := c.pinned()
+	return s.removeVictims(ctx, victims, now)
+}
 
-	c.mu.Lock()
+// pickVictims marks the victims as being removed (so nothing hands them out meanwhile), and
+// returns them with the entries whose use must be written to disk.
+func (s *store) pickVictims(used library.InUse, pinned map[string]bool, now time.Time) (victims []victim, persist []*entry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	referenced := s.referencedLocked(used)
+	victims, persist, inUseImages := s.unusedPastGraceLocked(referenced, pinned, now)
+	if s.cfg.DiskBudget > 0 {
+		victims = append(victims, s.budgetVictimsLocked(now, referenced, pinned)...)
+	}
+	s.metrics.librariesInUse.Set(float64(inUseImages))
+	return victims, persist
+}
+
+// referencedLocked maps every path of used to its entry; a view in use keeps its image (the
+// view's files are the image's inodes).
+func (s *store) referencedLocked(used library.InUse) map[*entry]bool {
 	referenced := map[*entry]bool{}
-	mark := func(p string) {
-		e := c.entryForPathLocked(p)
+	for p := range used {
+		e := s.entryForPathLocked(p)
 		if e == nil {
-			return
+			continue
 		}
 		referenced[e] = true
 		if e.kind == kindView {
-			// A view's files are the image's inodes: keep the image while a view is used.
-			if img := c.images[e.meta.ImageKey]; img != nil {
+			if img := s.images[e.meta.ImageKey]; img != nil {
 				referenced[img] = true
 			}
 		}
 	}
-	for p := range used {
-		mark(p)
-	}
-	for _, p := range mounted {
-		mark(p)
-	}
-	var victims []victim
-	var persist []*entry
-	inUseImages := 0
-	// Views before images: an image stays while a view of it (its inodes) stays.
+	return referenced
+}
+
+// unusedPastGraceLocked touches the referenced entries and marks the unreferenced ones unused
+// for the grace period. Views come before images: an image stays while a view of it stays.
+func (s *store) unusedPastGraceLocked(referenced map[*entry]bool, pinned map[string]bool, now time.Time) (victims []victim, persist []*entry, inUseImages int) {
 	liveViews := map[string]bool{}
 	for _, k := range []kind{kindView, kindGenerated, kindImage} {
-		for _, e := range c.entries(k) {
+		for _, e := range s.entries(k) {
 			switch {
 			case e.removing:
 			case referenced[e]:
-				if c.touchLocked(e, now) {
+				if s.touchLocked(e, now) {
 					persist = append(persist, e)
 				}
 				if k == kindImage {
 					inUseImages++
 				}
 			case e.busy > 0, k == kindImage && (pinned[e.key] || liveViews[e.key]):
-			case now.Sub(e.lastUsed) >= c.cfg.GCGracePeriod:
+			case now.Sub(e.lastUsed) >= s.cfg.GCGracePeriod:
 				e.removing = true
 				victims = append(victims, victim{e, evictUnused})
 			}
@@ -95,89 +122,70 @@ func (c *Cache) GC(ctx context.Context, inUse func() (map[string]struct{}, error
 			}
 		}
 	}
-	if c.cfg.DiskBudget > 0 {
-		victims = append(victims, c.budgetVictimsLocked(now, referenced, pinned)...)
-	}
-	c.metrics.librariesInUse.Set(float64(inUseImages))
-	c.mu.Unlock()
+	return victims, persist, inUseImages
+}
 
-	for _, e := range persist {
-		c.persistUse(e)
-	}
+// removeVictims removes the victims one by one; when ctx ends, the rest are kept.
+func (s *store) removeVictims(ctx context.Context, victims []victim, now time.Time) error {
 	var errs []error
 	for i, v := range victims {
 		if err := ctx.Err(); err != nil {
-			c.mu.Lock()
+			s.mu.Lock()
 			for _, rest := range victims[i:] {
 				rest.e.removing = false
 			}
-			c.mu.Unlock()
+			s.mu.Unlock()
 			errs = append(errs, err)
 			break
 		}
-		err := c.removeTree(v.e.rel())
-		c.mu.Lock()
-		if err != nil {
-			v.e.removing = false
-		} else {
-			delete(c.entries(v.e.kind), v.e.key)
+		if err := s.removeVictim(v, now); err != nil {
+			errs = append(errs, err)
 		}
-		c.updateGaugesLocked()
-		c.mu.Unlock()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("removing %s: %w", filepath.Join(c.dir, v.e.rel()), err))
-			continue
-		}
-		c.metrics.evictions.WithLabelValues(v.reason).Inc()
-		c.log.Info("removed an unused cache entry", "entry", v.e.rel(), "image", v.e.meta.Image, "digest", v.e.meta.Digest,
-			"bytes", v.e.meta.Bytes, "reason", v.reason, "unused_for_seconds", now.Sub(v.e.lastUsed).Seconds())
-	}
-	cached := func(digest string) bool {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		return c.images[strings.TrimPrefix(digest, "sha256:")] != nil
-	}
-	if err := c.refs.prune(cached, max(c.cfg.TagTTL, 24*time.Hour), now); err != nil {
-		c.log.Warn("cannot prune remembered tags", "error", err)
 	}
 	return errors.Join(errs...)
 }
 
+// removeVictim removes one entry from the disk, then from the index.
+func (s *store) removeVictim(v victim, now time.Time) error {
+	err := s.removeTree(v.e.rel())
+	s.mu.Lock()
+	if err != nil {
+		v.e.removing = false
+	} else {
+		delete(s.entries(v.e.kind), v.e.key)
+	}
+	s.updateGaugesLocked()
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("removing %s: %w", filepath.Join(s.dir, v.e.rel()), err)
+	}
+	s.metrics.evictions.WithLabelValues(v.reason).Inc()
+	s.log.Info("removed an unused cache entry", "entry", v.e.rel(), "image", v.e.meta.Image, "digest", v.e.meta.Digest,
+		"bytes", v.e.meta.Bytes, "reason", v.reason, "unusedForSeconds", now.Sub(v.e.lastUsed).Seconds())
+	return nil
+}
+
 // budgetVictimsLocked picks least recently used unreferenced images (with their views, which
 // share their inodes) until the cache fits the disk budget.
-func (c *Cache) budgetVictimsLocked(now time.Time, referenced map[*entry]bool, pinned map[string]bool) []victim {
-	var total int64
-	for _, k := range kinds {
-		for _, e := range c.entries(k) {
-			if !e.removing {
-				total += e.meta.Bytes
-			}
-		}
-	}
-	if total <= c.cfg.DiskBudget {
+func (s *store) budgetVictimsLocked(now time.Time, referenced map[*entry]bool, pinned map[string]bool) []victim {
+	total := s.cacheBytesLocked()
+	if total <= s.cfg.DiskBudget {
 		return nil
 	}
 	viewsOf := map[string][]*entry{}
-	for _, v := range c.views {
+	for _, v := range s.views {
 		viewsOf[v.meta.ImageKey] = append(viewsOf[v.meta.ImageKey], v)
 	}
-	var candidates []*entry
-	for _, e := range c.images {
-		if e.removing || referenced[e] || e.busy > 0 || pinned[e.key] || now.Sub(e.lastUsed) < handoutProtection {
-			continue
-		}
-		candidates = append(candidates, e)
+	keep := func(e *entry) bool {
+		return e.removing || referenced[e] || e.busy > 0 || now.Sub(e.lastUsed) < handoutProtection
 	}
-	slices.SortFunc(candidates, func(a, b *entry) int { return a.lastUsed.Compare(b.lastUsed) })
 	var out []victim
-	for _, e := range candidates {
-		if total <= c.cfg.DiskBudget {
+	for _, e := range s.leastRecentlyUsedLocked(func(e *entry) bool { return keep(e) || pinned[e.key] }) {
+		if total <= s.cfg.DiskBudget {
 			break
 		}
 		views := viewsOf[e.key]
-		if slices.ContainsFunc(views, func(v *entry) bool {
-			return v.removing || referenced[v] || v.busy > 0 || now.Sub(v.lastUsed) < handoutProtection
-		}) {
+		if slices.ContainsFunc(views, keep) {
 			continue
 		}
 		for _, v := range views {
@@ -188,29 +196,41 @@ func (c *Cache) budgetVictimsLocked(now time.Time, referenced map[*entry]bool, p
 		out = append(out, victim{e, evictBudget})
 		total -= e.meta.Bytes
 	}
-	if total > c.cfg.DiskBudget {
-		c.log.Warn("the library cache exceeds its disk budget with libraries in use or prefetched", "bytes", total, "budget", c.cfg.DiskBudget)
+	if total > s.cfg.DiskBudget {
+		s.log.Warn("the library cache exceeds its disk budget with libraries in use or prefetched", "bytes", total, "budget", s.cfg.DiskBudget)
 	}
 	return out
 }
 
+// leastRecentlyUsedLocked lists the images keep does not keep, least recently used first.
+func (s *store) leastRecentlyUsedLocked(keep func(*entry) bool) []*entry {
+	var candidates []*entry
+	for _, e := range s.images {
+		if !keep(e) {
+			candidates = append(candidates, e)
+		}
+	}
+	slices.SortFunc(candidates, func(a, b *entry) int { return a.lastUsed.Compare(b.lastUsed) })
+	return candidates
+}
+
 // pinned returns the image keys of the prefetch list, as last resolved.
-func (c *Cache) pinned() map[string]bool {
+func (p *puller) pinned() map[string]bool {
 	out := map[string]bool{}
-	for _, image := range c.cfg.Prefetch {
+	for _, image := range p.cfg.Prefetch {
 		ref, err := libref.Parse(image)
 		if err != nil {
 			continue
 		}
 		digest := ref.Digest
 		if digest == "" {
-			rec, ok := c.refs.tag(tagKey(ref))
+			rec, ok := p.refs.tag(tagKey(ref))
 			if !ok {
 				continue
 			}
 			digest = rec.Digest
 		}
-		if img, ok := c.refs.index(digest); ok {
+		if img, ok := p.refs.index(digest); ok {
 			digest = img
 		}
 		out[strings.TrimPrefix(digest, "sha256:")] = true
@@ -219,8 +239,8 @@ func (c *Cache) pinned() map[string]bool {
 }
 
 // entryForPathLocked maps a path handed out (or any path inside an entry) to its entry.
-func (c *Cache) entryForPathLocked(p string) *entry {
-	rel, err := filepath.Rel(c.dir, filepath.Clean(p))
+func (s *store) entryForPathLocked(p string) *entry {
+	rel, err := filepath.Rel(s.dir, filepath.Clean(p))
 	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
 		return nil
 	}
@@ -230,107 +250,8 @@ func (c *Cache) entryForPathLocked(p string) *entry {
 	}
 	for _, k := range kinds {
 		if parts[0] == k.dir() {
-			return c.entries(k)[parts[1]]
+			return s.entries(k)[parts[1]]
 		}
 	}
 	return nil
-}
-
-// mountedPaths lists the store paths the mount table references: every overlayfs layer dir,
-// and the source of every bind mount from the store's filesystem. The driver's records say
-// what should be mounted; the mount table says what is, and a lower dir removed under a
-// mount would break a running pod.
-func (c *Cache) mountedPaths() ([]string, error) {
-	infos, err := mount.ParseMountInfo(c.mountInfo)
-	if err != nil {
-		return nil, err
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(c.dir, &st); err != nil {
-		return nil, err
-	}
-	major, minor := int(unix.Major(st.Dev)), int(unix.Minor(st.Dev))
-	// The mount through which the plugin sees the store: a bind mount's "root" field is a
-	// path inside the filesystem, which this mount translates back to a path we handed out.
-	var storeMount *mount.MountInfo
-	for i := range infos {
-		mi := &infos[i]
-		if mi.Major != major || mi.Minor != minor || !within(c.dir, unescapeMountInfo(mi.MountPoint)) {
-			continue
-		}
-		if storeMount == nil || len(mi.MountPoint) > len(storeMount.MountPoint) {
-			storeMount = mi
-		}
-	}
-	var out []string
-	for _, mi := range infos {
-		if mi.FsType == "overlay" {
-			for _, opt := range mi.SuperOptions {
-				k, v, _ := strings.Cut(opt, "=")
-				switch k {
-				case "lowerdir", "lowerdir+", "datadir+", "upperdir", "workdir":
-					out = append(out, splitLayers(v)...)
-				}
-			}
-		}
-		if storeMount != nil && mi.Major == major && mi.Minor == minor {
-			root, storeRoot := unescapeMountInfo(mi.Root), unescapeMountInfo(storeMount.Root)
-			if within(root, storeRoot) {
-				rel, _ := filepath.Rel(storeRoot, root)
-				out = append(out, filepath.Join(unescapeMountInfo(storeMount.MountPoint), rel))
-			}
-		}
-	}
-	return out, nil
-}
-
-// within reports whether p is dir or below it.
-func within(p, dir string) bool {
-	rel, err := filepath.Rel(dir, p)
-	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
-}
-
-// splitLayers splits an overlayfs layer list: ':' separates layers ("::" before data-only
-// layers), "\:" is a literal colon, and mountinfo escapes other characters in octal.
-func splitLayers(v string) []string {
-	var out []string
-	var cur strings.Builder
-	for i := 0; i < len(v); i++ {
-		switch {
-		case v[i] == '\\' && i+1 < len(v) && (v[i+1] == ':' || v[i+1] == '\\' || v[i+1] == ','):
-			cur.WriteByte(v[i+1])
-			i++
-		case v[i] == ':':
-			if cur.Len() > 0 {
-				out = append(out, unescapeMountInfo(cur.String()))
-			}
-			cur.Reset()
-		default:
-			cur.WriteByte(v[i])
-		}
-	}
-	if cur.Len() > 0 {
-		out = append(out, unescapeMountInfo(cur.String()))
-	}
-	return out
-}
-
-// unescapeMountInfo decodes the \NNN octal escapes the kernel writes for spaces, tabs,
-// newlines and backslashes in mountinfo fields.
-func unescapeMountInfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

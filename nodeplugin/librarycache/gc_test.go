@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,46 +12,38 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	clocktesting "k8s.io/utils/clock/testing"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
-func set(paths ...string) func() (map[string]struct{}, error) {
-	return func() (map[string]struct{}, error) {
-		m := map[string]struct{}{}
-		for _, p := range paths {
-			m[p] = struct{}{}
-		}
-		return m, nil
-	}
+func set(paths ...string) func() (library.InUse, error) {
+	return func() (library.InUse, error) { return library.NewInUse(paths...), nil }
 }
 
-// gcFixture is a cache with two cached libraries and a mount table that the test writes.
+// gcFixture is a cache with two cached libraries, on a fake clock.
 type gcFixture struct {
 	c          *Cache
+	clk        *clocktesting.FakeClock
 	reg        *libimages.Registry
 	java, ruby string
-	javaLayer  driver.Layer
-	rubyLayer  driver.Layer
-	javaView   driver.Layer
+	javaLayer  library.Layer
+	rubyLayer  library.Layer
+	javaView   library.Layer
 	preload    string
-	mountInfo  string
 }
 
 func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 	t.Helper()
-	f := &gcFixture{reg: libimages.Start(t)}
+	f := &gcFixture{reg: libimages.Start(t), clk: clocktesting.NewFakeClock(time.Now())}
 	f.java, _ = pushLibrary(t, f.reg, "java", "v1")
 	f.ruby, _ = pushLibrary(t, f.reg, "ruby", "v1")
+	cfg.Clock = f.clk
 	f.c = newCache(t, cfg, f.reg)
-	f.mountInfo = filepath.Join(t.TempDir(), "mountinfo")
-	f.writeMounts(t)
-	f.c.mountInfo = f.mountInfo
 	var err error
 	if f.javaLayer, err = f.c.Layer(t.Context(), volumeattrs.Library{Image: f.java}); err != nil {
 		t.Fatal(err)
@@ -67,34 +58,6 @@ func newGCFixture(t *testing.T, cfg Config) *gcFixture {
 		t.Fatal(err)
 	}
 	return f
-}
-
-// writeMounts writes a mount table: the filesystem holding the store mounted at /, plus lines.
-func (f *gcFixture) writeMounts(t *testing.T, lines ...string) {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(os.TempDir(), &st); err != nil {
-		t.Fatal(err)
-	}
-	dev := fmt.Sprintf("%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev))
-	all := []string{"22 1 " + dev + " / / rw,relatime shared:1 - ext4 /dev/vda rw"}
-	for _, l := range lines {
-		all = append(all, strings.ReplaceAll(l, "DEV", dev))
-	}
-	if err := os.WriteFile(f.mountInfo, []byte(strings.Join(all, "\n")+"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// age makes every entry look unused since d ago.
-func (f *gcFixture) age(d time.Duration) {
-	f.c.mu.Lock()
-	defer f.c.mu.Unlock()
-	for _, k := range kinds {
-		for _, e := range f.c.entries(k) {
-			e.lastUsed = time.Now().Add(-d)
-		}
-	}
 }
 
 func exists(p string) bool {
@@ -113,7 +76,7 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 			t.Errorf("%s removed within the grace period", d)
 		}
 	}
-	f.age(2 * time.Hour)
+	f.clk.Step(2 * time.Hour)
 	// The java view is in use (so its image is too), ruby and the preload file are not.
 	if err := f.c.GC(t.Context(), set(f.javaView.Dir)); err != nil {
 		t.Fatal(err)
@@ -128,13 +91,13 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 			t.Errorf("%s kept past the grace period though unused", d)
 		}
 	}
-	if n := metricValue(t, f.c.metrics.libraries); n != 1 {
+	if n := metricValue(t, f.c.store.metrics.libraries); n != 1 {
 		t.Errorf("libraries gauge = %v, want 1", n)
 	}
-	if n := metricValue(t, f.c.metrics.librariesInUse); n != 1 {
+	if n := metricValue(t, f.c.store.metrics.librariesInUse); n != 1 {
 		t.Errorf("libraries in use = %v, want 1", n)
 	}
-	if n := metricValue(t, f.c.metrics.evictions.WithLabelValues(evictUnused)); n != 2 {
+	if n := metricValue(t, f.c.store.metrics.evictions.WithLabelValues(evictUnused)); n != 2 {
 		t.Errorf("evictions{unused} = %v, want 2", n)
 	}
 	// Being in use counts as a use: after the view goes away, the grace period starts again.
@@ -161,25 +124,24 @@ func TestGCRemovesOnlyUnusedPastGrace(t *testing.T) {
 	}
 }
 
-func TestGCTrustsTheMountTable(t *testing.T) {
-	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
-	upper := t.TempDir()
-	f.writeMounts(t,
-		// An overlay using the ruby library and the java view as lower dirs.
-		fmt.Sprintf("500 22 0:99 / /var/lib/kubelet/pods/x/volumes/v rw - overlay overlay rw,lowerdir=%s:%s,upperdir=%s/u,workdir=%s/w,index=off", f.javaView.Dir, f.rubyLayer.Dir, upper, upper),
-		// The preload file bind-mounted from the store's filesystem.
-		fmt.Sprintf("501 22 DEV %s /var/lib/kubelet/pods/x/volumes/p ro - ext4 /dev/vda rw", filepath.Join(f.preload, volumeattrs.PreloadFile)),
-	)
-	// The driver's records have lost track of everything: the mount table still protects.
-	if err := f.c.GC(t.Context(), set()); err != nil {
+// TestGCKeepsEveryEntryAPathInUseLiesIn: the set the driver builds names what its records and
+// the mount table reference: an overlay's lower dirs (an image's directory, a view) and a file
+// bind-mounted from inside an entry (the preload file). Each keeps its entry, a view keeps its
+// image, and once the set no longer names them they go.
+func TestGCKeepsEveryEntryAPathInUseLiesIn(t *testing.T) {
+	f := newGCFixture(t, Config{GCGracePeriod: time.Hour})
+	f.clk.Step(2 * time.Hour)
+	used := set(f.javaView.Dir, f.rubyLayer.Dir, filepath.Join(f.preload, volumeattrs.PreloadFile))
+	if err := f.c.GC(t.Context(), used); err != nil {
 		t.Fatal(err)
 	}
 	for _, d := range []string{f.javaView.Dir, f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
 		if !exists(d) {
-			t.Errorf("%s removed while the mount table references it", d)
+			t.Errorf("%s removed while a path in use lies in it", d)
 		}
 	}
-	f.writeMounts(t)
+	// Seen in use is a use: the grace period starts again.
+	f.clk.Step(2 * time.Hour)
 	if err := f.c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
@@ -191,14 +153,11 @@ func TestGCTrustsTheMountTable(t *testing.T) {
 }
 
 func TestGCRemovesNothingWhenUnsure(t *testing.T) {
-	f := newGCFixture(t, Config{GCGracePeriod: time.Nanosecond})
-	err := f.c.GC(t.Context(), func() (map[string]struct{}, error) { return nil, errors.New("records unreadable") })
+	f := newGCFixture(t, Config{GCGracePeriod: time.Hour})
+	f.clk.Step(2 * time.Hour)
+	err := f.c.GC(t.Context(), func() (library.InUse, error) { return nil, errors.New("mount table unreadable") })
 	if err == nil || !strings.Contains(err.Error(), "nothing removed") {
 		t.Errorf("GC with failing inUse = %v, want an error saying nothing was removed", err)
-	}
-	f.c.mountInfo = filepath.Join(t.TempDir(), "missing")
-	if err := f.c.GC(t.Context(), set()); err == nil {
-		t.Errorf("GC with an unreadable mount table succeeded")
 	}
 	for _, d := range []string{f.javaLayer.Dir, f.rubyLayer.Dir, f.preload} {
 		if !exists(d) {
@@ -211,8 +170,8 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	reg := libimages.Start(t)
 	pre, _ := pushLibrary(t, reg, "js", "v1")
 	other, _ := pushLibrary(t, reg, "php", "v1")
-	c := newCache(t, Config{GCGracePeriod: time.Nanosecond, Prefetch: []string{pre}}, reg)
-	c.mountInfo = "/proc/self/mountinfo"
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{GCGracePeriod: time.Hour, Prefetch: []string{pre}, Clock: clk}, reg)
 	preLayer, err := c.Layer(t.Context(), volumeattrs.Library{Image: pre})
 	if err != nil {
 		t.Fatal(err)
@@ -221,15 +180,18 @@ func TestGCKeepsBusyAndPrefetched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	clk.Step(2 * time.Hour)
 	// A publish between lookup and hand-out holds the entry.
-	busy := c.acquireDigest(otherLayer.Digest)
+	busy := c.pull.acquireDigest(otherLayer.Digest)
 	if err := c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
 	if !exists(otherLayer.Dir) {
 		t.Errorf("busy entry removed")
 	}
-	c.release(busy)
+	c.store.release(busy)
+	// The acquisition was a use: the grace period starts again.
+	clk.Step(2 * time.Hour)
 	if err := c.GC(t.Context(), set()); err != nil {
 		t.Fatal(err)
 	}
@@ -248,29 +210,27 @@ func TestGCDiskBudget(t *testing.T) {
 		r, _ := pushLibrary(t, reg, lang, "v1")
 		refs = append(refs, r)
 	}
-	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour}, reg)
-	c.mountInfo = "/proc/self/mountinfo"
-	var layers []driver.Layer
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCache(t, Config{GCGracePeriod: 24 * time.Hour, Clock: clk}, reg)
+	// Used an hour apart, oldest first: java, js, python; the last an hour ago, past the
+	// protection of a fresh hand-out.
+	var layers []library.Layer
 	for _, r := range refs {
 		l, err := c.Layer(t.Context(), volumeattrs.Library{Image: r, Target: "x"})
 		if err != nil {
 			t.Fatal(err)
 		}
 		layers = append(layers, l)
+		clk.Step(time.Hour)
 	}
-	// Oldest first: java, js, python. Each image holds a few hundred bytes.
-	c.mu.Lock()
+	// Each image holds a few hundred bytes: a budget of one byte less than all three.
+	c.store.mu.Lock()
 	var total int64
-	for i, img := range []string{layers[0].Digest, layers[1].Digest, layers[2].Digest} {
-		e := c.images[strings.TrimPrefix(img, "sha256:")]
-		e.lastUsed = time.Now().Add(-time.Duration(10-i) * time.Hour)
-		total += e.meta.Bytes
-	}
-	for _, v := range c.views {
-		v.lastUsed = time.Now().Add(-time.Hour)
+	for _, l := range layers {
+		total += c.store.images[strings.TrimPrefix(l.Digest, "sha256:")].meta.Bytes
 	}
 	c.cfg.DiskBudget = total - 1
-	c.mu.Unlock()
+	c.store.mu.Unlock()
 
 	// java is in use, so the least recently used unreferenced library is js.
 	if err := c.GC(t.Context(), set(layers[0].Dir)); err != nil {
@@ -285,7 +245,7 @@ func TestGCDiskBudget(t *testing.T) {
 	if !exists(layers[2].Dir) {
 		t.Errorf("more was evicted than the budget needs")
 	}
-	if n := metricValue(t, c.metrics.evictions.WithLabelValues(evictBudget)); n != 2 {
+	if n := metricValue(t, c.store.metrics.evictions.WithLabelValues(evictBudget)); n != 2 {
 		t.Errorf("evictions{budget} = %v, want 2 (the image and its view)", n)
 	}
 }
@@ -329,7 +289,7 @@ func TestStartRemovesLeftovers(t *testing.T) {
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("a complete entry was not reused after the restart (%d requests)", n)
 	}
-	if n := metricValue(t, c2.metrics.evictions.WithLabelValues(evictOrphan)); n != 3 {
+	if n := metricValue(t, c2.store.metrics.evictions.WithLabelValues(evictOrphan)); n != 3 {
 		t.Errorf("evictions{orphan} = %v, want 3", n)
 	}
 }
@@ -350,15 +310,11 @@ func TestCloseDuringDownloadLeavesNothing(t *testing.T) {
 	defer release()
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	defer cancel()
-	if _, err := c.Layer(ctx, volumeattrs.Library{Image: image}); !errors.Is(err, driver.ErrDownloadInProgress) {
+	if _, err := c.Layer(ctx, volumeattrs.Library{Image: image}); !errors.Is(err, library.ErrDownloadInProgress) {
 		t.Fatalf("Layer = %v, want in progress", err)
 	}
 	// Wait until the extraction has written part of the library.
-	deadline := time.Now().Add(10 * time.Second)
-	for !partial(t, store) && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if !partial(t, store) {
+	if !waitUntil(t, 10*time.Second, func() bool { return partial(t, store) }) {
 		t.Fatal("the download never wrote anything")
 	}
 	if err := c.Close(); err != nil {
@@ -405,28 +361,9 @@ func partial(t *testing.T, store string) bool {
 func TestStoreLocked(t *testing.T) {
 	store := filepath.Join(t.TempDir(), "store")
 	newCache(t, Config{StoreDir: store})
-	_, err := lockStore(store, 300*time.Millisecond)
+	_, err := lockStore(store, 300*time.Millisecond, clocktesting.NewFakeClock(time.Now()))
 	if err == nil || !strings.Contains(err.Error(), "locked by another apm-csi-node process (pid "+strconv.Itoa(os.Getpid())) {
 		t.Errorf("second lock = %v, want an error naming the holder", err)
-	}
-}
-
-func TestSplitLayers(t *testing.T) {
-	tests := []struct {
-		in   string
-		want []string
-	}{
-		{"/a:/b", []string{"/a", "/b"}},
-		{"/a", []string{"/a"}},
-		{`/with\:colon:/b`, []string{"/with:colon", "/b"}},
-		{`/sp\040ace:/b`, []string{"/sp ace", "/b"}},
-		{"/a::/data", []string{"/a", "/data"}},
-	}
-	for _, tt := range tests {
-		got := splitLayers(tt.in)
-		if strings.Join(got, "|") != strings.Join(tt.want, "|") {
-			t.Errorf("splitLayers(%q) = %q, want %q", tt.in, got, tt.want)
-		}
 	}
 }
 
@@ -445,12 +382,8 @@ func readMeta(t *testing.T, dir string) entryMeta {
 
 func waitDurable(t *testing.T, dir string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !readMeta(t, dir).Durable {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s never became durable", dir)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !waitUntil(t, 10*time.Second, func() bool { return readMeta(t, dir).Durable }) {
+		t.Fatalf("%s never became durable", dir)
 	}
 }
 
@@ -471,7 +404,7 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	entryDir := func(l driver.Layer) string {
+	entryDir := func(l library.Layer) string {
 		return filepath.Join(store, "images", strings.TrimPrefix(l.Digest, "sha256:"))
 	}
 	waitDurable(t, entryDir(java))
@@ -479,7 +412,7 @@ func TestDurabilityAcrossRestarts(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	unflush := func(l driver.Layer, boot string) {
+	unflush := func(l library.Layer, boot string) {
 		m := readMeta(t, entryDir(l))
 		m.Durable, m.BootID = false, boot
 		b, _ := json.Marshal(m)
@@ -511,15 +444,14 @@ func TestGCWaitsForAnEntryBeingRecordedDurable(t *testing.T) {
 	reg := libimages.Start(t)
 	ref, _ := pushLibrary(t, reg, "php", "v1")
 	c := newCache(t, Config{GCGracePeriod: time.Nanosecond}, reg)
-	c.mountInfo = "/proc/self/mountinfo"
 	gcCouldRun := make(chan bool, 1)
 	gcDone := make(chan error, 1)
 	var once sync.Once
-	c.beforeDurableRewrite = func() {
+	c.store.beforeDurableRewrite = func() {
 		once.Do(func() {
-			free := c.gcMu.TryLock()
+			free := c.store.gcMu.TryLock()
 			if free {
-				c.gcMu.Unlock()
+				c.store.gcMu.Unlock()
 			}
 			gcCouldRun <- free
 			go func() { gcDone <- c.GC(context.Background(), set()) }()

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 )
@@ -18,9 +17,8 @@ import (
 // maxGeneratedBytes bounds GeneratedFiles: it holds one-line files such as ld.so.preload.
 const maxGeneratedBytes = 1 << 20
 
-// GeneratedFiles implements driver.LibraryStore: an immutable directory holding exactly
-// files, shared by every caller asking for the same content.
-func (c *Cache) GeneratedFiles(files map[string]string) (string, error) {
+// generatedFiles is Cache.GeneratedFiles.
+func (s *store) generatedFiles(files map[string]string) (string, error) {
 	names, err := validateGenerated(files)
 	if err != nil {
 		return "", err
@@ -30,28 +28,28 @@ func (c *Cache) GeneratedFiles(files map[string]string) (string, error) {
 		parts = append(parts, n, strconv.Itoa(len(files[n])), files[n])
 	}
 	key := contentKey(parts...)
-	if e := c.acquire(kindGenerated, key); e != nil {
-		c.release(e)
-		return c.contentDir(e), nil
+	if e := s.acquire(kindGenerated, key); e != nil {
+		s.release(e)
+		return s.contentDir(e), nil
 	}
-	val, err, _ := c.flights.Do("generated:"+key, func() (any, error) {
-		c.mu.Lock()
-		e := c.generated[key]
-		c.mu.Unlock()
+	val, err, _ := s.builds.Do("generated:"+key, func() (any, error) {
+		s.mu.Lock()
+		e := s.generated[key]
+		s.mu.Unlock()
 		if e != nil && !e.removing {
 			return e, nil
 		}
-		return c.buildGenerated(key, names, files)
+		return s.buildGenerated(key, names, files)
 	})
 	if err != nil {
 		return "", err
 	}
-	e := c.acquireEntry(val.(*entry))
+	e := s.acquireEntry(val.(*entry))
 	if e == nil {
 		return "", fmt.Errorf("generated files %s were evicted right after they were written; retry", key)
 	}
-	c.release(e)
-	return c.contentDir(e), nil
+	s.release(e)
+	return s.contentDir(e), nil
 }
 
 func validateGenerated(files map[string]string) ([]string, error) {
@@ -77,33 +75,34 @@ func validateGenerated(files map[string]string) ([]string, error) {
 }
 
 // buildGenerated writes generated/<key>/root holding exactly files (names sorted).
-func (c *Cache) buildGenerated(key string, names []string, files map[string]string) (*entry, error) {
-	return c.buildEntry(kindGenerated, key, "generated", func(rootRel string) (entryMeta, error) {
-		if err := c.mkdirs(rootRel, rootRel); err != nil {
+func (s *store) buildGenerated(key string, names []string, files map[string]string) (*entry, error) {
+	e, _, err := s.buildEntry(kindGenerated, key, "generated", func(rootRel string) (entryMeta, error) {
+		if err := s.mkdirs(rootRel, rootRel); err != nil {
 			return entryMeta{}, err
 		}
 		var bytes int64
 		for _, n := range names {
 			p := path.Join(rootRel, n)
-			if err := c.mkdirsBelow(rootRel, path.Dir(p)); err != nil {
+			if err := s.mkdirsBelow(rootRel, path.Dir(p)); err != nil {
 				return entryMeta{}, err
 			}
-			if err := c.root.WriteFile(p, []byte(files[n]), 0o644); err != nil {
+			if err := s.root.WriteFile(p, []byte(files[n]), 0o644); err != nil {
 				return entryMeta{}, localErr(err)
 			}
-			if err := c.root.Chmod(p, 0o644); err != nil {
+			if err := s.root.Chmod(p, 0o644); err != nil {
 				return entryMeta{}, localErr(err)
 			}
 			bytes += extract.Charge(int64(len(files[n])))
 		}
 		// The root and each file's parents are inodes too.
 		bytes += int64(len(names)) * extract.BlockSize
-		return entryMeta{Bytes: bytes, Files: len(names), Created: time.Now().UTC(), BootID: c.bootID}, nil
+		return entryMeta{Bytes: bytes, Files: len(names), Created: s.clock.Now().UTC(), BootID: s.bootID}, nil
 	})
+	return e, err
 }
 
 // mkdirsBelow creates the 0755 directories between root (which exists) and dir.
-func (c *Cache) mkdirsBelow(root, dir string) error {
+func (s *store) mkdirsBelow(root, dir string) error {
 	rest, _ := strings.CutPrefix(dir, root)
 	p := root
 	for _, comp := range strings.Split(strings.TrimPrefix(rest, "/"), "/") {
@@ -111,14 +110,14 @@ func (c *Cache) mkdirsBelow(root, dir string) error {
 			continue
 		}
 		p = path.Join(p, comp)
-		err := c.root.Mkdir(p, 0o755)
+		err := s.root.Mkdir(p, 0o755)
 		if errors.Is(err, fs.ErrExist) {
 			continue
 		}
 		if err != nil {
 			return localErr(err)
 		}
-		if err := c.root.Chmod(p, 0o755); err != nil {
+		if err := s.root.Chmod(p, 0o755); err != nil {
 			return localErr(err)
 		}
 	}

@@ -1,13 +1,17 @@
 package librarycache
 
 import (
+	"context"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
@@ -101,4 +105,29 @@ func trust(cfg Config, regs ...*libimages.Registry) Config {
 		cfg.InsecureRegistries = append(cfg.InsecureRegistries, r.Addr())
 	}
 	return cfg
+}
+
+// waitUntil polls cond until it holds or timeout passes, and reports whether it held. It waits
+// in real time, for downloads and workers running in other goroutines that no clock drives.
+func waitUntil(t *testing.T, timeout time.Duration, cond func() bool) bool {
+	t.Helper()
+	err := wait.PollUntilContextTimeout(t.Context(), 10*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		return cond(), nil
+	})
+	return err == nil
+}
+
+// checkMessage checks the message of a cache error: it says each of want, and it does not
+// name image, which the driver's message names once (the cache says what failed, not again
+// which image).
+func checkMessage(t *testing.T, err error, image string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("message %q does not say %q", err, w)
+		}
+	}
+	if image != "" && strings.Contains(err.Error(), image) {
+		t.Errorf("message %q names the image %s again: the driver's message names it", err, image)
+	}
 }

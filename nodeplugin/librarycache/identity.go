@@ -15,7 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
 
@@ -123,15 +123,15 @@ func (ids *identities) save() error {
 }
 
 // servable reports whether e may be served to a reference of repo from namespace.
-func (c *Cache) servable(e *entry, repo, namespace string) bool {
-	for _, g := range c.ids.list(e.key) {
+func (p *puller) servable(e *entry, repo, namespace string) bool {
+	for _, g := range p.ids.list(e.key) {
 		if g.Repository != repo {
 			continue
 		}
 		if g.Secret == "" {
 			return true
 		}
-		sc, ok := c.scopeOf(g.Secret)
+		sc, ok := p.scopeOf(g.Secret)
 		if !ok || sc.Grants(namespace, repo) {
 			// A secret whose scope was removed serves every namespace now.
 			return true
@@ -141,23 +141,23 @@ func (c *Cache) servable(e *entry, repo, namespace string) bool {
 }
 
 // recordGrant remembers that the flight of rq obtained e through repo.
-func (c *Cache) recordGrant(e *entry, repo string, rq *requester) {
+func (p *puller) recordGrant(e *entry, repo string, rq *requester) {
 	resolved, secret := rq.used()
 	if !resolved {
 		// Nothing was asked of a registry in this flight: no evidence.
 		return
 	}
-	if err := c.ids.add(e.key, grant{Repository: repo, Secret: secret}); err != nil {
-		c.log.Warn("cannot record where a cached library came from; the registry will be asked again after a restart", "image", e.meta.Image, "digest", e.meta.Digest, "error", err)
+	if err := p.ids.add(e.key, grant{Repository: repo, Secret: secret}); err != nil {
+		p.log.Warn("cannot record where a cached library came from; the registry will be asked again after a restart", "image", e.meta.Image, "digest", e.meta.Digest, "error", err)
 	}
 }
 
 // image returns the cached image for ref on behalf of namespace, acquired, downloading it if
 // needed and confirming with the registry that ref's repository holds it if no grant says so.
-func (c *Cache) image(ctx context.Context, ref libref.Ref, namespace string) (*entry, bool, error) {
-	rq := c.newRequester(namespace)
-	e, hit, err := c.fetch(ctx, ref, rq)
-	if err != nil || c.servable(e, ref.Repository, namespace) {
+func (p *puller) image(ctx context.Context, ref libref.Ref, namespace string) (*entry, bool, error) {
+	rq := p.newRequester(namespace)
+	e, hit, err := p.fetch(ctx, ref, rq)
+	if err != nil || p.servable(e, ref.Repository, namespace) {
 		return e, hit, err
 	}
 	digest := ref.Digest
@@ -165,45 +165,45 @@ func (c *Cache) image(ctx context.Context, ref libref.Ref, namespace string) (*e
 		digest = e.meta.Digest
 	}
 	key := "confirm:" + ref.Repository + "@" + digest + "|" + rq.scopeKey
-	vrq := c.newRequester(namespace)
-	ch := c.flights.DoChan(key, c.flight(key, func(bg context.Context) (*entry, error) {
-		if err := c.confirm(withRequester(bg, vrq), ref, digest); err != nil {
+	vrq := p.newRequester(namespace)
+	ch := p.flights.DoChan(key, p.flight(key, func(bg context.Context) (*entry, error) {
+		if err := p.confirm(withRequester(bg, vrq), ref, digest); err != nil {
 			return nil, err
 		}
-		c.recordGrant(e, ref.Repository, vrq)
+		p.recordGrant(e, ref.Repository, vrq)
 		return e, nil
 	}))
 	select {
 	case res := <-ch:
 		if res.Err != nil {
-			c.release(e)
+			p.store.release(e)
 			return nil, false, res.Err
 		}
-		if c.servable(e, ref.Repository, namespace) {
+		if p.servable(e, ref.Repository, namespace) {
 			return e, false, nil
 		}
-		c.release(e)
-		return nil, false, fmt.Errorf("%w: %s: the registry confirmed the digest with credentials this pod's namespace is not granted; retry", driver.ErrRegistryUnavailable, ref)
+		p.store.release(e)
+		return nil, false, fail(library.ErrRegistryUnavailable, "the registry confirmed the digest with credentials this pod's namespace is not granted")
 	case <-ctx.Done():
-		c.release(e)
-		return nil, false, fmt.Errorf("%w: the registry of %s is being asked whether %s holds this digest; kubelet's retry will find the answer", driver.ErrDownloadInProgress, ref, ref.Repository)
+		p.store.release(e)
+		return nil, false, fail(library.ErrDownloadInProgress, "the registry is being asked whether the image's repository holds its digest")
 	}
 }
 
 // confirm asks the mirrors, then the registry of ref, whether ref's repository holds digest.
-func (c *Cache) confirm(bg context.Context, ref libref.Ref, digest string) error {
+func (p *puller) confirm(bg context.Context, ref libref.Ref, digest string) error {
 	ctx, cancel := context.WithTimeout(bg, resolveTimeout)
 	defer cancel()
 	var received atomic.Int64
-	defer func() { c.metrics.downloadedBytes.Add(float64(received.Load())) }()
+	defer func() { p.metrics.downloadedBytes.Add(float64(received.Load())) }()
 	var attempts []attempt
-	for _, repo := range c.candidates(ref.Repository) {
-		d, err := name.NewDigest(repo+"@"+digest, c.nameOptions(repo)...)
+	for _, repo := range p.candidates(ref.Repository) {
+		d, err := name.NewDigest(repo+"@"+digest, p.nameOptions(repo)...)
 		if err != nil {
 			attempts = append(attempts, attempt{where: repo, err: err})
 			continue
 		}
-		opts := c.remoteOptions(ctx, &received)
+		opts := p.remoteOptions(ctx, &received)
 		_, err = remote.Head(d, opts...)
 		if isStatus(err, http.StatusMethodNotAllowed) {
 			_, err = remote.Get(d, opts...)
@@ -217,10 +217,10 @@ func (c *Cache) confirm(bg context.Context, ref libref.Ref, digest string) error
 		}
 	}
 	display := ref.Repository + "@" + digest
-	c.logAttempts(display, attempts)
-	err := registryError(display, attempts)
-	if errors.Is(err, driver.ErrRegistryUnavailable) {
-		return fmt.Errorf("%w; the image is served for %s only once that repository confirms that it holds this digest", err, ref.Repository)
+	p.logAttempts(display, attempts)
+	err := registryError(attempts)
+	if errors.Is(err, library.ErrRegistryUnavailable) {
+		return fmt.Errorf("%w; a cached image is served for a repository only once it confirms that it holds the image's digest", err)
 	}
 	return err
 }

@@ -9,7 +9,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -30,17 +30,17 @@ func TestEntryAlreadyOnDiskIsSettled(t *testing.T) {
 		{
 			name: "complete entry on disk but not indexed is adopted",
 			leave: func(t *testing.T, c *Cache, e *entry) {
-				c.mu.Lock()
-				delete(c.images, e.key)
-				c.mu.Unlock()
+				c.store.mu.Lock()
+				delete(c.store.images, e.key)
+				c.store.mu.Unlock()
 			},
 		},
 		{
 			name: "incomplete directory without its metadata is replaced by a fresh copy",
 			leave: func(t *testing.T, c *Cache, e *entry) {
-				c.mu.Lock()
-				delete(c.images, e.key)
-				c.mu.Unlock()
+				c.store.mu.Lock()
+				delete(c.store.images, e.key)
+				c.store.mu.Unlock()
 				if err := os.Remove(filepath.Join(c.Dir(), e.rel(), metaFile)); err != nil {
 					t.Fatal(err)
 				}
@@ -49,9 +49,9 @@ func TestEntryAlreadyOnDiskIsSettled(t *testing.T) {
 		{
 			name: "entry being removed by garbage collection asks for a retry",
 			leave: func(t *testing.T, c *Cache, e *entry) {
-				c.mu.Lock()
+				c.store.mu.Lock()
 				e.removing = true
-				c.mu.Unlock()
+				c.store.mu.Unlock()
 			},
 			wantInProgress: true,
 		},
@@ -67,22 +67,22 @@ func TestEntryAlreadyOnDiskIsSettled(t *testing.T) {
 			if _, err := c.Layer(t.Context(), lib); err != nil {
 				t.Fatalf("first Layer: %v", err)
 			}
-			e := c.peekDigest(digest.String())
+			e := c.pull.peekDigest(digest.String())
 			if e == nil {
 				t.Fatalf("image %s is not indexed after its first publish", digest)
 			}
 			// Only the image entry is under test: drop the views built on it.
-			c.mu.Lock()
-			for k := range c.views {
-				delete(c.views, k)
+			c.store.mu.Lock()
+			for k := range c.store.views {
+				delete(c.store.views, k)
 			}
-			c.mu.Unlock()
+			c.store.mu.Unlock()
 			tc.leave(t, c, e)
 
 			layer, err := c.Layer(t.Context(), lib)
 			if tc.wantInProgress {
-				if !errors.Is(err, driver.ErrDownloadInProgress) {
-					t.Fatalf("Layer = %v, want an error that is driver.ErrDownloadInProgress", err)
+				if !errors.Is(err, library.ErrDownloadInProgress) {
+					t.Fatalf("Layer = %v, want an error that is library.ErrDownloadInProgress", err)
 				}
 				return
 			}
@@ -90,7 +90,7 @@ func TestEntryAlreadyOnDiskIsSettled(t *testing.T) {
 				t.Fatalf("Layer with a leftover at the image's key: %v", err)
 			}
 			equalTrees(t, nodeplugintest.ReadTree(t, layer.Dir), libimages.LibraryFiles("python", "v2.1.0"))
-			if got := c.peekDigest(digest.String()); got == nil {
+			if got := c.pull.peekDigest(digest.String()); got == nil {
 				t.Errorf("image %s is not indexed after the leftover was settled", digest)
 			}
 			if _, err := os.Stat(filepath.Join(c.Dir(), e.rel(), metaFile)); err != nil {

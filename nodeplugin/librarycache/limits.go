@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/utils/clock"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
@@ -158,7 +158,7 @@ type errStalled struct {
 }
 
 func (e *errStalled) Error() string {
-	return fmt.Sprintf("download from %s aborted: it received %d bytes in %s, below the minimum of %d bytes/s (--min-download-rate over --min-download-rate-window); the registry is stalled or too slow, kubelet retries the mount", e.host, e.received, e.window, e.floor)
+	return fmt.Sprintf("download from %s aborted: it received %d bytes in %s, below the minimum of %d bytes/s (--min-download-rate over --min-download-rate-window); the registry is stalled or too slow", e.host, e.received, e.window, e.floor)
 }
 
 // watchThroughput cancels the download (through cancel) when fewer than floor*window bytes
@@ -190,24 +190,24 @@ func watchThroughput(ctx context.Context, clk clock.Clock, p *progress, floor in
 
 // stallError turns a download that failed because the watchdog cancelled it into an
 // Unavailable error naming the cause; other errors pass unchanged.
-func stallError(ctx context.Context, image string, err error) error {
+func stallError(ctx context.Context, err error) error {
 	var st *errStalled
 	if err == nil || !errors.As(context.Cause(ctx), &st) {
 		return err
 	}
-	return fmt.Errorf("%w: %s: %w", driver.ErrRegistryUnavailable, image, st)
+	return fail(library.ErrRegistryUnavailable, "%w", st)
 }
 
 // resolveBounded is resolveTag within the resolution slots: each resolution may read a
 // manifest (up to maxManifestBytes), so their number bounds that memory.
-func (c *Cache) resolveBounded(bg context.Context, ref libref.Ref) (string, error) {
+func (p *puller) resolveBounded(bg context.Context, ref libref.Ref) (string, error) {
 	select {
-	case c.resolveSlots <- struct{}{}:
+	case p.resolveSlots <- struct{}{}:
 	case <-bg.Done():
-		return "", fmt.Errorf("%w: resolving %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+		return "", fail(library.ErrRegistryUnavailable, "resolving its tag was abandoned: %w", errClosed)
 	}
-	defer func() { <-c.resolveSlots }()
-	return c.resolveTag(bg, ref)
+	defer func() { <-p.resolveSlots }()
+	return p.resolveTag(bg, ref)
 }
 
 // diskBudget is the configured budget, or the configured share of the size of the
@@ -225,10 +225,10 @@ func diskBudget(cfg Config) (int64, error) {
 }
 
 // cacheBytesLocked is what the cache's entries are charged (see extract.BlockSize).
-func (c *Cache) cacheBytesLocked() int64 {
+func (s *store) cacheBytesLocked() int64 {
 	var total int64
 	for _, k := range kinds {
-		for _, e := range c.entries(k) {
+		for _, e := range s.entries(k) {
 			if !e.removing {
 				total += e.meta.Bytes
 			}
@@ -240,14 +240,14 @@ func (c *Cache) cacheBytesLocked() int64 {
 // checkBudget refuses to add to a cache that is over its disk budget, whether or not the
 // entries filling it are in use: GC can free only unused ones, and a pod must not be able
 // to fill the node's disk by naming ever more libraries.
-func (c *Cache) checkBudget(what string) error {
-	c.mu.Lock()
-	used := c.cacheBytesLocked()
-	c.mu.Unlock()
-	if used < c.cfg.DiskBudget {
+func (s *store) checkBudget(what string) error {
+	s.mu.Lock()
+	used := s.cacheBytesLocked()
+	s.mu.Unlock()
+	if used < s.cfg.DiskBudget {
 		return nil
 	}
-	c.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", c.cfg.DiskBudget)
-	return fmt.Errorf("%w: %s: the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget; kubelet retries the mount",
-		driver.ErrCacheFull, what, used, c.cfg.DiskBudget, DefaultDiskBudgetPercent)
+	s.log.Warn("library cache over its disk budget: refusing a new library", "image", what, "bytes", used, "budget", s.cfg.DiskBudget)
+	return fail(library.ErrCacheFull, "the library cache on this node holds %d bytes, at or over its disk budget of %d bytes (--cache-disk-budget, default %d%% of the filesystem); unused libraries are evicted by GC, so delete pods that use libraries this node no longer needs or raise the budget",
+		used, s.cfg.DiskBudget, DefaultDiskBudgetPercent)
 }

@@ -129,8 +129,8 @@ func truncate(s string) string {
 
 // logAttempts logs every failed location with its error, truncated: the administrator's
 // view, with what the servers said.
-func (c *Cache) logAttempts(image string, attempts []attempt) {
+func (p *puller) logAttempts(image string, attempts []attempt) {
 	for _, a := range attempts {
-		c.log.Warn("registry operation failed", "image", image, "location", a.where, "error", truncate(a.err.Error()))
+		p.log.Warn("registry operation failed", "image", image, "location", a.where, "error", truncate(a.err.Error()))
 	}
 }

@@ -24,7 +24,7 @@ const maxLayerDownloads = 4
 // wait for extraction, extraction waits only for the layer it needs next. Nothing is buffered
 // in memory beyond copy buffers.
 type layerFiles struct {
-	c      *Cache
+	s      *store
 	dir    string
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -46,12 +46,12 @@ type fileLayer struct {
 // prefetchLayers starts downloading layers, in the order extraction consumes them: mutate.Extract
 // flattens from the top layer (the last) down, so the top layer is fetched first. The caller
 // must call stop when done reading.
-func (c *Cache) prefetchLayers(ctx context.Context, layers []v1.Layer, maxBlob int64) (*layerFiles, error) {
-	dir, err := c.mkTemp("layers")
+func (p *puller) prefetchLayers(ctx context.Context, layers []v1.Layer, maxBlob int64) (*layerFiles, error) {
+	dir, err := p.store.mkTemp("layers")
 	if err != nil {
 		return nil, err
 	}
-	lf := &layerFiles{c: c, dir: dir}
+	lf := &layerFiles{s: p.store, dir: dir}
 	lf.ctx, lf.cancel = context.WithCancel(ctx)
 	if len(layers) == 0 {
 		return lf, nil
@@ -108,7 +108,7 @@ func (lf *layerFiles) download(l *fileLayer) error {
 		stop()
 		_ = rc.Close()
 	}()
-	f, err := lf.c.root.OpenFile(l.file, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	f, err := lf.s.root.OpenFile(l.file, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return localErr(err)
 	}
@@ -135,8 +135,8 @@ func (lf *layerFiles) wrap() []v1.Layer {
 func (lf *layerFiles) stop() {
 	lf.cancel()
 	lf.wg.Wait()
-	if err := lf.c.root.RemoveAll(lf.dir); err != nil {
-		lf.c.log.Error("cannot remove downloaded layer blobs; the next start removes them", "path", path.Join(lf.c.dir, lf.dir), "error", err)
+	if err := lf.s.root.RemoveAll(lf.dir); err != nil {
+		lf.s.log.Error("cannot remove downloaded layer blobs; the next start removes them", "path", path.Join(lf.s.dir, lf.dir), "error", err)
 	}
 }
 
@@ -154,7 +154,7 @@ func (l *fileLayer) Compressed() (io.ReadCloser, error) {
 	if l.err != nil {
 		return nil, l.err
 	}
-	f, err := l.lf.c.root.Open(l.file)
+	f, err := l.lf.s.root.Open(l.file)
 	if err != nil {
 		return nil, localErr(err)
 	}

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"path"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -19,7 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/names"
@@ -31,44 +30,44 @@ const maxLayers = 128
 
 // resolveAndPull resolves a tag (unless its record is fresh) and makes sure the image it
 // names is cached.
-func (c *Cache) resolveAndPull(bg context.Context, ref libref.Ref) (*entry, error) {
+func (p *puller) resolveAndPull(bg context.Context, ref libref.Ref) (*entry, error) {
 	tag := tagKey(ref)
-	rec, ok := c.refs.tag(tag)
+	rec, ok := p.refs.tag(tag)
 	digest := rec.Digest
-	if !ok || time.Since(rec.Resolved) >= c.cfg.TagTTL {
-		d, err := c.resolveBounded(bg, ref)
+	if !ok || p.clock.Since(rec.Resolved) >= p.cfg.TagTTL {
+		d, err := p.resolveBounded(bg, ref)
 		if err != nil {
 			return nil, err
 		}
 		digest = d
-		if err := c.refs.setTag(tag, d, time.Now()); err != nil {
-			c.log.Warn("cannot remember a tag resolution; it will be resolved again after a restart", "image", ref.String(), "error", err)
+		if err := p.refs.setTag(tag, d, p.clock.Now()); err != nil {
+			p.log.Warn("cannot remember a tag resolution; it will be resolved again after a restart", "image", ref.String(), "error", err)
 		}
 		if ok && rec.Digest != d {
-			c.log.Info("tag moved to a new digest", "image", ref.String(), "old_digest", rec.Digest, "digest", d)
+			p.log.Info("tag moved to a new digest", "image", ref.String(), "old_digest", rec.Digest, "digest", d)
 		}
 	}
-	if e := c.peekDigest(digest); e != nil {
+	if e := p.peekDigest(digest); e != nil {
 		return e, nil
 	}
-	return c.pull(bg, ref, digest)
+	return p.pull(bg, ref, digest)
 }
 
 // resolveTag asks the mirrors, then the registry, which digest a tag names. HEAD is used
 // because registries do not count it against pull rate limits.
-func (c *Cache) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
+func (p *puller) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
 	ctx, cancel := context.WithTimeout(bg, resolveTimeout)
 	defer cancel()
 	var received atomic.Int64
-	defer func() { c.metrics.downloadedBytes.Add(float64(received.Load())) }()
+	defer func() { p.metrics.downloadedBytes.Add(float64(received.Load())) }()
 	var attempts []attempt
-	for _, repo := range c.candidates(ref.Repository) {
-		t, err := name.NewTag(repo+":"+ref.Tag, c.nameOptions(repo)...)
+	for _, repo := range p.candidates(ref.Repository) {
+		t, err := name.NewTag(repo+":"+ref.Tag, p.nameOptions(repo)...)
 		if err != nil {
 			attempts = append(attempts, attempt{where: repo, err: err})
 			continue
 		}
-		opts := c.remoteOptions(ctx, &received)
+		opts := p.remoteOptions(ctx, &received)
 		desc, err := remote.Head(t, opts...)
 		var terr *transport.Error
 		if errors.As(err, &terr) && terr.StatusCode == http.StatusMethodNotAllowed {
@@ -86,45 +85,45 @@ func (c *Cache) resolveTag(bg context.Context, ref libref.Ref) (string, error) {
 		}
 		return desc.Digest.String(), nil
 	}
-	c.logAttempts(ref.String(), attempts)
-	return "", registryError(ref.String(), attempts)
+	p.logAttempts(ref.String(), attempts)
+	return "", registryError(attempts)
 }
 
 // pull makes sure the image with this manifest (or index) digest is cached: one download
 // per digest at a time, within the download slots (slots.go), the disk budget and the
 // minimum download rate (limits.go).
-func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
-	v, err, _ := c.flights.Do("pull:"+digest+"|"+requesterFrom(bg).scopeKey, func() (any, error) {
-		if e := c.peekDigest(digest); e != nil {
+func (p *puller) pull(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
+	v, err, _ := p.flights.Do("pull:"+digest+"|"+requesterFrom(bg).scopeKey, func() (any, error) {
+		if e := p.peekDigest(digest); e != nil {
 			return e, nil
 		}
-		if err := c.rejection(digest); err != nil {
+		if err := p.rejection(digest); err != nil {
 			return nil, err
 		}
-		if err := c.checkBudget(ref.String()); err != nil {
+		if err := p.store.checkBudget(ref.String()); err != nil {
 			return nil, err
 		}
-		host := registryHost(c.candidates(ref.Repository)[0])
-		release, err := c.downloadSlots.acquire(bg, host, ref.String(), c.cfg.DownloadSlotWait)
+		host := registryHost(p.candidates(ref.Repository)[0])
+		release, err := p.downloadSlots.acquire(bg, host, ref.String(), p.cfg.DownloadSlotWait)
 		if err != nil {
 			if bg.Err() != nil {
-				return nil, fmt.Errorf("%w: download of %s abandoned: %w", driver.ErrRegistryUnavailable, ref, errClosed)
+				return nil, fail(library.ErrRegistryUnavailable, "the download was abandoned: %w", errClosed)
 			}
 			return nil, err
 		}
 		defer release()
-		if e := c.peekDigest(digest); e != nil {
+		if e := p.peekDigest(digest); e != nil {
 			return e, nil
 		}
 		ctx, cancel := context.WithCancelCause(bg)
 		defer cancel(nil)
 		meter := new(progress)
 		ctx = withProgress(ctx, meter)
-		go watchThroughput(ctx, c.clock, meter, c.cfg.MinDownloadRate, c.cfg.MinDownloadRateWindow, host, cancel)
-		e, err := c.download(ctx, ref, digest)
-		if err = stallError(ctx, ref.String(), err); err != nil {
-			if errors.Is(err, driver.ErrImageRejected) {
-				c.rememberRejection(digest, err)
+		go watchThroughput(ctx, p.clock, meter, p.cfg.MinDownloadRate, p.cfg.MinDownloadRateWindow, host, cancel)
+		e, err := p.download(ctx, ref, digest)
+		if err = stallError(ctx, err); err != nil {
+			if errors.Is(err, library.ErrImageRejected) {
+				p.rememberRejection(digest, err)
 			}
 			return nil, err
 		}
@@ -136,37 +135,37 @@ func (c *Cache) pull(bg context.Context, ref libref.Ref, digest string) (*entry,
 	return v.(*entry), nil
 }
 
-func (c *Cache) rejection(digest string) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	r, ok := c.rejected[digest]
+func (p *puller) rejection(digest string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r, ok := p.rejected[digest]
 	if !ok {
 		return nil
 	}
-	if c.clock.Now().After(r.until) {
-		delete(c.rejected, digest)
+	if p.clock.Now().After(r.until) {
+		delete(p.rejected, digest)
 		return nil
 	}
 	return r.err
 }
 
 // download fetches and extracts one image, trying the mirrors then the source.
-func (c *Cache) download(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
-	ctx, cancel := context.WithTimeout(bg, c.cfg.DownloadTimeout)
+func (p *puller) download(bg context.Context, ref libref.Ref, digest string) (*entry, error) {
+	ctx, cancel := context.WithTimeout(bg, p.cfg.DownloadTimeout)
 	defer cancel()
-	start := time.Now()
+	start := p.clock.Now()
 	var received atomic.Int64
 	display := ref.String()
 	if !ref.Pinned() {
 		display += "@" + digest
 	}
-	c.log.Info("downloading library", "image", ref.String(), "digest", digest)
+	p.log.Info("downloading library", "image", ref.String(), "digest", digest)
 
 	var attempts []attempt
 	var e *entry
-	for _, repo := range c.candidates(ref.Repository) {
+	for _, repo := range p.candidates(ref.Repository) {
 		var err error
-		e, err = c.downloadFrom(ctx, repo, ref, digest, &received)
+		e, err = p.downloadFrom(ctx, repo, ref, digest, &received)
 		if err == nil {
 			break
 		}
@@ -177,39 +176,39 @@ func (c *Cache) download(bg context.Context, ref libref.Ref, digest string) (*en
 			break
 		}
 	}
-	seconds := time.Since(start).Seconds()
-	c.metrics.downloadedBytes.Add(float64(received.Load()))
+	seconds := p.clock.Since(start).Seconds()
+	p.metrics.downloadedBytes.Add(float64(received.Load()))
 	if e != nil {
-		c.metrics.downloads.WithLabelValues(resultSuccess).Inc()
-		c.metrics.downloadSeconds.Observe(seconds)
-		c.log.Info("library downloaded", "image", ref.String(), "digest", e.meta.Digest, "bytes", e.meta.Bytes,
+		p.metrics.downloads.WithLabelValues(resultSuccess).Inc()
+		p.metrics.downloadSeconds.Observe(seconds)
+		p.log.Info("library downloaded", "image", ref.String(), "digest", e.meta.Digest, "bytes", e.meta.Bytes,
 			"files", e.meta.Files, "downloaded_bytes", received.Load(), "seconds", seconds)
 		return e, nil
 	}
-	err := registryError(display, attempts)
+	err := registryError(attempts)
 	f := classify(attempts[len(attempts)-1].err)
-	if errors.Is(err, driver.ErrImageNotFound) {
+	if errors.Is(err, library.ErrImageNotFound) {
 		f = failNotFound
 	}
-	c.metrics.downloads.WithLabelValues(downloadResult(f)).Inc()
-	c.logAttempts(display, attempts)
-	c.log.Warn("library download failed", "image", ref.String(), "digest", digest, "seconds", seconds, "error", err)
+	p.metrics.downloads.WithLabelValues(downloadResult(f)).Inc()
+	p.logAttempts(display, attempts)
+	p.log.Warn("library download failed", "image", ref.String(), "digest", digest, "seconds", seconds, "error", err)
 	if ttl := refusalTTL(err); ttl > 0 {
-		c.mu.Lock()
-		c.rejected[digest] = rejection{err: err, until: c.cfg.Clock.Now().Add(ttl)}
-		c.mu.Unlock()
+		p.mu.Lock()
+		p.rejected[digest] = rejection{err: err, until: p.clock.Now().Add(ttl)}
+		p.mu.Unlock()
 	}
 	return nil, err
 }
 
 // downloadFrom fetches the manifest of digest from repo (picking this node's platform from
 // an index) and extracts the image into the store.
-func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, digest string, received *atomic.Int64) (*entry, error) {
-	dref, err := name.NewDigest(repo+"@"+digest, c.nameOptions(repo)...)
+func (p *puller) downloadFrom(ctx context.Context, repo string, ref libref.Ref, digest string, received *atomic.Int64) (*entry, error) {
+	dref, err := name.NewDigest(repo+"@"+digest, p.nameOptions(repo)...)
 	if err != nil {
 		return nil, err
 	}
-	desc, err := remote.Get(dref, c.remoteOptions(ctx, received)...)
+	desc, err := remote.Get(dref, p.remoteOptions(ctx, received)...)
 	if err != nil {
 		return nil, err
 	}
@@ -220,14 +219,14 @@ func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, d
 		if err != nil {
 			return nil, err
 		}
-		child, err := c.platformManifest(idx, ref)
+		child, err := p.platformManifest(idx, ref)
 		if err != nil {
 			return nil, err
 		}
-		if err := c.refs.setIndex(digest, child.String()); err != nil {
-			c.log.Warn("cannot remember an index's platform image", "image", ref.String(), "error", err)
+		if err := p.refs.setIndex(digest, child.String()); err != nil {
+			p.log.Warn("cannot remember an index's platform image", "image", ref.String(), "error", err)
 		}
-		if e := c.peekDigest(child.String()); e != nil {
+		if e := p.peekDigest(child.String()); e != nil {
 			return e, nil
 		}
 		if img, err = idx.Image(child); err != nil {
@@ -238,9 +237,9 @@ func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, d
 			return nil, err
 		}
 	default:
-		return nil, fmt.Errorf("%w: %s is a %s, not a container image", driver.ErrImageRejected, ref, desc.MediaType)
+		return nil, fail(library.ErrImageRejected, "the reference names a %s, not a container image", desc.MediaType)
 	}
-	e, err := c.extractImage(ctx, img, ref)
+	e, err := p.extractImage(ctx, img, ref)
 	if err != nil && archiveReadFailed(err) {
 		// Broken content, or bytes that are not the digest's (mirrors.go)?
 		if verr := verifyBlobs(ctx, img); verr != nil && isIntegrityError(verr) {
@@ -251,7 +250,7 @@ func (c *Cache) downloadFrom(ctx context.Context, repo string, ref libref.Ref, d
 }
 
 // platformManifest picks this node's platform in an index.
-func (c *Cache) platformManifest(idx v1.ImageIndex, ref libref.Ref) (v1.Hash, error) {
+func (p *puller) platformManifest(idx v1.ImageIndex, ref libref.Ref) (v1.Hash, error) {
 	im, err := idx.IndexManifest()
 	if err != nil {
 		return v1.Hash{}, err
@@ -261,16 +260,17 @@ func (c *Cache) platformManifest(idx v1.ImageIndex, ref libref.Ref) (v1.Hash, er
 		if m.Platform == nil {
 			continue
 		}
-		if m.Platform.Satisfies(c.platform) {
+		if m.Platform.Satisfies(p.platform) {
 			return m.Digest, nil
 		}
 		available = append(available, m.Platform.String())
 	}
-	return v1.Hash{}, fmt.Errorf("%w: %s has no image for this node's platform %s (it has: %s)", driver.ErrImageRejected, ref, c.platform.String(), strings.Join(available, ", "))
+	return v1.Hash{}, fail(library.ErrImageRejected, "its index has no image for this node's platform %s (it has: %s)", p.platform.String(), strings.Join(available, ", "))
 }
 
-// extractImage flattens img into a work dir, then renames it into images/<hex>.
-func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) (*entry, error) {
+// extractImage flattens img into a new image entry of the store (built in a work dir, then
+// renamed into images/<hex>: store.buildEntry).
+func (p *puller) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) (*entry, error) {
 	d, err := img.Digest()
 	if err != nil {
 		return nil, err
@@ -283,34 +283,40 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 		return nil, err
 	}
 	if len(layers) > maxLayers {
-		return nil, fmt.Errorf("%w: %s has %d layers, the limit is %d", driver.ErrImageRejected, ref, len(layers), maxLayers)
+		return nil, fail(library.ErrImageRejected, "it has %d layers, the limit is %d", len(layers), maxLayers)
 	}
-	tmp, err := c.mkTemp("pull")
-	if err != nil {
-		return nil, err
-	}
-	published := false
-	defer func() {
-		if !published {
-			if err := c.root.RemoveAll(tmp); err != nil {
-				c.log.Error("cannot remove an abandoned download; the next start removes it", "path", filepath.Join(c.dir, tmp), "error", err)
-			}
+	var extracted int64
+	// Reached through another index or reference meanwhile, the existing entry holds the
+	// same content.
+	e, fresh, err := p.store.buildEntry(kindImage, d.Hex, "pull", func(rootfs string) (entryMeta, error) {
+		stats, err := p.extractLayers(ctx, img, layers, ref, rootfs)
+		if err != nil {
+			return entryMeta{}, err
 		}
-	}()
-	rootfs := path.Join(tmp, kindImage.content())
-	if err := c.root.Mkdir(rootfs, 0o755); err != nil {
-		return nil, localErr(err)
+		extracted = stats.Bytes
+		return entryMeta{Digest: d.String(), Image: ref.String(), Bytes: stats.DiskBytes, Files: stats.Files, Created: p.clock.Now().UTC(), BootID: p.store.bootID}, nil
+	})
+	if err == nil && fresh {
+		p.metrics.extractedBytes.Add(float64(extracted))
+	}
+	return e, err
+}
+
+// extractLayers flattens the layers of img into the store directory rootfs (not created yet).
+func (p *puller) extractLayers(ctx context.Context, img v1.Image, layers []v1.Layer, ref libref.Ref, rootfs string) (extract.Stats, error) {
+	if err := p.store.root.Mkdir(rootfs, 0o755); err != nil {
+		return extract.Stats{}, localErr(err)
 	}
 	// The layers' blobs download concurrently to files while mutate.Extract flattens them in
 	// its order (prefetch.go).
-	files, err := c.prefetchLayers(ctx, layers, c.layerLimit())
+	files, err := p.prefetchLayers(ctx, layers, p.layerLimit())
 	if err != nil {
-		return nil, err
+		return extract.Stats{}, err
 	}
-	rc := mutate.Extract(&limitedImage{Image: img, layers: files.wrap(), max: c.layerLimit()})
-	stats, err := extract.Extract(ctx, rc, filepath.Join(c.dir, rootfs), extract.Options{
-		MaxBytes:          c.cfg.MaxLibraryBytes,
-		MaxEntries:        c.cfg.MaxLibraryFiles,
+	rc := mutate.Extract(&limitedImage{Image: img, layers: files.wrap(), max: p.layerLimit()})
+	stats, err := extract.Extract(ctx, rc, filepath.Join(p.store.dir, rootfs), extract.Options{
+		MaxBytes:          p.cfg.MaxLibraryBytes,
+		MaxEntries:        p.cfg.MaxLibraryFiles,
 		PreserveOwnership: os.Geteuid() == 0,
 	})
 	// Closing the pipe ends mutate.Extract's goroutine; stop ends the downloads under it.
@@ -319,42 +325,30 @@ func (c *Cache) extractImage(ctx context.Context, img v1.Image, ref libref.Ref) 
 	if err != nil {
 		var re *extract.ReadError
 		if errors.As(err, &re) || errors.Is(err, extract.ErrRejected) || ctx.Err() != nil {
-			return nil, err
+			return stats, err
 		}
-		return nil, localErr(err)
+		return stats, localErr(err)
 	}
 	if stats.RewrittenSymlinks > 0 || stats.SetIDStripped > 0 || stats.Skipped > 0 {
-		c.log.Info("library image neutralised while extracting", "image", ref.String(), "digest", d.String(),
-			"absolute_symlinks_made_relative", stats.RewrittenSymlinks, "setid_bits_stripped", stats.SetIDStripped,
-			"entries_skipped", stats.Skipped, "skipped_sample", stats.SkippedSample)
+		d, _ := img.Digest()
+		p.log.Info("library image neutralised while extracting", "image", ref.String(), "digest", d.String(),
+			"absoluteSymlinksMadeRelative", stats.RewrittenSymlinks, "setidBitsStripped", stats.SetIDStripped,
+			"entriesSkipped", stats.Skipped, "skippedSample", stats.SkippedSample)
 	}
-	meta := entryMeta{Digest: d.String(), Image: ref.String(), Bytes: stats.DiskBytes, Files: stats.Files, Created: time.Now().UTC(), BootID: c.bootID}
-	if err := c.writeMeta(tmp, meta); err != nil {
-		return nil, err
-	}
-	key := d.Hex
-	// Reached through another index or reference meanwhile, the existing entry holds the
-	// same content.
-	existing, err := c.publishOrSettle(tmp, kindImage, key)
-	if err != nil || existing != nil {
-		return existing, err
-	}
-	published = true
-	c.metrics.extractedBytes.Add(float64(stats.Bytes))
-	return c.add(&entry{kind: kindImage, key: key, meta: meta}), nil
+	return stats, nil
 }
 
 // layerLimit bounds the decompressed size of one layer: the library cap plus generous tar
 // framing. mutate.Extract decompresses entries it drops (shadowed, whited out, trailing
 // data) without showing them to the extractor, so they need their own bound.
-func (c *Cache) layerLimit() int64 {
-	return c.cfg.MaxLibraryBytes + int64(c.cfg.MaxLibraryFiles)*2048 + 16<<20
+func (p *puller) layerLimit() int64 {
+	return p.cfg.MaxLibraryBytes + int64(p.cfg.MaxLibraryFiles)*2048 + 16<<20
 }
 
 // candidates lists where repo can be pulled from: matching mirrors in order, then repo.
-func (c *Cache) candidates(repo string) []string {
+func (p *puller) candidates(repo string) []string {
 	var out []string
-	for _, m := range c.cfg.Mirrors {
+	for _, m := range p.cfg.Mirrors {
 		if r, ok := m.rewrite(repo); ok {
 			out = append(out, r)
 		}
@@ -362,20 +356,20 @@ func (c *Cache) candidates(repo string) []string {
 	return append(out, repo)
 }
 
-func (c *Cache) nameOptions(repo string) []name.Option {
+func (p *puller) nameOptions(repo string) []name.Option {
 	host, _, _ := strings.Cut(repo, "/")
-	if c.insecure[host] {
+	if p.insecure[host] {
 		return []name.Option{name.Insecure}
 	}
 	return nil
 }
 
-func (c *Cache) remoteOptions(ctx context.Context, received *atomic.Int64) []remote.Option {
+func (p *puller) remoteOptions(ctx context.Context, received *atomic.Int64) []remote.Option {
 	return []remote.Option{
 		remote.WithContext(ctx),
-		remote.WithAuthFromKeychain(c.keychainFor(ctx)),
-		remote.WithPlatform(c.platform),
-		remote.WithTransport(&countingTransport{base: c.transport, n: received}),
+		remote.WithAuthFromKeychain(p.keychainFor(ctx)),
+		remote.WithPlatform(p.platform),
+		remote.WithTransport(&countingTransport{base: p.transport, n: received}),
 		remote.WithUserAgent(names.NodeBinary + "/" + version.Version),
 		// A down registry answers "connection refused" at once; retry briefly for flakes
 		// only, so a publish learns quickly that it must use the cache or fail.

@@ -7,7 +7,7 @@ import (
 	"path"
 	"time"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 )
 
 // rejectionsFile remembers rejected images across restarts: a hostile image that makes the
@@ -28,47 +28,47 @@ type rejectionRecord struct {
 type rememberedRejection struct{ msg string }
 
 func (e *rememberedRejection) Error() string        { return e.msg }
-func (e *rememberedRejection) Is(target error) bool { return target == driver.ErrImageRejected }
+func (e *rememberedRejection) Is(target error) bool { return target == library.ErrImageRejected }
 
-// loadRejectionsLocked reads the rejections still in force into c.rejected.
-func (c *Cache) loadRejections() {
-	b, err := c.root.ReadFile(rejectionsFile)
+// loadRejections reads the rejections still in force into p.rejected.
+func (p *puller) loadRejections() {
+	b, err := p.store.root.ReadFile(rejectionsFile)
 	if errors.Is(err, fs.ErrNotExist) {
 		return
 	}
 	if err != nil {
-		c.log.Warn("cannot read remembered image rejections; rejected images will be downloaded again", "error", err)
+		p.log.Warn("cannot read remembered image rejections; rejected images will be downloaded again", "error", err)
 		return
 	}
 	var recs map[string]rejectionRecord
 	if err := json.Unmarshal(b, &recs); err != nil {
-		c.log.Warn("ignoring a corrupt rejections file", "path", path.Join(c.dir, rejectionsFile), "error", err)
+		p.log.Warn("ignoring a corrupt rejections file", "path", path.Join(p.store.dir, rejectionsFile), "error", err)
 		return
 	}
-	now := c.clock.Now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	now := p.clock.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	for digest, r := range recs {
 		if r.Until.After(now) && r.Message != "" {
-			c.rejected[digest] = rejection{err: &rememberedRejection{msg: r.Message}, until: r.Until}
+			p.rejected[digest] = rejection{err: &rememberedRejection{msg: r.Message}, until: r.Until}
 		}
 	}
 }
 
 // rememberRejection records that the image digest was rejected, in memory and on disk.
-func (c *Cache) rememberRejection(digest string, err error) {
-	now := c.clock.Now()
-	c.mu.Lock()
-	c.rejected[digest] = rejection{err: err, until: now.Add(rejectionTTL)}
+func (p *puller) rememberRejection(digest string, err error) {
+	now := p.clock.Now()
+	p.mu.Lock()
+	p.rejected[digest] = rejection{err: err, until: now.Add(rejectionTTL)}
 	recs := map[string]rejectionRecord{}
-	for d, r := range c.rejected {
+	for d, r := range p.rejected {
 		if r.until.After(now) {
 			recs[d] = rejectionRecord{Message: r.err.Error(), Until: r.until.UTC()}
 		} else {
-			delete(c.rejected, d)
+			delete(p.rejected, d)
 		}
 	}
-	c.mu.Unlock()
+	p.mu.Unlock()
 	for len(recs) > maxRememberedRejections {
 		var oldest string
 		for d, r := range recs {
@@ -80,25 +80,25 @@ func (c *Cache) rememberRejection(digest string, err error) {
 	}
 	b, merr := json.Marshal(recs)
 	if merr == nil {
-		merr = c.writeFileAtomic(rejectionsFile, b)
+		merr = p.store.writeFileAtomic(rejectionsFile, b)
 	}
 	if merr != nil {
-		c.log.Warn("cannot remember an image rejection on disk; after a restart the image is downloaded again", "digest", digest, "error", merr)
+		p.log.Warn("cannot remember an image rejection on disk; after a restart the image is downloaded again", "digest", digest, "error", merr)
 	}
 }
 
 // writeFileAtomic replaces the store file rel (written beside in tmp/, then renamed).
-func (c *Cache) writeFileAtomic(rel string, b []byte) error {
-	tmp, err := c.mkTemp("file")
+func (s *store) writeFileAtomic(rel string, b []byte) error {
+	tmp, err := s.mkTemp("file")
 	if err != nil {
 		return err
 	}
 	p := path.Join(tmp, path.Base(rel))
-	if err := c.root.WriteFile(p, b, 0o600); err != nil {
-		_ = c.root.RemoveAll(tmp)
+	if err := s.root.WriteFile(p, b, 0o600); err != nil {
+		_ = s.root.RemoveAll(tmp)
 		return err
 	}
-	err = c.root.Rename(p, rel)
-	_ = c.root.RemoveAll(tmp)
+	err = s.root.Rename(p, rel)
+	_ = s.root.RemoveAll(tmp)
 	return err
 }

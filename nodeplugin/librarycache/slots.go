@@ -11,7 +11,7 @@ import (
 
 	"k8s.io/utils/clock"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 )
 
 // downloadSlots bounds concurrent downloads: at most total at once, and at most perHost from
@@ -60,7 +60,7 @@ func (s *downloadSlots) acquire(ctx context.Context, host, what string, wait tim
 			timer.Stop()
 			return nil, ctx.Err()
 		case <-timer.C():
-			return nil, fmt.Errorf("%w: %s did not start downloading within %s (--download-slot-wait): %s; kubelet retries the mount", driver.ErrDownloadSlotsBusy, what, wait, reason)
+			return nil, fail(library.ErrDownloadSlotsBusy, "its download did not start within %s (--download-slot-wait): %s", wait, reason)
 		}
 	}
 }

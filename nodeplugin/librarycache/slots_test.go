@@ -11,7 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	clocktesting "k8s.io/utils/clock/testing"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
 )
@@ -81,7 +81,7 @@ func TestStalledRegistryDoesNotStarveOthers(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the stalled download was not aborted after a window without data")
 	}
-	if !errors.Is(res.err, driver.ErrRegistryUnavailable) || !strings.Contains(res.err.Error(), "below the minimum") {
+	if !errors.Is(res.err, library.ErrRegistryUnavailable) || !strings.Contains(res.err.Error(), "below the minimum") {
 		t.Fatalf("stalled publish = %v, want ErrRegistryUnavailable naming the minimum download rate", res.err)
 	}
 	t.Logf("aborted: %v", res.err)
@@ -117,7 +117,7 @@ func TestDownloadSlotWaitBounded(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the wait for a download slot has no bound")
 	}
-	if !errors.Is(res.err, driver.ErrDownloadSlotsBusy) {
+	if !errors.Is(res.err, library.ErrDownloadSlotsBusy) {
 		t.Fatalf("publish waiting for a slot = %v, want ErrDownloadSlotsBusy", res.err)
 	}
 	want := "all 1 download slots are busy with downloads from " + reg.Addr() + " (1)"

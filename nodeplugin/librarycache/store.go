@@ -1,21 +1,27 @@
 package librarycache
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"golang.org/x/sync/singleflight"
 	"golang.org/x/sys/unix"
+	"k8s.io/utils/clock"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 )
 
 // On-disk layout of the store (see docs/library-cache.md):
@@ -90,7 +96,128 @@ type entryMeta struct {
 	Durable bool   `json:"durable"`
 }
 
-// entry is the in-memory record of a complete entry. Guarded by Cache.mu.
+// store is the cache's disk side: the entries under images/, views/ and generated/, their
+// reference counts and last uses, the durability worker that flushes them (durability.go),
+// the derived entries it builds from images (views.go, generated.go), and their removal
+// (gc.go). It knows nothing of registries: the puller downloads into it.
+type store struct {
+	cfg      *Config
+	log      *slog.Logger
+	dir      string
+	root     *os.Root
+	lockFile *os.File
+	// token names this process's work dirs in tmp/, so sweep can tell a previous process's.
+	token   string
+	metrics *metrics
+	clock   clock.Clock
+	bootID  string
+	life    *lifecycle
+	// waitIdle returns once no download runs, after at most limit (the puller's download
+	// slots): the durability worker flushes when downloads are not writing.
+	waitIdle func(ctx context.Context, limit time.Duration)
+	// builds makes each derived entry (view, generated files) be built once at a time.
+	builds singleflight.Group
+	// beforeDurableRewrite, when set by a test, runs just before an entry's durability
+	// rewrite.
+	beforeDurableRewrite func()
+
+	// gcMu serialises GC passes, and excludes them while an entry is recorded durable.
+	gcMu sync.Mutex
+
+	// mu guards the entry maps, pendingDurable and orphans, and every entry's lastUsed,
+	// persisted, busy, removing and meta.Durable.
+	mu        sync.Mutex
+	images    map[string]*entry
+	views     map[string]*entry
+	generated map[string]*entry
+	// pendingDurable are entries published but not yet flushed (durability.go).
+	pendingDurable []*entry
+	durableSignal  chan struct{}
+	// orphans are the incomplete entries load found, for sweep to remove at Start.
+	orphans []string
+}
+
+// openStore opens the store in dir (locked by lock) and loads its entries.
+func openStore(cfg *Config, dir string, lock *os.File, m *metrics, life *lifecycle) (*store, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, fmt.Errorf("library cache: %w", err)
+	}
+	for _, sub := range []string{kindImage.dir(), kindView.dir(), kindGenerated.dir(), tmpDir} {
+		if err := root.Mkdir(sub, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			root.Close()
+			return nil, fmt.Errorf("library cache: %w", err)
+		}
+	}
+	s := &store{
+		cfg:           cfg,
+		log:           cfg.Logger.With("component", "librarycache"),
+		dir:           dir,
+		root:          root,
+		lockFile:      lock,
+		token:         newToken(),
+		metrics:       m,
+		clock:         cfg.Clock,
+		bootID:        readBootID(),
+		life:          life,
+		waitIdle:      func(context.Context, time.Duration) {},
+		images:        map[string]*entry{},
+		views:         map[string]*entry{},
+		generated:     map[string]*entry{},
+		durableSignal: make(chan struct{}, 1),
+	}
+	if s.orphans, err = s.load(); err != nil {
+		root.Close()
+		return nil, fmt.Errorf("library cache: reading the store: %w", err)
+	}
+	return s, nil
+}
+
+// newToken names this opening of the store: the process id (for people reading tmp/) and
+// random bits (a process may open a store again, and tests open several).
+func newToken() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("p%d.%s", os.Getpid(), hex.EncodeToString(b[:]))
+}
+
+// startDurability updates the gauges and starts the durability worker, flushing at once what
+// a previous process of this boot left unflushed.
+func (s *store) startDurability() {
+	s.mu.Lock()
+	s.updateGaugesLocked()
+	if len(s.pendingDurable) > 0 {
+		s.durableSignal <- struct{}{}
+	}
+	s.mu.Unlock()
+	s.life.wg.Add(1)
+	go s.durabilityWorker()
+}
+
+// close releases the store's root and its lock; background work must have stopped.
+func (s *store) close() error {
+	err := s.root.Close()
+	_ = unix.Flock(int(s.lockFile.Fd()), unix.LOCK_UN)
+	return errors.Join(err, s.lockFile.Close())
+}
+
+// hasImage reports whether the image with this digest is cached.
+func (s *store) hasImage(digest string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.images[strings.TrimPrefix(digest, "sha256:")] != nil
+}
+
+// takeOrphans returns the incomplete entries load found, once.
+func (s *store) takeOrphans() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o := s.orphans
+	s.orphans = nil
+	return o
+}
+
+// entry is the in-memory record of a complete entry. Guarded by store.mu.
 type entry struct {
 	kind kind
 	key  string
@@ -115,23 +242,23 @@ func isKey(s string) bool {
 
 // lockStore takes an exclusive flock on the store, waiting for a previous plugin (a rolling
 // update) to exit. Two processes sharing a store could remove each other's entries.
-func lockStore(dir string, wait time.Duration) (*os.File, error) {
+func lockStore(dir string, wait time.Duration, clk clock.Clock) (*os.File, error) {
 	f, err := os.OpenFile(filepath.Join(dir, lockFileName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(wait)
+	deadline := clk.Now().Add(wait)
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
 			break
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+		if !errors.Is(err, unix.EWOULDBLOCK) || clk.Now().After(deadline) {
 			holder, _ := os.ReadFile(f.Name())
 			f.Close()
 			return nil, fmt.Errorf("library store %s is locked by another apm-csi-node process (pid %s): only one plugin may use a store", dir, strings.TrimSpace(string(holder)))
 		}
-		time.Sleep(200 * time.Millisecond)
+		clk.Sleep(200 * time.Millisecond)
 	}
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
@@ -141,40 +268,40 @@ func lockStore(dir string, wait time.Duration) (*os.File, error) {
 
 // load reads the complete entries of the store. Directories that are not complete entries
 // are returned as orphans, for Start to remove.
-func (c *Cache) load() (orphans []string, err error) {
+func (s *store) load() (orphans []string, err error) {
 	for _, k := range kinds {
-		des, err := readDir(c.root, k.dir())
+		des, err := readDir(s.root, k.dir())
 		if err != nil {
 			return nil, err
 		}
 		for _, de := range des {
 			rel := path.Join(k.dir(), de.Name())
-			e, ok := c.readEntry(k, de.Name())
-			if !ok || !e.meta.Durable && e.meta.BootID != c.bootID {
+			e, ok := s.readEntry(k, de.Name())
+			if !ok || !e.meta.Durable && e.meta.BootID != s.bootID {
 				orphans = append(orphans, rel)
 				continue
 			}
-			c.entries(k)[e.key] = e
+			s.entries(k)[e.key] = e
 			if !e.meta.Durable {
 				// Written by a process of this boot that stopped before its data was
 				// flushed: the page cache still holds it, so flushing now makes it durable.
-				c.pendingDurable = append(c.pendingDurable, e)
+				s.pendingDurable = append(s.pendingDurable, e)
 			}
 		}
 	}
 	return orphans, nil
 }
 
-func (c *Cache) readEntry(k kind, key string) (*entry, bool) {
+func (s *store) readEntry(k kind, key string) (*entry, bool) {
 	if !isKey(key) {
 		return nil, false
 	}
 	rel := path.Join(k.dir(), key)
-	fi, err := c.root.Lstat(rel)
+	fi, err := s.root.Lstat(rel)
 	if err != nil || !fi.IsDir() {
 		return nil, false
 	}
-	b, err := c.root.ReadFile(path.Join(rel, metaFile))
+	b, err := s.root.ReadFile(path.Join(rel, metaFile))
 	if err != nil {
 		return nil, false
 	}
@@ -182,7 +309,7 @@ func (c *Cache) readEntry(k kind, key string) (*entry, bool) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return nil, false
 	}
-	if cfi, err := c.root.Lstat(path.Join(rel, k.content())); err != nil || !cfi.IsDir() {
+	if cfi, err := s.root.Lstat(path.Join(rel, k.content())); err != nil || !cfi.IsDir() {
 		return nil, false
 	}
 	if k == kindImage && m.Digest != "sha256:"+key {
@@ -196,24 +323,24 @@ func readDir(root *os.Root, rel string) ([]fs.DirEntry, error) {
 	return fs.ReadDir(root.FS(), rel)
 }
 
-func (c *Cache) entries(k kind) map[string]*entry {
+func (s *store) entries(k kind) map[string]*entry {
 	switch k {
 	case kindImage:
-		return c.images
+		return s.images
 	case kindView:
-		return c.views
+		return s.views
 	default:
-		return c.generated
+		return s.generated
 	}
 }
 
 // mkTemp creates a work directory in tmp/ named after this process, so Start can tell
 // leftovers of a previous process from work in progress.
-func (c *Cache) mkTemp(purpose string) (string, error) {
+func (s *store) mkTemp(purpose string) (string, error) {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	rel := path.Join(tmpDir, c.token+"-"+purpose+"-"+hex.EncodeToString(b[:]))
-	if err := c.root.Mkdir(rel, 0o700); err != nil {
+	rel := path.Join(tmpDir, s.token+"-"+purpose+"-"+hex.EncodeToString(b[:]))
+	if err := s.root.Mkdir(rel, 0o700); err != nil {
 		return "", localErr(err)
 	}
 	return rel, nil
@@ -221,24 +348,24 @@ func (c *Cache) mkTemp(purpose string) (string, error) {
 
 // removeTree deletes a store path by first renaming it into tmp/ (atomic: the entry vanishes
 // at once, and a crash mid-removal leaves only a tmp leftover).
-func (c *Cache) removeTree(rel string) error {
-	doomed, err := c.mkTemp("remove")
+func (s *store) removeTree(rel string) error {
+	doomed, err := s.mkTemp("remove")
 	if err != nil {
 		return err
 	}
 	target := path.Join(doomed, "x")
-	if err := c.root.Rename(rel, target); err != nil {
-		_ = c.root.Remove(doomed)
+	if err := s.root.Rename(rel, target); err != nil {
+		_ = s.root.Remove(doomed)
 		return localErr(err)
 	}
-	return localErr(c.root.RemoveAll(doomed))
+	return localErr(s.root.RemoveAll(doomed))
 }
 
 // publish makes the complete work dir tmpRel the entry k/key, atomically. It returns
 // fs.ErrExist if the entry appeared meanwhile. The entry is not durable yet: see durability.go.
-func (c *Cache) publish(tmpRel string, k kind, key string) error {
+func (s *store) publish(tmpRel string, k kind, key string) error {
 	dst := path.Join(k.dir(), key)
-	if err := c.root.Rename(tmpRel, dst); err != nil {
+	if err := s.root.Rename(tmpRel, dst); err != nil {
 		if errors.Is(err, fs.ErrExist) || errors.Is(err, unix.ENOTEMPTY) {
 			return fs.ErrExist
 		}
@@ -258,73 +385,78 @@ func (c *Cache) publish(tmpRel string, k kind, key string) error {
 //     published in its place.
 //
 // A nil entry with a nil error means tmpRel is now k/key and the caller indexes it.
-func (c *Cache) publishOrSettle(tmpRel string, k kind, key string) (*entry, error) {
-	err := c.publish(tmpRel, k, key)
+func (s *store) publishOrSettle(tmpRel string, k kind, key string) (*entry, error) {
+	err := s.publish(tmpRel, k, key)
 	if !errors.Is(err, fs.ErrExist) {
 		return nil, err
 	}
 	rel := path.Join(k.dir(), key)
-	c.mu.Lock()
-	live := c.entries(k)[key]
+	s.mu.Lock()
+	live := s.entries(k)[key]
 	removing := live != nil && live.removing
-	c.mu.Unlock()
+	s.mu.Unlock()
 	switch {
 	case removing:
-		return nil, localErr(fmt.Errorf("%w: %s is being removed from the cache; kubelet retries the mount", driver.ErrDownloadInProgress, rel))
+		return nil, localErr(fail(library.ErrDownloadInProgress, "%s is being removed from the cache", rel))
 	case live != nil:
 		return live, nil
 	}
-	if e, ok := c.readEntry(k, key); ok {
-		c.log.Warn("adopted a complete cache entry that was on disk but not indexed", "entry", rel, "image", e.meta.Image)
-		return c.add(e), nil
+	if e, ok := s.readEntry(k, key); ok {
+		s.log.Warn("adopted a complete cache entry that was on disk but not indexed", "entry", rel, "image", e.meta.Image)
+		return s.add(e), nil
 	}
-	if err := c.removeTree(rel); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := s.removeTree(rel); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, localErr(fmt.Errorf("%s is incomplete and cannot be removed to make room for a fresh copy: %w", rel, err))
 	}
-	c.log.Warn("replaced an incomplete cache entry with a fresh copy", "entry", rel)
-	if err := c.publish(tmpRel, k, key); err != nil {
+	s.log.Warn("replaced an incomplete cache entry with a fresh copy", "entry", rel)
+	if err := s.publish(tmpRel, k, key); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			return nil, localErr(fmt.Errorf("%w: %s was written by another download meanwhile; kubelet retries the mount", driver.ErrDownloadInProgress, rel))
+			return nil, localErr(fail(library.ErrDownloadInProgress, "%s was written by another download meanwhile", rel))
 		}
 		return nil, err
 	}
 	return nil, nil
 }
 
-func (c *Cache) writeMeta(dirRel string, m entryMeta) error {
+func (s *store) writeMeta(dirRel string, m entryMeta) error {
 	b, err := json.MarshalIndent(m, "", " ")
 	if err != nil {
 		return err
 	}
-	return localErr(c.root.WriteFile(path.Join(dirRel, metaFile), b, 0o644))
+	return localErr(s.root.WriteFile(path.Join(dirRel, metaFile), b, 0o644))
 }
 
 // acquire returns the complete entry k/key marked busy and touched, or nil. The caller must
 // release it once the path it hands out is returned.
-func (c *Cache) acquire(k kind, key string) *entry {
-	c.mu.Lock()
-	e := c.entries(k)[key]
+func (s *store) acquire(k kind, key string) *entry {
+	s.mu.Lock()
+	e := s.entries(k)[key]
 	if e == nil || e.removing {
-		c.mu.Unlock()
+		s.mu.Unlock()
 		return nil
 	}
 	e.busy++
-	persist := c.touchLocked(e, time.Now())
-	c.mu.Unlock()
+	persist := s.touchLocked(e, s.clock.Now())
+	s.mu.Unlock()
 	if persist {
-		c.persistUse(e)
+		s.persistUse(e)
 	}
 	return e
 }
 
-func (c *Cache) release(e *entry) {
-	c.mu.Lock()
+// acquireEntry acquires e if it is still the live entry for its key.
+func (s *store) acquireEntry(e *entry) *entry {
+	return s.acquire(e.kind, e.key)
+}
+
+func (s *store) release(e *entry) {
+	s.mu.Lock()
 	e.busy--
-	c.mu.Unlock()
+	s.mu.Unlock()
 }
 
 // touchLocked records a use and reports whether it should be written to disk.
-func (c *Cache) touchLocked(e *entry, now time.Time) bool {
+func (s *store) touchLocked(e *entry, now time.Time) bool {
 	if now.After(e.lastUsed) {
 		e.lastUsed = now
 	}
@@ -337,66 +469,79 @@ func (c *Cache) touchLocked(e *entry, now time.Time) bool {
 
 // persistUse writes the last use as the entry directory's mtime. The entry directory is not
 // the one handed out, so mounted lower dirs never change.
-func (c *Cache) persistUse(e *entry) {
-	c.mu.Lock()
+func (s *store) persistUse(e *entry) {
+	s.mu.Lock()
 	t := e.lastUsed
-	c.mu.Unlock()
-	if err := c.root.Chtimes(e.rel(), t, t); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		c.log.Warn("cannot record the last use of a cache entry", "entry", e.rel(), "error", err)
+	s.mu.Unlock()
+	if err := s.root.Chtimes(e.rel(), t, t); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("cannot record the last use of a cache entry", "entry", e.rel(), "error", err)
 	}
 }
 
 // add registers a newly published entry and refreshes the gauges.
-func (c *Cache) add(e *entry) *entry {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if old := c.entries(e.kind)[e.key]; old != nil && !old.removing {
+func (s *store) add(e *entry) *entry {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old := s.entries(e.kind)[e.key]; old != nil && !old.removing {
 		return old
 	}
-	now := time.Now()
+	now := s.clock.Now()
 	e.lastUsed, e.persisted = now, now
-	c.entries(e.kind)[e.key] = e
-	c.updateGaugesLocked()
-	c.makeDurableLocked(e)
+	s.entries(e.kind)[e.key] = e
+	s.updateGaugesLocked()
+	s.makeDurableLocked(e)
 	return e
 }
 
-func (c *Cache) updateGaugesLocked() {
+func (s *store) updateGaugesLocked() {
 	var total int64
 	for _, k := range kinds {
-		for _, e := range c.entries(k) {
+		for _, e := range s.entries(k) {
 			total += e.meta.Bytes
 		}
 	}
-	c.metrics.cacheBytes.Set(float64(total))
-	c.metrics.libraries.Set(float64(len(c.images)))
+	s.metrics.cacheBytes.Set(float64(total))
+	s.metrics.libraries.Set(float64(len(s.images)))
 }
 
 // sweep removes what a crash or a previous process left: work dirs in tmp/ not created by
 // this process, and incomplete or unknown directories among the entries.
-func (c *Cache) sweep(orphans []string) {
-	des, err := readDir(c.root, tmpDir)
+func (s *store) sweep(orphans []string) {
+	des, err := readDir(s.root, tmpDir)
 	if err != nil {
-		c.log.Error("cannot list the cache's tmp dir", "error", err)
+		s.log.Error("cannot list the cache's tmp dir", "error", err)
 		return
 	}
 	for _, de := range des {
-		if strings.HasPrefix(de.Name(), c.token+"-") {
+		if strings.HasPrefix(de.Name(), s.token+"-") {
 			continue
 		}
 		rel := path.Join(tmpDir, de.Name())
-		if err := c.root.RemoveAll(rel); err != nil {
-			c.log.Error("cannot remove a leftover from a previous run", "path", filepath.Join(c.dir, rel), "error", err)
+		if err := s.root.RemoveAll(rel); err != nil {
+			s.log.Error("cannot remove a leftover from a previous run", "path", filepath.Join(s.dir, rel), "error", err)
 			continue
 		}
-		c.log.Info("removed a leftover from a previous run", "path", filepath.Join(c.dir, rel))
+		s.log.Info("removed a leftover from a previous run", "path", filepath.Join(s.dir, rel))
 	}
 	for _, rel := range orphans {
-		if err := c.removeTree(rel); err != nil {
-			c.log.Error("cannot remove an incomplete cache entry", "path", filepath.Join(c.dir, rel), "error", err)
+		if err := s.removeTree(rel); err != nil {
+			s.log.Error("cannot remove an incomplete cache entry", "path", filepath.Join(s.dir, rel), "error", err)
 			continue
 		}
-		c.metrics.evictions.WithLabelValues(evictOrphan).Inc()
-		c.log.Info("removed an incomplete cache entry", "path", filepath.Join(c.dir, rel))
+		s.metrics.evictions.WithLabelValues(evictOrphan).Inc()
+		s.log.Info("removed an incomplete cache entry", "path", filepath.Join(s.dir, rel))
 	}
+}
+
+// peekImage returns the first live image entry among keys, without acquiring it: for
+// background work that only needs to know whether a download is needed.
+func (s *store) peekImage(keys ...string) *entry {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, k := range keys {
+		if e := s.images[k]; e != nil && !e.removing {
+			return e
+		}
+	}
+	return nil
 }

@@ -20,7 +20,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -39,9 +39,10 @@ func TestRepositoryOutsideAllowlistIsRefused(t *testing.T) {
 	reg.ResetCounts()
 	for _, image := range []string{evil.Ref, other.Ref, reg.Repo("datadoghq-evil/dd-lib-java-init") + "@" + digest.String()} {
 		_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-		if !errors.Is(err, driver.ErrImageNotAllowed) || !strings.Contains(err.Error(), image) || !strings.Contains(err.Error(), repoallow.Flag) {
-			t.Errorf("%s: %v, want ErrImageNotAllowed naming the image and %s", image, err, repoallow.Flag)
+		if !errors.Is(err, library.ErrImageNotAllowed) {
+			t.Errorf("%s: %v, want ErrImageNotAllowed", image, err)
 		}
+		checkMessage(t, err, image, "not in the allowed repositories", repoallow.Flag)
 	}
 	if n := len(reg.Requests()); n != 0 {
 		t.Errorf("the registry saw %d requests for refused images: %v", n, reg.Requests())
@@ -52,7 +53,7 @@ func TestRepositoryOutsideAllowlistIsRefused(t *testing.T) {
 
 	// The default list is the Datadog registry (and mirror sources): a test registry is not in it.
 	d := newCache(t, Config{InsecureRegistries: []string{reg.Addr()}})
-	if _, err := d.Layer(t.Context(), volumeattrs.Library{Image: good.Ref}); !errors.Is(err, driver.ErrImageNotAllowed) {
+	if _, err := d.Layer(t.Context(), volumeattrs.Library{Image: good.Ref}); !errors.Is(err, library.ErrImageNotAllowed) {
 		t.Errorf("default allowlist served %s: %v", good.Ref, err)
 	}
 	m := newCache(t, Config{InsecureRegistries: []string{reg.Addr()}, Mirrors: []Mirror{{Source: reg.Addr() + "/datadoghq", Mirror: reg.Addr() + "/datadoghq"}}})
@@ -82,11 +83,11 @@ func TestCachedDigestIsNotServedForAnotherRepository(t *testing.T) {
 	}
 	reg.ResetCounts()
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: reg.Repo("team-b/lib") + "@" + digest})
-	if !errors.Is(err, driver.ErrImageNotFound) {
+	if !errors.Is(err, library.ErrImageNotFound) {
 		t.Errorf("team-b@<team-a's digest> = %v, want ErrImageNotFound (team-b does not hold it)", err)
 	}
 	_, err = c.Layer(t.Context(), volumeattrs.Library{Image: downAddr + "/anything/lib@" + digest})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) {
+	if !errors.Is(err, library.ErrRegistryUnavailable) {
 		t.Errorf("unreachable registry @<cached digest> = %v, want ErrRegistryUnavailable (not served)", err)
 	}
 	// A repository that holds the digest is confirmed with one request, then served as a hit.
@@ -143,7 +144,7 @@ func TestRegistryResponseBodiesStayInTheLog(t *testing.T) {
 	})
 	for _, image := range []string{addr + "/admin/x:v1", addr + "/admin/x@sha256:" + strings.Repeat("ab", 32)} {
 		_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-		if !errors.Is(err, driver.ErrRegistryUnavailable) {
+		if !errors.Is(err, library.ErrRegistryUnavailable) {
 			t.Fatalf("%s: %v, want ErrRegistryUnavailable", image, err)
 		}
 		if strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "admin console") {
@@ -176,7 +177,7 @@ func TestPlainHTTPOnlyForInsecureRegistries(t *testing.T) {
 	addr := strings.TrimPrefix(plain.URL, "http://")
 	c := newCache(t, Config{AllowedRepositories: []string{addr}})
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: addr + "/datadoghq/dd-lib-java-init:v1"})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--insecure-registry") {
+	if !errors.Is(err, library.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "--insecure-registry") {
 		t.Errorf("loopback registry without TLS = %v, want ErrRegistryUnavailable pointing at --insecure-registry", err)
 	}
 	if n := hits.Load(); n != 0 {
@@ -270,7 +271,7 @@ func TestTransportRefusalExpiresQuickly(t *testing.T) {
 	})
 	image := source.Addr() + "/datadog/dd-lib-python-init@" + must[v1.Hash](t)(lib.Image.Digest()).String()
 	_, err := c.Layer(t.Context(), volumeattrs.Library{Image: image})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) || errors.Is(err, driver.ErrImageRejected) || !strings.Contains(err.Error(), "do not match the image's digest") {
+	if !errors.Is(err, library.ErrRegistryUnavailable) || errors.Is(err, library.ErrImageRejected) || !strings.Contains(err.Error(), "do not match the image's digest") {
 		t.Fatalf("every location damaged = %v, want ErrRegistryUnavailable saying the bytes do not match the digest", err)
 	}
 	// Repaired: the refusal is remembered only briefly.
@@ -293,9 +294,9 @@ func TestHostileContentRefusalIsNotShortened(t *testing.T) {
 		err  error
 		want time.Duration
 	}{
-		{registryError("x", []attempt{{"m", fmt.Errorf("reading archive: %w", io.ErrUnexpectedEOF)}, {"s", errors.New("error verifying sha256 checksum after reading 10 bytes")}}), transportRejectionTTL},
-		{fmt.Errorf("%w: setuid", driver.ErrImageRejected), rejectionTTL},
-		{fmt.Errorf("%w: down", driver.ErrRegistryUnavailable), 0},
+		{registryError([]attempt{{"m", fmt.Errorf("reading archive: %w", io.ErrUnexpectedEOF)}, {"s", errors.New("error verifying sha256 checksum after reading 10 bytes")}}), transportRejectionTTL},
+		{fmt.Errorf("%w: setuid", library.ErrImageRejected), rejectionTTL},
+		{fmt.Errorf("%w: down", library.ErrRegistryUnavailable), 0},
 	} {
 		if got := refusalTTL(tc.err); got != tc.want {
 			t.Errorf("refusalTTL(%v) = %s, want %s", tc.err, got, tc.want)
@@ -321,7 +322,7 @@ func TestPullSecretsAreScopedToNamespaces(t *testing.T) {
 	}, reg)
 	ctx := t.Context()
 	_, err := c.LayerFor(ctx, "ns-b", volumeattrs.Library{Image: lib.Ref})
-	if !errors.Is(err, driver.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "refused access") || !strings.Contains(err.Error(), "namespace") {
+	if !errors.Is(err, library.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "refused access") || !strings.Contains(err.Error(), "namespace") {
 		t.Fatalf("namespace ns-b with team-a's private image = %v, want a registry access error pointing at pull secrets granted to the namespace", err)
 	}
 	if _, err := c.LayerFor(ctx, "ns-a", volumeattrs.Library{Image: lib.Ref}); err != nil {
@@ -330,7 +331,7 @@ func TestPullSecretsAreScopedToNamespaces(t *testing.T) {
 	// Cached now, by ns-a's credentials: ns-b still cannot have it, by tag or by digest.
 	pinned := reg.Repo(lib.Repo) + "@" + must[v1.Hash](t)(lib.Image.Digest()).String()
 	for _, image := range []string{lib.Ref, pinned} {
-		if _, err := c.LayerFor(ctx, "ns-b", volumeattrs.Library{Image: image}); !errors.Is(err, driver.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "refused access") {
+		if _, err := c.LayerFor(ctx, "ns-b", volumeattrs.Library{Image: image}); !errors.Is(err, library.ErrRegistryUnavailable) || !strings.Contains(err.Error(), "refused access") {
 			t.Errorf("ns-b after ns-a cached %s: %v, want the registry's refusal", image, err)
 		}
 		if _, err := c.LayerFor(ctx, "ns-a", volumeattrs.Library{Image: image}); err != nil {
@@ -341,7 +342,7 @@ func TestPullSecretsAreScopedToNamespaces(t *testing.T) {
 	reg.RequireBasicAuth("", "")
 	other := nodeplugintest.Push(t, reg, "team-z/dd-lib-java-init", "v1", must[v1.Image](t)(libimages.Library("java", "z")))
 	reg.RequireBasicAuth("team-a", "s3cret")
-	if _, err := c.LayerFor(ctx, "ns-a", volumeattrs.Library{Image: other.Ref}); !errors.Is(err, driver.ErrRegistryUnavailable) {
+	if _, err := c.LayerFor(ctx, "ns-a", volumeattrs.Library{Image: other.Ref}); !errors.Is(err, library.ErrRegistryUnavailable) {
 		t.Errorf("team-a's secret was sent for %s: %v", other.Ref, err)
 	}
 }

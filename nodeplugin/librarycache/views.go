@@ -15,7 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache/extract"
 	"github.com/apm-csi/apm-csi/shared/libref"
 )
@@ -23,41 +23,41 @@ import (
 // place returns the directory to hand out for the source directory of img placed at target
 // inside a volume. At the volume root the image's own directory serves; elsewhere a view
 // (a hardlink farm of the source below target) is built once and shared.
-func (c *Cache) place(img *entry, image, source, target string) (string, error) {
+func (s *store) place(img *entry, source, target string) (string, error) {
 	srcRel := path.Join(img.rel(), kindImage.content(), strings.TrimPrefix(source, "/"))
-	if err := c.checkSourceDir(img, image, source); err != nil {
+	if err := s.checkSourceDir(img, source); err != nil {
 		return "", err
 	}
 	if target == "" {
-		return filepath.Join(c.dir, srcRel), nil
+		return filepath.Join(s.dir, srcRel), nil
 	}
 	key := contentKey(img.meta.Digest, source, target)
-	if v := c.acquire(kindView, key); v != nil {
-		c.release(v)
-		return c.contentDir(v), nil
+	if v := s.acquire(kindView, key); v != nil {
+		s.release(v)
+		return s.contentDir(v), nil
 	}
-	val, err, _ := c.flights.Do("view:"+key, func() (any, error) {
-		c.mu.Lock()
-		v := c.views[key]
-		c.mu.Unlock()
+	val, err, _ := s.builds.Do("view:"+key, func() (any, error) {
+		s.mu.Lock()
+		v := s.views[key]
+		s.mu.Unlock()
 		if v != nil && !v.removing {
 			return v, nil
 		}
-		return c.buildView(img, srcRel, key, source, target)
+		return s.buildView(img, srcRel, key, source, target)
 	})
 	if err != nil {
 		return "", err
 	}
-	v := c.acquireEntry(val.(*entry))
+	v := s.acquireEntry(val.(*entry))
 	if v == nil {
-		return "", fmt.Errorf("%w: the view of %s was evicted right after it was built; retry", driver.ErrDownloadInProgress, image)
+		return "", fail(library.ErrDownloadInProgress, "its view was evicted from the cache right after it was built")
 	}
-	c.release(v)
-	return c.contentDir(v), nil
+	s.release(v)
+	return s.contentDir(v), nil
 }
 
-func (c *Cache) contentDir(e *entry) string {
-	return filepath.Join(c.dir, e.rel(), e.kind.content())
+func (s *store) contentDir(e *entry) string {
+	return filepath.Join(s.dir, e.rel(), e.kind.content())
 }
 
 // contentKey names derived entries: a hash of the parts, unambiguous thanks to the NUL
@@ -74,24 +74,24 @@ func contentKey(parts ...string) string {
 // checkSourceDir verifies, one component at a time without following links, that source is
 // a real directory of the image: overlayfs resolves lowerdir on the host, so a symlinked
 // source must never be handed out.
-func (c *Cache) checkSourceDir(img *entry, image, source string) error {
+func (s *store) checkSourceDir(img *entry, source string) error {
 	p := path.Join(img.rel(), kindImage.content())
 	for _, comp := range strings.Split(strings.TrimPrefix(source, "/"), "/") {
 		if comp == "" {
 			continue
 		}
 		p = path.Join(p, comp)
-		fi, err := c.root.Lstat(p)
+		fi, err := s.root.Lstat(p)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
-			return fmt.Errorf("%w: %s (%s) has no directory %s; set the library source to a directory that exists in the image (Datadog images keep a tracer in %s and the injector in %s)",
-				driver.ErrImageRejected, image, img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
+			return fail(library.ErrImageRejected, "its content (%s) has no directory %s; set the library source to a directory that exists in the image (Datadog images keep a tracer in %s and the injector in %s)",
+				img.meta.Digest, source, libref.LibrarySource, libref.InjectorSource)
 		case err != nil:
 			return localErr(err)
 		case fi.Mode()&fs.ModeSymlink != 0:
-			return fmt.Errorf("%w: in %s (%s), %s is a symlink; a library source must be a real directory of the image", driver.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+			return fail(library.ErrImageRejected, "in its content (%s), %s is a symlink; a library source must be a real directory of the image", img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
 		case !fi.IsDir():
-			return fmt.Errorf("%w: in %s (%s), %s is not a directory", driver.ErrImageRejected, image, img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
+			return fail(library.ErrImageRejected, "in its content (%s), %s is not a directory", img.meta.Digest, "/"+strings.TrimPrefix(p, path.Join(img.rel(), kindImage.content())+"/"))
 		}
 	}
 	return nil
@@ -99,69 +99,72 @@ func (c *Cache) checkSourceDir(img *entry, image, source string) error {
 
 // buildView creates views/<key>/root/<target> as a hardlink farm of srcRel: no file data is
 // copied, and the files are the image's own inodes (same modes, owners, times).
-func (c *Cache) buildView(img *entry, srcRel, key, source, target string) (*entry, error) {
+func (s *store) buildView(img *entry, srcRel, key, source, target string) (*entry, error) {
 	// A view's directories and links are inodes of its own: it is charged like an image.
-	if err := c.checkBudget(img.meta.Image); err != nil {
+	if err := s.checkBudget(img.meta.Image); err != nil {
 		return nil, err
 	}
-	return c.buildEntry(kindView, key, "view", func(rootRel string) (entryMeta, error) {
-		if err := c.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
+	e, _, err := s.buildEntry(kindView, key, "view", func(rootRel string) (entryMeta, error) {
+		if err := s.mkdirs(rootRel, path.Dir(path.Join(rootRel, target))); err != nil {
 			return entryMeta{}, err
 		}
-		charged, err := c.farm(srcRel, path.Join(rootRel, target))
+		charged, err := s.farm(srcRel, path.Join(rootRel, target))
 		if err != nil {
 			return entryMeta{}, localErr(fmt.Errorf("building the view of %s at %s: %w", source, target, err))
 		}
 		// The parents of the target, one block each.
 		charged += int64(strings.Count(target, "/")+1) * extract.BlockSize
-		return entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Bytes: charged, Created: time.Now().UTC(), BootID: c.bootID}, nil
+		return entryMeta{Digest: img.meta.Digest, Image: img.meta.Image, ImageKey: img.key, Source: source, Target: target, Bytes: charged, Created: s.clock.Now().UTC(), BootID: s.bootID}, nil
 	})
+	return e, err
 }
 
-// buildEntry adds the derived entry k/key (a view or generated files) to the store the way
+// buildEntry adds the entry k/key (an image, a view or generated files) to the store the way
 // every entry gets there (see store.go): built in a fresh work dir of tmp/ named after
 // purpose, where fill writes the content into rootRel (<work dir>/<k.content()>, not created
 // yet) and returns the entry's metadata, then renamed into place in one step; a failed
 // build's work dir is removed. If a concurrent build published the same key first, that entry
-// is used: keys name content, so it holds the same; publishOrSettle says how a leftover at
-// that key is settled. (extractImage follows the same steps for images, with a logged
-// cleanup failure.)
-func (c *Cache) buildEntry(k kind, key, purpose string, fill func(rootRel string) (entryMeta, error)) (*entry, error) {
-	tmp, err := c.mkTemp(purpose)
+// is used (fresh is false): keys name content, so it holds the same; publishOrSettle says how
+// a leftover at that key is settled.
+func (s *store) buildEntry(k kind, key, purpose string, fill func(rootRel string) (entryMeta, error)) (e *entry, fresh bool, err error) {
+	tmp, err := s.mkTemp(purpose)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	published := false
 	defer func() {
-		if !published {
-			_ = c.root.RemoveAll(tmp)
+		if published {
+			return
+		}
+		if err := s.root.RemoveAll(tmp); err != nil {
+			s.log.Error("cannot remove an abandoned work dir; the next start removes it", "path", filepath.Join(s.dir, tmp), "error", err)
 		}
 	}()
 	meta, err := fill(path.Join(tmp, k.content()))
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	if err := c.writeMeta(tmp, meta); err != nil {
-		return nil, err
+	if err := s.writeMeta(tmp, meta); err != nil {
+		return nil, false, err
 	}
-	existing, err := c.publishOrSettle(tmp, k, key)
+	existing, err := s.publishOrSettle(tmp, k, key)
 	if err != nil || existing != nil {
-		return existing, err
+		return existing, false, err
 	}
 	published = true
-	return c.add(&entry{kind: k, key: key, meta: meta}), nil
+	return s.add(&entry{kind: k, key: key, meta: meta}), true, nil
 }
 
 // mkdirs creates root and the plain 0755 directories from root down to dir. Modes are set
 // explicitly: the umask must not make a view's parents unreadable to a pod's user.
-func (c *Cache) mkdirs(root, dir string) error {
-	if err := c.root.Mkdir(root, 0o755); err != nil {
+func (s *store) mkdirs(root, dir string) error {
+	if err := s.root.Mkdir(root, 0o755); err != nil {
 		return localErr(err)
 	}
-	if err := c.root.Chmod(root, 0o755); err != nil {
+	if err := s.root.Chmod(root, 0o755); err != nil {
 		return localErr(err)
 	}
-	return c.mkdirsBelow(root, dir)
+	return s.mkdirsBelow(root, dir)
 }
 
 type dirAttrs struct {
@@ -180,7 +183,7 @@ type dirAttrs struct {
 // directories. Resolving every file's path through the root instead re-walks every
 // component of both paths for each link, which cost four times the links themselves
 // (BenchmarkColdSteps).
-func (c *Cache) farm(src, dst string) (int64, error) {
+func (s *store) farm(src, dst string) (int64, error) {
 	chown := os.Geteuid() == 0
 	var dirs []dirAttrs
 	var charged int64
@@ -188,7 +191,7 @@ func (c *Cache) farm(src, dst string) (int64, error) {
 	for len(pending) > 0 {
 		rel := pending[len(pending)-1]
 		pending = pending[:len(pending)-1]
-		subdirs, n, attrs, err := c.farmDir(path.Join(src, rel), path.Join(dst, rel), chown)
+		subdirs, n, attrs, err := s.farmDir(path.Join(src, rel), path.Join(dst, rel), chown)
 		if err != nil {
 			return 0, err
 		}
@@ -202,14 +205,14 @@ func (c *Cache) farm(src, dst string) (int64, error) {
 	slices.SortFunc(dirs, func(a, b dirAttrs) int { return strings.Count(b.rel, "/") - strings.Count(a.rel, "/") })
 	for _, d := range dirs {
 		if chown {
-			if err := c.root.Lchown(d.rel, d.uid, d.gid); err != nil {
+			if err := s.root.Lchown(d.rel, d.uid, d.gid); err != nil {
 				return 0, err
 			}
 		}
-		if err := c.root.Chmod(d.rel, d.mode); err != nil {
+		if err := s.root.Chmod(d.rel, d.mode); err != nil {
 			return 0, err
 		}
-		if err := c.root.Chtimes(d.rel, d.mtime, d.mtime); err != nil {
+		if err := s.root.Chtimes(d.rel, d.mtime, d.mtime); err != nil {
 			return 0, err
 		}
 	}
@@ -219,8 +222,8 @@ func (c *Cache) farm(src, dst string) (int64, error) {
 // farmDir creates the directory dst mirroring the directory src: hardlinks to its files and
 // copies of its symlinks. It returns the names of src's subdirectories (for the caller to
 // mirror next), what it charged, and the attributes to give dst once its tree is complete.
-func (c *Cache) farmDir(src, dst string, chown bool) (subdirs []string, charged int64, attrs dirAttrs, err error) {
-	from, err := c.root.Open(src)
+func (s *store) farmDir(src, dst string, chown bool) (subdirs []string, charged int64, attrs dirAttrs, err error) {
+	from, err := s.root.Open(src)
 	if err != nil {
 		return nil, 0, attrs, err
 	}
@@ -232,7 +235,7 @@ func (c *Cache) farmDir(src, dst string, chown bool) (subdirs []string, charged 
 	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
 		return nil, 0, attrs, fmt.Errorf("%s is not a directory", src)
 	}
-	if err := c.root.Mkdir(dst, 0o700); err != nil {
+	if err := s.root.Mkdir(dst, 0o700); err != nil {
 		return nil, 0, attrs, err
 	}
 	charged = extract.BlockSize
@@ -240,7 +243,7 @@ func (c *Cache) farmDir(src, dst string, chown bool) (subdirs []string, charged 
 	if st.Mode&unix.S_ISVTX != 0 {
 		attrs.mode |= fs.ModeSticky
 	}
-	to, err := c.root.Open(dst)
+	to, err := s.root.Open(dst)
 	if err != nil {
 		return nil, 0, attrs, err
 	}

@@ -406,17 +406,25 @@ func (l *Linux) Unmount(target string) error {
 
 // MountTable implements Interface.
 func (l *Linux) MountTable() ([]Entry, error) {
-	infos, err := mount.ParseMountInfo(l.mountInfo)
+	return ReadMountTable(l.mountInfo)
+}
+
+// ReadMountTable parses a mount table in the format of /proc/<pid>/mountinfo: the one parser
+// of mount tables in the node plugin and its tests.
+func ReadMountTable(mountInfo string) ([]Entry, error) {
+	infos, err := mount.ParseMountInfo(mountInfo)
 	if err != nil {
-		return nil, fmt.Errorf("read mount table %s: %w", l.mountInfo, err)
+		return nil, fmt.Errorf("read mount table %s: %w", mountInfo, err)
 	}
 	out := make([]Entry, 0, len(infos))
 	for _, mi := range infos {
 		out = append(out, Entry{
-			MountPoint:   unescape(mi.MountPoint),
+			MountPoint:   unescapeOctal(mi.MountPoint),
 			FsType:       mi.FsType,
 			Source:       mi.Source,
-			Root:         unescape(mi.Root),
+			Root:         unescapeOctal(mi.Root),
+			Major:        mi.Major,
+			Minor:        mi.Minor,
 			MountOptions: mi.MountOptions,
 			SuperOptions: mi.SuperOptions,
 		})

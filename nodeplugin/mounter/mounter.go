@@ -6,6 +6,7 @@ package mounter
 import (
 	"errors"
 	"fmt"
+	"path"
 	"strings"
 )
 
@@ -91,9 +92,13 @@ type Entry struct {
 	Source     string
 	// Root is the directory of the source filesystem that is mounted (not "/" for bind mounts).
 	Root string
+	// Major and Minor are the device numbers of the mounted filesystem: mounts with the same
+	// numbers show the same filesystem.
+	Major, Minor int
 	// MountOptions are the per-mount options (ro, nosuid, ...).
 	MountOptions []string
-	// SuperOptions are the filesystem's own options (lowerdir=..., upperdir=...).
+	// SuperOptions are the filesystem's own options (lowerdir=..., upperdir=...), as the
+	// kernel wrote them (octal escapes included).
 	SuperOptions []string
 }
 
@@ -101,7 +106,7 @@ type Entry struct {
 func (e Entry) Option(key string) (string, bool) {
 	for _, o := range e.SuperOptions {
 		if v, ok := strings.CutPrefix(o, key+"="); ok {
-			return unescape(v), true
+			return unescapeOption(v), true
 		}
 	}
 	return "", false
@@ -109,7 +114,14 @@ func (e Entry) Option(key string) (string, bool) {
 
 // LowerDirs returns the lower dirs of an overlay mount, top first, whether it was mounted with
 // the legacy "lowerdir=a:b" form or the "lowerdir+=a,lowerdir+=b" form of the new mount API.
-// Data-only lower dirs ("datadir+") are included: they are referenced too.
+// Data-only lower dirs ("datadir+", or those after "::" in the legacy form) are included:
+// they are referenced too.
+//
+// The kernel writes each option value as it was given, with a comma, space, tab, newline or
+// backslash escaped in octal (\054, \040, \011, \012, \134). A legacy "lowerdir=" value is
+// itself a list: ':' separates dirs, "::" separates the data-only ones (the empty element
+// between is not a dir), and a backslash escapes the next character (a ':' inside a path is
+// given as "\:", which mountinfo shows as "\134:").
 func (e Entry) LowerDirs() []string {
 	if e.FsType != "overlay" {
 		return nil
@@ -118,12 +130,11 @@ func (e Entry) LowerDirs() []string {
 	for _, o := range e.SuperOptions {
 		switch {
 		case strings.HasPrefix(o, "lowerdir="):
-			// The kernel escapes a ':' inside a path as "\:"; split only on bare colons.
-			dirs = append(dirs, splitUnescaped(strings.TrimPrefix(o, "lowerdir="), ':')...)
+			dirs = append(dirs, splitLowerdir(unescapeOctal(strings.TrimPrefix(o, "lowerdir=")))...)
 		case strings.HasPrefix(o, "lowerdir+="):
-			dirs = append(dirs, unescape(strings.TrimPrefix(o, "lowerdir+=")))
+			dirs = append(dirs, unescapeOctal(strings.TrimPrefix(o, "lowerdir+=")))
 		case strings.HasPrefix(o, "datadir+="):
-			dirs = append(dirs, unescape(strings.TrimPrefix(o, "datadir+=")))
+			dirs = append(dirs, unescapeOctal(strings.TrimPrefix(o, "datadir+=")))
 		}
 	}
 	return dirs
@@ -139,33 +150,101 @@ func (e Entry) HasMountOption(opt string) bool {
 	return false
 }
 
-func splitUnescaped(s string, sep byte) []string {
+// ReferencedPaths lists the paths the mount table keeps in use: the lower dirs (data-only
+// ones included) of every overlay, and the source of every bind mount. A bind mount's Root
+// is a path inside its filesystem, not one the plugin sees, so its source is listed as seen
+// through each mount of the same filesystem whose root contains it. A directory removed
+// under one of these mounts would break the pod using it.
+func ReferencedPaths(table []Entry) []string {
+	type fsDir struct {
+		major, minor int
+		root         string
+	}
+	// Where each directory of each filesystem is mounted.
+	mountedAt := map[fsDir][]string{}
+	for _, e := range table {
+		k := fsDir{e.Major, e.Minor, e.Root}
+		mountedAt[k] = append(mountedAt[k], e.MountPoint)
+	}
+	var out []string
+	for _, e := range table {
+		if e.FsType == "overlay" {
+			out = append(out, e.LowerDirs()...)
+			continue
+		}
+		if e.Root == "/" || !path.IsAbs(e.Root) {
+			continue
+		}
+		for dir := e.Root; ; dir = path.Dir(dir) {
+			rel := strings.TrimPrefix(strings.TrimPrefix(e.Root, dir), "/")
+			for _, mp := range mountedAt[fsDir{e.Major, e.Minor, dir}] {
+				out = append(out, path.Join(mp, rel))
+			}
+			if dir == "/" {
+				break
+			}
+		}
+	}
+	return out
+}
+
+// splitLowerdir splits a legacy "lowerdir=" list (octal escapes already decoded).
+func splitLowerdir(s string) []string {
 	var out []string
 	var cur strings.Builder
+	flush := func() {
+		if cur.Len() > 0 {
+			out = append(out, cur.String())
+		}
+		cur.Reset()
+	}
 	for i := 0; i < len(s); i++ {
 		switch {
-		case s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]):
-			// mountinfo writes space, tab, newline and backslash as \ooo.
-			cur.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
-			i += 3
 		case s[i] == '\\' && i+1 < len(s):
 			i++
 			cur.WriteByte(s[i])
-		case s[i] == sep:
-			out = append(out, cur.String())
-			cur.Reset()
+		case s[i] == ':':
+			flush()
 		default:
 			cur.WriteByte(s[i])
 		}
 	}
-	return append(out, cur.String())
+	flush()
+	return out
 }
 
 func isOctal(b byte) bool { return b >= '0' && b <= '7' }
 
-func unescape(s string) string {
+// unescapeOctal decodes the \ooo escapes the kernel writes in mountinfo fields.
+func unescapeOctal(s string) string {
 	if !strings.Contains(s, "\\") {
 		return s
 	}
-	return strings.Join(splitUnescaped(s, 0), "")
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
+			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
+			i += 3
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// unescapeOption decodes an option value: octal escapes, then a backslash escaping the next
+// character (how overlayfs takes a path given with a ':' or ',' in it).
+func unescapeOption(s string) string {
+	s = unescapeOctal(s)
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+1 < len(s) {
+			i++
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

@@ -41,6 +41,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 )
 
 // Record describes one published volume target.
@@ -76,11 +78,9 @@ type Record struct {
 	Created      time.Time `json:"created"`
 }
 
-// Layer is one lower dir of a library volume.
-type Layer struct {
-	Dir    string `json:"dir"`
-	Digest string `json:"digest,omitempty"`
-}
+// Layer is one lower dir of a library volume: the library package's type, whose JSON field
+// names ("dir", "digest") are this journal's.
+type Layer = library.Layer
 
 // Pod identifies the pod a volume was published for (from kubelet's podInfoOnMount attributes).
 type Pod struct {

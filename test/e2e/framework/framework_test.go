@@ -1,8 +1,9 @@
 package framework
 
 import (
+	"os"
+	"path/filepath"
 	"reflect"
-	"strings"
 	"testing"
 )
 
@@ -11,7 +12,11 @@ func TestParseMountInfo(t *testing.T) {
 80 27 0:60 / /var/lib/kubelet/pods/u2/volumes/kubernetes.io~csi/apm-csi-libraries/mount rw,nosuid,nodev,relatime - overlay apm-csi rw,lowerdir+=/state/store/images/a/rootfs/datadog-init/package,lowerdir+=/state/store/generated/b/root,upperdir=/state/overlays/v/upper,workdir=/state/overlays/v/work,index=off,metacopy=off
 81 27 0:61 / /mnt/legacy rw - overlay overlay ro,lowerdir=/l/one:/l/two\:colon:/l/three
 `
-	ms, err := parseMountInfo(strings.NewReader(info))
+	file := filepath.Join(t.TempDir(), "mountinfo")
+	if err := os.WriteFile(file, []byte(info), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := readMounts(file)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,18 +1,17 @@
 package framework
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"syscall"
 
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 )
 
 // Mount is one line of /proc/self/mountinfo. The tests run on the node, so the host's mount
@@ -23,54 +22,21 @@ type Mount struct {
 	FSType     string
 	Source     string
 	// Options are the per-mount options (ro, nosuid, ...); SuperOptions the filesystem's
-	// (for overlayfs: lowerdir, upperdir, workdir).
+	// (for overlayfs: lowerdir, upperdir, workdir), as the kernel writes them (octal escapes).
 	Options      string
 	SuperOptions string
 }
 
 // Option returns a filesystem option's value (e.g. "upperdir"), and whether it is present.
-func (m Mount) Option(key string) (string, bool) {
-	for _, o := range splitOptions(m.SuperOptions) {
-		k, v, _ := strings.Cut(o, "=")
-		if k == key {
-			return v, true
-		}
-	}
-	return "", false
-}
+func (m Mount) Option(key string) (string, bool) { return m.entry().Option(key) }
 
 // LowerDirs returns an overlay's lower directories, top first: one "lowerdir+=" option per
 // layer when the overlay was built with the new mount API (fsconfig), or the ':'-separated
-// "lowerdir=" of mount(2).
-func (m Mount) LowerDirs() []string {
-	var out []string
-	for _, o := range splitOptions(m.SuperOptions) {
-		if v, ok := strings.CutPrefix(o, "lowerdir+="); ok {
-			out = append(out, v)
-		}
-	}
-	if len(out) > 0 {
-		return out
-	}
-	v, ok := m.Option("lowerdir")
-	if !ok || v == "" {
-		return nil
-	}
-	// Entries are separated by ':'; a literal ':' is escaped as "\:".
-	cur := strings.Builder{}
-	for i := 0; i < len(v); i++ {
-		switch {
-		case v[i] == '\\' && i+1 < len(v):
-			i++
-			cur.WriteByte(v[i])
-		case v[i] == ':':
-			out = append(out, cur.String())
-			cur.Reset()
-		default:
-			cur.WriteByte(v[i])
-		}
-	}
-	return append(out, cur.String())
+// "lowerdir=" of mount(2). The node plugin's parser reads them (mounter.Entry.LowerDirs).
+func (m Mount) LowerDirs() []string { return m.entry().LowerDirs() }
+
+func (m Mount) entry() mounter.Entry {
+	return mounter.Entry{FsType: m.FSType, SuperOptions: strings.Split(m.SuperOptions, ",")}
 }
 
 // ReadOnly reports whether the mount is read-only.
@@ -83,10 +49,6 @@ func (m Mount) ReadOnly() bool {
 	return false
 }
 
-// splitOptions splits filesystem options at commas. The paths the node plugin mounts never
-// contain one.
-func splitOptions(s string) []string { return strings.Split(s, ",") }
-
 func inode(info fs.FileInfo) (uint64, bool) {
 	st, ok := info.Sys().(*syscall.Stat_t)
 	if !ok {
@@ -95,62 +57,26 @@ func inode(info fs.FileInfo) (uint64, bool) {
 	return st.Ino, true
 }
 
-// Mounts reads the mount table.
-func Mounts() ([]Mount, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+// Mounts reads the mount table, with the node plugin's parser (mounter.ReadMountTable).
+func Mounts() ([]Mount, error) { return readMounts("/proc/self/mountinfo") }
+
+func readMounts(mountInfo string) ([]Mount, error) {
+	table, err := mounter.ReadMountTable(mountInfo)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	return parseMountInfo(f)
-}
-
-func parseMountInfo(r io.Reader) ([]Mount, error) {
-	var out []Mount
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			if f == "-" && i >= 6 {
-				sep = i
-				break
-			}
-		}
-		if sep < 0 || len(fields) < sep+4 {
-			continue
-		}
+	out := make([]Mount, 0, len(table))
+	for _, e := range table {
 		out = append(out, Mount{
-			Root:         unescape(fields[3]),
-			MountPoint:   unescape(fields[4]),
-			Options:      fields[5],
-			FSType:       fields[sep+1],
-			Source:       unescape(fields[sep+2]),
-			SuperOptions: unescape(fields[sep+3]),
+			MountPoint:   e.MountPoint,
+			Root:         e.Root,
+			FSType:       e.FsType,
+			Source:       e.Source,
+			Options:      strings.Join(e.MountOptions, ","),
+			SuperOptions: strings.Join(e.SuperOptions, ","),
 		})
 	}
-	return out, sc.Err()
-}
-
-// unescape decodes mountinfo's octal escapes (\040 for a space, ...).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return out, nil
 }
 
 // CSIMountDir is where kubelet has a pod's CSI volume mounted (the target path it passes to

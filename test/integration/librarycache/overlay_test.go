@@ -13,8 +13,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/libimages"
@@ -54,7 +55,7 @@ func TestHundredConcurrentPublishes(t *testing.T) {
 	c := newCache(t, librarycache.Config{}, reg)
 
 	const volumes = 100
-	layers := make([]driver.Layer, volumes)
+	layers := make([]library.Layer, volumes)
 	errs := make([]error, volumes)
 	var wg sync.WaitGroup
 	start := make(chan struct{})
@@ -187,7 +188,14 @@ func TestGCNeverRemovesAMountedLibrary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	none := func() (map[string]struct{}, error) { return map[string]struct{}{}, nil }
+	// What the driver adds to its records: what the mount table references.
+	mounted := func() (library.InUse, error) {
+		table, err := mounter.New().MountTable()
+		if err != nil {
+			return nil, err
+		}
+		return library.NewInUse(mounter.ReferencedPaths(table)...), nil
+	}
 
 	base := t.TempDir()
 	// A writable overlay over the view, a read-only one over the image's own directory, and a
@@ -204,7 +212,7 @@ func TestGCNeverRemovesAMountedLibrary(t *testing.T) {
 	unbind := func() { _ = unix.Unmount(bindTarget, unix.MNT_DETACH) }
 	t.Cleanup(unbind)
 
-	if err := c.GC(t.Context(), none); err != nil {
+	if err := c.GC(t.Context(), mounted); err != nil {
 		t.Fatal(err)
 	}
 	for _, d := range []string{view.Dir, rootLayer.Dir, preload} {
@@ -215,7 +223,7 @@ func TestGCNeverRemovesAMountedLibrary(t *testing.T) {
 	// Unmount the overlays: only the bind mount keeps the generated file.
 	rw()
 	ro()
-	if err := c.GC(t.Context(), none); err != nil {
+	if err := c.GC(t.Context(), mounted); err != nil {
 		t.Fatal(err)
 	}
 	for _, d := range []string{view.Dir, rootLayer.Dir} {
@@ -227,7 +235,7 @@ func TestGCNeverRemovesAMountedLibrary(t *testing.T) {
 		t.Errorf("GC removed the bind-mounted generated file: %v", err)
 	}
 	unbind()
-	if err := c.GC(t.Context(), none); err != nil {
+	if err := c.GC(t.Context(), mounted); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(preload); err == nil {

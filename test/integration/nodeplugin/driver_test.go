@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -239,7 +239,7 @@ func TestLibraryVolumes(t *testing.T) {
 
 func TestLibraryFailureLeavesNothing(t *testing.T) {
 	p := startPlugin(t)
-	p.store.errs["registry.local/dd-lib-python-init:v3"] = fmt.Errorf("manifest unknown: %w", driver.ErrImageNotFound)
+	p.store.errs["registry.local/dd-lib-python-init:v3"] = fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound)
 	target := p.Target("pod", "apm")
 	err := p.Publish("csi-x", target, nodeplugintest.Ephemeral(injectorAttrs(), "x"), false)
 	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "registry.local/dd-lib-python-init:v3") {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
@@ -45,15 +46,15 @@ func (s *dirStore) layerDir(image string) (string, string, error) {
 	return dir, digest, nil
 }
 
-func (s *dirStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (driver.Layer, error) {
+func (s *dirStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (library.Layer, error) {
 	s.mu.Lock()
 	err := s.errs[lib.Image]
 	s.mu.Unlock()
 	if err != nil {
-		return driver.Layer{}, err
+		return library.Layer{}, err
 	}
 	dir, digest, err := s.layerDir(lib.Image)
-	return driver.Layer{Dir: dir, Digest: digest}, err
+	return library.Layer{Dir: dir, Digest: digest}, err
 }
 
 func (s *dirStore) GeneratedFiles(files map[string]string) (string, error) {
