@@ -190,7 +190,7 @@ func newPuller(cfg *Config, s *store, m *metrics, life *lifecycle) (*puller, err
 		if refs == nil {
 			return nil, fmt.Errorf("library cache: %w", err)
 		}
-		cfg.Logger.Warn("library cache: ignoring remembered tags", "error", err)
+		cfg.Logger.Warn("library cache: ignoring remembered tags", "err", err)
 	}
 	insecure := map[string]bool{}
 	for _, r := range cfg.InsecureRegistries {
@@ -222,7 +222,7 @@ func newPuller(cfg *Config, s *store, m *metrics, life *lifecycle) (*puller, err
 	images := maps.Clone(s.images)
 	s.mu.Unlock()
 	if p.ids, err = loadIdentities(s.root, images); err != nil {
-		p.log.Warn("library cache: ignoring recorded image origins", "error", err)
+		p.log.Warn("library cache: ignoring recorded image origins", "err", err)
 	}
 	p.ids.live = func(key string) bool { return s.hasImage(key) }
 	return p, nil
@@ -259,7 +259,7 @@ func (c *Cache) Start(ctx context.Context) error {
 func (c *Cache) prefetch(ctx context.Context, image string) {
 	ref, err := libref.Parse(image)
 	if err != nil {
-		c.log.Error("prefetch: invalid image reference", "image", image, "error", err)
+		c.log.Error("prefetch: invalid image reference", "image", image, "err", err)
 		return
 	}
 	start := c.clock.Now()
@@ -269,7 +269,7 @@ func (c *Cache) prefetch(ctx context.Context, image string) {
 			c.log.Info("prefetch stopped", "image", image)
 			return
 		}
-		c.log.Error("prefetch failed; the first pod using this library will download it", "image", image, "error", err)
+		c.log.Error("prefetch failed; the first pod using this library will download it", "image", image, "err", err)
 		return
 	}
 	defer c.store.release(e)

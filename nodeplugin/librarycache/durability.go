@@ -69,7 +69,7 @@ func (s *store) durabilityWorker() {
 			continue
 		}
 		if err := s.syncStore(); err != nil {
-			s.log.Error("cannot flush the library store to disk; entries stay unconfirmed and are removed after a reboot", "error", err)
+			s.log.Error("cannot flush the library store to disk; entries stay unconfirmed and are removed after a reboot", "err", err)
 			continue
 		}
 		for _, e := range pending {
@@ -96,7 +96,7 @@ func (s *store) recordDurable(e *entry) {
 	}
 	meta.Durable = true
 	if err := s.rewriteMeta(e.rel(), meta); err != nil {
-		s.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "error", err)
+		s.log.Error("cannot record a cache entry as durable; it is removed after a reboot", "entry", e.rel(), "err", err)
 		return
 	}
 	s.mu.Lock()

@@ -37,7 +37,7 @@ func (c *Cache) GC(ctx context.Context, inUse func() (library.InUse, error)) err
 		return err
 	}
 	if perr := c.pull.refs.prune(c.store.hasImage, max(c.cfg.TagTTL, 24*time.Hour), c.clock.Now()); perr != nil {
-		c.log.Warn("cannot prune remembered tags", "error", perr)
+		c.log.Warn("cannot prune remembered tags", "err", perr)
 	}
 	return err
 }

@@ -148,7 +148,7 @@ func (p *puller) recordGrant(e *entry, repo string, rq *requester) {
 		return
 	}
 	if err := p.ids.add(e.key, grant{Repository: repo, Secret: secret}); err != nil {
-		p.log.Warn("cannot record where a cached library came from; the registry will be asked again after a restart", "image", e.meta.Image, "digest", e.meta.Digest, "error", err)
+		p.log.Warn("cannot record where a cached library came from; the registry will be asked again after a restart", "image", e.meta.Image, "digest", e.meta.Digest, "err", err)
 	}
 }
 

@@ -71,7 +71,7 @@ func (k *secretDirKeychain) resolve(res authn.Resource) (authn.Authenticator, st
 			cf, err := loadDockerConfig(f)
 			if err != nil {
 				// Never log the content: it holds credentials.
-				k.log.Warn("ignoring unreadable pull secret", "file", f, "error", err)
+				k.log.Warn("ignoring unreadable pull secret", "file", f, "err", err)
 				continue
 			}
 			for key, ac := range cf.GetAuthConfigs() {

@@ -131,6 +131,6 @@ func truncate(s string) string {
 // view, with what the servers said.
 func (p *puller) logAttempts(image string, attempts []attempt) {
 	for _, a := range attempts {
-		p.log.Warn("registry operation failed", "image", image, "location", a.where, "error", truncate(a.err.Error()))
+		p.log.Warn("registry operation failed", "image", image, "location", a.where, "err", truncate(a.err.Error()))
 	}
 }

@@ -136,7 +136,7 @@ func (lf *layerFiles) stop() {
 	lf.cancel()
 	lf.wg.Wait()
 	if err := lf.s.root.RemoveAll(lf.dir); err != nil {
-		lf.s.log.Error("cannot remove downloaded layer blobs; the next start removes them", "path", path.Join(lf.s.dir, lf.dir), "error", err)
+		lf.s.log.Error("cannot remove downloaded layer blobs; the next start removes them", "path", path.Join(lf.s.dir, lf.dir), "err", err)
 	}
 }
 

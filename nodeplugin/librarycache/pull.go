@@ -41,10 +41,10 @@ func (p *puller) resolveAndPull(bg context.Context, ref libref.Ref) (*entry, err
 		}
 		digest = d
 		if err := p.refs.setTag(tag, d, p.clock.Now()); err != nil {
-			p.log.Warn("cannot remember a tag resolution; it will be resolved again after a restart", "image", ref.String(), "error", err)
+			p.log.Warn("cannot remember a tag resolution; it will be resolved again after a restart", "image", ref.String(), "err", err)
 		}
 		if ok && rec.Digest != d {
-			p.log.Info("tag moved to a new digest", "image", ref.String(), "old_digest", rec.Digest, "digest", d)
+			p.log.Info("tag moved to a new digest", "image", ref.String(), "oldDigest", rec.Digest, "digest", d)
 		}
 	}
 	if e := p.peekDigest(digest); e != nil {
@@ -182,7 +182,7 @@ func (p *puller) download(bg context.Context, ref libref.Ref, digest string) (*e
 		p.metrics.downloads.WithLabelValues(resultSuccess).Inc()
 		p.metrics.downloadSeconds.Observe(seconds)
 		p.log.Info("library downloaded", "image", ref.String(), "digest", e.meta.Digest, "bytes", e.meta.Bytes,
-			"files", e.meta.Files, "downloaded_bytes", received.Load(), "seconds", seconds)
+			"files", e.meta.Files, "downloadedBytes", received.Load(), "seconds", seconds)
 		return e, nil
 	}
 	err := registryError(attempts)
@@ -192,7 +192,7 @@ func (p *puller) download(bg context.Context, ref libref.Ref, digest string) (*e
 	}
 	p.metrics.downloads.WithLabelValues(downloadResult(f)).Inc()
 	p.logAttempts(display, attempts)
-	p.log.Warn("library download failed", "image", ref.String(), "digest", digest, "seconds", seconds, "error", err)
+	p.log.Warn("library download failed", "image", ref.String(), "digest", digest, "seconds", seconds, "err", err)
 	if ttl := refusalTTL(err); ttl > 0 {
 		p.mu.Lock()
 		p.rejected[digest] = rejection{err: err, until: p.clock.Now().Add(ttl)}
@@ -224,7 +224,7 @@ func (p *puller) downloadFrom(ctx context.Context, repo string, ref libref.Ref, 
 			return nil, err
 		}
 		if err := p.refs.setIndex(digest, child.String()); err != nil {
-			p.log.Warn("cannot remember an index's platform image", "image", ref.String(), "error", err)
+			p.log.Warn("cannot remember an index's platform image", "image", ref.String(), "err", err)
 		}
 		if e := p.peekDigest(child.String()); e != nil {
 			return e, nil

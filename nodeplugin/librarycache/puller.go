@@ -130,7 +130,7 @@ func (p *puller) revalidate(ctx context.Context, ch <-chan singleflight.Result, 
 			p.store.release(cached)
 			return nil, false, res.Err
 		}
-		p.log.Warn("registry did not confirm the tag; serving its last known digest", "image", ref.String(), "digest", digest, "error", res.Err)
+		p.log.Warn("registry did not confirm the tag; serving its last known digest", "image", ref.String(), "digest", digest, "err", res.Err)
 	case <-timer.C():
 		p.log.Info("registry slow to confirm the tag; serving its last known digest meanwhile", "image", ref.String(), "digest", digest)
 	case <-ctx.Done():

@@ -37,12 +37,12 @@ func (p *puller) loadRejections() {
 		return
 	}
 	if err != nil {
-		p.log.Warn("cannot read remembered image rejections; rejected images will be downloaded again", "error", err)
+		p.log.Warn("cannot read remembered image rejections; rejected images will be downloaded again", "err", err)
 		return
 	}
 	var recs map[string]rejectionRecord
 	if err := json.Unmarshal(b, &recs); err != nil {
-		p.log.Warn("ignoring a corrupt rejections file", "path", path.Join(p.store.dir, rejectionsFile), "error", err)
+		p.log.Warn("ignoring a corrupt rejections file", "path", path.Join(p.store.dir, rejectionsFile), "err", err)
 		return
 	}
 	now := p.clock.Now()
@@ -83,7 +83,7 @@ func (p *puller) rememberRejection(digest string, err error) {
 		merr = p.store.writeFileAtomic(rejectionsFile, b)
 	}
 	if merr != nil {
-		p.log.Warn("cannot remember an image rejection on disk; after a restart the image is downloaded again", "digest", digest, "error", merr)
+		p.log.Warn("cannot remember an image rejection on disk; after a restart the image is downloaded again", "digest", digest, "err", merr)
 	}
 }
 

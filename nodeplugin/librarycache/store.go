@@ -474,7 +474,7 @@ func (s *store) persistUse(e *entry) {
 	t := e.lastUsed
 	s.mu.Unlock()
 	if err := s.root.Chtimes(e.rel(), t, t); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.log.Warn("cannot record the last use of a cache entry", "entry", e.rel(), "error", err)
+		s.log.Warn("cannot record the last use of a cache entry", "entry", e.rel(), "err", err)
 	}
 }
 
@@ -509,7 +509,7 @@ func (s *store) updateGaugesLocked() {
 func (s *store) sweep(orphans []string) {
 	des, err := readDir(s.root, tmpDir)
 	if err != nil {
-		s.log.Error("cannot list the cache's tmp dir", "error", err)
+		s.log.Error("cannot list the cache's tmp dir", "err", err)
 		return
 	}
 	for _, de := range des {
@@ -518,14 +518,14 @@ func (s *store) sweep(orphans []string) {
 		}
 		rel := path.Join(tmpDir, de.Name())
 		if err := s.root.RemoveAll(rel); err != nil {
-			s.log.Error("cannot remove a leftover from a previous run", "path", filepath.Join(s.dir, rel), "error", err)
+			s.log.Error("cannot remove a leftover from a previous run", "path", filepath.Join(s.dir, rel), "err", err)
 			continue
 		}
 		s.log.Info("removed a leftover from a previous run", "path", filepath.Join(s.dir, rel))
 	}
 	for _, rel := range orphans {
 		if err := s.removeTree(rel); err != nil {
-			s.log.Error("cannot remove an incomplete cache entry", "path", filepath.Join(s.dir, rel), "error", err)
+			s.log.Error("cannot remove an incomplete cache entry", "path", filepath.Join(s.dir, rel), "err", err)
 			continue
 		}
 		s.metrics.evictions.WithLabelValues(evictOrphan).Inc()

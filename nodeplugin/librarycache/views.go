@@ -137,7 +137,7 @@ func (s *store) buildEntry(k kind, key, purpose string, fill func(rootRel string
 			return
 		}
 		if err := s.root.RemoveAll(tmp); err != nil {
-			s.log.Error("cannot remove an abandoned work dir; the next start removes it", "path", filepath.Join(s.dir, tmp), "error", err)
+			s.log.Error("cannot remove an abandoned work dir; the next start removes it", "path", filepath.Join(s.dir, tmp), "err", err)
 		}
 	}()
 	meta, err := fill(path.Join(tmp, k.content()))
