@@ -15,7 +15,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
-	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/nodeplugin/plugin"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -26,31 +26,11 @@ import (
 // command line wins over its variable.
 const envPrefix = "APM_CSI_"
 
+// options are the plugin's options plus what only the command uses.
 type options struct {
-	endpoint              string
-	nodeID                string
-	driverName            string
-	stateDir              string
-	kubeletDir            string
-	hostDirs              []hostdir.Entry
-	datadogSockets        map[string]string
-	configFile            string
-	metricsAddr           string
-	healthAddr            string
-	publishDownloadBudget time.Duration
-	kubeletRegistration   bool
-	drainTimeout          time.Duration
-	logLevel              slog.Level
-	cache                 librarycache.Config
-	gcInterval            time.Duration
-	// Writable layers of library volumes.
-	writableLayer        writablelayer.Mechanism
-	defaultWritableLayer int64
-	maxWritableLayer     int64
-	// keepWritableLayers keeps writable layers across node reboots (driver.Config).
-	keepWritableLayers bool
-	keptLayerGrace     time.Duration
-	maxKeptWritable    int64
+	plugin.Options
+	configFile string
+	logLevel   slog.Level
 }
 
 // repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
@@ -106,37 +86,37 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	fs.SetOutput(stderr)
 	var hostDirs, sockets repeatable
 	var logLevel string
-	fs.StringVar(&o.endpoint, "endpoint", "", "CSI endpoint, unix:///path.sock (default unix://<kubelet-dir>/plugins/<driver-name>/csi.sock)")
-	fs.StringVar(&o.nodeID, "node-id", "", "node id reported to kubelet (default: the host name); set it from spec.nodeName")
-	fs.StringVar(&o.driverName, "driver-name", names.DriverName, "CSI driver name")
-	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state (records, overlay upper/work dirs); not on an overlayfs")
-	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
+	fs.StringVar(&o.Endpoint, "endpoint", "", "CSI endpoint, unix:///path.sock (default unix://<kubelet-dir>/plugins/<driver-name>/csi.sock)")
+	fs.StringVar(&o.NodeID, "node-id", "", "node id reported to kubelet (default: the host name); set it from spec.nodeName")
+	fs.StringVar(&o.DriverName, "driver-name", names.DriverName, "CSI driver name")
+	fs.StringVar(&o.StateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state (records, overlay upper/work dirs); not on an overlayfs")
+	fs.StringVar(&o.KubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
 	fs.Var(&hostDirs, "hostdir", "allowlisted host path "+hostdir.FlagSyntax+"; namespaces (required; * for every namespace) and service-accounts say which pods may mount it; repeatable")
 	fs.Var(&sockets, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
 	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs, datadogSockets, allowedRepositories and pullSecretScopes, in addition to the flags")
-	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")
-	fs.StringVar(&o.healthAddr, "health-addr", ":9850", "address of /healthz (calls Probe over the CSI socket) and /readyz; empty disables it")
-	fs.DurationVar(&o.publishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on)")
-	fs.BoolVar(&o.kubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket; set false when a node-driver-registrar sidecar does it")
-	fs.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
+	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")
+	fs.StringVar(&o.HealthAddr, "health-addr", ":9850", "address of /healthz (calls Probe over the CSI socket) and /readyz; empty disables it")
+	fs.DurationVar(&o.PublishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on)")
+	fs.BoolVar(&o.KubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket; set false when a node-driver-registrar sidecar does it")
+	fs.DurationVar(&o.DrainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
-	o.writableLayer = writablelayer.Auto
-	o.defaultWritableLayer, o.maxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
-	fs.Var(sizeFlag{&o.defaultWritableLayer}, "default-writable-layer", "size limit of a writable library volume's private layer when the volume sets no writableLimit attribute (a quantity such as 256Mi)")
-	fs.Var(sizeFlag{&o.maxWritableLayer}, "max-writable-layer", "largest writableLimit a library volume may ask for (a quantity such as 1Gi); larger requests are refused with InvalidArgument")
-	fs.BoolVar(&o.keepWritableLayers, "keep-writable-layers", false, "keep a writable library volume's layer (what the pod wrote) across node reboots while its pod may exist, and mount it again when kubelet publishes the volume again; needs project-quota writable layers, and every unpublish then syncs the state dir's filesystem")
-	fs.DurationVar(&o.keptLayerGrace, "kept-writable-layer-grace", driver.DefaultKeptLayerGrace, "how long a kept writable layer stays after its pod's dir is gone from kubelet's pods dir (--keep-writable-layers)")
-	fs.Var(sizeFlag{&o.maxKeptWritable}, "max-kept-writable-bytes", "with --keep-writable-layers: the most all kept writable layers (of volumes not mounted now) may take together (a quantity such as 10Gi); the oldest go first; 0: no bound beyond each volume's limit")
+	fs.DurationVar(&o.GCInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
+	o.WritableLayer = writablelayer.Auto
+	o.DefaultWritableLayer, o.MaxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
+	fs.Var(sizeFlag{&o.DefaultWritableLayer}, "default-writable-layer", "size limit of a writable library volume's private layer when the volume sets no writableLimit attribute (a quantity such as 256Mi)")
+	fs.Var(sizeFlag{&o.MaxWritableLayer}, "max-writable-layer", "largest writableLimit a library volume may ask for (a quantity such as 1Gi); larger requests are refused with InvalidArgument")
+	fs.BoolVar(&o.KeepWritableLayers, "keep-writable-layers", false, "keep a writable library volume's layer (what the pod wrote) across node reboots while its pod may exist, and mount it again when kubelet publishes the volume again; needs project-quota writable layers, and every unpublish then syncs the state dir's filesystem")
+	fs.DurationVar(&o.KeptLayerGrace, "kept-writable-layer-grace", driver.DefaultKeptLayerGrace, "how long a kept writable layer stays after its pod's dir is gone from kubelet's pods dir (--keep-writable-layers)")
+	fs.Var(sizeFlag{&o.MaxKeptWritable}, "max-kept-writable-bytes", "with --keep-writable-layers: the most all kept writable layers (of volumes not mounted now) may take together (a quantity such as 10Gi); the oldest go first; 0: no bound beyond each volume's limit")
 	fs.Func("writable-layer-mechanism", "what enforces the writable layer limits: auto (project quotas where the state dir's ext4/xfs enforces them, else tmpfs), project-quota (refuse to start without them) or tmpfs", func(v string) error {
 		m := writablelayer.Mechanism(v)
 		if !slices.Contains(writablelayer.Mechanisms, m) {
 			return fmt.Errorf("%q: use one of %v", v, writablelayer.Mechanisms)
 		}
-		o.writableLayer = m
+		o.WritableLayer = m
 		return nil
 	})
-	o.cache.AddFlags(fs)
+	o.Cache.AddFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -178,43 +158,43 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 	if err := o.logLevel.UnmarshalText([]byte(logLevel)); err != nil {
 		return nil, fmt.Errorf("--log-level: %w", err)
 	}
-	for _, dir := range []*string{&o.stateDir, &o.kubeletDir} {
+	for _, dir := range []*string{&o.StateDir, &o.KubeletDir} {
 		if !filepath.IsAbs(*dir) {
 			return nil, fmt.Errorf("%q must be an absolute path", *dir)
 		}
 	}
-	if o.publishDownloadBudget <= 0 {
+	if o.PublishDownloadBudget <= 0 {
 		return nil, fmt.Errorf("--publish-download-budget must be positive")
 	}
-	if o.gcInterval <= 0 {
+	if o.GCInterval <= 0 {
 		return nil, fmt.Errorf("--gc-interval must be positive")
 	}
-	if o.defaultWritableLayer > o.maxWritableLayer {
-		return nil, fmt.Errorf("--default-writable-layer=%s is above --max-writable-layer=%s", writablelayer.FormatBytes(o.defaultWritableLayer), writablelayer.FormatBytes(o.maxWritableLayer))
+	if o.DefaultWritableLayer > o.MaxWritableLayer {
+		return nil, fmt.Errorf("--default-writable-layer=%s is above --max-writable-layer=%s", writablelayer.FormatBytes(o.DefaultWritableLayer), writablelayer.FormatBytes(o.MaxWritableLayer))
 	}
-	o.cache.StoreDir = filepath.Join(o.stateDir, "store")
-	if o.endpoint == "" {
-		o.endpoint = "unix://" + filepath.Join(o.kubeletDir, "plugins", o.driverName, "csi.sock")
+	o.Cache.StoreDir = filepath.Join(o.StateDir, "store")
+	if o.Endpoint == "" {
+		o.Endpoint = "unix://" + filepath.Join(o.KubeletDir, "plugins", o.DriverName, "csi.sock")
 	}
-	if o.nodeID == "" {
+	if o.NodeID == "" {
 		host, err := os.Hostname()
 		if err != nil {
 			return nil, fmt.Errorf("--node-id not set and no host name: %w", err)
 		}
-		o.nodeID = host
+		o.NodeID = host
 	}
 
-	o.datadogSockets = map[string]string{}
+	o.DatadogSockets = map[string]string{}
 	if o.configFile != "" {
 		c, err := hostdir.LoadConfig(o.configFile)
 		if err != nil {
 			return nil, fmt.Errorf("--config %s: %w", o.configFile, err)
 		}
-		o.hostDirs = append(o.hostDirs, c.HostDirs...)
-		o.cache.AllowedRepositories = append(o.cache.AllowedRepositories, c.AllowedRepositories...)
-		o.cache.PullSecretScopes = append(o.cache.PullSecretScopes, c.PullSecretScopes...)
+		o.HostDirs = append(o.HostDirs, c.HostDirs...)
+		o.Cache.AllowedRepositories = append(o.Cache.AllowedRepositories, c.AllowedRepositories...)
+		o.Cache.PullSecretScopes = append(o.Cache.PullSecretScopes, c.PullSecretScopes...)
 		for typ, entry := range c.DatadogSockets {
-			o.datadogSockets[typ] = entry
+			o.DatadogSockets[typ] = entry
 		}
 	}
 	for _, v := range hostDirs.values {
@@ -222,7 +202,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 		if err != nil {
 			return nil, fmt.Errorf("--hostdir: %w", err)
 		}
-		o.hostDirs = append(o.hostDirs, e)
+		o.HostDirs = append(o.HostDirs, e)
 	}
 	// Flags override the config file's socket mapping.
 	for _, v := range sockets.values {
@@ -230,7 +210,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 		if err != nil {
 			return nil, fmt.Errorf("--datadog-socket-entry: %w", err)
 		}
-		o.datadogSockets[typ] = entry
+		o.DatadogSockets[typ] = entry
 	}
 	return o, nil
 }
