@@ -301,8 +301,8 @@ func TestRegistersWithKubeletOnlyAfterReconcile(t *testing.T) {
 	conn := dial(t, h.csiSocket)
 	h.node.reconcile = func(ctx context.Context) error {
 		_, during.probe = csi.NewIdentityClient(conn).Probe(ctx, &csi.ProbeRequest{})
-		during.healthz = httpStatus("http://"+h.addr("health")+"/healthz")
-		during.ready = httpStatus("http://"+h.addr("health")+"/readyz")
+		during.healthz = httpStatus("http://" + h.addr("health") + "/healthz")
+		during.ready = httpStatus("http://" + h.addr("health") + "/readyz")
 		_, during.regErr = os.Lstat(h.regSocket)
 		return nil
 	}
@@ -318,10 +318,10 @@ func TestRegistersWithKubeletOnlyAfterReconcile(t *testing.T) {
 	if err != nil || info.Name != "t.io" || info.Endpoint != h.csiSocket {
 		t.Fatalf("registration GetInfo = %+v, %v; want t.io at %s", info, err, h.csiSocket)
 	}
-	if got := httpStatus("http://"+h.addr("health")+"/readyz"); got != http.StatusOK {
+	if got := httpStatus("http://" + h.addr("health") + "/readyz"); got != http.StatusOK {
 		t.Fatalf("/readyz after the reconcile = %d, want 200", got)
 	}
-	if got := httpStatus("http://"+h.addr("metrics")+"/metrics"); got != http.StatusOK {
+	if got := httpStatus("http://" + h.addr("metrics") + "/metrics"); got != http.StatusOK {
 		t.Fatalf("/metrics = %d, want 200", got)
 	}
 
