@@ -484,3 +484,52 @@ func TestInvalidOptionsAreRefusedBeforeAnySocket(t *testing.T) {
 		})
 	}
 }
+
+// TestRunServesTheDriver runs the real driver and library cache (the store's own mount needs
+// root): the node id is served, the store is a mount while the plugin runs and is released
+// after it stops.
+func TestRunServesTheDriver(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the library store's own mount needs root")
+	}
+	h := newHarness(t)
+	h.opts.newNode = nil
+	h.opts.Cache.StoreDir = filepath.Join(h.opts.StateDir, "store")
+	r := h.start(t)
+	h.ev.waitFor(t, r, "listening registration")
+
+	if !isMountPoint(t, h.opts.Cache.StoreDir) {
+		t.Fatalf("the library store %s is not a mount of its own while the plugin runs", h.opts.Cache.StoreDir)
+	}
+	info, err := csi.NewNodeClient(dial(t, h.csiSocket)).NodeGetInfo(context.Background(), &csi.NodeGetInfoRequest{})
+	if err != nil || info.NodeId != "n1" {
+		t.Fatalf("NodeGetInfo = %v, %v; want node n1", info, err)
+	}
+	if got := httpStatus("http://" + h.addr("health") + "/readyz"); got != http.StatusOK {
+		t.Fatalf("/readyz = %d, want 200", got)
+	}
+	r.cancel()
+	if err := r.wait(); err != nil {
+		t.Fatalf("Run after cancel = %v, want nil", err)
+	}
+	noSocket(t, h.csiSocket)
+	noSocket(t, h.regSocket)
+	if isMountPoint(t, h.opts.Cache.StoreDir) {
+		t.Fatalf("the library store's own mount is left after the plugin stopped")
+	}
+}
+
+// isMountPoint reports whether dir is a mount point in this mount namespace.
+func isMountPoint(t *testing.T, dir string) bool {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
+			return true
+		}
+	}
+	return false
+}
