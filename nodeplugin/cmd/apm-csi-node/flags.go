@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -17,6 +16,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/plugin"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+	"github.com/apm-csi/apm-csi/shared/flagenv"
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
@@ -31,28 +31,9 @@ type options struct {
 	plugin.Options
 	configFile string
 	logLevel   slog.Level
-}
-
-// repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
-// above, their variables take several values separated by ';' or newlines.
-var repeatableCacheFlags = map[string]bool{"registry-mirror": true, "insecure-registry": true, "prefetch": true, "allowed-repository": true, "pull-secret-scope": true}
-
-// repeatable is a flag.Value that collects every occurrence.
-type repeatable struct{ values []string }
-
-func (r *repeatable) String() string { return strings.Join(r.values, ";") }
-func (r *repeatable) Set(v string) error {
-	r.values = append(r.values, v)
-	return nil
-}
-
-// setFromEnv is how a variable feeds a repeatable flag: one variable, several values.
-func (r *repeatable) setFromEnv(v string) {
-	for _, part := range strings.FieldsFunc(v, func(c rune) bool { return c == ';' || c == '\n' }) {
-		if part = strings.TrimSpace(part); part != "" {
-			r.values = append(r.values, part)
-		}
-	}
+	// What the flags hold before it is parsed and checked.
+	hostDirFlags, socketFlags flagenv.Strings
+	logLevelName              string
 }
 
 // sizeFlag parses a positive whole number of bytes written as a Kubernetes quantity.
@@ -75,31 +56,23 @@ func (f sizeFlag) Set(s string) error {
 	return nil
 }
 
-func envName(flagName string) string {
-	return envPrefix + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
-}
-
-// parseFlags reads args, then the environment for flags not given, then the config file.
-func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*options, error) {
-	o := &options{}
+// newFlagSet returns the node plugin's flags bound to o, with their defaults set.
+func newFlagSet(o *options) *flag.FlagSet {
 	fs := flag.NewFlagSet(names.NodeBinary, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var hostDirs, sockets repeatable
-	var logLevel string
 	fs.StringVar(&o.Endpoint, "endpoint", "", "CSI endpoint, unix:///path.sock (default unix://<kubelet-dir>/plugins/<driver-name>/csi.sock)")
 	fs.StringVar(&o.NodeID, "node-id", "", "node id reported to kubelet (default: the host name); set it from spec.nodeName")
 	fs.StringVar(&o.DriverName, "driver-name", names.DriverName, "CSI driver name")
 	fs.StringVar(&o.StateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state (records, overlay upper/work dirs); not on an overlayfs")
 	fs.StringVar(&o.KubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
-	fs.Var(&hostDirs, "hostdir", "allowlisted host path "+hostdir.FlagSyntax+"; namespaces (required; * for every namespace) and service-accounts say which pods may mount it; repeatable")
-	fs.Var(&sockets, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
+	fs.Var(&o.hostDirFlags, "hostdir", "allowlisted host path "+hostdir.FlagSyntax+"; namespaces (required; * for every namespace) and service-accounts say which pods may mount it; repeatable")
+	fs.Var(&o.socketFlags, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
 	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs, datadogSockets, allowedRepositories and pullSecretScopes, in addition to the flags")
 	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")
 	fs.StringVar(&o.HealthAddr, "health-addr", ":9850", "address of /healthz (calls Probe over the CSI socket) and /readyz; empty disables it")
 	fs.DurationVar(&o.PublishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on)")
 	fs.BoolVar(&o.KubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket; set false when a node-driver-registrar sidecar does it")
 	fs.DurationVar(&o.DrainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
-	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.logLevelName, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&o.GCInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
 	o.WritableLayer = writablelayer.Auto
 	o.DefaultWritableLayer, o.MaxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
@@ -117,45 +90,30 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 		return nil
 	})
 	o.Cache.AddFlags(fs)
+	return fs
+}
+
+// parseArgsAndEnv parses args, then sets the flags not given from their variables.
+func parseArgsAndEnv(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 	if err := fs.Parse(args); err != nil {
-		return nil, err
+		return err
 	}
 	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	return flagenv.Apply(fs, envPrefix, getenv)
+}
+
+// parseFlags reads args, then the environment for flags not given, then the config file.
+func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := newFlagSet(o)
+	fs.SetOutput(stderr)
+	if err := parseArgsAndEnv(fs, args, getenv); err != nil {
+		return nil, err
 	}
 
-	given := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		v := getenv(envName(f.Name))
-		if given[f.Name] || v == "" || envErr != nil {
-			return
-		}
-		if r, ok := f.Value.(*repeatable); ok {
-			r.setFromEnv(v)
-			return
-		}
-		if repeatableCacheFlags[f.Name] {
-			for _, part := range strings.FieldsFunc(v, func(c rune) bool { return c == ';' || c == '\n' }) {
-				if part = strings.TrimSpace(part); part == "" {
-					continue
-				} else if err := f.Value.Set(part); err != nil {
-					envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), v, err)
-					return
-				}
-			}
-			return
-		}
-		if err := f.Value.Set(v); err != nil {
-			envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), v, err)
-		}
-	})
-	if envErr != nil {
-		return nil, envErr
-	}
-
-	if err := o.logLevel.UnmarshalText([]byte(logLevel)); err != nil {
+	if err := o.logLevel.UnmarshalText([]byte(o.logLevelName)); err != nil {
 		return nil, fmt.Errorf("--log-level: %w", err)
 	}
 	for _, dir := range []*string{&o.StateDir, &o.KubeletDir} {
@@ -197,7 +155,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 			o.DatadogSockets[typ] = entry
 		}
 	}
-	for _, v := range hostDirs.values {
+	for _, v := range o.hostDirFlags {
 		e, err := hostdir.ParseEntry(v)
 		if err != nil {
 			return nil, fmt.Errorf("--hostdir: %w", err)
@@ -205,7 +163,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*o
 		o.HostDirs = append(o.HostDirs, e)
 	}
 	// Flags override the config file's socket mapping.
-	for _, v := range sockets.values {
+	for _, v := range o.socketFlags {
 		typ, entry, err := hostdir.ParseSocketMapping(v)
 		if err != nil {
 			return nil, fmt.Errorf("--datadog-socket-entry: %w", err)

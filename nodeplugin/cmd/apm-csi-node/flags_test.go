@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"io"
 	"log/slog"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+	"github.com/apm-csi/apm-csi/shared/flagenv"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
@@ -159,5 +161,38 @@ func TestParseFlags(t *testing.T) {
 			}
 			tt.check(t, o)
 		})
+	}
+}
+
+// TestNewRepeatableFlagIsReadFromTheEnvironment: a repeatable flag added to the flag set takes
+// several values from its variable with no other edit.
+func TestNewRepeatableFlagIsReadFromTheEnvironment(t *testing.T) {
+	fs := newFlagSet(&options{})
+	var added flagenv.Strings
+	fs.Var(&added, "added-list", "a new repeatable flag")
+	env := map[string]string{"APM_CSI_ADDED_LIST": "one;two\nthree", "APM_CSI_PREFETCH": "registry.example/a:1;registry.example/b:2"}
+	if err := parseArgsAndEnv(fs, nil, func(k string) string { return env[k] }); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual([]string(added), []string{"one", "two", "three"}) {
+		t.Fatalf("--added-list from APM_CSI_ADDED_LIST = %q, want [one two three]", added)
+	}
+}
+
+// TestRepeatableFlagsDeclareThemselves: a flag documented as repeatable has a value that says
+// so (flagenv.Repeatable), and only those do; otherwise its variable would be taken whole.
+func TestRepeatableFlagsDeclareThemselves(t *testing.T) {
+	n := 0
+	newFlagSet(&options{}).VisitAll(func(f *flag.Flag) {
+		documented := strings.Contains(f.Usage, "repeatable")
+		if flagenv.IsRepeatable(f) != documented {
+			t.Errorf("--%s: repeatable in its usage %t, its value declares itself repeatable %t", f.Name, documented, flagenv.IsRepeatable(f))
+		}
+		if documented {
+			n++
+		}
+	})
+	if n != 7 {
+		t.Errorf("%d repeatable flags, want 7 (hostdir, datadog-socket-entry and the cache's five)", n)
 	}
 }
