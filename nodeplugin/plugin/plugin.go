@@ -49,7 +49,8 @@ type Options struct {
 	// DrainTimeout bounds how long in-flight CSI calls may run on shutdown.
 	DrainTimeout time.Duration
 	// Cache configures the library cache; Logger and Registerer are filled by Run.
-	Cache      librarycache.Config
+	Cache librarycache.Config
+	// GCInterval is how often the library cache is garbage-collected; zero is one minute.
 	GCInterval time.Duration
 	// Writable layers of library volumes.
 	WritableLayer        writablelayer.Mechanism
@@ -106,6 +107,9 @@ func Run(ctx context.Context, o Options) error {
 	}
 	if o.listen == nil {
 		o.listen = listen
+	}
+	if o.GCInterval <= 0 {
+		o.GCInterval = time.Minute
 	}
 	log := o.Logger
 	hostDirs, err := hostdir.NewSet(o.HostDirs)
