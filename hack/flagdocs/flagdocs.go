@@ -43,9 +43,12 @@ func Table(fs *flag.FlagSet) string {
 		} else if d, err := time.ParseDuration(def); err == nil && d != 0 {
 			def = shortDuration(def)
 		}
-		if def == "" {
+		switch {
+		case def == "":
 			def = "none"
-		} else {
+		case strings.Contains(def, " "):
+			def = text(def) // words ("the host name") or a list
+		default:
 			def = code(def)
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", code(name), def, text(usage))

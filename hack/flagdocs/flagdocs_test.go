@@ -12,6 +12,7 @@ func TestTable(t *testing.T) {
 	fs.Duration("gc-interval", time.Hour, "how often | garbage is collected")
 	fs.String("endpoint", "", "CSI socket at <dir>/csi.sock (default unix://<dir>/csi.sock)")
 	fs.String("config", "", "YAML `FILE` with *everything*")
+	fs.String("node-id", "", "node id (default the host name)")
 	fs.Bool("keep", false, "keep layers")
 	fs.Int("per-registry", 0, "downloads per registry (default and at most: the total minus one)")
 	got := Table(fs)
@@ -20,6 +21,7 @@ func TestTable(t *testing.T) {
 		"| `--endpoint` | `unix://<dir>/csi.sock` | CSI socket at \\<dir\\>/csi.sock |\n" +
 		"| `--gc-interval` | `1h` | how often \\| garbage is collected |\n" +
 		"| `--keep` | `false` | keep layers |\n" +
+		"| `--node-id` | the host name | node id |\n" +
 		"| `--per-registry` | `0` | downloads per registry (default and at most: the total minus one) |\n"
 	if got != want {
 		t.Fatalf("Table:\n%s\nwant:\n%s", got, want)
