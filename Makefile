@@ -73,6 +73,12 @@ test-integration: deps ## Root-only tests under test/: real mounts, registry, cs
 	KUBEBUILDER_ASSETS="$$(hack/install-deps.sh)" KUBEBUILDER_ASSETS_MIN="$$(hack/install-deps.sh --apiserver-only $(K8S_MIN_VERSION))" \
 		go test -count=1 -p 1 -timeout 60m ./test/...
 
+##@ Docs
+
+.PHONY: docs
+docs: ## Regenerate the flag tables in README.md and docs/*.md from the binaries' flag sets.
+	UPDATE_FLAG_DOCS=1 go test -p 1 -count=1 -run '^TestFlagTablesMatchFlags$$' ./nodeplugin/cmd/apm-csi-node ./webhook/cmd/apm-csi-webhook
+
 ##@ Cleanup
 
 .PHONY: clean

@@ -20,6 +20,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/fdpath"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/keylock"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
@@ -50,7 +51,7 @@ type Config struct {
 	Mounter        mounter.Interface
 	// Libraries serves library layers and generated files. Nil: library and preload volumes
 	// fail with FailedPrecondition, hostdir volumes work.
-	Libraries LibraryStore
+	Libraries library.Store
 	// PublishDownloadBudget defaults to DefaultPublishDownloadBudget.
 	PublishDownloadBudget time.Duration
 	// WritableLayers creates the size-limited upper/work dirs of writable library volumes in

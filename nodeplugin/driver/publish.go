@@ -272,7 +272,7 @@ func finalLibraryError(err error) bool {
 	return true
 }
 
-// libraryError maps a LibraryStore error to the gRPC code kubelet acts on. Unavailable is
+// libraryError maps a library store error to the gRPC code kubelet acts on. Unavailable is
 // non-final: kubelet retries the publish, by which time a background download may be done.
 // The message says each fact once: this frame names the image and, for the codes kubelet
 // retries, says so; the store's error (never a registry's words) says what failed and what

@@ -34,14 +34,14 @@ func refusalTTL(err error) time.Duration {
 // addTrustFlags binds the flags that decide what the cache may pull and with which
 // credentials.
 func (c *Config) addTrustFlags(fs *flag.FlagSet) {
-	fs.Func("allowed-repository", "registry or repository prefix library images may come from (repeatable), matched on path components after name normalisation (docker.io is index.docker.io); default "+libref.DefaultRegistry+"; every --registry-mirror source is always allowed", func(s string) error {
+	repeatableFlag(fs, "allowed-repository", "registry or repository prefix library images may come from (repeatable), matched on path components after name normalisation (docker.io is index.docker.io); default "+libref.DefaultRegistry+"; every --registry-mirror source is always allowed", func(s string) error {
 		if _, err := repoallow.Normalize(s); err != nil {
 			return err
 		}
 		c.AllowedRepositories = append(c.AllowedRepositories, s)
 		return nil
 	})
-	fs.Func("pull-secret-scope", "SECRET=REPOSITORY_PREFIX[,...][@NAMESPACE[,...]]: send the pull secret mounted as <pull-secret-dir>/SECRET only to these repositories and only for pods of these namespaces (repeatable); secrets without a scope serve every namespace", func(s string) error {
+	repeatableFlag(fs, "pull-secret-scope", "SECRET=REPOSITORY_PREFIX[,...][@NAMESPACE[,...]]: send the pull secret mounted as <pull-secret-dir>/SECRET only to these repositories and only for pods of these namespaces (repeatable); secrets without a scope serve every namespace", func(s string) error {
 		sc, err := repoallow.ParseSecretScope(s)
 		if err != nil {
 			return err

@@ -180,7 +180,7 @@ func (m Mirror) rewrite(repo string) (string, bool) {
 // AddFlags binds the cache's flags to c, with the defaults set. StoreDir, Logger and
 // Registerer are the caller's to fill.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
-	fs.Func("registry-mirror", "SOURCE=MIRROR: pull images of the registry or repository prefix SOURCE from MIRROR first, falling back to SOURCE (repeatable), e.g. gcr.io/datadoghq=mirror.example:5000/datadoghq", func(s string) error {
+	repeatableFlag(fs, "registry-mirror", "SOURCE=MIRROR: pull images of the registry or repository prefix SOURCE from MIRROR first, falling back to SOURCE (repeatable), e.g. gcr.io/datadoghq=mirror.example:5000/datadoghq", func(s string) error {
 		m, err := ParseMirror(s)
 		if err != nil {
 			return err
@@ -189,7 +189,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 		return nil
 	})
 	fs.StringVar(&c.PullSecretDir, "pull-secret-dir", c.PullSecretDir, "directory of mounted kubernetes.io/dockerconfigjson secrets used to pull library images, in addition to the node's docker config")
-	fs.Func("insecure-registry", "HOST:PORT of a registry reached over plain HTTP (repeatable)", func(s string) error {
+	repeatableFlag(fs, "insecure-registry", "HOST:PORT of a registry reached over plain HTTP (repeatable)", func(s string) error {
 		if _, err := name.NewRegistry(s, name.StrictValidation); err != nil {
 			return fmt.Errorf("insecure registry %q: %v", s, err)
 		}
@@ -225,7 +225,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	})
 	c.MinDownloadRateWindow = orDefault(c.MinDownloadRateWindow, DefaultMinDownloadRateWindow)
 	fs.DurationVar(&c.MinDownloadRateWindow, "min-download-rate-window", c.MinDownloadRateWindow, "window over which --min-download-rate is measured")
-	fs.Func("prefetch", "image reference pulled at start so the first pod on a new node does not wait (repeatable)", func(s string) error {
+	repeatableFlag(fs, "prefetch", "image reference pulled at start so the first pod on a new node does not wait (repeatable)", func(s string) error {
 		if _, err := libref.Parse(s); err != nil {
 			return err
 		}
@@ -236,6 +236,18 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	c.DownloadTimeout = orDefault(c.DownloadTimeout, DefaultDownloadTimeout)
 	fs.DurationVar(&c.DownloadTimeout, "download-timeout", c.DownloadTimeout, "longest time one library download may take in the background")
 }
+
+// repeatableFlag defines a flag given once per value, like fs.Func. Its value declares itself
+// repeatable, so the command's environment parser (flagenv) splits one variable into values.
+func repeatableFlag(fs *flag.FlagSet, name, usage string, set func(string) error) {
+	fs.Var(repeatableFunc(set), name, usage)
+}
+
+type repeatableFunc func(string) error
+
+func (f repeatableFunc) Set(s string) error { return f(s) }
+func (repeatableFunc) String() string       { return "" }
+func (repeatableFunc) IsRepeatable() bool   { return true }
 
 // defaultPerRegistry leaves one download slot to other registries.
 func defaultPerRegistry(total int) int {

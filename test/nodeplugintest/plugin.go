@@ -25,6 +25,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/grpcserver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/test/testenv"
@@ -38,12 +39,12 @@ type Config struct {
 	NodeID string
 	// HostDirs is the administrator's hostdir allowlist; nil declares none.
 	HostDirs *hostdir.Set
-	// Libraries opens the driver's LibraryStore. Start calls it every time, so that a store
+	// Libraries opens the driver's library store. Start calls it every time, so that a store
 	// living as long as the process (the real library cache, which locks its directory) is
 	// opened afresh by each restart; Stop calls the close function it returns (nil: nothing
 	// to close). A fake that outlives restarts returns itself each time. Nil: no store, and
 	// library volumes fail.
-	Libraries func() (store driver.LibraryStore, closeStore func() error, err error)
+	Libraries func() (store library.Store, closeStore func() error, err error)
 	// PublishDownloadBudget is the driver's; zero takes the driver's default.
 	PublishDownloadBudget time.Duration
 	// DrainTimeout is how long Stop lets in-flight calls finish before cancelling them, as
@@ -140,7 +141,7 @@ func (p *Plugin) Start() {
 // checked in the background (driver.Start; <-p.Driver.Verified() waits for it).
 func (p *Plugin) StartReady() {
 	p.T.Helper()
-	var libraries driver.LibraryStore
+	var libraries library.Store
 	if p.Config.Libraries != nil {
 		store, closeStore, err := p.Config.Libraries()
 		if err != nil {

@@ -78,7 +78,7 @@ func (h *PodMutator) Handle(ctx context.Context, req ctrladmission.Request) (res
 	h.served.Store(true)
 	pod := &corev1.Pod{}
 	if err := json.Unmarshal(req.Object.Raw, pod); err != nil {
-		h.logger().Error("cannot decode pod; admitting it unchanged", "namespace", req.Namespace, "error", err)
+		h.logger().Error("cannot decode pod; admitting it unchanged", "namespace", req.Namespace, "err", err)
 		observe(mutation.Result{Outcome: mutation.OutcomeError}, time.Since(start))
 		return ctrladmission.Allowed("").WithWarnings("apm-csi: pod could not be decoded and was not instrumented")
 	}
@@ -138,7 +138,7 @@ func (h *PodMutator) respond(pod *corev1.Pod, res mutation.Result) ctrladmission
 			err = fmt.Errorf("%s", resp.Result.Message)
 		}
 	}
-	h.logger().Error("cannot build the patch; admitting the pod unchanged", "namespace", pod.Namespace, "pod", podName(pod), "error", err)
+	h.logger().Error("cannot build the patch; admitting the pod unchanged", "namespace", pod.Namespace, "pod", podName(pod), "err", err)
 	return ctrladmission.Allowed("").WithWarnings("apm-csi: internal error, pod not instrumented")
 }
 
@@ -162,7 +162,7 @@ func (h *PodMutator) namespace(ctx context.Context, name string) (*corev1.Namesp
 func (h *PodMutator) nodes(ctx context.Context) ([]corev1.Node, error) {
 	var list corev1.NodeList
 	if err := h.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
-		h.logger().Warn("cannot list nodes; image volumes count as unsupported", "error", err)
+		h.logger().Warn("cannot list nodes; image volumes count as unsupported", "err", err)
 		return nil, err
 	}
 	return list.Items, nil
@@ -174,7 +174,7 @@ func (h *PodMutator) driverInstalled(ctx context.Context, m *mutation.Mutator) b
 	name := m.Config().DriverName
 	err := h.Reader.Get(ctx, client.ObjectKey{Name: name}, &storagev1.CSIDriver{})
 	if err != nil && !apierrors.IsNotFound(err) {
-		h.logger().Warn("cannot read the CSIDriver; assuming it is not installed", "driver", name, "error", err)
+		h.logger().Warn("cannot read the CSIDriver; assuming it is not installed", "driver", name, "err", err)
 	}
 	return err == nil
 }

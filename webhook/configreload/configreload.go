@@ -155,7 +155,7 @@ func compatible(old, next *config.Config) error {
 func (s *Source) reject(ctx context.Context, data []byte, err error) {
 	reloadsTotal.WithLabelValues(resultRejected).Inc()
 	s.logger().Error("webhook configuration not reloaded; the previous one stays in force", "file", s.path,
-		"hash", s.Hash(), "error", err)
+		"hash", s.Hash(), "err", err)
 	if s.Client == nil || s.Pod.Name == "" {
 		return
 	}
@@ -179,7 +179,7 @@ func (s *Source) reject(ctx context.Context, data []byte, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := s.Client.Create(ctx, ev); err != nil && !apierrors.IsAlreadyExists(err) {
-		s.logger().Warn("cannot record the Event about the refused configuration", "error", err)
+		s.logger().Warn("cannot record the Event about the refused configuration", "err", err)
 	}
 }
 
@@ -221,7 +221,7 @@ func (s *Source) Start(ctx context.Context) error {
 			if !ok {
 				return errors.New("configuration watch closed")
 			}
-			s.logger().Warn("configuration watch error; the file is still read every interval", "error", err, "interval", interval)
+			s.logger().Warn("configuration watch error; the file is still read every interval", "err", err, "interval", interval)
 		case <-tick.C:
 			_ = s.Reload(ctx)
 		}

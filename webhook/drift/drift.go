@@ -141,7 +141,7 @@ func (r *Reconciler) podsOf(ctx context.Context, ns client.Object) []reconcile.R
 	var list metav1.PartialObjectMetadataList
 	list.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("PodList"))
 	if err := r.Client.List(ctx, &list, client.InNamespace(ns.GetName())); err != nil {
-		r.Log.Warn("cannot list the namespace's pods for the uninstrumented-pod check", "namespace", ns.GetName(), "error", err)
+		r.Log.Warn("cannot list the namespace's pods for the uninstrumented-pod check", "namespace", ns.GetName(), "err", err)
 		return nil
 	}
 	out := make([]reconcile.Request, 0, len(list.Items))
@@ -294,7 +294,7 @@ func (r *Reconciler) event(ctx context.Context, regarding corev1.ObjectReference
 		Regarding:           regarding,
 	}
 	if err := r.Client.Create(ctx, ev); err != nil && !apierrors.IsAlreadyExists(err) {
-		r.Log.Warn("cannot record an Event", "namespace", regarding.Namespace, "name", regarding.Name, "reason", reason, "error", err)
+		r.Log.Warn("cannot record an Event", "namespace", regarding.Namespace, "name", regarding.Name, "reason", reason, "err", err)
 	}
 }
 

@@ -96,7 +96,7 @@ func (r *Reconciler) refuse(ctx context.Context, pod *corev1.Pod, owner *ownerRe
 	note := fmt.Sprintf("apm-csi may not restart %s to instrument this pod: its service account lacks the rights (%s). Grant them with the Helm value webhook.drift.allowRestarts=true, or restart it yourself (kubectl rollout restart), or turn restarts off for this namespace with %s=false",
 		owner, trimForbidden(err), RestartAnnotation)
 	r.Log.Error("cannot restart the owner of an uninstrumented pod: forbidden", "namespace", pod.Namespace, "pod", pod.Name,
-		"owner", owner.String(), "error", err)
+		"owner", owner.String(), "err", err)
 	r.event(ctx, podRef(pod), eventName(pod.Name, "apm-csi-restart", string(pod.UID)), ReasonRestartRefused, "Restart", note)
 	// Rights may be granted later; look again at the next restart interval.
 	return reconcile.Result{RequeueAfter: r.interval()}, nil

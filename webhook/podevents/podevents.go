@@ -231,7 +231,7 @@ func (r *Recorder) Reconcile(ctx context.Context, req reconcile.Request) (reconc
 		return reconcile.Result{}, nil
 	}
 	eventsTotal.WithLabelValues(resultFailed).Inc()
-	r.Log.Warn("cannot record the pod's Event; retrying", "namespace", pod.Namespace, "pod", pod.Name, "reason", d.Reason, "error", err)
+	r.Log.Warn("cannot record the pod's Event; retrying", "namespace", pod.Namespace, "pod", pod.Name, "reason", d.Reason, "err", err)
 	// Retried with the queue's backoff while the pod is within the window.
 	return reconcile.Result{}, fmt.Errorf("record Event %s/%s: %w", ev.Namespace, ev.Name, err)
 }

@@ -52,7 +52,7 @@ func (s *ServerVersion) Start(ctx context.Context) error {
 		info, err := s.Discovery.ServerVersion()
 		switch {
 		case err != nil:
-			s.Log.Warn("cannot read the API server version; retrying", "error", err, "retryIn", versionRetry)
+			s.Log.Warn("cannot read the API server version; retrying", "err", err, "retryIn", versionRetry)
 			wait = versionRetry
 		default:
 			v := info.GitVersion

@@ -8,15 +8,15 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
-	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
+	"github.com/apm-csi/apm-csi/nodeplugin/plugin"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+	"github.com/apm-csi/apm-csi/shared/flagenv"
 	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
@@ -26,53 +26,14 @@ import (
 // command line wins over its variable.
 const envPrefix = "APM_CSI_"
 
+// options are the plugin's options plus what only the command uses.
 type options struct {
-	endpoint              string
-	nodeID                string
-	driverName            string
-	stateDir              string
-	kubeletDir            string
-	hostDirs              []hostdir.Entry
-	datadogSockets        map[string]string
-	configFile            string
-	metricsAddr           string
-	healthAddr            string
-	publishDownloadBudget time.Duration
-	kubeletRegistration   bool
-	drainTimeout          time.Duration
-	logLevel              slog.Level
-	cache                 librarycache.Config
-	gcInterval            time.Duration
-	// Writable layers of library volumes.
-	writableLayer        writablelayer.Mechanism
-	defaultWritableLayer int64
-	maxWritableLayer     int64
-	// keepWritableLayers keeps writable layers across node reboots (driver.Config).
-	keepWritableLayers bool
-	keptLayerGrace     time.Duration
-	maxKeptWritable    int64
-}
-
-// repeatableCacheFlags are the library cache's repeatable flags; like the repeatable flags
-// above, their variables take several values separated by ';' or newlines.
-var repeatableCacheFlags = map[string]bool{"registry-mirror": true, "insecure-registry": true, "prefetch": true, "allowed-repository": true, "pull-secret-scope": true}
-
-// repeatable is a flag.Value that collects every occurrence.
-type repeatable struct{ values []string }
-
-func (r *repeatable) String() string { return strings.Join(r.values, ";") }
-func (r *repeatable) Set(v string) error {
-	r.values = append(r.values, v)
-	return nil
-}
-
-// setFromEnv is how a variable feeds a repeatable flag: one variable, several values.
-func (r *repeatable) setFromEnv(v string) {
-	for _, part := range strings.FieldsFunc(v, func(c rune) bool { return c == ';' || c == '\n' }) {
-		if part = strings.TrimSpace(part); part != "" {
-			r.values = append(r.values, part)
-		}
-	}
+	plugin.Options
+	configFile string
+	logLevel   slog.Level
+	// What the flags hold before it is parsed and checked.
+	hostDirFlags, socketFlags flagenv.Strings
+	logLevelName              string
 }
 
 // sizeFlag parses a positive whole number of bytes written as a Kubernetes quantity.
@@ -95,142 +56,119 @@ func (f sizeFlag) Set(s string) error {
 	return nil
 }
 
-func envName(flagName string) string {
-	return envPrefix + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+// newFlagSet returns the node plugin's flags bound to o, with their defaults set.
+func newFlagSet(o *options) *flag.FlagSet {
+	fs := flag.NewFlagSet(names.NodeBinary, flag.ContinueOnError)
+	fs.StringVar(&o.Endpoint, "endpoint", "", "CSI socket, unix:///path.sock; a stale socket left by a previous run is removed at start, anything else at that path is refused (default unix://<kubelet-dir>/plugins/<driver-name>/csi.sock)")
+	fs.StringVar(&o.NodeID, "node-id", "", "node id reported to kubelet; set it from spec.nodeName (default the host name)")
+	fs.StringVar(&o.DriverName, "driver-name", names.DriverName, "CSI driver name")
+	fs.StringVar(&o.StateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state: volumes/journal (the records of published targets), store/ (the library cache, bind-mounted onto itself while the plugin runs), empty/ (the empty lower dir of read-only single-layer overlays, bind-mounted onto itself while the plugin runs) and overlays/ (per-volume upper/work dirs); must be a hostPath, not the container's overlay root filesystem")
+	fs.StringVar(&o.KubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory (k0s, microk8s... differ); volumes are only ever mounted, and targets only ever removed, at <kubelet-dir>/pods/<pod-uid>/volumes/kubernetes.io~csi/<volume>/mount, reached without following links")
+	fs.Var(&o.hostDirFlags, "hostdir", "allowlisted host directory or file `ENTRY`, written "+hostdir.FlagSyntax+" (repeatable; also hostdirs in --config): ro: always mounted read-only; create: a missing PATH is created as a directory at publish time; namespaces (required): the namespaces whose pods may mount it, or * for every namespace; service-accounts: only pods running as one of these; namespace-selector: a label selector the namespace must match, checked by the webhook at admission")
+	fs.Var(&o.socketFlags, "datadog-socket-entry", "which hostdir entry serves a Datadog socket volume type, `MAPPING` written TYPE=ENTRY; repeatable (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir)")
+	fs.StringVar(&o.configFile, "config", "", "YAML or JSON `FILE` with hostdirs, datadogSockets, allowedRepositories and pullSecretScopes, in addition to the flags; flags override its socket mapping, the lists add up")
+	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")
+	fs.StringVar(&o.HealthAddr, "health-addr", ":9850", "address of /healthz (calls Probe over the CSI socket, like the livenessprobe sidecar) and /readyz (ready once the start-up reconcile has read its records); empty disables it")
+	fs.DurationVar(&o.PublishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on in the background); kubelet's own deadline is about 2 minutes")
+	fs.BoolVar(&o.KubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket <kubelet-dir>/plugins_registry/<driver-name>-reg.sock; set false when a node-driver-registrar sidecar does it")
+	fs.DurationVar(&o.DrainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, once the kubelet registration socket is gone, how long in-flight CSI calls may run before they are cancelled")
+	fs.StringVar(&o.logLevelName, "log-level", "info", "debug, info, warn or error; logs are JSON on stderr")
+	fs.DurationVar(&o.GCInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
+	o.WritableLayer = writablelayer.Auto
+	o.DefaultWritableLayer, o.MaxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
+	fs.Var(sizeFlag{&o.DefaultWritableLayer}, "default-writable-layer", "size limit of a writable library volume's private layer (upper and work dir) when the volume sets no writableLimit attribute (a quantity such as 256Mi)")
+	fs.Var(sizeFlag{&o.MaxWritableLayer}, "max-writable-layer", "largest writableLimit a library volume may ask for (a quantity such as 1Gi); above it, publish fails with InvalidArgument naming both sizes and this flag")
+	fs.BoolVar(&o.KeepWritableLayers, "keep-writable-layers", false, "keep a writable library volume's layer (what the pod wrote) across node reboots while its pod may exist, and mount it again when kubelet publishes the volume again; needs project-quota writable layers, and every unpublish then syncs the state dir's filesystem")
+	fs.DurationVar(&o.KeptLayerGrace, "kept-writable-layer-grace", driver.DefaultKeptLayerGrace, "how long a kept writable layer stays after its pod's dir is gone from kubelet's pods dir (--keep-writable-layers)")
+	fs.Var(sizeFlag{&o.MaxKeptWritable}, "max-kept-writable-bytes", "with --keep-writable-layers: the most all kept writable layers (of volumes not mounted now) may take together (a quantity such as 10Gi); the oldest go first; 0: no bound beyond each volume's limit")
+	fs.Func("writable-layer-mechanism", "what enforces the writable layer limits: auto (project quotas where the state dir's ext4/xfs enforces them, else tmpfs), project-quota (refuse to start without them) or tmpfs (a size-limited tmpfs per volume) (default auto)", func(v string) error {
+		m := writablelayer.Mechanism(v)
+		if !slices.Contains(writablelayer.Mechanisms, m) {
+			return fmt.Errorf("%q: use one of %v", v, writablelayer.Mechanisms)
+		}
+		o.WritableLayer = m
+		return nil
+	})
+	o.Cache.AddFlags(fs)
+	return fs
+}
+
+// parseArgsAndEnv parses args, then sets the flags not given from their variables.
+func parseArgsAndEnv(fs *flag.FlagSet, args []string, getenv func(string) string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	return flagenv.Apply(fs, envPrefix, getenv)
 }
 
 // parseFlags reads args, then the environment for flags not given, then the config file.
 func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (*options, error) {
 	o := &options{}
-	fs := flag.NewFlagSet(names.NodeBinary, flag.ContinueOnError)
+	fs := newFlagSet(o)
 	fs.SetOutput(stderr)
-	var hostDirs, sockets repeatable
-	var logLevel string
-	fs.StringVar(&o.endpoint, "endpoint", "", "CSI endpoint, unix:///path.sock (default unix://<kubelet-dir>/plugins/<driver-name>/csi.sock)")
-	fs.StringVar(&o.nodeID, "node-id", "", "node id reported to kubelet (default: the host name); set it from spec.nodeName")
-	fs.StringVar(&o.driverName, "driver-name", names.DriverName, "CSI driver name")
-	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/apm-csi", "host directory for all plugin state (records, overlay upper/work dirs); not on an overlayfs")
-	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; volumes are only ever mounted under <kubelet-dir>/pods/")
-	fs.Var(&hostDirs, "hostdir", "allowlisted host path "+hostdir.FlagSyntax+"; namespaces (required; * for every namespace) and service-accounts say which pods may mount it; repeatable")
-	fs.Var(&sockets, "datadog-socket-entry", "map a Datadog socket volume type to a hostdir entry, TYPE=ENTRY (defaults APMSocket=apm-socket, DSDSocket=dsd-socket, APMSocketDirectory=apm-socket-dir, DSDSocketDirectory=dsd-socket-dir); repeatable")
-	fs.StringVar(&o.configFile, "config", "", "YAML or JSON file with hostdirs, datadogSockets, allowedRepositories and pullSecretScopes, in addition to the flags")
-	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9851", "address of the Prometheus /metrics endpoint; empty disables it")
-	fs.StringVar(&o.healthAddr, "health-addr", ":9850", "address of /healthz (calls Probe over the CSI socket) and /readyz; empty disables it")
-	fs.DurationVar(&o.publishDownloadBudget, "publish-download-budget", driver.DefaultPublishDownloadBudget, "how long NodePublishVolume waits for a library download before answering Unavailable (kubelet retries; the download goes on)")
-	fs.BoolVar(&o.kubeletRegistration, "kubelet-registration", true, "serve kubelet's plugin registration socket; set false when a node-driver-registrar sidecar does it")
-	fs.DurationVar(&o.drainTimeout, "drain-timeout", 25*time.Second, "on SIGTERM, how long in-flight CSI calls may run before they are cancelled")
-	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "how often the library cache is garbage-collected (libraries unused for --gc-grace-period are removed)")
-	o.writableLayer = writablelayer.Auto
-	o.defaultWritableLayer, o.maxWritableLayer = writablelayer.DefaultLimit, writablelayer.DefaultMaxLimit
-	fs.Var(sizeFlag{&o.defaultWritableLayer}, "default-writable-layer", "size limit of a writable library volume's private layer when the volume sets no writableLimit attribute (a quantity such as 256Mi)")
-	fs.Var(sizeFlag{&o.maxWritableLayer}, "max-writable-layer", "largest writableLimit a library volume may ask for (a quantity such as 1Gi); larger requests are refused with InvalidArgument")
-	fs.BoolVar(&o.keepWritableLayers, "keep-writable-layers", false, "keep a writable library volume's layer (what the pod wrote) across node reboots while its pod may exist, and mount it again when kubelet publishes the volume again; needs project-quota writable layers, and every unpublish then syncs the state dir's filesystem")
-	fs.DurationVar(&o.keptLayerGrace, "kept-writable-layer-grace", driver.DefaultKeptLayerGrace, "how long a kept writable layer stays after its pod's dir is gone from kubelet's pods dir (--keep-writable-layers)")
-	fs.Var(sizeFlag{&o.maxKeptWritable}, "max-kept-writable-bytes", "with --keep-writable-layers: the most all kept writable layers (of volumes not mounted now) may take together (a quantity such as 10Gi); the oldest go first; 0: no bound beyond each volume's limit")
-	fs.Func("writable-layer-mechanism", "what enforces the writable layer limits: auto (project quotas where the state dir's ext4/xfs enforces them, else tmpfs), project-quota (refuse to start without them) or tmpfs", func(v string) error {
-		m := writablelayer.Mechanism(v)
-		if !slices.Contains(writablelayer.Mechanisms, m) {
-			return fmt.Errorf("%q: use one of %v", v, writablelayer.Mechanisms)
-		}
-		o.writableLayer = m
-		return nil
-	})
-	o.cache.AddFlags(fs)
-	if err := fs.Parse(args); err != nil {
+	if err := parseArgsAndEnv(fs, args, getenv); err != nil {
 		return nil, err
 	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
 
-	given := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		v := getenv(envName(f.Name))
-		if given[f.Name] || v == "" || envErr != nil {
-			return
-		}
-		if r, ok := f.Value.(*repeatable); ok {
-			r.setFromEnv(v)
-			return
-		}
-		if repeatableCacheFlags[f.Name] {
-			for _, part := range strings.FieldsFunc(v, func(c rune) bool { return c == ';' || c == '\n' }) {
-				if part = strings.TrimSpace(part); part == "" {
-					continue
-				} else if err := f.Value.Set(part); err != nil {
-					envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), v, err)
-					return
-				}
-			}
-			return
-		}
-		if err := f.Value.Set(v); err != nil {
-			envErr = fmt.Errorf("%s=%q: %w", envName(f.Name), v, err)
-		}
-	})
-	if envErr != nil {
-		return nil, envErr
-	}
-
-	if err := o.logLevel.UnmarshalText([]byte(logLevel)); err != nil {
+	if err := o.logLevel.UnmarshalText([]byte(o.logLevelName)); err != nil {
 		return nil, fmt.Errorf("--log-level: %w", err)
 	}
-	for _, dir := range []*string{&o.stateDir, &o.kubeletDir} {
+	for _, dir := range []*string{&o.StateDir, &o.KubeletDir} {
 		if !filepath.IsAbs(*dir) {
 			return nil, fmt.Errorf("%q must be an absolute path", *dir)
 		}
 	}
-	if o.publishDownloadBudget <= 0 {
+	if o.PublishDownloadBudget <= 0 {
 		return nil, fmt.Errorf("--publish-download-budget must be positive")
 	}
-	if o.gcInterval <= 0 {
+	if o.GCInterval <= 0 {
 		return nil, fmt.Errorf("--gc-interval must be positive")
 	}
-	if o.defaultWritableLayer > o.maxWritableLayer {
-		return nil, fmt.Errorf("--default-writable-layer=%s is above --max-writable-layer=%s", writablelayer.FormatBytes(o.defaultWritableLayer), writablelayer.FormatBytes(o.maxWritableLayer))
+	if o.DefaultWritableLayer > o.MaxWritableLayer {
+		return nil, fmt.Errorf("--default-writable-layer=%s is above --max-writable-layer=%s", writablelayer.FormatBytes(o.DefaultWritableLayer), writablelayer.FormatBytes(o.MaxWritableLayer))
 	}
-	o.cache.StoreDir = filepath.Join(o.stateDir, "store")
-	if o.endpoint == "" {
-		o.endpoint = "unix://" + filepath.Join(o.kubeletDir, "plugins", o.driverName, "csi.sock")
+	o.Cache.StoreDir = filepath.Join(o.StateDir, "store")
+	if o.Endpoint == "" {
+		o.Endpoint = "unix://" + filepath.Join(o.KubeletDir, "plugins", o.DriverName, "csi.sock")
 	}
-	if o.nodeID == "" {
+	if o.NodeID == "" {
 		host, err := os.Hostname()
 		if err != nil {
 			return nil, fmt.Errorf("--node-id not set and no host name: %w", err)
 		}
-		o.nodeID = host
+		o.NodeID = host
 	}
 
-	o.datadogSockets = map[string]string{}
+	o.DatadogSockets = map[string]string{}
 	if o.configFile != "" {
 		c, err := hostdir.LoadConfig(o.configFile)
 		if err != nil {
 			return nil, fmt.Errorf("--config %s: %w", o.configFile, err)
 		}
-		o.hostDirs = append(o.hostDirs, c.HostDirs...)
-		o.cache.AllowedRepositories = append(o.cache.AllowedRepositories, c.AllowedRepositories...)
-		o.cache.PullSecretScopes = append(o.cache.PullSecretScopes, c.PullSecretScopes...)
+		o.HostDirs = append(o.HostDirs, c.HostDirs...)
+		o.Cache.AllowedRepositories = append(o.Cache.AllowedRepositories, c.AllowedRepositories...)
+		o.Cache.PullSecretScopes = append(o.Cache.PullSecretScopes, c.PullSecretScopes...)
 		for typ, entry := range c.DatadogSockets {
-			o.datadogSockets[typ] = entry
+			o.DatadogSockets[typ] = entry
 		}
 	}
-	for _, v := range hostDirs.values {
+	for _, v := range o.hostDirFlags {
 		e, err := hostdir.ParseEntry(v)
 		if err != nil {
 			return nil, fmt.Errorf("--hostdir: %w", err)
 		}
-		o.hostDirs = append(o.hostDirs, e)
+		o.HostDirs = append(o.HostDirs, e)
 	}
 	// Flags override the config file's socket mapping.
-	for _, v := range sockets.values {
+	for _, v := range o.socketFlags {
 		typ, entry, err := hostdir.ParseSocketMapping(v)
 		if err != nil {
 			return nil, fmt.Errorf("--datadog-socket-entry: %w", err)
 		}
-		o.datadogSockets[typ] = entry
+		o.DatadogSockets[typ] = entry
 	}
 	return o, nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"io"
 	"log/slog"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+	"github.com/apm-csi/apm-csi/shared/flagenv"
 	"github.com/apm-csi/apm-csi/shared/repoallow"
 )
 
@@ -32,8 +34,8 @@ func TestParseFlags(t *testing.T) {
 			name: "defaults",
 			args: []string{"--node-id", "n1"},
 			check: func(t *testing.T, o *options) {
-				if o.endpoint != "unix:///var/lib/kubelet/plugins/csi.apm-csi.io/csi.sock" || o.stateDir != "/var/lib/apm-csi" ||
-					o.kubeletDir != "/var/lib/kubelet" || !o.kubeletRegistration || o.publishDownloadBudget != time.Minute || o.logLevel != slog.LevelInfo {
+				if o.Endpoint != "unix:///var/lib/kubelet/plugins/csi.apm-csi.io/csi.sock" || o.StateDir != "/var/lib/apm-csi" ||
+					o.KubeletDir != "/var/lib/kubelet" || !o.KubeletRegistration || o.PublishDownloadBudget != time.Minute || o.logLevel != slog.LevelInfo {
 					t.Fatalf("defaults: %+v", o)
 				}
 			},
@@ -42,8 +44,8 @@ func TestParseFlags(t *testing.T) {
 			name: "endpoint follows kubelet dir and driver name",
 			args: []string{"--node-id", "n1", "--kubelet-dir", "/var/snap/microk8s/common/var/lib/kubelet", "--driver-name", "csi.example.io"},
 			check: func(t *testing.T, o *options) {
-				if o.endpoint != "unix:///var/snap/microk8s/common/var/lib/kubelet/plugins/csi.example.io/csi.sock" {
-					t.Fatalf("endpoint %s", o.endpoint)
+				if o.Endpoint != "unix:///var/snap/microk8s/common/var/lib/kubelet/plugins/csi.example.io/csi.sock" {
+					t.Fatalf("endpoint %s", o.Endpoint)
 				}
 			},
 		},
@@ -62,16 +64,16 @@ func TestParseFlags(t *testing.T) {
 			check: func(t *testing.T, o *options) {
 				want := []hostdir.Entry{{Name: "a", Path: "/a", Namespaces: []string{"*"}}, {Name: "b", Path: "/b", ReadOnly: true, Namespaces: []string{"x", "y"}},
 					{Name: "c", Path: "/c", Create: true, Namespaces: []string{"z"}, ServiceAccounts: []string{"z/w"}}}
-				if o.nodeID != "from-env" || o.stateDir != "/state" || !reflect.DeepEqual(o.hostDirs, want) ||
-					o.publishDownloadBudget != 30*time.Second || o.kubeletRegistration || o.datadogSockets["APMSocket"] != "a" {
+				if o.NodeID != "from-env" || o.StateDir != "/state" || !reflect.DeepEqual(o.HostDirs, want) ||
+					o.PublishDownloadBudget != 30*time.Second || o.KubeletRegistration || o.DatadogSockets["APMSocket"] != "a" {
 					t.Fatalf("from env: %+v", o)
 				}
-				if !reflect.DeepEqual(o.cache.AllowedRepositories, []string{"gcr.io/datadoghq", "registry.example:5000/team"}) {
-					t.Fatalf("allowed repositories from env: %q", o.cache.AllowedRepositories)
+				if !reflect.DeepEqual(o.Cache.AllowedRepositories, []string{"gcr.io/datadoghq", "registry.example:5000/team"}) {
+					t.Fatalf("allowed repositories from env: %q", o.Cache.AllowedRepositories)
 				}
 				want2 := []repoallow.SecretScope{{Secret: "team", Repositories: []string{"registry.example:5000/team"}, Namespaces: []string{"ns-a", "ns-b"}}}
-				if !reflect.DeepEqual(o.cache.PullSecretScopes, want2) {
-					t.Fatalf("pull secret scopes from env: %+v", o.cache.PullSecretScopes)
+				if !reflect.DeepEqual(o.Cache.PullSecretScopes, want2) {
+					t.Fatalf("pull secret scopes from env: %+v", o.Cache.PullSecretScopes)
 				}
 			},
 		},
@@ -80,7 +82,7 @@ func TestParseFlags(t *testing.T) {
 			args: []string{"--node-id", "from-flag", "--hostdir", "x=/x,namespaces=*"},
 			env:  map[string]string{"APM_CSI_NODE_ID": "from-env", "APM_CSI_HOSTDIR": "a=/a,namespaces=*"},
 			check: func(t *testing.T, o *options) {
-				if o.nodeID != "from-flag" || len(o.hostDirs) != 1 || o.hostDirs[0].Name != "x" {
+				if o.NodeID != "from-flag" || len(o.HostDirs) != 1 || o.HostDirs[0].Name != "x" {
 					t.Fatalf("precedence: %+v", o)
 				}
 			},
@@ -89,14 +91,14 @@ func TestParseFlags(t *testing.T) {
 			name: "config file plus flags",
 			args: []string{"--node-id", "n", "--config", config, "--hostdir", "flag=/f,namespaces=*", "--datadog-socket-entry", "DSDSocket=flag"},
 			check: func(t *testing.T, o *options) {
-				if len(o.hostDirs) != 2 || o.hostDirs[0].Name != "from-file" || o.hostDirs[1].Name != "flag" {
-					t.Fatalf("hostdirs %+v", o.hostDirs)
+				if len(o.HostDirs) != 2 || o.HostDirs[0].Name != "from-file" || o.HostDirs[1].Name != "flag" {
+					t.Fatalf("hostdirs %+v", o.HostDirs)
 				}
-				if o.datadogSockets["APMSocket"] != "from-file" || o.datadogSockets["DSDSocket"] != "flag" {
-					t.Fatalf("flags must override the file's socket mapping: %v", o.datadogSockets)
+				if o.DatadogSockets["APMSocket"] != "from-file" || o.DatadogSockets["DSDSocket"] != "flag" {
+					t.Fatalf("flags must override the file's socket mapping: %v", o.DatadogSockets)
 				}
-				if !reflect.DeepEqual(o.cache.AllowedRepositories, []string{"registry.example/from-file"}) || len(o.cache.PullSecretScopes) != 1 || o.cache.PullSecretScopes[0].Namespaces[0] != "team-a" {
-					t.Fatalf("config file trust settings: %q %+v", o.cache.AllowedRepositories, o.cache.PullSecretScopes)
+				if !reflect.DeepEqual(o.Cache.AllowedRepositories, []string{"registry.example/from-file"}) || len(o.Cache.PullSecretScopes) != 1 || o.Cache.PullSecretScopes[0].Namespaces[0] != "team-a" {
+					t.Fatalf("config file trust settings: %q %+v", o.Cache.AllowedRepositories, o.Cache.PullSecretScopes)
 				}
 			},
 		},
@@ -104,8 +106,8 @@ func TestParseFlags(t *testing.T) {
 			name: "writable layer defaults",
 			args: []string{"--node-id", "n"},
 			check: func(t *testing.T, o *options) {
-				if o.writableLayer != writablelayer.Auto || o.defaultWritableLayer != 256<<20 || o.maxWritableLayer != 1<<30 {
-					t.Fatalf("writable layer: %s %d %d", o.writableLayer, o.defaultWritableLayer, o.maxWritableLayer)
+				if o.WritableLayer != writablelayer.Auto || o.DefaultWritableLayer != 256<<20 || o.MaxWritableLayer != 1<<30 {
+					t.Fatalf("writable layer: %s %d %d", o.WritableLayer, o.DefaultWritableLayer, o.MaxWritableLayer)
 				}
 			},
 		},
@@ -114,8 +116,8 @@ func TestParseFlags(t *testing.T) {
 			args: []string{"--node-id", "n", "--max-writable-layer", "2Gi", "--writable-layer-mechanism", "tmpfs"},
 			env:  map[string]string{"APM_CSI_DEFAULT_WRITABLE_LAYER": "64Mi"},
 			check: func(t *testing.T, o *options) {
-				if o.writableLayer != writablelayer.Tmpfs || o.defaultWritableLayer != 64<<20 || o.maxWritableLayer != 2<<30 {
-					t.Fatalf("writable layer: %s %d %d", o.writableLayer, o.defaultWritableLayer, o.maxWritableLayer)
+				if o.WritableLayer != writablelayer.Tmpfs || o.DefaultWritableLayer != 64<<20 || o.MaxWritableLayer != 2<<30 {
+					t.Fatalf("writable layer: %s %d %d", o.WritableLayer, o.DefaultWritableLayer, o.MaxWritableLayer)
 				}
 			},
 		},
@@ -123,8 +125,8 @@ func TestParseFlags(t *testing.T) {
 			name: "kept writable layers",
 			args: []string{"--node-id", "n", "--keep-writable-layers", "--kept-writable-layer-grace", "30m", "--max-kept-writable-bytes", "10Gi"},
 			check: func(t *testing.T, o *options) {
-				if !o.keepWritableLayers || o.keptLayerGrace != 30*time.Minute || o.maxKeptWritable != 10<<30 {
-					t.Fatalf("kept writable layers: %t %s %d", o.keepWritableLayers, o.keptLayerGrace, o.maxKeptWritable)
+				if !o.KeepWritableLayers || o.KeptLayerGrace != 30*time.Minute || o.MaxKeptWritable != 10<<30 {
+					t.Fatalf("kept writable layers: %t %s %d", o.KeepWritableLayers, o.KeptLayerGrace, o.MaxKeptWritable)
 				}
 			},
 		},
@@ -159,5 +161,38 @@ func TestParseFlags(t *testing.T) {
 			}
 			tt.check(t, o)
 		})
+	}
+}
+
+// TestNewRepeatableFlagIsReadFromTheEnvironment: a repeatable flag added to the flag set takes
+// several values from its variable with no other edit.
+func TestNewRepeatableFlagIsReadFromTheEnvironment(t *testing.T) {
+	fs := newFlagSet(&options{})
+	var added flagenv.Strings
+	fs.Var(&added, "added-list", "a new repeatable flag")
+	env := map[string]string{"APM_CSI_ADDED_LIST": "one;two\nthree", "APM_CSI_PREFETCH": "registry.example/a:1;registry.example/b:2"}
+	if err := parseArgsAndEnv(fs, nil, func(k string) string { return env[k] }); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual([]string(added), []string{"one", "two", "three"}) {
+		t.Fatalf("--added-list from APM_CSI_ADDED_LIST = %q, want [one two three]", added)
+	}
+}
+
+// TestRepeatableFlagsDeclareThemselves: a flag documented as repeatable has a value that says
+// so (flagenv.Repeatable), and only those do; otherwise its variable would be taken whole.
+func TestRepeatableFlagsDeclareThemselves(t *testing.T) {
+	n := 0
+	newFlagSet(&options{}).VisitAll(func(f *flag.Flag) {
+		documented := strings.Contains(f.Usage, "repeatable")
+		if flagenv.IsRepeatable(f) != documented {
+			t.Errorf("--%s: repeatable in its usage %t, its value declares itself repeatable %t", f.Name, documented, flagenv.IsRepeatable(f))
+		}
+		if documented {
+			n++
+		}
+	})
+	if n != 7 {
+		t.Errorf("%d repeatable flags, want 7 (hostdir, datadog-socket-entry and the cache's five)", n)
 	}
 }

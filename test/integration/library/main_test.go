@@ -21,7 +21,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
+	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
@@ -91,7 +91,7 @@ func startPlugin(t testing.TB, opts options) *plugin {
 
 // openCache opens and starts the library cache over the plugin's store, as main.go does
 // before it creates the driver; the plugin closes it when it stops (releasing its lock).
-func (p *plugin) openCache() (driver.LibraryStore, func() error, error) {
+func (p *plugin) openCache() (library.Store, func() error, error) {
 	allowed, insecure := p.opts.trust.AllowedRepositories, p.opts.trust.InsecureRegistries
 	if p.opts.registry != nil {
 		allowed = append([]string{p.opts.registry.Addr()}, allowed...)

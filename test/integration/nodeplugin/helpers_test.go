@@ -16,7 +16,6 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/apm-csi/apm-csi/nodeplugin/driver"
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -122,6 +121,6 @@ func newPlugin(t testing.TB) *plugin {
 	}
 	np.Config.HostDirs = hosts
 	// The fake keeps its content across restarts, as the cache's store does on disk.
-	np.Config.Libraries = func() (driver.LibraryStore, func() error, error) { return p.store, nil, nil }
+	np.Config.Libraries = func() (library.Store, func() error, error) { return p.store, nil, nil }
 	return p
 }

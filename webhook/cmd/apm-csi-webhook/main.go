@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -24,7 +25,6 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
-	"github.com/apm-csi/apm-csi/shared/names"
 	"github.com/apm-csi/apm-csi/shared/version"
 	"github.com/apm-csi/apm-csi/webhook/certs"
 	"github.com/apm-csi/apm-csi/webhook/config"
@@ -33,79 +33,27 @@ import (
 	"github.com/apm-csi/apm-csi/webhook/server"
 )
 
-// Certificate modes.
-const (
-	// certModeFiles serves whatever certificate is mounted in --cert-dir (cert-manager's
-	// Secret, typically) and reloads it when it changes.
-	certModeFiles = "cert-manager"
-	// certModeSelfManaged creates and renews the certificate itself (package certs).
-	certModeSelfManaged = "self-managed"
-)
-
-type flags struct {
-	configFile        string
-	namespace         string
-	host              string
-	port              int
-	certDir           string
-	certMode          string
-	clientCA          string
-	secretName        string
-	serviceName       string
-	webhookConfigName string
-	metricsAddr       string
-	probeAddr         string
-	logLevel          string
-	shutdownTimeout   time.Duration
-	bootstrapTimeout  time.Duration
-	eventWindow       time.Duration
-}
-
-func parseFlags() flags {
-	var f flags
-	namespace := os.Getenv("POD_NAMESPACE")
-	if namespace == "" {
-		namespace = names.SystemNamespace
-	}
-	flag.StringVar(&f.configFile, "config", "", "Configuration file (YAML, see docs/webhook.md); empty uses the defaults. Reloaded when it changes; an invalid new version is refused and the previous one stays.")
-	flag.StringVar(&f.namespace, "namespace", namespace, "Namespace the webhook runs in (never mutated; holds the self-managed Secret). Default $POD_NAMESPACE.")
-	flag.StringVar(&f.host, "webhook-host", "", "Address the webhook server listens on; empty is every address.")
-	flag.IntVar(&f.port, "webhook-port", 9443, "Port of the webhook server.")
-	flag.StringVar(&f.certDir, "cert-dir", filepath.Join(os.TempDir(), "k8s-webhook-server", "serving-certs"), "Directory holding tls.crt and tls.key; reloaded when they change.")
-	flag.StringVar(&f.certMode, "cert-mode", certModeFiles, "cert-manager: serve the certificate mounted in --cert-dir. self-managed: create a CA and serving certificate in --secret-name, write them to --cert-dir, set the caBundle and renew them.")
-	flag.StringVar(&f.clientCA, "client-ca", "", "PEM file of the CA that signs the API server's webhook client certificate; when set, callers without such a certificate are refused. Empty: callers are not authenticated.")
-	flag.StringVar(&f.secretName, "secret-name", "apm-csi-webhook-tls", "Secret of the self-managed certificate.")
-	flag.StringVar(&f.serviceName, "service-name", names.WebhookBinary, "Service in front of the webhook (names in the self-managed certificate).")
-	flag.StringVar(&f.webhookConfigName, "webhook-config-name", names.WebhookBinary, "MutatingWebhookConfiguration whose caBundle the self-managed mode sets.")
-	flag.StringVar(&f.metricsAddr, "metrics-bind-address", ":8080", "Address of the Prometheus metrics endpoint; 0 disables it.")
-	flag.StringVar(&f.probeAddr, "health-probe-bind-address", ":8081", "Address of /healthz and /readyz.")
-	flag.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error.")
-	flag.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "How long in-flight admission requests may take to finish on shutdown.")
-	flag.DurationVar(&f.bootstrapTimeout, "bootstrap-timeout", 2*time.Minute, "How long the self-managed mode retries creating the first certificate.")
-	flag.DurationVar(&f.eventWindow, "event-window", podevents.DefaultWindow, "A pod gets its Event only if the webhook sees it within this time of its creation; keep it below the API server's --event-ttl (default 1h), or a restart may report a pod twice.")
-	flag.Parse()
-	return f
-}
-
 func main() {
-	f := parseFlags()
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
-		fmt.Fprintf(os.Stderr, "--log-level: %v\n", err)
+	f, err := parseFlags(os.Args[1:], os.Getenv, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "apm-csi-webhook:", err)
 		os.Exit(2)
 	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: f.logLevel}))
 	slog.SetDefault(log)
 	ctrl.SetLogger(logr.FromSlogHandler(log.Handler()))
 	klog.SetLogger(logr.FromSlogHandler(log.Handler()))
 
 	if err := run(f, log); err != nil {
-		log.Error("apm-csi-webhook failed", "error", err)
+		log.Error("apm-csi-webhook failed", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(f flags, log *slog.Logger) error {
+func run(f *options, log *slog.Logger) error {
 	if f.eventWindow <= 0 {
 		return fmt.Errorf("--event-window %s: must be positive (it bounds which pods get an Event after a restart)", f.eventWindow)
 	}
@@ -218,7 +166,7 @@ func bootstrap(ctx context.Context, s *certs.SelfManaged, timeout time.Duration,
 		if err == nil {
 			return nil
 		}
-		log.Warn("self-managed certificate not ready; retrying", "error", err, "retryIn", delay)
+		log.Warn("self-managed certificate not ready; retrying", "err", err, "retryIn", delay)
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("self-managed certificate: %w (last error: %v)", ctx.Err(), err)
