@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -41,6 +42,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -170,25 +172,14 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 
 	// Ready: the server is up and its informers synced under the rendered RBAC.
 	readyz := fmt.Sprintf("http://127.0.0.1:%d/readyz", healthPort)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		resp, err := http.Get(readyz)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
+	eventually.Require(t, ctx, time.Minute, 250*time.Millisecond, "the webhook's /readyz to answer 200", func(context.Context) error {
 		select {
 		case err := <-exited:
-			t.Fatalf("the webhook exited before it was ready: %v", err)
+			return eventually.Stop(fmt.Errorf("the webhook exited before it was ready: %v", err))
 		default:
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the webhook is not ready after 60s (last: %v)", err)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
+		return httpOK(readyz)
+	})
 
 	if mode == "self-managed" {
 		secretName := FlagValue(t, in.WebhookCont, "secret-name", "apm-csi-webhook-tls")
@@ -232,16 +223,18 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 	if err := admin.Create(ctx, stored); err != nil {
 		t.Fatalf("store the mutated pod: %v", err)
 	}
-	eventSeen := false
-	for end := time.Now().Add(20 * time.Second); time.Now().Before(end) && !eventSeen; time.Sleep(250 * time.Millisecond) {
+	err = eventually.Wait(ctx, 20*time.Second, 250*time.Millisecond, "an Event about pod shop/"+stored.Name, func(ctx context.Context) error {
 		list := &eventsv1.EventList{}
 		if err := admin.List(ctx, list, client.InNamespace("shop")); err != nil {
-			t.Fatal(err)
+			return eventually.Stop(err)
 		}
-		eventSeen = slices.ContainsFunc(list.Items, func(e eventsv1.Event) bool { return e.Regarding.UID == stored.UID })
-	}
-	if !eventSeen {
-		t.Errorf("no Event recorded about pod shop/%s (pods list/watch and events.k8s.io create rights?)", stored.Name)
+		if !slices.ContainsFunc(list.Items, func(e eventsv1.Event) bool { return e.Regarding.UID == stored.UID }) {
+			return fmt.Errorf("%d Events in namespace shop, none about the pod", len(list.Items))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("%v (pods list/watch and events.k8s.io create rights?)", err)
 	}
 	if strings.Contains(logs.String(), "forbidden") {
 		t.Errorf("the webhook logged a forbidden request: its RBAC is missing a rule")
@@ -417,4 +410,19 @@ func postReview(t *testing.T, port int, review *admissionv1.AdmissionReview) *ad
 		t.Fatalf("admission response (HTTP %d): %v", resp.StatusCode, err)
 	}
 	return out.Response
+}
+
+// httpOK is nil when GET url answers 200 and otherwise describes the answer.
+func httpOK(url string) error {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("GET %s = %s %s", url, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return nil
 }
