@@ -172,7 +172,8 @@ demo-down: ## Remove everything `make demo` started: cluster processes, pods, mo
 	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
 	$(BIN)/localcluster down -root $(CLUSTER_ROOT) -purge
 
-# E2E_RUN selects scenarios, e.g. E2E_RUN='TestEndToEnd/^7' (default: all, and the cluster smoke test).
+# E2E_RUN selects scenarios by subtest name, spaces as underscores, e.g.
+# E2E_RUN='TestEndToEnd/registry_down' (default: all, and the cluster smoke test).
 E2E_RUN ?= .
 
 .PHONY: test-e2e
