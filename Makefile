@@ -51,10 +51,17 @@ deps: ## Install Debian packages and build/cache the Kubernetes binaries and con
 	@hack/install-deps.sh --apiserver-only $(K8S_MIN_VERSION) >/dev/null
 
 .PHONY: lint
-lint: ## gofmt and go vet.
+lint: lint-go lint-shell ## Every linter: Go (gofmt, go vet) and shell scripts (shellcheck).
+
+.PHONY: lint-go
+lint-go: ## gofmt and go vet.
 	@out="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"; \
 		if [[ -n "$$out" ]]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 	go vet ./...
+
+.PHONY: lint-shell
+lint-shell: ## shellcheck on hack/*.sh and .ci/run (installs Debian's shellcheck when missing).
+	@hack/shellcheck.sh
 
 .PHONY: test-unit
 test-unit: ## Fast unit tests (no root needed).
@@ -171,7 +178,8 @@ demo-down: ## Remove everything `make demo` started: cluster processes, pods, mo
 	go build -o $(BIN)/localcluster ./test/localcluster/cmd/localcluster
 	$(BIN)/localcluster down -root $(CLUSTER_ROOT) -purge
 
-# E2E_RUN selects scenarios, e.g. E2E_RUN='TestEndToEnd/^7' (default: all, and the cluster smoke test).
+# E2E_RUN selects scenarios by subtest name, spaces as underscores, e.g.
+# E2E_RUN='TestEndToEnd/registry_down' (default: all, and the cluster smoke test).
 E2E_RUN ?= .
 
 .PHONY: test-e2e

@@ -70,7 +70,7 @@ cp -r "$src/controller" "$src/webhook" "$src/cainjector" "$work/"
 	# The chart's version fields are placeholders that cert-manager's release tooling fills in.
 	sed -i "s/^version: .*/version: v$version/; s/^appVersion: .*/appVersion: v$version/" "$dir/chart.tmp/Chart.yaml"
 )
-rm -rf "$dir/bin" "$dir/chart"
+rm -rf "${dir:?}/bin" "${dir:?}/chart"
 mv "$dir/bin.tmp" "$dir/bin"
 mv "$dir/chart.tmp" "$dir/chart"
 echo "built cert-manager v$version in $((SECONDS - start)) s" >&2

@@ -17,7 +17,7 @@ import (
 )
 
 // The Dockerfiles cannot be built here (no Docker engine, no registry). These checks read them
-// for what the issue requires: multi-stage, static (CGO off), cross-compiled for
+// for what the images require: multi-stage, static (CGO off), cross-compiled for
 // TARGETOS/TARGETARCH on the build platform, pinned base images, OCI labels, a non-root user
 // for the webhook, an entrypoint that is the binary the manifests expect, and a build of the
 // package that exists in this tree.

@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net/http"
 	"os"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -134,26 +136,15 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 
 		for _, path := range []string{"/readyz", "/healthz"} {
 			url := fmt.Sprintf("http://127.0.0.1:%d%s", healthPort, path)
-			deadline := time.Now().Add(30 * time.Second)
-			for {
-				resp, err := http.Get(url)
-				if err == nil {
-					resp.Body.Close()
-					if resp.StatusCode == http.StatusOK {
-						break
-					}
-				}
+			eventually.Require(t, t.Context(), 30*time.Second, 200*time.Millisecond, "the node plugin's "+path+" to answer 200", func(context.Context) error {
 				select {
 				case err := <-exited:
 					stopped = true
-					t.Fatalf("the node plugin exited: %v", err)
+					return eventually.Stop(fmt.Errorf("the node plugin exited: %v", err))
 				default:
 				}
-				if time.Now().After(deadline) {
-					t.Fatalf("%s not OK after 30s (last: %v)", path, err)
-				}
-				time.Sleep(200 * time.Millisecond)
-			}
+				return httpOK(url)
+			})
 		}
 		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort)); err != nil || resp.StatusCode != http.StatusOK {
 			t.Errorf("metrics endpoint: %v", err)

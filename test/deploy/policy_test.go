@@ -16,7 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
-// Checks on the rendered objects: the properties the issue names (the webhook never selects
+// Checks on the rendered objects: the security properties of the deployment (the webhook never selects
 // its own namespace or kube-system; the node plugin mounts kubelet's pods dir with
 // Bidirectional propagation; the webhook runs as non-root with a read-only root filesystem;
 // images are pinned) and the wiring that a dry run cannot see (a Service that selects no pod,

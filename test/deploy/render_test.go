@@ -69,7 +69,7 @@ func (v Variant) kubeVersion() string {
 	return KubeVersion
 }
 
-// Required variants: the list. Discovery below adds every other overlay and values
+// Required variants: the documented deployment variants. Discovery below adds every other overlay and values
 // file, so a new one is validated without editing this file, and removing one of these fails.
 var (
 	requiredOverlays = []string{"cert-manager", "self-managed", "sidecars", "datadog-csi-driver"}

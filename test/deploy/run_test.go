@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -41,6 +42,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -65,6 +67,9 @@ func TestWebhookRunsWithRenderedRBAC(t *testing.T) {
 	}
 }
 
+// runWebhookVariant installs one variant into a fresh API server and runs the webhook as the
+// variant's ServiceAccount. Each step is a subtest named by what it shows; when a step the later
+// ones build on fails (the install, the webhook becoming ready), the variant ends there.
 func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -74,37 +79,14 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 		t.Fatal(err)
 	}
 
-	// Install for real, the way the documentation says: `helm install` or `kubectl apply -k`.
 	ns := in.Webhook.Namespace
 	dir := t.TempDir()
-	adminConfig := kubeconfig(t, cfg, "", "", dir, "admin")
-	kenv := []string{"KUBECONFIG=" + adminConfig}
-	if v.Helm {
-		args := []string{"install", "apm-csi", chartDir, "--namespace", v.Namespace, "--create-namespace"}
-		if v.Values != "" {
-			args = append(args, "--values", v.Values)
-		}
-		out, err := runEnv(t, kenv, helm(t), args...)
-		if err != nil {
-			t.Fatalf("helm install: %v", err)
-		}
-		// The release notes tell the user how to label a namespace and check a pod.
-		for _, want := range []string{"kubectl label namespace", "injection-status", "kubectl -n " + ns + " get daemonset,deployment"} {
-			if !strings.Contains(string(out), want) {
-				t.Errorf("helm install output lacks %q:\n%s", want, out)
-			}
-		}
-	} else {
-		if out, err := runEnv(t, kenv, kubectl(t), "apply", "-k", v.Kustomize); err != nil {
-			t.Fatalf("kubectl apply -k: %v\n%s", err, out)
-		}
+	if !testenv.Step(t, "installs with the documented command", func(t *testing.T) {
+		installDocumented(ctx, t, admin, cfg, dir, v, in)
+	}) {
+		return
 	}
-	for _, o := range in.Objs {
-		got := o.DeepCopy()
-		if err := admin.Get(ctx, client.ObjectKeyFromObject(o), got); err != nil {
-			t.Errorf("%s was not installed: %v", describe(o), err)
-		}
-	}
+
 	// A namespace where SSI is on, for the admission request below.
 	ssiLabel := webhookConfig(t, in).SSINamespaceLabel
 	mustCreate(ctx, t, admin, nsObject("shop", map[string]string{ssiLabel: "enabled"}))
@@ -170,127 +152,166 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 
 	// Ready: the server is up and its informers synced under the rendered RBAC.
 	readyz := fmt.Sprintf("http://127.0.0.1:%d/readyz", healthPort)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		resp, err := http.Get(readyz)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
+	ready := testenv.Step(t, "becomes ready with only the rendered RBAC rights", func(t *testing.T) {
+		eventually.Require(t, ctx, time.Minute, 250*time.Millisecond, "the webhook's /readyz to answer 200", func(context.Context) error {
+			select {
+			case err := <-exited:
+				return eventually.Stop(fmt.Errorf("the webhook exited before it was ready: %v", err))
+			default:
 			}
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("the webhook exited before it was ready: %v", err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the webhook is not ready after 60s (last: %v)", err)
-		}
-		time.Sleep(250 * time.Millisecond)
+			return httpOK(readyz)
+		})
+	})
+	if !ready {
+		return
 	}
 
 	if mode == "self-managed" {
-		secretName := FlagValue(t, in.WebhookCont, "secret-name", "apm-csi-webhook-tls")
-		secret := &corev1.Secret{}
-		if err := admin.Get(ctx, types.NamespacedName{Namespace: ns, Name: secretName}, secret); err != nil || len(secret.Data[corev1.TLSCertKey]) == 0 {
-			t.Errorf("self-managed mode: Secret %s/%s with a certificate: %v", ns, secretName, err)
-		}
-		for _, c := range in.WebhookConfigs {
-			mwc := &admissionregistrationv1.MutatingWebhookConfiguration{}
-			if err := admin.Get(ctx, types.NamespacedName{Name: c.Name}, mwc); err != nil {
-				t.Fatal(err)
+		t.Run("self-managed mode creates its TLS Secret and sets every caBundle", func(t *testing.T) {
+			secretName := FlagValue(t, in.WebhookCont, "secret-name", "apm-csi-webhook-tls")
+			secret := &corev1.Secret{}
+			if err := admin.Get(ctx, types.NamespacedName{Namespace: ns, Name: secretName}, secret); err != nil || len(secret.Data[corev1.TLSCertKey]) == 0 {
+				t.Errorf("self-managed mode: Secret %s/%s with a certificate: %v", ns, secretName, err)
 			}
-			for _, w := range mwc.Webhooks {
-				if len(w.ClientConfig.CABundle) == 0 {
-					t.Errorf("self-managed mode: webhook %s has no caBundle", w.Name)
+			for _, c := range in.WebhookConfigs {
+				mwc := &admissionregistrationv1.MutatingWebhookConfiguration{}
+				if err := admin.Get(ctx, types.NamespacedName{Name: c.Name}, mwc); err != nil {
+					t.Fatal(err)
+				}
+				for _, w := range mwc.Webhooks {
+					if len(w.ClientConfig.CABundle) == 0 {
+						t.Errorf("self-managed mode: webhook %s has no caBundle", w.Name)
+					}
 				}
 			}
-		}
+		})
 	}
 
 	// A pod of the SSI namespace is mutated; once the pod is stored as the webhook mutated it
 	// (this API server does not call the webhook: it is created here with the patch applied),
 	// the webhook's pod watch records the decision as an Event.
-	review := admissionReview(t, "shop")
-	resp := postReview(t, webhookPort, review)
-	if !resp.Allowed || len(resp.Patch) == 0 {
-		t.Fatalf("pod of an SSI namespace not mutated: allowed=%v patch=%d bytes result=%v", resp.Allowed, len(resp.Patch), resp.Result)
-	}
-	patch, err := jsonpatch.DecodePatch(resp.Patch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mutated, err := patch.Apply(review.Request.Object.Raw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	stored := &corev1.Pod{}
-	if err := json.Unmarshal(mutated, stored); err != nil {
-		t.Fatal(err)
-	}
-	if err := admin.Create(ctx, stored); err != nil {
-		t.Fatalf("store the mutated pod: %v", err)
-	}
-	eventSeen := false
-	for end := time.Now().Add(20 * time.Second); time.Now().Before(end) && !eventSeen; time.Sleep(250 * time.Millisecond) {
-		list := &eventsv1.EventList{}
-		if err := admin.List(ctx, list, client.InNamespace("shop")); err != nil {
+	t.Run("mutates a pod of an SSI namespace and records an Event about it", func(t *testing.T) {
+		review := admissionReview(t, "shop")
+		resp := postReview(t, webhookPort, review)
+		if !resp.Allowed || len(resp.Patch) == 0 {
+			t.Fatalf("pod of an SSI namespace not mutated: allowed=%v patch=%d bytes result=%v", resp.Allowed, len(resp.Patch), resp.Result)
+		}
+		patch, err := jsonpatch.DecodePatch(resp.Patch)
+		if err != nil {
 			t.Fatal(err)
 		}
-		eventSeen = slices.ContainsFunc(list.Items, func(e eventsv1.Event) bool { return e.Regarding.UID == stored.UID })
-	}
-	if !eventSeen {
-		t.Errorf("no Event recorded about pod shop/%s (pods list/watch and events.k8s.io create rights?)", stored.Name)
-	}
+		mutated, err := patch.Apply(review.Request.Object.Raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		stored := &corev1.Pod{}
+		if err := json.Unmarshal(mutated, stored); err != nil {
+			t.Fatal(err)
+		}
+		if err := admin.Create(ctx, stored); err != nil {
+			t.Fatalf("store the mutated pod: %v", err)
+		}
+		err = eventually.Wait(ctx, 20*time.Second, 250*time.Millisecond, "an Event about pod shop/"+stored.Name, func(ctx context.Context) error {
+			list := &eventsv1.EventList{}
+			if err := admin.List(ctx, list, client.InNamespace("shop")); err != nil {
+				return eventually.Stop(err)
+			}
+			if !slices.ContainsFunc(list.Items, func(e eventsv1.Event) bool { return e.Regarding.UID == stored.UID }) {
+				return fmt.Errorf("%d Events in namespace shop, none about the pod", len(list.Items))
+			}
+			return nil
+		})
+		if err != nil {
+			t.Errorf("%v (pods list/watch and events.k8s.io create rights?)", err)
+		}
+	})
 	if strings.Contains(logs.String(), "forbidden") {
 		t.Errorf("the webhook logged a forbidden request: its RBAC is missing a rule")
 	}
 
 	// Least privilege: what the account must not be able to do.
-	user := fmt.Sprintf("system:serviceaccount:%s:%s", ns, sa)
-	for _, ra := range []authorizationv1.ResourceAttributes{
-		{Verb: "list", Resource: "secrets", Namespace: "kube-system"},
-		{Verb: "get", Resource: "secrets", Namespace: ns, Name: "someone-elses-secret"},
-		{Verb: "list", Resource: "secrets", Namespace: ns},
-		{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "mutatingwebhookconfigurations", Name: "another-webhook"},
-		{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "validatingwebhookconfigurations", Name: in.WebhookConfigs[0].Name},
-		// get pods is granted (list already reads every pod; get reads one whose status is
-		// missing, to decide about it as admission would); restarting workloads is opt-in.
-		{Verb: "patch", Group: "apps", Resource: "deployments", Namespace: "shop", Name: "web"},
-		{Verb: "get", Group: "apps", Resource: "replicasets", Namespace: "shop"},
-		{Verb: "patch", Resource: "pods", Namespace: "shop", Name: "app"},
-		{Verb: "update", Resource: "pods", Namespace: "shop", Name: "app"},
-		{Verb: "patch", Group: "events.k8s.io", Resource: "events", Namespace: "shop"},
-		{Verb: "update", Resource: "namespaces", Name: "shop"},
-		{Verb: "update", Group: "storage.k8s.io", Resource: "csidrivers", Name: names.DriverName},
-		{Verb: "get", Group: "storage.k8s.io", Resource: "csidrivers", Name: "other.csi.example.com"},
-	} {
-		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
-			User: user, Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
-			ResourceAttributes: &ra,
-		}}
-		if err := admin.Create(ctx, sar); err != nil {
-			t.Fatal(err)
+	t.Run("the webhook's ServiceAccount may do no more than it needs", func(t *testing.T) {
+		user := fmt.Sprintf("system:serviceaccount:%s:%s", ns, sa)
+		for _, ra := range []authorizationv1.ResourceAttributes{
+			{Verb: "list", Resource: "secrets", Namespace: "kube-system"},
+			{Verb: "get", Resource: "secrets", Namespace: ns, Name: "someone-elses-secret"},
+			{Verb: "list", Resource: "secrets", Namespace: ns},
+			{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "mutatingwebhookconfigurations", Name: "another-webhook"},
+			{Verb: "update", Group: "admissionregistration.k8s.io", Resource: "validatingwebhookconfigurations", Name: in.WebhookConfigs[0].Name},
+			// get pods is granted (list already reads every pod; get reads one whose status is
+			// missing, to decide about it as admission would); restarting workloads is opt-in.
+			{Verb: "patch", Group: "apps", Resource: "deployments", Namespace: "shop", Name: "web"},
+			{Verb: "get", Group: "apps", Resource: "replicasets", Namespace: "shop"},
+			{Verb: "patch", Resource: "pods", Namespace: "shop", Name: "app"},
+			{Verb: "update", Resource: "pods", Namespace: "shop", Name: "app"},
+			{Verb: "patch", Group: "events.k8s.io", Resource: "events", Namespace: "shop"},
+			{Verb: "update", Resource: "namespaces", Name: "shop"},
+			{Verb: "update", Group: "storage.k8s.io", Resource: "csidrivers", Name: names.DriverName},
+			{Verb: "get", Group: "storage.k8s.io", Resource: "csidrivers", Name: "other.csi.example.com"},
+		} {
+			sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+				User: user, Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
+				ResourceAttributes: &ra,
+			}}
+			if err := admin.Create(ctx, sar); err != nil {
+				t.Fatal(err)
+			}
+			if sar.Status.Allowed {
+				t.Errorf("%s may %s %s %s/%s: more than it needs", user, ra.Verb, ra.Resource, ra.Namespace, ra.Name)
+			}
 		}
-		if sar.Status.Allowed {
-			t.Errorf("%s may %s %s %s/%s: more than it needs", user, ra.Verb, ra.Resource, ra.Namespace, ra.Name)
-		}
-	}
+
+	})
 
 	// The node plugin's account has no rights at all.
-	nodeSA := fmt.Sprintf("system:serviceaccount:%s:%s", in.Node.Namespace, in.Node.Spec.Template.Spec.ServiceAccountName)
-	for _, ra := range []authorizationv1.ResourceAttributes{
-		{Verb: "get", Resource: "pods", Namespace: "shop"},
-		{Verb: "get", Resource: "secrets", Namespace: ns},
-		{Verb: "list", Resource: "nodes"},
-	} {
-		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{User: nodeSA, ResourceAttributes: &ra}}
-		if err := admin.Create(ctx, sar); err != nil {
-			t.Fatal(err)
+	t.Run("the node plugin's ServiceAccount has no API rights", func(t *testing.T) {
+		nodeSA := fmt.Sprintf("system:serviceaccount:%s:%s", in.Node.Namespace, in.Node.Spec.Template.Spec.ServiceAccountName)
+		for _, ra := range []authorizationv1.ResourceAttributes{
+			{Verb: "get", Resource: "pods", Namespace: "shop"},
+			{Verb: "get", Resource: "secrets", Namespace: ns},
+			{Verb: "list", Resource: "nodes"},
+		} {
+			sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{User: nodeSA, ResourceAttributes: &ra}}
+			if err := admin.Create(ctx, sar); err != nil {
+				t.Fatal(err)
+			}
+			if sar.Status.Allowed {
+				t.Errorf("%s may %s %s: the node plugin needs no API access", nodeSA, ra.Verb, ra.Resource)
+			}
 		}
-		if sar.Status.Allowed {
-			t.Errorf("%s may %s %s: the node plugin needs no API access", nodeSA, ra.Verb, ra.Resource)
+	})
+}
+
+// installDocumented installs the variant the way the documentation says, `helm install` or
+// `kubectl apply -k`, and checks that every rendered object exists.
+func installDocumented(ctx context.Context, t *testing.T, admin client.Client, cfg *rest.Config, dir string, v Variant, in *Install) {
+	ns := in.Webhook.Namespace
+	adminConfig := kubeconfig(t, cfg, "", "", dir, "admin")
+	kenv := []string{"KUBECONFIG=" + adminConfig}
+	if v.Helm {
+		args := []string{"install", "apm-csi", chartDir, "--namespace", v.Namespace, "--create-namespace"}
+		if v.Values != "" {
+			args = append(args, "--values", v.Values)
+		}
+		out, err := runEnv(t, kenv, helm(t), args...)
+		if err != nil {
+			t.Fatalf("helm install: %v", err)
+		}
+		// The release notes tell the user how to label a namespace and check a pod.
+		for _, want := range []string{"kubectl label namespace", "injection-status", "kubectl -n " + ns + " get daemonset,deployment"} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("helm install output lacks %q:\n%s", want, out)
+			}
+		}
+	} else {
+		if out, err := runEnv(t, kenv, kubectl(t), "apply", "-k", v.Kustomize); err != nil {
+			t.Fatalf("kubectl apply -k: %v\n%s", err, out)
+		}
+	}
+	for _, o := range in.Objs {
+		got := o.DeepCopy()
+		if err := admin.Get(ctx, client.ObjectKeyFromObject(o), got); err != nil {
+			t.Errorf("%s was not installed: %v", describe(o), err)
 		}
 	}
 }
@@ -417,4 +438,19 @@ func postReview(t *testing.T, port int, review *admissionv1.AdmissionReview) *ad
 		t.Fatalf("admission response (HTTP %d): %v", resp.StatusCode, err)
 	}
 	return out.Response
+}
+
+// httpOK is nil when GET url answers 200 and otherwise describes the answer.
+func httpOK(url string) error {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("GET %s = %s %s", url, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return nil
 }

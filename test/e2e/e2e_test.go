@@ -30,25 +30,25 @@ const (
 	dataEntry = "e2e-data"
 	// sharedEntry is a read-only directory an agent sidecar in the node plugin's pod writes.
 	sharedEntry = "agent-shared"
-	// sharedNamespace is where scenario 3b reads sharedEntry.
+	// sharedNamespace is where the read-only hostdir scenario reads sharedEntry.
 	sharedNamespace = "e2e-shared"
 	// bypassNamespace is listed in the admission policy (hostdir volumes may appear there) but
 	// in no entry's namespaces: the node plugin must refuse it.
 	bypassNamespace = "e2e-tenancy-bypass"
 	// deniedNamespace is listed nowhere: the admission policy refuses hostdir volumes there.
 	deniedNamespace = "e2e-tenancy-denied"
-	// uncachedTag is a JavaScript library version only scenario 7 uses.
+	// uncachedTag is a JavaScript library version only the registry-down scenario uses.
 	uncachedTag = "e2e-uncached"
 	// libraryRepo is the repository prefix of the Datadog images in the library registry.
 	libraryRepo = "datadoghq"
-	// gcGracePeriod keeps unused libraries this long, short so that scenario 5 can see the
-	// cache emptied once every pod is gone.
+	// gcGracePeriod keeps unused libraries this long, short so that the pod-churn scenario can
+	// see the cache emptied once every pod is gone.
 	gcGracePeriod = "20s"
 	// keepEnv, when set, leaves the cluster running after a failure.
 	keepEnv = "APM_CSI_E2E_KEEP"
 )
 
-// dataEntryNamespaces may use dataEntry (scenarios 3a and 6).
+// dataEntryNamespaces may use dataEntry (the hostdir and kubelet-restart scenarios).
 var dataEntryNamespaces = []string{"e2e-hostdir", "e2e-kubelet"}
 
 // env is the shared state of the end-to-end run: one cluster with apm-csi, the library
@@ -69,40 +69,41 @@ type env struct {
 
 // TestEndToEnd runs every scenario on one real single-node cluster (etcd, kube-apiserver,
 // controller-manager, scheduler, kube-proxy, kubelet, containerd) with apm-csi installed from
-// the Helm chart, and tears the cluster down at the end. Scenario 5 runs last: it deletes every
-// pod and checks that nothing is left behind.
+// the Helm chart, and tears the cluster down at the end. Each scenario is a subtest named by the
+// behaviour it checks (select some with -run 'TestEndToEnd/registry_down'); the pod-churn
+// scenario runs last: it deletes every pod and checks that nothing is left behind.
 func TestEndToEnd(t *testing.T) {
 	testenv.RequireRoot(t)
 	ctx, cancel := testContext(t)
 	defer cancel()
 	e := setUp(t, ctx)
 
-	// Each scenario uses its own namespace and starts deleting it when done; scenario 5 waits
-	// for all of them to be gone.
+	// Each scenario uses its own namespace and starts deleting it when done; the pod-churn
+	// scenario waits for all of them to be gone.
 	scenarios := []struct {
 		name string
 		run  func(*testing.T, context.Context, *env)
 	}{
-		{"1 SSI namespace: unmodified pod gets the volume, files and env; writes stay private", scenarioSSI},
+		{"SSI namespace: unmodified pods get the library volume, its files and env; their writes stay private", scenarioSSI},
 		{"real tracer: dd-trace from the CSI volume reports spans to the intake", scenarioRealTracer},
 		{"real tracer: dd-trace from image volumes reports spans to the intake", scenarioImageVolumeTracer},
-		{"2 Datadog init-container injection is rewritten to the CSI volume", scenarioRewrite},
+		{"Datadog init-container injection is rewritten to the CSI volume", scenarioRewrite},
 		{"datadog drop-in: pods as the Cluster Agent's csi mode writes them run with the real tracer", scenarioDatadogDropIn},
 		{"opentelemetry: the operator's Node.js injection is rewritten to the CSI volume and still reports OTLP spans", scenarioOTelRewrite},
-		{"3a hostdir volume keeps a file across pod re-creation", scenarioHostDir},
-		{"3b sidecar data read through a ReadOnlyMany PV and PVC", scenarioSharedPV},
-		{"4 invalid manual annotation is refused with the webhook's message", scenarioInvalidAnnotation},
+		{"hostdir volume keeps a file across pod re-creation", scenarioHostDir},
+		{"read-only hostdir entry serves a sidecar's data through a ReadOnlyMany PV and PVC", scenarioSharedPV},
+		{"invalid manual annotation is refused with the webhook's message", scenarioInvalidAnnotation},
 		{"hostdir volume in a namespace the admission policy does not list is refused at admission", scenarioHostDirRefusedAtAdmission},
 		{"hand-written hostdir volume for another namespace's entry is refused by the node plugin", scenarioHostDirTenancyAtMount},
-		{"9 Pod Security restricted admits the instrumented pod", scenarioRestricted},
+		{"Pod Security restricted admits the instrumented pod", scenarioRestricted},
 		{"auto mode falls back CSI, image volumes, init containers and returns to CSI", scenarioAutoFallback},
-		{"8 webhook down: pods created unmutated, instrumented again once it is back", scenarioWebhookDown},
+		{"webhook down: pods are created unmutated and instrumented again once it is back", scenarioWebhookDown},
 		{"webhook down: uninstrumented pods are reported and their Deployment restarted once", scenarioDriftRestart},
-		{"7 registry down: cached libraries still start pods, uncached wait", scenarioRegistryDown},
-		{"6 kubelet restart keeps exactly one mount per volume", scenarioKubeletRestart},
+		{"registry down: cached libraries still start pods, uncached ones wait for it", scenarioRegistryDown},
+		{"kubelet restart keeps exactly one mount per volume", scenarioKubeletRestart},
 		{"node reboot: pods come back with their libraries", scenarioNodeReboot},
 		{"cert-manager issues and renews the webhook certificate under pod creation load", scenarioCertManager},
-		{"5 node plugin killed during pod churn; no leftovers after all pods are deleted", scenarioChurn},
+		{"node plugin killed during pod churn leaves nothing behind once every pod is deleted", scenarioChurn},
 	}
 	for _, s := range scenarios {
 		start := time.Now()
@@ -215,7 +216,7 @@ func setUp(t *testing.T, ctx context.Context) *env {
 	measure(t, "image import", start)
 
 	// The library registry: the node plugin (host network) pulls from it on 127.0.0.1. It is
-	// the test's own so that scenario 7 can stop and restart it.
+	// the test's own so that the registry-down scenario can stop and restart it.
 	start = time.Now()
 	e.reg = libimages.NewRegistry()
 	if err := e.reg.Start(); err != nil {
@@ -273,9 +274,10 @@ func setUp(t *testing.T, ctx context.Context) *env {
 	return e
 }
 
-// agentSidecar is the container scenario 3b adds to the node plugin's pod: it stands for an
-// agent that writes data (configuration, a socket) that application pods read through a
-// read-only apm-csi volume (the universal-csi-driver pattern), refreshing it every second.
+// agentSidecar is the container the read-only hostdir scenario adds to the node plugin's pod:
+// it stands for an agent that writes data (configuration, a socket) that application pods
+// read through a read-only apm-csi volume (the universal-csi-driver pattern), refreshing it
+// every second.
 const agentSidecar = "agent-sidecar"
 
 const agentScript = `i=0

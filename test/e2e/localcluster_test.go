@@ -21,6 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/images"
 	"github.com/apm-csi/apm-csi/test/localcluster"
 	"github.com/apm-csi/apm-csi/test/testenv"
@@ -452,15 +453,7 @@ func waitPod(t *testing.T, ctx context.Context, cs kubernetes.Interface, podName
 // waitFor polls cond for up to two minutes.
 func waitFor(t *testing.T, ctx context.Context, what string, cond func() bool) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s", what)
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
+	eventually.Require(t, ctx, 2*time.Minute, 250*time.Millisecond, what, eventually.True(cond))
 }
 
 func ptrTo[T any](v T) *T { return &v }

@@ -1,6 +1,7 @@
 package libimages
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // Request is one request the registry served, as tests count them.
@@ -327,15 +329,18 @@ func (w *holdingWriter) Write(p []byte) (int, error) {
 // request on the wire.
 func (r *Registry) WaitQuiet(quiet, max time.Duration) error {
 	all := func(Request) bool { return true }
-	deadline := time.Now().Add(max)
 	last := r.Count(all)
-	for time.Now().Before(deadline) {
-		time.Sleep(quiet)
+	// Not immediate: the first comparison is one quiet period after the first count.
+	err := wait.PollUntilContextTimeout(context.Background(), quiet, max, false, func(context.Context) (bool, error) {
 		n := r.Count(all)
 		if n == last {
-			return nil
+			return true, nil
 		}
 		last = n
+		return false, nil
+	})
+	if err != nil {
+		return fmt.Errorf("registry still busy after %v: %d requests", max, last)
 	}
-	return fmt.Errorf("registry still busy after %v: %d requests", max, last)
+	return nil
 }

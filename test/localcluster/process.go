@@ -2,6 +2,7 @@ package localcluster
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // processRecord is what <root>/run/<component>.pid holds: enough to find the process again
@@ -156,15 +159,11 @@ func (o Options) stopProcess(component string, grace time.Duration) error {
 	return os.Remove(o.pidFile(component))
 }
 
+// waitExit reports whether the process exits within timeout.
 func waitExit(rec *processRecord, timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for rec.alive() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return true
+	return wait.PollUntilContextTimeout(context.Background(), 50*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		return !rec.alive(), nil
+	}) == nil
 }
 
 // logTail returns the last lines of a component's log, for error messages.

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/registry"
+	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // ServeRegistry serves an OCI distribution registry (go-containerregistry's pkg/registry) on
@@ -62,20 +63,8 @@ func waitRegistry(ctx context.Context, addr string) error {
 	})
 }
 
-// poll calls check every interval until it reports done, returns an error, or ctx ends.
+// poll calls check at once and then every interval until it reports done, returns an error,
+// or ctx ends (then it returns ctx.Err()).
 func poll(ctx context.Context, interval time.Duration, check func() (bool, error)) error {
-	for {
-		done, err := check()
-		if err != nil {
-			return err
-		}
-		if done {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(interval):
-		}
-	}
+	return wait.PollUntilContextCancel(ctx, interval, true, func(context.Context) (bool, error) { return check() })
 }

@@ -65,3 +65,17 @@ func KubebuilderAssets(t testing.TB) string {
 	}
 	return dir
 }
+
+// Step runs f as the subtest name of a test whose steps build on each other (a process
+// started, then served, then stopped) and reports whether f ran to its end: false after a
+// Fatal or Skip, true after only Errorf. The caller returns when a step the next ones need
+// did not complete, so that one failure is reported once and not again by every later step.
+func Step(t *testing.T, name string, f func(t *testing.T)) bool {
+	t.Helper()
+	completed := false
+	t.Run(name, func(t *testing.T) {
+		f(t)
+		completed = true
+	})
+	return completed
+}

@@ -24,6 +24,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -509,17 +510,9 @@ func startDemoServer(ctx context.Context, t *testing.T, node string, env ...stri
 // error when a minute has passed.
 func waitForServer(t *testing.T, try func() error) {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := try()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server did not answer: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	eventually.Require(t, t.Context(), time.Minute, 200*time.Millisecond, "the server to answer", func(context.Context) error {
+		return try()
+	})
 }
 
 func tarballImage(file, ref string) (v1.Image, error) {

@@ -23,6 +23,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/apm-csi/apm-csi/shared/names"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/images"
 	"github.com/apm-csi/apm-csi/test/localcluster"
 )
@@ -403,23 +404,14 @@ func DeleteNamespace(ctx context.Context, cs kubernetes.Interface, name string) 
 // Poll calls cond every 250 ms until it reports true, it returns an error, timeout passes or
 // ctx ends.
 func Poll(ctx context.Context, timeout time.Duration, what string, cond func() (bool, error)) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
+	return eventually.Wait(ctx, timeout, 250*time.Millisecond, what, func(context.Context) error {
 		ok, err := cond()
-		if err != nil {
-			return fmt.Errorf("waiting for %s: %w", what, err)
+		switch {
+		case err != nil:
+			return eventually.Stop(err)
+		case !ok:
+			return errors.New("the condition still does not hold")
 		}
-		if ok {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("timed out after %s waiting for %s", timeout, what)
-			}
-			return fmt.Errorf("waiting for %s: %w", what, ctx.Err())
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
+		return nil
+	})
 }

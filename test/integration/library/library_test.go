@@ -1,6 +1,7 @@
 package library
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -22,6 +23,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
@@ -280,20 +282,13 @@ func TestSlowFirstDownload(t *testing.T) {
 	}
 
 	release()
-	deadline := time.Now().Add(time.Minute)
-	for {
+	eventually.Require(t, t.Context(), time.Minute, 50*time.Millisecond, "kubelet's retried publish to succeed once the registry resumed", func(context.Context) error {
 		err := p.Publish("csi-slow", target, attrs, false)
-		if err == nil {
-			break
+		if err != nil && status.Code(err) != codes.Unavailable {
+			return eventually.Stop(fmt.Errorf("retry after the registry resumed: %w", err))
 		}
-		if status.Code(err) != codes.Unavailable {
-			t.Fatalf("retry after the registry resumed: %v", err)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the download did not complete within a minute: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err
+	})
 	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), libimages.LibraryFiles("java", "1.30.0")); d != "" {
 		t.Fatalf("volume after the download completed: %s", d)
 	}
@@ -332,17 +327,13 @@ func TestRestartDuringFirstDownload(t *testing.T) {
 		t.Errorf("the restarted plugin kept the abandoned download: %q", left)
 	}
 	release()
-	deadline := time.Now().Add(time.Minute)
-	for {
+	eventually.Require(t, t.Context(), time.Minute, 50*time.Millisecond, "kubelet's retried publish to succeed after the restart", func(context.Context) error {
 		err := p.Publish("csi-pod", target, attrs, false)
-		if err == nil {
-			break
+		if err != nil && status.Code(err) != codes.Unavailable {
+			return eventually.Stop(fmt.Errorf("retry after the restart: %w", err))
 		}
-		if status.Code(err) != codes.Unavailable || time.Now().After(deadline) {
-			t.Fatalf("retry after the restart: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err
+	})
 	if d := nodeplugintest.DiffTrees(nodeplugintest.ReadTree(t, target), libimages.LibraryFiles("java", "1.31.0")); d != "" {
 		t.Fatalf("volume: %s", d)
 	}

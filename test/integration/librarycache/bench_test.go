@@ -19,7 +19,7 @@ import (
 	"github.com/apm-csi/apm-csi/test/libimages"
 )
 
-// benchLibrarySize is the "100 MB library".
+// benchLibrarySize is a 100 MB library, the size the cache's benchmarks are quoted for.
 const benchLibrarySize = 100 << 20
 
 var largeImage struct {

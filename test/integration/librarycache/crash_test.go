@@ -2,7 +2,9 @@ package librarycache_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/libimages"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
@@ -56,14 +59,16 @@ func TestPluginKilledMidDownload(t *testing.T) {
 	defer release()
 
 	child, out := startChild(t, store, image, "")
-	deadline := time.Now().Add(30 * time.Second)
-	for extractedBytes(store) < 4<<20 && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if extractedBytes(store) < 4<<20 {
+	err = eventually.Wait(t.Context(), 30*time.Second, 20*time.Millisecond, "the plugin process to extract half of the library", func(context.Context) error {
+		if n := extractedBytes(store); n < 4<<20 {
+			return fmt.Errorf("%d bytes extracted", n)
+		}
+		return nil
+	})
+	if err != nil {
 		_ = child.Process.Kill()
 		_ = child.Wait()
-		t.Fatalf("the plugin process never got half-way: %s", out)
+		t.Fatalf("%v: %s", err, out)
 	}
 	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)

@@ -1,6 +1,6 @@
 // Package librarycache_test exercises the library cache end to end: real overlayfs mounts
 // over the directories it hands out (as root), a plugin process killed mid-download, and the
-// benchmarks of the issue (first volume versus a plain pull, peak RSS while extracting).
+// benchmarks of its costs (first volume versus a plain pull, peak RSS while extracting).
 package librarycache_test
 
 import (

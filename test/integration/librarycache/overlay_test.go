@@ -45,7 +45,7 @@ func mountOverlay(t *testing.T, base string, lowers ...string) string {
 	return target
 }
 
-// TestHundredConcurrentPublishes is the acceptance test: 100 concurrent publishes of
+// TestHundredConcurrentPublishes: 100 concurrent publishes of
 // one uncached library make exactly one pull, all 100 volumes show the same content, and a
 // write in one volume is seen in none of the other 99 nor in the cache.
 func TestHundredConcurrentPublishes(t *testing.T) {

@@ -32,6 +32,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/yaml"
 
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
@@ -65,9 +66,8 @@ func (b *syncBuffer) String() string {
 }
 
 // TestBinary runs the apm-csi-webhook binary as deployed in self-managed certificate mode
-// against a real API server: it bootstraps its certificate and caBundle, becomes ready, serves
-// an admission request over TLS that verifies against the caBundle, exposes its metrics, logs
-// JSON, and shuts down cleanly on SIGTERM.
+// against a real API server. Its subtests are the binary's behaviours in the order a
+// deployment sees them; a step the later ones need ends the test when it fails.
 func TestBinary(t *testing.T) {
 	env := &envtest.Environment{BinaryAssetsDirectory: testenv.KubebuilderAssets(t)}
 	cfg, err := env.Start()
@@ -152,87 +152,99 @@ func TestBinary(t *testing.T) {
 		body, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(body)
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if code, _ := get(probePort, "/readyz"); code == http.StatusOK {
-			break
+	if !testenv.Step(t, "becomes ready and healthy", func(t *testing.T) {
+		eventually.Require(t, ctx, time.Minute, 100*time.Millisecond, "the webhook's /readyz to answer 200", func(context.Context) error {
+			select {
+			case err := <-exited:
+				return eventually.Stop(fmt.Errorf("the webhook exited before becoming ready: %v", err))
+			default:
+			}
+			if code, body := get(probePort, "/readyz"); code != http.StatusOK {
+				return fmt.Errorf("/readyz = %d %s", code, body)
+			}
+			return nil
+		})
+		if code, body := get(probePort, "/healthz"); code != http.StatusOK {
+			t.Errorf("/healthz = %d %s", code, body)
 		}
-		select {
-		case err := <-exited:
-			t.Fatalf("the webhook exited before becoming ready: %v", err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the webhook did not become ready")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if code, body := get(probePort, "/healthz"); code != http.StatusOK {
-		t.Errorf("/healthz = %d %s", code, body)
+	}) {
+		return
 	}
 
 	// The caBundle the binary put into the configuration is what a client trusts.
-	if err := c.Get(ctx, client.ObjectKey{Name: mwc.Name}, mwc); err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(mwc.Webhooks[0].ClientConfig.CABundle) {
-		t.Fatal("caBundle not set")
-	}
-	review := admissionv1.AdmissionReview{
-		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
-		Request: &admissionv1.AdmissionRequest{
-			UID: "1", Kind: metav1.GroupVersionKind{Version: "v1", Kind: "Pod"}, Resource: metav1.GroupVersionResource{Version: "v1", Resource: "pods"},
-			Namespace: "shop", Operation: admissionv1.Create,
-			Object: k8sruntime.RawExtension{Raw: []byte(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web"},"spec":{"containers":[{"name":"app","image":"x:1"}]}}`)},
-		},
-	}
-	body, _ := json.Marshal(review)
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
-		RootCAs: pool, ServerName: "apm-csi-webhook.apm-csi-system.svc"}}}
-	resp, err := hc.Post(fmt.Sprintf("https://127.0.0.1:%d/mutate-v1-pod", webhookPort), "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatalf("admission request over TLS verified against the caBundle: %v", err)
-	}
-	var out admissionv1.AdmissionReview
-	err = json.NewDecoder(resp.Body).Decode(&out)
-	resp.Body.Close()
-	if err != nil || out.Response == nil || !out.Response.Allowed || !strings.Contains(string(out.Response.Patch), "dd-lib-java-init:v1.45.0") {
-		t.Fatalf("response %+v, %v", out.Response, err)
-	}
-
-	if code, body := get(metricsPort, "/metrics"); code != http.StatusOK ||
-		!strings.Contains(body, `apm_csi_webhook_mutations_total{mode="csi",result="injected"} 1`) ||
-		!strings.Contains(body, "apm_csi_webhook_mutation_duration_seconds_bucket") {
-		t.Errorf("metrics (%d) lack the mutation counter or histogram", code)
-	}
-
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-exited:
-		if err != nil {
-			t.Errorf("exit after SIGTERM: %v", err)
+	if !testenv.Step(t, "serves admission over TLS that verifies against the caBundle it set", func(t *testing.T) {
+		if err := c.Get(ctx, client.ObjectKey{Name: mwc.Name}, mwc); err != nil {
+			t.Fatal(err)
 		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("no exit within 30s of SIGTERM")
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(mwc.Webhooks[0].ClientConfig.CABundle) {
+			t.Fatal("caBundle not set")
+		}
+		review := admissionv1.AdmissionReview{
+			TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
+			Request: &admissionv1.AdmissionRequest{
+				UID: "1", Kind: metav1.GroupVersionKind{Version: "v1", Kind: "Pod"}, Resource: metav1.GroupVersionResource{Version: "v1", Resource: "pods"},
+				Namespace: "shop", Operation: admissionv1.Create,
+				Object: k8sruntime.RawExtension{Raw: []byte(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web"},"spec":{"containers":[{"name":"app","image":"x:1"}]}}`)},
+			},
+		}
+		body, _ := json.Marshal(review)
+		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+			RootCAs: pool, ServerName: "apm-csi-webhook.apm-csi-system.svc"}}}
+		resp, err := hc.Post(fmt.Sprintf("https://127.0.0.1:%d/mutate-v1-pod", webhookPort), "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatalf("admission request over TLS verified against the caBundle: %v", err)
+		}
+		var out admissionv1.AdmissionReview
+		err = json.NewDecoder(resp.Body).Decode(&out)
+		resp.Body.Close()
+		if err != nil || out.Response == nil || !out.Response.Allowed || !strings.Contains(string(out.Response.Patch), "dd-lib-java-init:v1.45.0") {
+			t.Fatalf("response %+v, %v", out.Response, err)
+		}
+	}) {
+		return
+	}
+
+	t.Run("counts the mutation in its metrics", func(t *testing.T) {
+		if code, body := get(metricsPort, "/metrics"); code != http.StatusOK ||
+			!strings.Contains(body, `apm_csi_webhook_mutations_total{mode="csi",result="injected"} 1`) ||
+			!strings.Contains(body, "apm_csi_webhook_mutation_duration_seconds_bucket") {
+			t.Errorf("metrics (%d) lack the mutation counter or histogram", code)
+		}
+	})
+
+	if !testenv.Step(t, "exits cleanly on SIGTERM", func(t *testing.T) {
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("exit after SIGTERM: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("no exit within 30s of SIGTERM")
+		}
+	}) {
+		return
 	}
 
 	// Every line is a JSON log record; the admission is logged with the pod's coordinates.
-	found := false
-	sc := bufio.NewScanner(strings.NewReader(logs.String()))
-	for sc.Scan() {
-		var rec map[string]any
-		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
-			t.Errorf("log line is not JSON: %s", sc.Text())
-			continue
+	t.Run("logs JSON records, the admission with the pod's namespace and name", func(t *testing.T) {
+		found := false
+		sc := bufio.NewScanner(strings.NewReader(logs.String()))
+		for sc.Scan() {
+			var rec map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+				t.Errorf("log line is not JSON: %s", sc.Text())
+				continue
+			}
+			if rec["msg"] == "pod admission" && rec["namespace"] == "shop" && rec["pod"] == "web" && rec["result"] == "injected" {
+				found = true
+			}
 		}
-		if rec["msg"] == "pod admission" && rec["namespace"] == "shop" && rec["pod"] == "web" && rec["result"] == "injected" {
-			found = true
+		if !found {
+			t.Error("no structured log record for the admission")
 		}
-	}
-	if !found {
-		t.Error("no structured log record for the admission")
-	}
+	})
 }

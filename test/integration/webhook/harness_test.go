@@ -6,6 +6,7 @@ package webhook_test
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -24,7 +25,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -37,6 +37,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	"github.com/apm-csi/apm-csi/shared/tenancy"
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/test/testenv"
 	"github.com/apm-csi/apm-csi/webhook/admission"
 	"github.com/apm-csi/apm-csi/webhook/config"
@@ -194,24 +195,20 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 		go func() { h.done <- mgr.Start(ctx) }()
 
 		started := mgr.GetWebhookServer().StartedChecker()
-		deadline := time.Now().Add(30 * time.Second)
-		err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Until(deadline), true, func(context.Context) (bool, error) {
-			return started(nil) == nil, nil
+		eventually.Require(tb, ctx, 30*time.Second, 50*time.Millisecond, "the webhook server to start", func(context.Context) error {
+			return started(nil)
 		})
-		if err != nil {
-			tb.Fatalf("webhook server did not start: %v", err)
-		}
 		if !mgr.GetCache().WaitForCacheSync(ctx) {
 			tb.Fatal("informers did not sync")
 		}
 		// What the webhook's readiness check waits for too: auto and image-volume decisions
 		// need the API server's version.
-		err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, time.Until(deadline), true, func(context.Context) (bool, error) {
-			return mutator.ServerVersion() != "", nil
+		eventually.Require(tb, ctx, 30*time.Second, 50*time.Millisecond, "the webhook to read the API server's version", func(context.Context) error {
+			if mutator.ServerVersion() == "" {
+				return errors.New("no version read yet")
+			}
+			return nil
 		})
-		if err != nil {
-			tb.Fatalf("the webhook did not read the API server's version: %v", err)
-		}
 	}
 	h.startWebhook(tb)
 	tb.Cleanup(h.shutdown)
@@ -268,15 +265,10 @@ func (h *harness) setDriver(tb testing.TB, installed bool) {
 	})
 }
 
+// eventually waits up to 20 s for cond, which reads the webhook's cache, Events or metrics.
 func (h *harness) eventually(tb testing.TB, what string, cond func() bool) {
 	tb.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually.Require(tb, context.Background(), 20*time.Second, 20*time.Millisecond, what, eventually.True(cond))
 }
 
 // admissions is how many admission requests the webhook has handled, from its metrics.
