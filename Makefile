@@ -51,13 +51,17 @@ deps: ## Install Debian packages and build/cache the Kubernetes binaries and con
 	@hack/install-deps.sh --apiserver-only $(K8S_MIN_VERSION) >/dev/null
 
 .PHONY: lint
-lint: lint-go lint-shell ## Every linter: Go (gofmt, go vet) and shell scripts (shellcheck).
+lint: lint-go lint-golangci lint-shell ## Every linter: Go (gofmt, go vet, golangci-lint) and shell scripts (shellcheck).
 
 .PHONY: lint-go
 lint-go: ## gofmt and go vet.
 	@out="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"; \
 		if [[ -n "$$out" ]]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 	go vet ./...
+
+.PHONY: lint-golangci
+lint-golangci: ## golangci-lint with .golangci.yml (built through the Go module proxy when missing).
+	"$$(hack/golangci-lint.sh)" run ./...
 
 .PHONY: lint-shell
 lint-shell: ## shellcheck on hack/*.sh and .ci/run (installs Debian's shellcheck when missing).
