@@ -119,17 +119,60 @@ type Driver struct {
 // New validates cfg and opens the state dir. The driver answers Probe with ready=false and
 // refuses publishes until Reconcile has run.
 func New(cfg Config) (*Driver, error) {
+	if err := cfg.withDefaults(); err != nil {
+		return nil, err
+	}
+	// Resolve the allowlist once: the administrator's links are followed now and never
+	// again, and entries nested in entries pods can change are refused.
+	sources, err := hostdir.Resolve(cfg.HostDirs)
+	if err != nil {
+		return nil, err
+	}
+	empty, releaseEmpty, err := prepareEmptyDir(cfg.Mounter, cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	store, err := state.Open(cfg.StateDir)
+	if err != nil {
+		return nil, errors.Join(err, releaseEmpty())
+	}
+	overlays := OverlaysDir(cfg.StateDir)
+	if err := os.MkdirAll(overlays, 0o700); err != nil {
+		return nil, errors.Join(fmt.Errorf("state dir: %w", err), store.Close(), releaseEmpty())
+	}
+	logStartup(cfg, sources)
+	return &Driver{
+		cfg:          cfg,
+		log:          cfg.Logger,
+		mounter:      cfg.Mounter,
+		sources:      sources,
+		store:        store,
+		podsDir:      filepath.Join(cfg.KubeletDir, "pods"),
+		overlaysDir:  overlays,
+		emptyDir:     empty,
+		releaseEmpty: releaseEmpty,
+		writable:     cfg.WritableLayers,
+		metrics:      cfg.Metrics,
+		byTarget:     map[string]*state.Record{},
+		inFlight:     map[string]int{},
+		podGone:      map[string]time.Time{},
+		verified:     make(chan struct{}),
+	}, nil
+}
+
+// withDefaults checks cfg and fills in the defaults of what is left zero.
+func (cfg *Config) withDefaults() error {
 	if cfg.DriverName == "" {
 		cfg.DriverName = names.DriverName
 	}
 	if cfg.NodeID == "" {
-		return nil, errors.New("node id is empty: set --node-id (usually from spec.nodeName)")
+		return errors.New("node id is empty: set --node-id (usually from spec.nodeName)")
 	}
 	if cfg.Mounter == nil {
-		return nil, errors.New("no mounter configured")
+		return errors.New("no mounter configured")
 	}
 	if cfg.WritableLayers == nil {
-		return nil, errors.New("no writable layer mechanism configured (writablelayer.New)")
+		return errors.New("no writable layer mechanism configured (writablelayer.New)")
 	}
 	if cfg.DefaultWritableLimit == 0 {
 		cfg.DefaultWritableLimit = writablelayer.DefaultLimit
@@ -138,7 +181,7 @@ func New(cfg Config) (*Driver, error) {
 		cfg.MaxWritableLimit = writablelayer.DefaultMaxLimit
 	}
 	if cfg.KeepWritableLayers && cfg.WritableLayers.Mechanism() != writablelayer.ProjectQuota {
-		return nil, fmt.Errorf("keeping writable layers across node reboots (--keep-writable-layers) needs project-quota writable layers on the state dir's filesystem, not %s: a tmpfs layer does not outlive a reboot; enable project quotas there (see docs/node-plugin.md) or drop --keep-writable-layers", cfg.WritableLayers.Mechanism())
+		return fmt.Errorf("keeping writable layers across node reboots (--keep-writable-layers) needs project-quota writable layers on the state dir's filesystem, not %s: a tmpfs layer does not outlive a reboot; enable project quotas there (see docs/node-plugin.md) or drop --keep-writable-layers", cfg.WritableLayers.Mechanism())
 	}
 	if cfg.KeptLayerGrace <= 0 {
 		cfg.KeptLayerGrace = DefaultKeptLayerGrace
@@ -147,12 +190,12 @@ func New(cfg Config) (*Driver, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.DefaultWritableLimit < 0 || cfg.DefaultWritableLimit > cfg.MaxWritableLimit {
-		return nil, fmt.Errorf("the default writable layer size %s must be positive and at most the maximum %s (--default-writable-layer, --max-writable-layer)",
+		return fmt.Errorf("the default writable layer size %s must be positive and at most the maximum %s (--default-writable-layer, --max-writable-layer)",
 			writablelayer.FormatBytes(cfg.DefaultWritableLimit), writablelayer.FormatBytes(cfg.MaxWritableLimit))
 	}
 	for _, dir := range []*string{&cfg.KubeletDir, &cfg.StateDir} {
 		if !filepath.IsAbs(*dir) {
-			return nil, fmt.Errorf("%q must be an absolute path", *dir)
+			return fmt.Errorf("%q must be an absolute path", *dir)
 		}
 		*dir = filepath.Clean(*dir)
 	}
@@ -173,48 +216,46 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	// Resolve the allowlist once: the administrator's links are followed now and never
-	// again, and entries nested in entries pods can change are refused.
-	sources, err := hostdir.Resolve(cfg.HostDirs)
-	if err != nil {
-		return nil, err
-	}
-	empty := filepath.Join(cfg.StateDir, "empty")
+	return nil
+}
+
+// prepareEmptyDir makes <state-dir>/empty, the empty lower dir of read-only library
+// overlays, checks that it is an empty directory and gives it a mount of its own. The
+// returned func releases that mount.
+func prepareEmptyDir(m mounter.Interface, stateDir string) (dir string, release func() error, err error) {
+	empty := filepath.Join(stateDir, "empty")
 	if err := os.MkdirAll(empty, 0o755); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return "", nil, fmt.Errorf("state dir: %w", err)
 	}
 	if fi, err := os.Lstat(empty); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return "", nil, fmt.Errorf("state dir: %w", err)
 	} else if !fi.IsDir() {
-		return nil, fmt.Errorf("state dir: %s must be a directory (the empty lower dir of read-only library overlays); remove it and start again", empty)
+		return "", nil, fmt.Errorf("state dir: %s must be a directory (the empty lower dir of read-only library overlays); remove it and start again", empty)
 	}
 	if err := os.Chmod(empty, 0o555); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return "", nil, fmt.Errorf("state dir: %w", err)
 	}
 	names, err := os.ReadDir(empty)
 	if err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return "", nil, fmt.Errorf("state dir: %w", err)
 	}
 	if len(names) > 0 {
-		return nil, fmt.Errorf("state dir: %s is the empty lower dir of read-only library overlays and must stay empty, but holds %d entries; remove them and start again", empty, len(names))
+		return "", nil, fmt.Errorf("state dir: %s is the empty lower dir of read-only library overlays and must stay empty, but holds %d entries; remove them and start again", empty, len(names))
 	}
 	// The empty dir is a mount of its own: overlayfs clones the mount holding each lower
 	// dir and walks that mount's children, and the state dir's mount has every writable
 	// layer's tmpfs and often every pod's target below it, so an overlay with the empty dir
 	// as a lower would cost time in proportion to the volumes published
 	// (mounter.OwnMount). Released by Close; a crash leaves it for the next start to reuse.
-	releaseEmpty, err := cfg.Mounter.OwnMount(empty)
+	releaseEmpty, err := m.OwnMount(empty)
 	if err != nil {
-		return nil, fmt.Errorf("state dir: the empty lower dir %s: %w", empty, err)
+		return "", nil, fmt.Errorf("state dir: the empty lower dir %s: %w", empty, err)
 	}
-	store, err := state.Open(cfg.StateDir)
-	if err != nil {
-		return nil, errors.Join(err, releaseEmpty())
-	}
-	overlays := OverlaysDir(cfg.StateDir)
-	if err := os.MkdirAll(overlays, 0o700); err != nil {
-		return nil, errors.Join(fmt.Errorf("state dir: %w", err), store.Close(), releaseEmpty())
-	}
+	return empty, releaseEmpty, nil
+}
+
+// logStartup logs how host paths are resolved and every hostdir entry, once at start.
+func logStartup(cfg Config, sources *hostdir.Sources) {
 	if f, ok := cfg.Mounter.(interface{ Features() string }); ok {
 		cfg.Logger.Info("host paths", "resolution", fdpath.Mode(), "mounts", f.Features())
 	}
@@ -222,23 +263,6 @@ func New(cfg Config) (*Driver, error) {
 		src := sources.Get(name)
 		cfg.Logger.Info("hostdir entry", "entry", name, "path", src.Entry.Path, "resolved", src.Resolved, "kind", src.Kind(), "readOnly", src.Entry.ReadOnly, "create", src.Entry.Create)
 	}
-	return &Driver{
-		cfg:          cfg,
-		log:          cfg.Logger,
-		mounter:      cfg.Mounter,
-		sources:      sources,
-		store:        store,
-		podsDir:      filepath.Join(cfg.KubeletDir, "pods"),
-		overlaysDir:  overlays,
-		emptyDir:     empty,
-		releaseEmpty: releaseEmpty,
-		writable:     cfg.WritableLayers,
-		metrics:      cfg.Metrics,
-		byTarget:     map[string]*state.Record{},
-		inFlight:     map[string]int{},
-		podGone:      map[string]time.Time{},
-		verified:     make(chan struct{}),
-	}, nil
 }
 
 // Close stops the background check of Start, waits for it, releases the state journal and
