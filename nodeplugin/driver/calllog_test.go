@@ -3,6 +3,7 @@ package driver
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -80,8 +81,14 @@ func (f *fixture) serve(t *testing.T, log *slog.Logger) csi.NodeClient {
 		t.Fatal(err)
 	}
 	srv := NewGRPCServer(f.d, log)
-	go srv.Serve(lis)
-	t.Cleanup(srv.Stop)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+	t.Cleanup(func() {
+		srv.Stop()
+		if err := <-served; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			t.Error(err)
+		}
+	})
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

@@ -21,7 +21,7 @@ const (
 	attrPodNamespace = "csi.storage.k8s.io/pod.namespace"
 	attrPodUID       = "csi.storage.k8s.io/pod.uid"
 	attrEphemeral    = "csi.storage.k8s.io/ephemeral"
-	attrTokens       = "csi.storage.k8s.io/serviceAccount.tokens"
+	attrTokens       = "csi.storage.k8s.io/serviceAccount.tokens" //nolint:gosec // G101: the name of the attribute kubelet passes tokens in, not a credential
 )
 
 // maxStackedMounts bounds how many mounts unpublish peels off one target. Only a buggy older

@@ -246,7 +246,7 @@ func (d *Driver) resolveLayers(ctx context.Context, spec *volumeattrs.Spec, name
 			if !filepath.IsAbs(l.Dir) {
 				return status.Errorf(codes.Internal, "library cache returned a relative layer dir %q for %s", l.Dir, lib.Image)
 			}
-			libs[i] = state.Layer{Dir: l.Dir, Digest: l.Digest}
+			libs[i] = state.Layer(l)
 			return nil
 		})
 	}

@@ -81,7 +81,9 @@ func TestLocks(t *testing.T) {
 		unlock := mustLock(t, &l, "a", "b")
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
-		l.Lock(ctx, "b")
+		if _, err := l.Lock(ctx, "b"); !errors.Is(err, context.Canceled) {
+			t.Fatalf("Lock of a held key with a cancelled context: %v, want %v", err, context.Canceled)
+		}
 		unlock()
 		l.mu.Lock()
 		defer l.mu.Unlock()

@@ -52,8 +52,12 @@ func TestDecompressLayer(t *testing.T) {
 	payload := []byte(strings.Repeat("library bytes ", 10000))
 	var gz bytes.Buffer
 	w := gzip.NewWriter(&gz)
-	w.Write(payload)
-	w.Close()
+	if _, err := w.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 	enc, err := zstd.NewWriter(nil, zstd.WithWindowSize(1<<20))
 	if err != nil {
 		t.Fatal(err)

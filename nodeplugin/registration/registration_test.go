@@ -3,6 +3,7 @@ package registration
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -29,8 +30,14 @@ func TestKubeletHandshake(t *testing.T) {
 	var logs bytes.Buffer
 	s := New("csi.apm-csi.io", "/var/lib/kubelet/plugins/csi.apm-csi.io/csi.sock", slog.New(slog.NewTextHandler(&logs, nil)))
 	srv := NewGRPCServer(s)
-	go srv.Serve(lis)
-	defer srv.Stop()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+	defer func() {
+		srv.Stop()
+		if err := <-served; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			t.Error(err)
+		}
+	}()
 
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

@@ -77,7 +77,7 @@ func (s payloadSpec) files(dir string, seed uint64) (out []images.File, n int, t
 		for b.Len() < size {
 			b.WriteString(words[rng.IntN(len(words))])
 			if rng.IntN(12) == 0 {
-				b.WriteString(fmt.Sprintf("(%d);\n", rng.IntN(100000)))
+				fmt.Fprintf(&b, "(%d);\n", rng.IntN(100000))
 			} else {
 				b.WriteByte(' ')
 			}

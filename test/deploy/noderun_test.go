@@ -118,8 +118,7 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 				t.Logf("refused as expected without project quotas: %s", firstLines(strings.TrimSpace(out), 2))
 			case <-time.After(30 * time.Second):
 				_ = cmd.Process.Kill()
-				<-exited
-				t.Fatalf("the node plugin started with --keep-writable-layers on a state dir without project quotas:\n%s", logs.String())
+				t.Fatalf("the node plugin started with --keep-writable-layers on a state dir without project quotas (killed: %v):\n%s", <-exited, logs.String())
 			}
 			return
 		}
@@ -127,7 +126,7 @@ func TestNodePluginStartsWithRenderedFlags(t *testing.T) {
 		defer func() {
 			if !stopped {
 				_ = cmd.Process.Kill()
-				<-exited
+				t.Logf("apm-csi-node killed: %v", <-exited)
 			}
 			if t.Failed() {
 				t.Logf("apm-csi-node %s\nlogs:\n%s", strings.Join(args, " "), logs.String())

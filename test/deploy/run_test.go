@@ -140,10 +140,13 @@ func runWebhookVariant(t *testing.T, bin, assets string, v Variant, in *Install)
 	defer func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-exited:
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("the webhook did not stop cleanly on SIGTERM: %v", err)
+			}
 		case <-time.After(20 * time.Second):
 			_ = cmd.Process.Kill()
-			<-exited
+			t.Logf("the webhook did not stop within 20s of SIGTERM; killed: %v", <-exited)
 		}
 		if t.Failed() {
 			t.Logf("webhook %s\nlogs:\n%s", strings.Join(args, " "), logs.String())

@@ -194,7 +194,7 @@ func RenewCertificate(ctx context.Context, cm cmclient.Interface, ns, name strin
 		}
 		_, err = cm.CertmanagerV1().Certificates(ns).UpdateStatus(ctx, crt, metav1.UpdateOptions{})
 		if apierrors.IsNotFound(err) {
-			return fmt.Errorf("Certificate %s/%s is gone", ns, name)
+			return fmt.Errorf("the Certificate %s/%s is gone", ns, name)
 		}
 		return err
 	})

@@ -99,8 +99,8 @@ func sign(tmpl *x509.Certificate, key crypto.Signer, parent *x509.Certificate, p
 	}, nil
 }
 
-// issue signs a leaf certificate with the CA.
-func (ca *keyPair) issue(req certRequest, now time.Time) (*keyPair, error) {
+// issue signs a leaf certificate with kp as the CA.
+func (kp *keyPair) issue(req certRequest, now time.Time) (*keyPair, error) {
 	key, err := newKey()
 	if err != nil {
 		return nil, err
@@ -119,7 +119,7 @@ func (ca *keyPair) issue(req certRequest, now time.Time) (*keyPair, error) {
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:  []x509.ExtKeyUsage{req.usage},
 	}
-	return sign(tmpl, key, ca.cert, ca.key)
+	return sign(tmpl, key, kp.cert, kp.key)
 }
 
 func (kp *keyPair) write(dir, base string) error {

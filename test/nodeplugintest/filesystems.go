@@ -70,7 +70,9 @@ func Ext4(t testing.TB, sizeMiB int, features, mountOptions string) string {
 	t.Cleanup(func() {
 		if err := unix.Unmount(mnt, 0); err != nil {
 			t.Errorf("unmount %s: %v", mnt, err)
-			unix.Unmount(mnt, unix.MNT_DETACH)
+			if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+				t.Errorf("detach %s: %v", mnt, err)
+			}
 		}
 	})
 	return mnt

@@ -10,6 +10,7 @@ package nodeplugintest
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"maps"
 	"os"
@@ -92,6 +93,7 @@ type Plugin struct {
 	Writable *writablelayer.Manager
 
 	srv            *grpc.Server
+	served         chan error // what srv.Serve returned
 	conn           *grpc.ClientConn
 	closeLibraries func() error
 }
@@ -149,7 +151,7 @@ func (p *Plugin) StartReady() {
 		}
 		libraries, p.closeLibraries = store, closeStore
 	}
-	var writable writablelayer.Interface = p.Config.WritableLayers
+	writable := p.Config.WritableLayers
 	if writable == nil {
 		manager, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
 		if err != nil {
@@ -183,7 +185,8 @@ func (p *Plugin) StartReady() {
 	}
 	p.Driver = d
 	p.srv = driver.NewGRPCServer(d, p.Log)
-	go p.srv.Serve(lis)
+	p.served = make(chan error, 1)
+	go func(srv *grpc.Server, served chan<- error) { served <- srv.Serve(lis) }(p.srv, p.served)
 	if err := d.Start(context.Background()); err != nil {
 		p.T.Fatal(err)
 	}
@@ -203,7 +206,10 @@ func (p *Plugin) Stop() {
 			p.conn.Close()
 		}
 		grpcserver.Shutdown(p.srv, p.Config.DrainTimeout)
-		p.srv, p.conn = nil, nil
+		if err := <-p.served; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			p.T.Errorf("the plugin's gRPC server: %v", err)
+		}
+		p.srv, p.served, p.conn = nil, nil, nil
 		if err := p.Driver.Close(); err != nil {
 			p.T.Errorf("closing the driver: %v", err)
 		}

@@ -100,7 +100,7 @@ func FindNode(ctx context.Context) (*Node, error) {
 	major, _ := strconv.Atoi(m[1])
 	n := &Node{Binary: bin, Version: strings.TrimPrefix(v, "v"), Major: major}
 	if major < MinNodeMajor {
-		return nil, fmt.Errorf("Node.js %s at %s is older than %d, the oldest dd-trace %s supports", v, bin, MinNodeMajor, DDTraceVersion)
+		return nil, fmt.Errorf("the Node.js %s at %s is older than %d, the oldest dd-trace %s supports", v, bin, MinNodeMajor, DDTraceVersion)
 	}
 	n.Package = debianPackage(ctx, p, bin)
 	return n, nil

@@ -104,7 +104,7 @@ hostdirs:
 - {name: a, namespaces: ["*"]}
 `, err: []string{`hostdirs[0].name`, `"b/x" can never be allowed`, `hostdirs[2].name: entry "a" is listed twice`}},
 		{name: "hostdir takes no path", yaml: "hostdirs: [{name: b, namespaces: [a], path: /srv}]", err: []string{`unknown field "path"`}},
-		{name: "typo in a field", yaml: "langauges: []", err: []string{`unknown field "langauges"`}},
+		{name: "typo in a field", yaml: "language: []", err: []string{`unknown field "language"`}},
 		{name: "every problem at once", yaml: `
 registry: "gcr.io//datadoghq"
 languages: [{name: cobol}, {name: java, version: "v 1"}, {name: js}, {name: js}]

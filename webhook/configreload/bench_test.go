@@ -23,7 +23,12 @@ func BenchmarkReloadAfterSwap(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Start(ctx) }()
-	defer func() { cancel(); <-done }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			b.Error(err)
+		}
+	}()
 	// Until the watch is set up.
 	for s.Hash() != configreloadtest.Hash(t, javaV2) {
 		m.Update(t, javaV2)

@@ -115,7 +115,12 @@ func TestStartReloadsWhenKubeletSwapsTheMount(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Start(ctx) }()
-	defer func() { cancel(); <-done }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
 	want := configreloadtest.Hash(t, javaV2)
 	// Until the watch is set up, an update may go unseen; each swap is a new event.
 	err = wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -83,7 +84,9 @@ func rssKiB(tb testing.TB, pid int) int {
 	for _, line := range strings.Split(string(data), "\n") {
 		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
 			var kib int
-			fmt.Sscanf(strings.TrimSpace(v), "%d", &kib)
+			if n, err := fmt.Sscanf(strings.TrimSpace(v), "%d", &kib); n != 1 || err != nil {
+				tb.Fatalf("VmRSS of process %d: %q: %v", pid, v, err)
+			}
 			return kib
 		}
 	}
@@ -115,8 +118,11 @@ func newBinaryEnv(tb testing.TB) *binaryEnv {
 		defer e.mu.Unlock()
 		for _, cmd := range e.procs {
 			if cmd.ProcessState == nil {
-				cmd.Process.Kill()
-				cmd.Wait()
+				if err := cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+					tb.Errorf("kill the node plugin: %v", err)
+				}
+				// Killed: its exit status says only that.
+				_ = cmd.Wait()
 			}
 		}
 	})
@@ -209,7 +215,9 @@ func (e *binaryEnv) start(tb testing.TB) (*exec.Cmd, *syncBuffer) {
 // stop sends SIGTERM and waits for a clean exit.
 func (e *binaryEnv) stop(tb testing.TB, cmd *exec.Cmd, logs *syncBuffer) {
 	tb.Helper()
-	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		tb.Fatalf("SIGTERM: %v\n%s", err, logs.String())
+	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	select {

@@ -115,30 +115,18 @@ func TestDatadogAPMSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("agent"))
-			c.Close()
-		}
-	}()
+	answered := serveReply(l, "agent")
 	target := p.Target("app", "datadog-apm")
 	p.MustPublish("csi-dd", target, nodeplugintest.Ephemeral(map[string]string{"type": "APMSocket"}, "app"), false)
 	if fi, err := os.Lstat(target); err != nil || fi.IsDir() {
 		t.Fatalf("the socket target must be a file: %v %v", fi, err)
 	}
-	c, err := net.Dial("unix", target)
+	got, err := readReply(target, answered)
 	if err != nil {
-		t.Fatalf("connect to the agent through the volume: %v", err)
+		t.Fatalf("the agent through the volume: %v", err)
 	}
-	buf := make([]byte, 5)
-	n, _ := c.Read(buf)
-	c.Close()
-	if string(buf[:n]) != "agent" {
-		t.Fatalf("got %q from the socket", buf[:n])
+	if got != "agent" {
+		t.Fatalf("got %q from the socket", got)
 	}
 	p.MustUnpublish("csi-dd", target)
 	if _, err := os.Lstat(target); !os.IsNotExist(err) {

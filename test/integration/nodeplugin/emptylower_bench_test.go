@@ -30,7 +30,11 @@ func BenchmarkEmptyLowerOverlayAtScale(b *testing.B) {
 	if err := unix.Mount("tmpfs", root, "tmpfs", 0, "size=64m"); err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { unix.Unmount(root, unix.MNT_DETACH) })
+	b.Cleanup(func() {
+		if err := unix.Unmount(root, unix.MNT_DETACH); err != nil {
+			b.Error(err)
+		}
+	})
 	state, layer, target := filepath.Join(root, "state"), filepath.Join(root, "store", "layer"), filepath.Join(root, "target")
 	empty := filepath.Join(state, "empty")
 	for _, d := range []string{empty, layer, target} {
@@ -43,7 +47,11 @@ func BenchmarkEmptyLowerOverlayAtScale(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { releaseStore() })
+	b.Cleanup(func() {
+		if err := releaseStore(); err != nil {
+			b.Error(err)
+		}
+	})
 	m := mounter.New()
 	measure := func() time.Duration {
 		var ds []time.Duration

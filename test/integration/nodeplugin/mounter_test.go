@@ -113,33 +113,25 @@ func TestBindMountSocketReadOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("pong"))
-			c.Close()
-		}
-	}()
+	answered := serveReply(l, "pong")
 	target := filepath.Join(root, "target.socket")
 	writeFile(t, target, "")
 	m := mounter.New()
 	if err := m.Bind(sock, target, true); err != nil {
 		t.Fatal(err)
 	}
-	defer m.Unmount(target)
+	defer func() {
+		if err := m.Unmount(target); err != nil {
+			t.Error(err)
+		}
+	}()
 	// A client connects through the read-only mount: sockets are usable on a read-only mount.
-	c, err := net.Dial("unix", target)
+	got, err := readReply(target, answered)
 	if err != nil {
-		t.Fatalf("connect through the mounted socket: %v", err)
+		t.Fatalf("through the mounted socket: %v", err)
 	}
-	buf := make([]byte, 4)
-	n, _ := c.Read(buf)
-	c.Close()
-	if string(buf[:n]) != "pong" {
-		t.Fatalf("read %q through the socket", buf[:n])
+	if got != "pong" {
+		t.Fatalf("read %q through the socket", got)
 	}
 }
 
@@ -226,7 +218,11 @@ func TestOverlayReadOnly(t *testing.T) {
 			if err := m.Overlay(d["mnt"], mounter.Overlay{Lower: []string{d["top"], d["bottom"]}}); err != nil {
 				t.Fatal(err)
 			}
-			defer m.Unmount(d["mnt"])
+			defer func() {
+				if err := m.Unmount(d["mnt"]); err != nil {
+					t.Error(err)
+				}
+			}()
 			if got := readFile(t, filepath.Join(d["mnt"], "both")); got != "top" {
 				t.Fatalf("the first lower dir must win: got %q", got)
 			}
@@ -266,7 +262,11 @@ func TestOverlayManyLowerDirs(t *testing.T) {
 	if err := m.Overlay(d["mnt"], o); err != nil {
 		t.Fatal(err)
 	}
-	defer m.Unmount(d["mnt"])
+	defer func() {
+		if err := m.Unmount(d["mnt"]); err != nil {
+			t.Error(err)
+		}
+	}()
 	if _, err := os.Stat(filepath.Join(d["mnt"], "f39")); err != nil {
 		t.Fatalf("the bottom layer is not visible: %v", err)
 	}
@@ -304,7 +304,11 @@ func TestOwnMountIsIdempotentAndLeavesNoChildren(t *testing.T) {
 	if err := unix.Mount("tmpfs", dirs["state/overlays/a"], "tmpfs", 0, "size=1m"); err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Unmount(dirs["state/overlays/a"], 0)
+	defer func() {
+		if err := unix.Unmount(dirs["state/overlays/a"], 0); err != nil {
+			t.Error(err)
+		}
+	}()
 
 	release, err := mounter.OwnMount(store)
 	if err != nil {

@@ -3,6 +3,7 @@ package nodeplugin
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -66,7 +67,7 @@ func TestBindFlagsReachTheHostCopy(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { l.Close() })
-			go servePong(l)
+			answered := serveReply(l, "pong")
 			// A source on a read-only, noexec mount: a writable bind of it keeps both
 			// restrictions (Bind adds restrictions, never lifts one).
 			restricted := filepath.Join(host, "restricted")
@@ -119,7 +120,7 @@ func TestBindFlagsReachTheHostCopy(t *testing.T) {
 					}
 					switch {
 					case tt.source == sock:
-						assertPong(t, target)
+						assertPong(t, target, answered)
 					case tt.file:
 						if got := readFile(t, target); got != readFile(t, tt.source) {
 							t.Errorf("the mounted file reads %q", got)
@@ -262,29 +263,57 @@ func mustMount(t *testing.T, source, target string, flags uintptr) {
 	}
 }
 
-func servePong(l net.Listener) {
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			return
+// serveReply answers every connection to l with reply and closes it, as an agent's socket
+// would, until l is closed. The outcome of each answer goes to the returned channel; one that
+// finds it full is dropped (each test makes one connection and reads its outcome).
+func serveReply(l net.Listener, reply string) <-chan error {
+	answered := make(chan error, 1)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			_, err = c.Write([]byte(reply))
+			if cerr := c.Close(); err == nil {
+				err = cerr
+			}
+			select {
+			case answered <- err:
+			default:
+			}
 		}
-		c.Write([]byte("pong"))
-		c.Close()
-	}
+	}()
+	return answered
 }
 
-// assertPong connects to the socket at path, which servePong answers.
-func assertPong(t *testing.T, path string) {
-	t.Helper()
+// readReply connects to the socket at path, which serveReply answers, and returns what it
+// read once the server closed the connection; answered is serveReply's channel.
+func readReply(path string, answered <-chan error) (string, error) {
 	c, err := net.Dial("unix", path)
 	if err != nil {
-		t.Errorf("connect through the mounted socket: %v", err)
-		return
+		return "", fmt.Errorf("connect: %w", err)
 	}
 	defer c.Close()
-	buf := make([]byte, 4)
-	n, _ := c.Read(buf)
-	if string(buf[:n]) != "pong" {
-		t.Errorf("read %q through the mounted socket", buf[:n])
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return string(got), fmt.Errorf("read: %w", err)
+	}
+	if err := <-answered; err != nil {
+		return string(got), fmt.Errorf("the socket's server could not answer: %w", err)
+	}
+	return string(got), nil
+}
+
+// assertPong connects to the socket at path, which serveReply(l, "pong") answers.
+func assertPong(t *testing.T, path string, answered <-chan error) {
+	t.Helper()
+	got, err := readReply(path, answered)
+	if err != nil {
+		t.Errorf("through the mounted socket: %v", err)
+		return
+	}
+	if got != "pong" {
+		t.Errorf("read %q through the mounted socket", got)
 	}
 }

@@ -2,6 +2,7 @@ package nodeplugin
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -87,6 +88,7 @@ func writeContinuously(b *testing.B, dir string) func() {
 	must(b, err)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
+	var writeErr error // the error that stopped the writer, read after wg.Wait
 	wg.Go(func() {
 		buf := make([]byte, 1<<20)
 		for i := 1; ; i++ {
@@ -95,19 +97,41 @@ func writeContinuously(b *testing.B, dir string) func() {
 				return
 			default:
 			}
-			f.Write(buf)
-			if i%8 == 0 {
-				f.Sync()
-			}
-			if i%64 == 0 {
-				f.Truncate(0)
-				f.Seek(0, 0)
+			if writeErr = writeStep(f, buf, i); writeErr != nil {
+				return
 			}
 		}
 	})
 	return func() {
 		close(done)
 		wg.Wait()
-		f.Close()
+		if writeErr != nil {
+			b.Errorf("the writer stopped early, so some runs had no writer: %v", writeErr)
+		}
+		if err := f.Close(); err != nil {
+			b.Error(err)
+		}
 	}
+}
+
+// writeStep is the writer's i-th step: a write of buf, a sync every 8 steps, and back to an
+// empty file every 64.
+func writeStep(f *os.File, buf []byte, i int) error {
+	if _, err := f.Write(buf); err != nil {
+		return err
+	}
+	if i%8 == 0 {
+		if err := f.Sync(); err != nil {
+			return err
+		}
+	}
+	if i%64 == 0 {
+		if err := f.Truncate(0); err != nil {
+			return err
+		}
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -113,7 +113,12 @@ func TestSelfManagedCertificates(t *testing.T) {
 	mctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- mgr.Start(mctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("the certificate controller's manager: %v", err)
+		}
+	})
 
 	// Re-apply the manifest as shipped: no caBundle.
 	current := &admissionregistrationv1.MutatingWebhookConfiguration{}

@@ -71,7 +71,7 @@ func TestPodsCreatedWhileTheWebhookWasDownAreNoticed(t *testing.T) {
 	early := h.create(t, pod("later", "early", nil, nil))
 	assertUnmutated(t, early)
 
-	h.shutdown()
+	h.shutdown(t)
 	d := &appsv1.Deployment{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "down", Name: "web"},
 		Spec: appsv1.DeploymentSpec{

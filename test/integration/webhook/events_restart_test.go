@@ -50,7 +50,12 @@ func startEventRecorder(tb testing.TB, h *harness, instance string) (stop func()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- mgr.Start(ctx) }()
-	return func() { cancel(); <-done }
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("the event recorder's manager: %v", err)
+		}
+	}
 }
 
 // TestPodEventOnceAcrossRestartsAndReplicas: the webhook is restarted and a second replica
@@ -63,7 +68,7 @@ func TestPodEventOnceAcrossRestartsAndReplicas(t *testing.T) {
 	h.eventually(t, "the pod's Event", func() bool { return len(h.podEvents(t, "once", p.UID)) == 1 })
 
 	// The webhook stops; a restarted one and a second replica list the pods from scratch.
-	h.shutdown()
+	h.shutdown(t)
 	already := podEventsTotal(t, "already-recorded")
 	for _, instance := range []string{"restarted", "replica-2"} {
 		stop := startEventRecorder(t, h, instance)

@@ -211,18 +211,22 @@ func startHarnessWith(tb testing.TB, opts harnessOptions) *harness {
 		})
 	}
 	h.startWebhook(tb)
-	tb.Cleanup(h.shutdown)
+	tb.Cleanup(func() { h.shutdown(tb) })
 	return h
 }
 
-// shutdown stops the webhook (the API server keeps running).
-func (h *harness) shutdown() {
+// shutdown stops the webhook (the API server keeps running); tb fails if the manager ended
+// with an error.
+func (h *harness) shutdown(tb testing.TB) {
+	tb.Helper()
 	if h.stop == nil {
 		return
 	}
 	h.stop()
 	h.stop = nil
-	<-h.done
+	if err := <-h.done; err != nil {
+		tb.Errorf("the webhook's manager: %v", err)
+	}
 }
 
 // namespace creates a namespace with labels and annotations.

@@ -268,7 +268,7 @@ func TestWebhook(t *testing.T) {
 
 	// Last: stops the webhook.
 	t.Run("webhook down: pods are still created", func(t *testing.T) {
-		h.shutdown()
+		h.shutdown(t)
 		start := time.Now()
 		assertUnmutated(t, h.create(t, pod("ssi", "while-down", nil, nil)))
 		if d := time.Since(start); d > 10*time.Second {

@@ -291,13 +291,17 @@ func envOr(k, def string) string {
 	return def
 }
 
-func (r *run) main(repoRoot, root, imagesDir string, o options) error {
+func (r *run) main(repoRoot, root, imagesDir string, o options) (err error) {
 	ctx := r.ctx
 	r.reg = libimages.NewRegistry()
 	if err := r.reg.Start(); err != nil {
 		return err
 	}
-	defer r.reg.Stop()
+	defer func() {
+		if serr := r.reg.Stop(); serr != nil {
+			err = errors.Join(err, fmt.Errorf("stop the image registry: %w", serr))
+		}
+	}()
 	r.prefix = r.reg.Addr() + "/" + libRepo
 
 	type built struct {

@@ -104,11 +104,12 @@ func (r *run) scalePhase(n, reps int) error {
 	for rep := 0; rep < reps; rep++ {
 		for k := range order {
 			arm := order[(rep+k)%len(order)]
-			if arm == bench.ArmIVCold {
+			switch arm {
+			case bench.ArmIVCold:
 				if err := r.evictLibraryImages(); err != nil {
 					return err
 				}
-			} else if arm == bench.ArmIVWarm || arm == bench.ArmInit {
+			case bench.ArmIVWarm, bench.ArmInit:
 				// The images must be on the node: a cold image-volume start just before put them
 				// there, or the rounds did.
 				if !r.imagesPresent() {

@@ -29,11 +29,28 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:]); err != nil {
+	err := run(ctx, os.Args[1:])
+	var perr parseError
+	switch {
+	case err == nil:
+	case errors.Is(err, flag.ErrHelp):
+		// -h: the flag set printed the usage.
+		os.Exit(0)
+	case errors.As(err, &perr):
+		// The flag set printed the error and the usage.
+		os.Exit(2)
+	default:
 		fmt.Fprintln(os.Stderr, "localcluster:", err)
 		os.Exit(1)
 	}
 }
+
+// parseError is a command line that a command's flag set refused; the flag set printed why,
+// with the usage.
+type parseError struct{ err error }
+
+func (e parseError) Error() string { return e.err.Error() }
+func (e parseError) Unwrap() error { return e.err }
 
 const usage = "usage: localcluster up|down|status|kubeconfig|import|apply [flags] (-h for each)"
 
@@ -42,7 +59,13 @@ func run(ctx context.Context, args []string) error {
 		return errors.New(usage)
 	}
 	cmd, args := args[0], args[1:]
-	fs := flag.NewFlagSet(cmd, flag.ExitOnError)
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	parse := func() error {
+		if err := fs.Parse(args); err != nil {
+			return parseError{err}
+		}
+		return nil
+	}
 	root := fs.String("root", envOr("APM_CSI_CLUSTER_ROOT", localcluster.DefaultRoot), "directory holding all cluster state (env APM_CSI_CLUSTER_ROOT)")
 	logf := func(format string, a ...any) {
 		fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, a...)...)
@@ -57,7 +80,9 @@ func run(ctx context.Context, args []string) error {
 		fs.StringVar(&opts.RegistryAddr, "registry-addr", localcluster.DefaultRegistryAddr, "loopback address of the library image registry")
 		fs.DurationVar(&opts.ReadyTimeout, "timeout", localcluster.DefaultReadyTimeout, "timeout of each readiness wait")
 		fs.BoolVar(&opts.KeepOnFailure, "keep-on-failure", false, "leave processes running when up fails, for inspection")
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		opts.Root = *root
 		exe, err := os.Executable()
 		if err != nil {
@@ -76,7 +101,9 @@ func run(ctx context.Context, args []string) error {
 	case "down":
 		drain := fs.Duration("drain-timeout", localcluster.DefaultDrainTimeout, "how long the kubelet may take to delete pods before everything is stopped forcibly")
 		purge := fs.Bool("purge", false, "also remove the root directory (image store, logs, certificates)")
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		start := time.Now()
 		if err := localcluster.Down(ctx, localcluster.Options{Root: *root, DrainTimeout: *drain, Logf: logf}); err != nil {
 			return err
@@ -89,10 +116,14 @@ func run(ctx context.Context, args []string) error {
 		fmt.Printf("cluster down in %s\n", time.Since(start).Round(100*time.Millisecond))
 		return nil
 	case "status":
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		return status(ctx, *root)
 	case "kubeconfig":
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		c, err := localcluster.Attach(*root)
 		if err != nil {
 			return fmt.Errorf("no cluster under %s: %w", *root, err)
@@ -100,7 +131,9 @@ func run(ctx context.Context, args []string) error {
 		fmt.Println(c.Kubeconfig())
 		return nil
 	case "import":
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		c, err := localcluster.Attach(*root)
 		if err != nil {
 			return fmt.Errorf("no cluster under %s: %w", *root, err)
@@ -113,7 +146,9 @@ func run(ctx context.Context, args []string) error {
 		}
 		return nil
 	case "apply":
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		c, err := localcluster.Attach(*root)
 		if err != nil {
 			return fmt.Errorf("no cluster under %s: %w", *root, err)
@@ -130,7 +165,9 @@ func run(ctx context.Context, args []string) error {
 		// Run detached by `up`; not meant to be called by hand.
 		addr := fs.String("addr", localcluster.DefaultRegistryAddr, "loopback listen address")
 		dir := fs.String("dir", "", "blob directory")
-		fs.Parse(args)
+		if err := parse(); err != nil {
+			return err
+		}
 		if *dir == "" {
 			return errors.New("serve-registry needs --dir")
 		}
