@@ -3,16 +3,10 @@ package driver
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"fmt"
 	"log/slog"
-	"maps"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -22,61 +16,11 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
-	"github.com/apm-csi/apm-csi/nodeplugin/library"
+	"github.com/apm-csi/apm-csi/nodeplugin/library/librarytest"
 	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
-
-// fakeStore serves layers from directories it creates, or the error configured per image.
-type fakeStore struct {
-	root string
-	errs map[string]error
-	mu   sync.Mutex
-	// calls counts Layer calls.
-	calls int
-	// before, when set, runs first in every LayerFor call; an error it returns is the call's.
-	before func(ctx context.Context, image string) error
-}
-
-func (s *fakeStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (library.Layer, error) {
-	s.mu.Lock()
-	s.calls++
-	before := s.before
-	s.mu.Unlock()
-	if before != nil {
-		if err := before(ctx, lib.Image); err != nil {
-			return library.Layer{}, err
-		}
-	}
-	if err := s.errs[lib.Image]; err != nil {
-		return library.Layer{}, err
-	}
-	sum := sha256.Sum256([]byte(lib.Image + lib.Source + lib.Target))
-	d := "sha256:" + hex.EncodeToString(sum[:])
-	dir := filepath.Join(s.root, "layers", hex.EncodeToString(sum[:8]))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return library.Layer{}, err
-	}
-	return library.Layer{Dir: dir, Digest: d}, nil
-}
-
-func (s *fakeStore) GeneratedFiles(files map[string]string) (string, error) {
-	h := sha256.New()
-	for _, k := range slices.Sorted(maps.Keys(files)) {
-		fmt.Fprintf(h, "%s\x00%s\x00", k, files[k])
-	}
-	dir := filepath.Join(s.root, "generated", hex.EncodeToString(h.Sum(nil))[:16])
-	for name, content := range files {
-		if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, name)), 0o755); err != nil {
-			return "", err
-		}
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
-			return "", err
-		}
-	}
-	return dir, nil
-}
 
 // counterValue reads a counter without prometheus/testutil, whose diff dependency the module
 // does not otherwise need.
@@ -92,7 +36,7 @@ type fixture struct {
 	d       *Driver
 	m       *mounter.Fake
 	wl      *writablelayer.Fake
-	store   *fakeStore
+	store   *librarytest.Store
 	kubelet string
 	state   string
 	host    string
@@ -109,7 +53,7 @@ func newFixture(t *testing.T, opts ...fixtureOption) *fixture {
 	f := &fixture{
 		m:       mounter.NewFake(),
 		wl:      writablelayer.NewFake(),
-		store:   &fakeStore{root: filepath.Join(root, "cache"), errs: map[string]error{}},
+		store:   librarytest.New(filepath.Join(root, "cache")),
 		kubelet: filepath.Join(root, "kubelet"),
 		state:   filepath.Join(root, "state"),
 		host:    filepath.Join(root, "host"),

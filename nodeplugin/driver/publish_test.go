@@ -371,7 +371,7 @@ func TestPublishLibraryErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFixture(t)
-			f.store.errs["r.local/bad:v1"] = tt.err
+			f.store.FailWith("r.local/bad:v1", tt.err)
 			target := f.target("pod-a")
 			_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", target, libraryAttrs("r.local/good:v1", "r.local/bad:v1")))
 			wantCode(t, err, tt.code, tt.contains, "r.local/bad:v1")

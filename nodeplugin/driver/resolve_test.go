@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
+	"github.com/apm-csi/apm-csi/nodeplugin/library/librarytest"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
 )
 
@@ -18,7 +19,7 @@ import (
 func heldStore(f *fixture, held string) (started <-chan string, release func()) {
 	ch := make(chan string, 16)
 	gate := make(chan struct{})
-	f.store.before = func(ctx context.Context, image string) error {
+	f.store.Before(func(ctx context.Context, image string) error {
 		ch <- image
 		if image != held {
 			return nil
@@ -29,7 +30,7 @@ func heldStore(f *fixture, held string) (started <-chan string, release func()) 
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for %s: %w", image, ctx.Err())
 		}
-	}
+	})
 	return ch, func() { close(gate) }
 }
 
@@ -62,7 +63,7 @@ func TestPublishFailsFastOnAFinalLibraryError(t *testing.T) {
 	f := newFixture(t)
 	_, release := heldStore(f, "r.local/slow:v1")
 	defer release()
-	f.store.errs["r.local/missing:v1"] = fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound)
+	f.store.FailWith("r.local/missing:v1", fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound))
 	done := make(chan error, 1)
 	go func() {
 		_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", f.target("pod-a"), libraryAttrs("r.local/slow:v1", "r.local/missing:v1")))
@@ -83,8 +84,8 @@ func TestPublishReturnsAFinalErrorOverARetryableOne(t *testing.T) {
 	for _, order := range [][]string{{"r.local/busy:v1", "r.local/denied:v1"}, {"r.local/denied:v1", "r.local/busy:v1"}} {
 		t.Run(order[0], func(t *testing.T) {
 			f := newFixture(t)
-			f.store.errs["r.local/busy:v1"] = fmt.Errorf("pulling: %w", library.ErrDownloadInProgress)
-			f.store.errs["r.local/denied:v1"] = fmt.Errorf("%w: not in the allowed repositories", library.ErrImageNotAllowed)
+			f.store.FailWith("r.local/busy:v1", fmt.Errorf("pulling: %w", library.ErrDownloadInProgress))
+			f.store.FailWith("r.local/denied:v1", fmt.Errorf("%w: not in the allowed repositories", library.ErrImageNotAllowed))
 			_, err := f.d.NodePublishVolume(context.Background(), f.publishReq("vol-1", f.target("pod-a"), libraryAttrs(order...)))
 			wantCode(t, err, codes.PermissionDenied, "r.local/denied:v1")
 		})
@@ -131,7 +132,7 @@ func TestPublishKeepsLayerOrderWhateverFinishesFirst(t *testing.T) {
 		t.Fatalf("top layer = %s, want the generated preload file", got[0].Dir)
 	}
 	for i, lib := range spec.Libraries {
-		want, err := (&fakeStore{root: f.store.root}).LayerFor(context.Background(), "", lib)
+		want, err := librarytest.New(f.store.Root).LayerFor(context.Background(), "", lib)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -85,8 +85,8 @@ func TestWritableLimitAboveTheMaximumIsRefusedBeforeAnythingIsAllocated(t *testi
 		req.Readonly = readonly
 		_, err := f.d.NodePublishVolume(context.Background(), req)
 		wantCode(t, err, codes.InvalidArgument, `volume attribute "writableLimit" asks for a writable layer of 2Gi (2147483648 bytes)`, "512Mi (536870912 bytes)", "--max-writable-layer")
-		if f.store.calls != 0 {
-			t.Errorf("the library store was asked for %d layers", f.store.calls)
+		if f.store.Calls() != 0 {
+			t.Errorf("the library store was asked for %d layers", f.store.Calls())
 		}
 		if len(f.wl.Limits()) != 0 || f.m.Len() != 0 || len(f.d.Records()) != 0 {
 			t.Errorf("allocated: layers %v, %d mounts, records %+v", f.wl.Limits(), f.m.Len(), f.d.Records())

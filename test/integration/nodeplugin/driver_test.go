@@ -227,7 +227,7 @@ func TestLibraryVolumes(t *testing.T) {
 
 func TestLibraryFailureLeavesNothing(t *testing.T) {
 	p := startPlugin(t)
-	p.store.errs["registry.local/dd-lib-python-init:v3"] = fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound)
+	p.store.FailWith("registry.local/dd-lib-python-init:v3", fmt.Errorf("manifest unknown: %w", library.ErrImageNotFound))
 	target := p.Target("pod", "apm")
 	err := p.Publish("csi-x", target, nodeplugintest.Ephemeral(injectorAttrs(), "x"), false)
 	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "registry.local/dd-lib-python-init:v3") {

@@ -4,82 +4,22 @@
 package nodeplugin
 
 import (
-	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"fmt"
-	"maps"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
-	"sync"
 	"testing"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
-	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/nodeplugin/library/librarytest"
 	"github.com/apm-csi/apm-csi/test/nodeplugintest"
 )
 
-// dirStore stands in for the library cache (nodeplugin/librarycache, tested on its own): it
-// serves immutable directories that the test filled, which is all the driver relies on.
-type dirStore struct {
-	root string
-	mu   sync.Mutex
-	errs map[string]error
-}
-
-// layerDir returns (creating it with one file naming the image) the directory for an image.
-func (s *dirStore) layerDir(image string) (string, string, error) {
-	sum := sha256.Sum256([]byte(image))
-	digest := "sha256:" + hex.EncodeToString(sum[:])
-	dir := filepath.Join(s.root, "layers", hex.EncodeToString(sum[:6]))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", "", err
-	}
-	name := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(image))
-	if err := os.WriteFile(name, []byte(image+"\n"), 0o644); err != nil {
-		return "", "", err
-	}
-	return dir, digest, nil
-}
-
-func (s *dirStore) LayerFor(ctx context.Context, _ string, lib volumeattrs.Library) (library.Layer, error) {
-	s.mu.Lock()
-	err := s.errs[lib.Image]
-	s.mu.Unlock()
-	if err != nil {
-		return library.Layer{}, err
-	}
-	dir, digest, err := s.layerDir(lib.Image)
-	return library.Layer{Dir: dir, Digest: digest}, err
-}
-
-func (s *dirStore) GeneratedFiles(files map[string]string) (string, error) {
-	h := sha256.New()
-	for _, k := range slices.Sorted(maps.Keys(files)) {
-		fmt.Fprintf(h, "%s\x00%s\x00", k, files[k])
-	}
-	dir := filepath.Join(s.root, "generated", hex.EncodeToString(h.Sum(nil))[:12])
-	for name, content := range files {
-		p := filepath.Join(dir, name)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			return "", err
-		}
-		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-			return "", err
-		}
-	}
-	return dir, nil
-}
-
 // plugin is a running node plugin (nodeplugintest.Plugin) over a temporary kubelet dir, with
-// its host directories and the fake library store.
+// its host directories and a library store that serves test directories (librarytest).
 type plugin struct {
 	*nodeplugintest.Plugin
 	host  string
-	store *dirStore
+	store *librarytest.Store
 }
 
 // startPlugin creates the directories, the allowlist (data: writable dir, shared: read-only
@@ -100,7 +40,7 @@ func newPlugin(t testing.TB) *plugin {
 	p := &plugin{
 		Plugin: np,
 		host:   filepath.Join(np.Root, "host"),
-		store:  &dirStore{root: filepath.Join(np.Root, "cache"), errs: map[string]error{}},
+		store:  librarytest.New(filepath.Join(np.Root, "cache")),
 	}
 	for _, d := range []string{"data", "shared", "team-a"} {
 		if err := os.MkdirAll(filepath.Join(p.host, d), 0o755); err != nil {
