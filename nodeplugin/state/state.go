@@ -93,7 +93,8 @@ type Pod struct {
 // Key names a record: one volume id may be published at several targets (a static
 // PersistentVolume used by several pods on the node), and each needs its own overlay dirs.
 func Key(volumeID, targetPath string) string {
-	sum := sha256.Sum256([]byte(volumeID + "\x00" + targetPath))
+	var buf [256]byte // what is hashed, on the stack unless longer
+	sum := sha256.Sum256(append(append(append(buf[:0], volumeID...), 0), targetPath...))
 	return hex.EncodeToString(sum[:])
 }
 
@@ -241,12 +242,11 @@ func (s *Store) journalPath() string { return filepath.Join(s.dir, journalName) 
 // The surviving records are decoded (entry.rec), with their Attributes only if attributes is
 // set.
 func (s *Store) replay(data []byte, attributes bool) (good int64, torn bool, errs []error) {
-	// One block for every line's entry, and the map sized for all of them: a journal holds
-	// at most about twice as many lines as live records (see compact).
-	lines := bytes.Count(data, []byte{'\n'})
-	slab := make([]entry, lines)
+	// The entries are carved out of blocks of many, and the map is sized for a journal of
+	// records of about 1.5 KB.
+	var block []entry
 	if len(s.live) == 0 {
-		s.live = make(map[string]*entry, lines)
+		s.live = make(map[string]*entry, len(data)/1536)
 	}
 	var pending []error
 	off := 0
@@ -277,7 +277,11 @@ func (s *Store) replay(data []byte, attributes bool) (good int64, torn bool, err
 		}
 		switch op {
 		case opPut:
-			e := &slab[lineNo-1]
+			if len(block) == 0 {
+				block = make([]entry, 512)
+			}
+			e := &block[0]
+			block = block[1:]
 			e.line = line
 			s.live[key] = e
 		case opDelete:
