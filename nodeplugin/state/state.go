@@ -17,9 +17,11 @@
 // A record is written in a compact tab-separated encoding (encoding.go), with the paths below
 // the state dir written relative to it. Open reads the journal once and decodes its records
 // without allocating per record, and without their attributes, which only diagnostics read
-// (Index hands these records out; List and Get decode records whole). Journals whose records earlier versions wrote in full (the first compact encoding) or as
-// JSON are read and rewritten by Open (earlier versions cannot read what this one writes). Records of still earlier versions, one JSON file per record in the same
-// directory, are taken into the journal by Open and then removed.
+// (Index hands these records out; List and Get decode records whole). Journals whose records
+// earlier versions wrote in full (the first compact encoding) or as JSON are read and
+// rewritten by Open (those versions cannot read what this one writes). Records of still
+// earlier versions, one JSON file per record in the same directory, are taken into the
+// journal by Open and then removed.
 package state
 
 import (
