@@ -231,7 +231,7 @@ func (f *fields) next() string {
 	return v
 }
 
-// skip passes over a field.
+// skip passes over a field, checking its escapes as next does.
 func (f *fields) skip() {
 	if f.err != nil {
 		return
@@ -241,7 +241,19 @@ func (f *fields) skip() {
 		f.err = errCompact
 		return
 	}
+	v := f.s[:i]
 	f.s = f.s[i+1:]
+	for f.escaped {
+		j := strings.IndexByte(v, '\\')
+		if j < 0 {
+			break
+		}
+		if j+1 == len(v) || (v[j+1] != '\\' && v[j+1] != 't' && v[j+1] != 'n') {
+			f.err = errCompact
+			return
+		}
+		v = v[j+2:]
+	}
 }
 
 func (f *fields) count() int {
