@@ -121,6 +121,19 @@ const (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
+// The checksums of a line's op alone, which every line's checksum starts from.
+var (
+	putChecksum    = crc32.Checksum([]byte{opPut}, castagnoli)
+	deleteChecksum = crc32.Checksum([]byte{opDelete}, castagnoli)
+)
+
+func opChecksum(op byte) uint32 {
+	if op == opPut {
+		return putChecksum
+	}
+	return deleteChecksum
+}
+
 // Store is the journal of records of one state dir. Its methods are safe for concurrent use.
 // One process uses a state dir at a time (the plugin's DaemonSet runs one pod per node).
 type Store struct {
@@ -385,7 +398,7 @@ func parseLine(line []byte) (op byte, key, body []byte, err error) {
 		return 0, nil, nil, errors.New("not a journal line")
 	}
 	rest := line[11:]
-	if crc32.Update(crc32.Checksum([]byte{op}, castagnoli), castagnoli, rest) != sum {
+	if crc32.Update(opChecksum(op), castagnoli, rest) != sum {
 		return 0, nil, nil, errors.New("checksum mismatch")
 	}
 	if rest[64] != ' ' {
