@@ -208,10 +208,9 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 	if rec.OverlayDir == "" && rec.UpperDir == "" && rec.WorkDir == "" {
 		return nil
 	}
-	// Compared piece by piece: start-up runs this for every record.
-	key := rec.Key()
+	// Compared piece by piece, without allocating: start-up runs this for every record.
 	dir, ok := strings.CutPrefix(rec.OverlayDir, d.overlaysDir)
-	ok = ok && len(dir) == 1+len(key) && dir[0] == '/' && dir[1:] == key
+	ok = ok && len(dir) > 1 && dir[0] == '/' && rec.HasKey(dir[1:])
 	if upper, found := strings.CutPrefix(rec.UpperDir, rec.OverlayDir); !ok || !found || upper != "/upper" {
 		ok = false
 	}
@@ -219,7 +218,7 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 		ok = false
 	}
 	if !ok {
-		want := d.overlaysDir + "/" + key
+		want := d.overlaysDir + "/" + rec.Key()
 		return fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
 	}
 	return nil

@@ -104,6 +104,15 @@ func Key(volumeID, targetPath string) string {
 // Key returns the record's key.
 func (r *Record) Key() string { return Key(r.VolumeID, r.TargetPath) }
 
+// HasKey reports whether key is the record's key, without allocating.
+func (r *Record) HasKey(key string) bool {
+	var buf [256]byte
+	sum := sha256.Sum256(append(append(append(buf[:0], r.VolumeID...), 0), r.TargetPath...))
+	var hexSum [2 * sha256.Size]byte
+	hex.Encode(hexSum[:], sum[:])
+	return string(hexSum[:]) == key
+}
+
 const (
 	journalName  = "journal"
 	recordSuffix = ".json" // records of earlier versions, one file each
