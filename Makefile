@@ -12,7 +12,7 @@ BIN     := bin
 # Budgets are execution counts, not durations: Go 1.26's fuzz coordinator can fail a
 # time-bounded run with "context deadline exceeded" (golang/go#75804), and counts also keep
 # CI's coverage the same on fast and slow machines.
-FUZZ_TARGETS := shared/volumeattrs:FuzzParse shared/volumeattrs:FuzzParseWritableLimit nodeplugin/hostdir:FuzzParseEntry nodeplugin/hostdir:FuzzParseConfig webhook/annotations:FuzzParseVolume nodeplugin/librarycache/extract:FuzzExtractEntries:10000x
+FUZZ_TARGETS := shared/volumeattrs:FuzzParse shared/volumeattrs:FuzzParseWritableLimit nodeplugin/hostdir:FuzzParseEntry nodeplugin/hostdir:FuzzParseConfig webhook/annotations:FuzzParseVolume nodeplugin/librarycache/extract:FuzzExtractEntries:10000x nodeplugin/state:FuzzDecodeRecord
 FUZZ_EXECS   ?= 100000x
 
 ##@ General

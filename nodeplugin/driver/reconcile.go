@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -46,7 +47,8 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 // references a little longer. Nothing is removed before it is confirmed unmounted, and a
 // record stays durable before its mount exists.
 func (d *Driver) Start(ctx context.Context) error {
-	records, listErr := d.store.List()
+	// The records without their attributes, which only diagnostics read (Records).
+	records, listErr := d.store.Index()
 	if listErr != nil {
 		// Unreadable records are left on disk for a person; everything else proceeds.
 		d.log.Error("some state records cannot be read; they are left in place", "error", listErr)
@@ -55,21 +57,23 @@ func (d *Driver) Start(ctx context.Context) error {
 	referenced := make(map[string]bool, len(records))
 	loaded := make([]*state.Record, 0, len(records))
 	d.mu.Lock()
+	if len(d.byTarget) == 0 {
+		d.byTarget = make(map[string]*state.Record, len(records))
+	}
 	for _, rec := range records {
-		if err := d.checkRecord(rec); err != nil {
-			// Records are read back from disk: untrusted input. One that is not what this
-			// plugin writes is never acted on; its overlay dir, if it names one of ours, is
-			// kept too.
-			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
+		// Records are read back from disk: untrusted input. One that is not what this
+		// plugin writes is never acted on; its overlay dir, if it names one of ours, is kept
+		// too.
+		if rec.OverlayDir != "" {
 			if name, ok := d.overlayKey(rec.OverlayDir); ok {
 				referenced[name] = true
 			}
+		}
+		if err := d.checkRecord(rec); err != nil {
+			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
 			continue
 		}
 		d.byTarget[rec.TargetPath] = rec
-		if name, ok := d.overlayKey(rec.OverlayDir); ok {
-			referenced[name] = true
-		}
 		loaded = append(loaded, rec)
 	}
 	d.mu.Unlock()
@@ -204,8 +208,17 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 	if rec.OverlayDir == "" && rec.UpperDir == "" && rec.WorkDir == "" {
 		return nil
 	}
-	want := d.overlaysDir + "/" + rec.Key()
-	if rec.OverlayDir != want || rec.UpperDir != want+"/upper" || rec.WorkDir != want+"/work" {
+	// Compared piece by piece, without allocating: start-up runs this for every record.
+	dir, ok := strings.CutPrefix(rec.OverlayDir, d.overlaysDir)
+	ok = ok && len(dir) > 1 && dir[0] == '/' && rec.HasKey(dir[1:])
+	if upper, found := strings.CutPrefix(rec.UpperDir, rec.OverlayDir); !ok || !found || upper != "/upper" {
+		ok = false
+	}
+	if work, found := strings.CutPrefix(rec.WorkDir, rec.OverlayDir); !ok || !found || work != "/work" {
+		ok = false
+	}
+	if !ok {
+		want := d.overlaysDir + "/" + rec.Key()
 		return fmt.Errorf("overlay dir %q (upper %q, work %q) is not this record's %s", rec.OverlayDir, rec.UpperDir, rec.WorkDir, want)
 	}
 	return nil
@@ -269,13 +282,21 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 	return removed, errors.Join(errs...)
 }
 
-// Records returns a copy of the published targets' records, for diagnostics and tests.
+// Records returns a copy of the published targets' records, for diagnostics and tests. The
+// records Start loaded are kept without their attributes (nothing else reads them); their
+// copies get them from the state journal.
 func (d *Driver) Records() []state.Record {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	out := make([]state.Record, 0, len(d.byTarget))
 	for _, r := range d.byTarget {
-		out = append(out, *r)
+		c := *r
+		if c.Attributes == nil {
+			if disk, ok, err := d.store.Get(r.VolumeID, r.TargetPath); err == nil && ok && disk.Created.Equal(r.Created) {
+				c.Attributes = disk.Attributes
+			}
+		}
+		out = append(out, c)
 	}
 	return out
 }

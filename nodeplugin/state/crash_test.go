@@ -127,6 +127,12 @@ func TestStoreSurvivesKillAtAnyPoint(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: reopening after the kill: %v", round, err)
 		}
+		// What start-up reads (the records Open decoded, without their attributes) first,
+		// then every record whole.
+		index, err := s.Index()
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
 		got, err := s.List()
 		if err != nil {
 			t.Fatalf("round %d: %v", round, err)
@@ -151,6 +157,16 @@ func TestStoreSurvivesKillAtAnyPoint(t *testing.T) {
 		for k, w := range want {
 			if !reflect.DeepEqual(gotByKey[k], w) {
 				t.Fatalf("round %d: record %s = %+v, want %+v", round, k, gotByKey[k], w)
+			}
+		}
+		if len(index) != len(got) {
+			t.Fatalf("round %d: Index has %d records, List %d", round, len(index), len(got))
+		}
+		for _, r := range index {
+			w := *gotByKey[r.Key()]
+			w.Attributes = nil
+			if !reflect.DeepEqual(*r, w) {
+				t.Fatalf("round %d: indexed record %s = %+v, want %+v", round, r.Key(), *r, w)
 			}
 		}
 		s.Close()

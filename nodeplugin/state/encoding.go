@@ -1,6 +1,8 @@
 package state
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,8 +18,9 @@ import (
 //
 //   - compact c2 (written by this version): "c2" and then the fields below, each followed
 //     by a tab; a backslash, tab or newline inside a field is written as "\\", "\t" or
-//     "\n". Decoding slices every field out of the line as read (no copy), so a start-up
-//     with thousands of records spends a few allocations per record, not hundreds. The paths
+//     "\n". Decoding slices every field out of the line as read (no copy), and the
+//     rest of a record out of blocks shared by many (decoder), so a start-up with thousands
+//     of records spends no allocation per record, and skips the attributes. The paths
 //     below the state dir are written relative to it, and the overlay dirs of a writable
 //     volume (always <state-dir>/overlays/<key>/{upper,work}) not at all, so a record is
 //     a third shorter and a start-up reads a third less.
@@ -49,6 +52,16 @@ func OverlaysDir(stateDir string) string { return filepath.Join(stateDir, "overl
 type codec struct {
 	// base is the state dir, clean and absolute, without a trailing slash.
 	base string
+	// overlays is OverlaysDir(base) and a slash (set by newCodec).
+	overlays string
+}
+
+// overlaysPrefix returns the overlays dir and a slash.
+func (c codec) overlaysPrefix() string {
+	if c.overlays != "" {
+		return c.overlays
+	}
+	return OverlaysDir(c.base) + "/"
 }
 
 // ownOverlay reports whether r's overlay dirs are the state dir's for r's key.
@@ -56,7 +69,7 @@ func (c codec) ownOverlay(r *Record) bool {
 	if r.OverlayDir == "" {
 		return false
 	}
-	want := OverlaysDir(c.base) + "/" + r.Key()
+	want := c.overlaysPrefix() + r.Key()
 	return r.OverlayDir == want && r.UpperDir == want+"/upper" && r.WorkDir == want+"/work"
 }
 
@@ -218,6 +231,31 @@ func (f *fields) next() string {
 	return v
 }
 
+// skip passes over a field, checking its escapes as next does.
+func (f *fields) skip() {
+	if f.err != nil {
+		return
+	}
+	i := strings.IndexByte(f.s, '\t')
+	if i < 0 {
+		f.err = errCompact
+		return
+	}
+	v := f.s[:i]
+	f.s = f.s[i+1:]
+	for f.escaped {
+		j := strings.IndexByte(v, '\\')
+		if j < 0 {
+			break
+		}
+		if j+1 == len(v) || (v[j+1] != '\\' && v[j+1] != 't' && v[j+1] != 'n') {
+			f.err = errCompact
+			return
+		}
+		v = v[j+2:]
+	}
+}
+
 func (f *fields) count() int {
 	n, err := strconv.Atoi(f.next())
 	if f.err == nil && (err != nil || n < 0 || n > len(f.s)) {
@@ -235,32 +273,119 @@ func (f *fields) count() int {
 // key is the line's (checked against the record by the caller); paths, when not nil, keeps
 // the paths decoded so far for the next records.
 func (c codec) decodeRecord(key string, body []byte, paths map[string]string) (_ *Record, current bool, _ error) {
-	var r Record
+	d := decoder{c: c, paths: paths}
+	r := new(Record)
+	current, err := d.decode(r, key, body)
+	if err != nil {
+		return nil, false, err
+	}
+	return r, current, nil
+}
+
+// decoder decodes the records of one journal, one after the other, into records the caller
+// provides. What a record holds beyond slices of its line (its layers, the string of its own
+// overlay dirs) is carved out of blocks the decoder allocates for many records at once, so a
+// start-up with thousands of records makes a few allocations per block, not several per
+// record: a part of a block once handed out is never written again.
+type decoder struct {
+	c codec
+	// paths, when not nil, keeps the paths below the state dir decoded so far.
+	paths map[string]string
+	// layers and text are the unused rest of the current blocks.
+	layers []Layer
+	text   []byte
+	// skipAttributes leaves Attributes nil in a record of the current encoding (start-up
+	// needs none; Store.Get reads them). A record in an earlier encoding is decoded whole,
+	// to be written again in the current one.
+	skipAttributes bool
+	// keyBuf holds what a record's key is the hash of, while checking it.
+	keyBuf []byte
+}
+
+// Block sizes: a block serves about 64 records of the usual shape.
+const (
+	layerBlock = 256
+	textBlock  = 16 << 10
+)
+
+// takeLayers returns a slice of n layers that no other record shares (its capacity is n, so
+// an append copies it).
+func (d *decoder) takeLayers(n int) []Layer {
+	if d.paths == nil || n > layerBlock/4 {
+		return make([]Layer, n)
+	}
+	if cap(d.layers)-len(d.layers) < n {
+		d.layers = make([]Layer, 0, layerBlock)
+	}
+	i := len(d.layers)
+	d.layers = d.layers[:i+n]
+	return d.layers[i : i+n : i+n]
+}
+
+// join returns the parts joined, as a string carved out of the current text block.
+func (d *decoder) join(parts ...string) string {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	if d.paths == nil || n > textBlock/4 {
+		return strings.Join(parts, "")
+	}
+	if cap(d.text)-len(d.text) < n {
+		d.text = make([]byte, 0, textBlock)
+	}
+	i := len(d.text)
+	for _, p := range parts {
+		d.text = append(d.text, p...)
+	}
+	return unsafe.String(&d.text[i], n)
+}
+
+// keyMatches reports whether key is the key of the record of volumeID at targetPath, without
+// allocating.
+func (d *decoder) keyMatches(key, volumeID, targetPath string) bool {
+	d.keyBuf = append(append(append(d.keyBuf[:0], volumeID...), 0), targetPath...)
+	sum := sha256.Sum256(d.keyBuf)
+	var want [2 * sha256.Size]byte
+	hex.Encode(want[:], sum[:])
+	return string(want[:]) == key
+}
+
+// decode decodes a Put body in any of the encodings into r (zero on entry); current is false
+// for one that Open rewrites (c1, JSON). key is the line's (checked against the record by the
+// caller).
+func (d *decoder) decode(r *Record, key string, body []byte) (current bool, _ error) {
+	c := d.c
 	if len(body) > 0 && body[0] == '{' {
-		if err := json.Unmarshal(body, &r); err != nil {
-			return nil, false, err
+		if err := json.Unmarshal(body, r); err != nil {
+			return false, err
 		}
-		return &r, false, nil
+		return false, nil
 	}
 	// The fields are slices of the line itself, not a copy: a journal line is never changed
 	// once written or read (Store keeps it as it is for rewrites).
 	s := unsafe.String(unsafe.SliceData(body), len(body))
 	f := fields{s: s, escaped: strings.IndexByte(s, '\\') >= 0}
-	path := func(v string) string { return c.path(v, paths) }
+	relative := false
 	switch f.next() {
 	case compactMagic:
-		current = true
+		current, relative = true, true
 	case compactMagicV1:
-		path = func(v string) string { return v }
 	default:
-		return nil, false, errors.New("unknown record encoding")
+		return false, errors.New("unknown record encoding")
+	}
+	path := func(v string) string {
+		if !relative {
+			return v
+		}
+		return c.path(v, d.paths)
 	}
 	r.VolumeID, r.TargetPath, r.Kind, r.Type = f.next(), f.next(), f.next(), f.next()
 	r.HostDir, r.Source = f.next(), path(f.next())
 	r.OverlayDir, r.UpperDir, r.WorkDir = path(f.next()), path(f.next()), path(f.next())
 	limit, err := strconv.ParseInt(f.next(), 10, 64)
 	if err != nil {
-		return nil, false, errCompact
+		return false, errCompact
 	}
 	r.WritableLimit = limit
 	r.WritableLayer = f.next()
@@ -276,12 +401,16 @@ func (c codec) decodeRecord(key string, body []byte, paths map[string]string) (_
 		case ch == 'o' && current:
 			own = true
 		default:
-			return nil, false, errCompact
+			return false, errCompact
 		}
 	}
 	created := f.next()
 	r.Pod.Namespace, r.Pod.Name, r.Pod.UID = f.next(), f.next(), f.next()
-	if n := f.count(); n > 0 {
+	if n := f.count(); n > 0 && d.skipAttributes && current {
+		for range 2 * n {
+			f.skip()
+		}
+	} else if n > 0 {
 		r.Attributes = make(map[string]string, n)
 		for range n {
 			k := f.next()
@@ -289,25 +418,26 @@ func (c codec) decodeRecord(key string, body []byte, paths map[string]string) (_
 		}
 	}
 	if n := f.count(); n > 0 {
-		r.Layers = make([]Layer, n)
+		r.Layers = d.takeLayers(n)
 		for i := range r.Layers {
 			r.Layers[i].Dir, r.Layers[i].Digest = path(f.next()), f.next()
 		}
 	}
 	if f.err != nil || f.s != "" {
-		return nil, false, errCompact
+		return false, errCompact
 	}
 	if own {
 		if r.OverlayDir != "" || r.UpperDir != "" || r.WorkDir != "" {
-			return nil, false, errCompact
+			return false, errCompact
 		}
 		// One string holds all three: <dir>/upper<dir>/work.
-		dir := OverlaysDir(c.base) + "/" + key
-		both := dir + "/upper" + dir + "/work"
-		r.OverlayDir, r.UpperDir, r.WorkDir = both[:len(dir)], both[:len(dir)+len("/upper")], both[len(dir)+len("/upper"):]
+		prefix := c.overlaysPrefix()
+		both := d.join(prefix, key, "/upper", prefix, key, "/work")
+		dir := len(prefix) + len(key)
+		r.OverlayDir, r.UpperDir, r.WorkDir = both[:dir], both[:dir+len("/upper")], both[dir+len("/upper"):]
 	}
 	if r.Created, err = time.Parse(time.RFC3339Nano, created); err != nil {
-		return nil, false, fmt.Errorf("%w: created: %v", errCompact, err)
+		return false, fmt.Errorf("%w: created: %v", errCompact, err)
 	}
-	return &r, current, nil
+	return current, nil
 }

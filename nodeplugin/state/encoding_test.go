@@ -179,3 +179,80 @@ func TestJournalOfJSONRecordsIsRewrittenCompact(t *testing.T) {
 	}
 	readOnlyRecord(t, stateDir, a)
 }
+
+// previousVersionLine is the journal line the version before this one wrote for
+// scaleRecord(<state dir>, 7): the same bytes are written and read now.
+const previousVersionLine = "P e7a36a0a 6ebe12a66149df9776ecd8776a448333d21543172cee71e3396498b35f4fb1c9 c2\tcsi-pod-7\t/var/lib/kubelet/pods/pod-7-0123-4567-89ab-cdef01234567/volumes/kubernetes.io~csi/apm/mount\tlibrary\tlibrary\t\t\t\t\t\t268435456\ttmpfs\teo\t2026-01-02T03:04:05.000000678Z\tdefault\tpod-7\tpod-7-0123-4567-89ab-cdef01234567\t13\tcsi.storage.k8s.io/ephemeral\ttrue\tcsi.storage.k8s.io/pod.name\tpod-7\tcsi.storage.k8s.io/pod.namespace\tdefault\tcsi.storage.k8s.io/pod.uid\tpod-7-0123-4567-89ab-cdef01234567\tlibrary.0.image\tregistry.local:5000/datadog/apm-inject:1.0.0\tlibrary.0.source\t/opt/datadog-packages/datadog-apm-inject\tlibrary.0.target\topt/datadog-packages/datadog-apm-inject\tlibrary.1.image\tregistry.local:5000/datadog/dd-lib-python-init:1.0.0\tlibrary.1.target\topt/datadog/apm/library/python\tlibrary.2.image\tregistry.local:5000/datadog/dd-lib-js-init:1.0.0\tlibrary.2.target\topt/datadog/apm/library/js\tpreload\t/opt/datadog-packages/datadog-apm-inject/stable/inject/launcher.preload.so\ttype\tlibrary\t4\t=store/generated/86ee99a82746b0d1bcd5f879e5f81a11d8ebfa2e3454c21a2d1cf81fbd91a2d7/root\t\t=store/views/c914a152f7024fc971d364a43d7c732592bd7d4d821590cf6e4a517f1cdb506e/root\tsha256:c914a152f7024fc971d364a43d7c732592bd7d4d821590cf6e4a517f1cdb506e\t=store/views/ea994367cb7753e8b2e004710b4fdde04622b3a863686e58ac8b1acaf459d218/root\tsha256:ea994367cb7753e8b2e004710b4fdde04622b3a863686e58ac8b1acaf459d218\t=store/views/ef60d94951a7d1f1b9d1e6bbddf60d01ca838e8bfe15443ba49387c3111a4596/root\tsha256:ef60d94951a7d1f1b9d1e6bbddf60d01ca838e8bfe15443ba49387c3111a4596\t\n"
+
+// TestJournalIsTheOnePreviousVersionsRead: this version writes a record in the very bytes the
+// version before wrote, so either version reads the other's journal (an upgrade and a
+// downgrade keep every record), and it reads that version's line back whole.
+func TestJournalIsTheOnePreviousVersionsRead(t *testing.T) {
+	for _, stateDir := range []string{"/var/lib/apm-csi", t.TempDir()} {
+		c := newCodec(stateDir)
+		r := scaleRecord(stateDir, 7)
+		if got := string(encodeLine(opPut, r.Key(), c.encodeCompact(r))); got != previousVersionLine {
+			t.Fatalf("state dir %s: this version writes\n%q\nthe version before wrote\n%q", stateDir, got, previousVersionLine)
+		}
+	}
+	stateDir := t.TempDir()
+	want := scaleRecord(stateDir, 7)
+	s := openWithJournal(t, stateDir, []byte(previousVersionLine))
+	got, ok, err := s.Get(want.VolumeID, want.TargetPath)
+	if err != nil || !ok {
+		t.Fatalf("Get = %v, %v", ok, err)
+	}
+	got.Created = want.Created
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("record of the version before read as %+v\nwant %+v", got, want)
+	}
+}
+
+// TestIndexIsListWithoutAttributes: what start-up reads (Index) is every record exactly as
+// List reads it, escapes, relative paths and own overlay dirs included, but for the
+// attributes; Get and List still read those.
+func TestIndexIsListWithoutAttributes(t *testing.T) {
+	stateDir := t.TempDir()
+	own := scaleRecord(stateDir, 1)
+	odd := fullRecord() // escapes, overlay dirs elsewhere, every flag
+	bare := &Record{VolumeID: "bare", TargetPath: "/t/bare", Created: time.Unix(9, 0).UTC()}
+	want := map[string]*Record{}
+	var journal []byte
+	s := &Store{c: newCodec(stateDir)}
+	for _, r := range []*Record{own, odd, bare} {
+		want[r.Key()] = r
+		journal = append(journal, s.encodePut(r)...)
+	}
+	st := openWithJournal(t, stateDir, journal)
+	check := func(name string, list []*Record, err error, attributes bool) {
+		t.Helper()
+		if err != nil || len(list) != len(want) {
+			t.Fatalf("%s = %d records, %v; want %d", name, len(list), err, len(want))
+		}
+		for _, got := range list {
+			w := *want[got.Key()]
+			if !attributes {
+				w.Attributes = nil
+			}
+			g := *got
+			if !g.Created.Equal(w.Created) {
+				t.Fatalf("%s: created %v, want %v", name, g.Created, w.Created)
+			}
+			g.Created = w.Created
+			if !reflect.DeepEqual(g, w) {
+				t.Fatalf("%s: %+v\nwant %+v", name, g, w)
+			}
+		}
+	}
+	// The records Open decoded, then decoded afresh, then whole.
+	list, err := st.Index()
+	check("first Index", list, err, false)
+	list, err = st.Index()
+	check("second Index", list, err, false)
+	list, err = st.List()
+	check("List", list, err, true)
+	got, ok, err := st.Get(odd.VolumeID, odd.TargetPath)
+	if err != nil || !ok || !reflect.DeepEqual(got.Attributes, odd.Attributes) {
+		t.Fatalf("Get = %+v, %t, %v; want the attributes %v", got, ok, err, odd.Attributes)
+	}
+}

@@ -48,7 +48,7 @@ func scaleRecord(stateDir string, i int) *Record {
 }
 
 // BenchmarkOpenWith2000Records: what start-up spends reading a journal of 2,000 records
-// (Open and List), per start; journal-bytes is the journal's size.
+// (Open and Index), per start; journal-bytes is the journal's size.
 func BenchmarkOpenWith2000Records(b *testing.B) {
 	stateDir := filepath.Join(b.TempDir(), "var", "lib", "apm-csi")
 	s, err := Open(stateDir)
@@ -68,7 +68,7 @@ func BenchmarkOpenWith2000Records(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		recs, err := s.List()
+		recs, err := s.Index()
 		if err != nil || len(recs) != 2000 {
 			b.Fatalf("%d records, %v", len(recs), err)
 		}

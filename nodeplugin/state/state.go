@@ -14,11 +14,14 @@
 // more dead lines than live ones (and at least compactMin), and at Open when it ends in a torn
 // or damaged line.
 //
-// A record is written in a compact tab-separated encoding (encoding.go) that start-up decodes
-// with a few allocations per record, with the paths below the state dir written relative to
-// it. Journals whose records earlier versions wrote in full (the first compact encoding) or as
-// JSON are read and rewritten by Open (earlier versions cannot read what this one writes). Records of still earlier versions, one JSON file per record in the same
-// directory, are taken into the journal by Open and then removed.
+// A record is written in a compact tab-separated encoding (encoding.go), with the paths below
+// the state dir written relative to it. Open reads the journal once and decodes its records
+// without allocating per record, and without their attributes, which only diagnostics read
+// (Index hands these records out; List and Get decode records whole). Journals whose records
+// earlier versions wrote in full (the first compact encoding) or as JSON are read and
+// rewritten by Open (those versions cannot read what this one writes). Records of still
+// earlier versions, one JSON file per record in the same directory, are taken into the
+// journal by Open and then removed.
 package state
 
 import (
@@ -39,6 +42,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -92,12 +96,22 @@ type Pod struct {
 // Key names a record: one volume id may be published at several targets (a static
 // PersistentVolume used by several pods on the node), and each needs its own overlay dirs.
 func Key(volumeID, targetPath string) string {
-	sum := sha256.Sum256([]byte(volumeID + "\x00" + targetPath))
+	var buf [256]byte // what is hashed, on the stack unless longer
+	sum := sha256.Sum256(append(append(append(buf[:0], volumeID...), 0), targetPath...))
 	return hex.EncodeToString(sum[:])
 }
 
 // Key returns the record's key.
 func (r *Record) Key() string { return Key(r.VolumeID, r.TargetPath) }
+
+// HasKey reports whether key is the record's key, without allocating.
+func (r *Record) HasKey(key string) bool {
+	var buf [256]byte
+	sum := sha256.Sum256(append(append(append(buf[:0], r.VolumeID...), 0), r.TargetPath...))
+	var hexSum [2 * sha256.Size]byte
+	hex.Encode(hexSum[:], sum[:])
+	return string(hexSum[:]) == key
+}
 
 const (
 	journalName  = "journal"
@@ -115,6 +129,19 @@ const (
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// The checksums of a line's op alone, which every line's checksum starts from.
+var (
+	putChecksum    = crc32.Checksum([]byte{opPut}, castagnoli)
+	deleteChecksum = crc32.Checksum([]byte{opDelete}, castagnoli)
+)
+
+func opChecksum(op byte) uint32 {
+	if op == opPut {
+		return putChecksum
+	}
+	return deleteChecksum
+}
 
 // Store is the journal of records of one state dir. Its methods are safe for concurrent use.
 // One process uses a state dir at a time (the plugin's DaemonSet runs one pod per node).
@@ -138,8 +165,8 @@ type Store struct {
 	converted int
 }
 
-// entry is a live record: its journal line, and the record decoded from it by Open until List
-// hands it out.
+// entry is a live record: its journal line, and the record decoded from it by Open (without
+// its Attributes) until Index hands it out.
 type entry struct {
 	line []byte
 	rec  *Record
@@ -175,7 +202,7 @@ func Open(stateDir string) (*Store, error) {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("read state journal: %w", err)
 	}
-	good, torn, lineErrs := s.replay(data)
+	good, torn, lineErrs := s.replay(data, false)
 	var errs []error
 	if len(lineErrs) > 0 {
 		aside := s.journalPath() + ".unreadable-" + strconv.FormatInt(time.Now().Unix(), 10)
@@ -236,7 +263,16 @@ func (s *Store) journalPath() string { return filepath.Join(s.dir, journalName) 
 // replay applies the journal's lines in order. good is the length of the part made of whole,
 // valid lines up to the last one; torn reports that something follows it (an append a crash
 // interrupted). A bad line followed by good ones is not a torn append: it is reported.
-func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
+//
+// The surviving records are decoded (entry.rec), with their Attributes only if attributes is
+// set.
+func (s *Store) replay(data []byte, attributes bool) (good int64, torn bool, errs []error) {
+	// The entries are carved out of blocks of many, and the map is sized for a journal of
+	// records of about 1.5 KB.
+	var block []entry
+	if len(s.live) == 0 {
+		s.live = make(map[string]*entry, len(data)/1536)
+	}
 	var pending []error
 	off := 0
 	lineNo := 0
@@ -249,11 +285,14 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 		}
 		line := data[off : off+end+1]
 		off += end + 1
-		op, key, _, err := parseLine(line)
+		op, keyBytes, _, err := parseLine(line)
 		if err != nil {
 			pending = append(pending, fmt.Errorf("line %d: %w", lineNo, err))
 			continue
 		}
+		// The key is a slice of the journal as read, like the line that holds it (neither
+		// is ever changed).
+		key := unsafe.String(unsafe.SliceData(keyBytes), len(keyBytes))
 		// Bad lines followed by a good one are damage, not a torn tail.
 		errs = append(errs, pending...)
 		pending = nil
@@ -263,7 +302,13 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 		}
 		switch op {
 		case opPut:
-			s.live[key] = &entry{line: line}
+			if len(block) == 0 {
+				block = make([]entry, 512)
+			}
+			e := &block[0]
+			block = block[1:]
+			e.line = line
+			s.live[key] = e
 		case opDelete:
 			delete(s.live, key)
 			s.dead++
@@ -272,12 +317,13 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 	if len(pending) > 0 {
 		torn = true
 	}
-	// Decode what survived, on every CPU. A record in an earlier version's encoding (JSON,
-	// c1) is re-encoded, for Open to rewrite the journal with.
+	// Decode what survived, on every CPU, into one block of records. A record in an earlier
+	// version's encoding (JSON, c1) is re-encoded, for Open to rewrite the journal with.
 	keys := make([]string, 0, len(s.live))
 	for k := range s.live {
 		keys = append(keys, k)
 	}
+	records := make([]Record, len(keys))
 	results := make([]error, len(keys))
 	converted := make([]bool, len(keys))
 	var wg sync.WaitGroup
@@ -286,13 +332,17 @@ func (s *Store) replay(data []byte) (good int64, torn bool, errs []error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			paths := map[string]string{}
+			d := decoder{c: s.c, paths: map[string]string{}, skipAttributes: !attributes}
 			for i := w; i < len(keys); i += workers {
 				e := s.live[keys[i]]
 				// replay checked the line already: decode its body.
 				var current bool
-				e.rec, current, results[i] = s.c.decodeBody(keys[i], e.line[bodyStart:len(e.line)-1], paths)
-				if results[i] == nil && !current {
+				current, results[i] = d.decodeBody(&records[i], keys[i], e.line[bodyStart:len(e.line)-1])
+				if results[i] != nil {
+					continue
+				}
+				e.rec = &records[i]
+				if !current {
 					e.line = s.encodePut(e.rec)
 					converted[i] = true
 				}
@@ -339,30 +389,50 @@ func newCodec(stateDir string) codec {
 		// Paths are then written in full.
 		base = ""
 	}
-	return codec{base: base}
+	return codec{base: base, overlays: OverlaysDir(base) + "/"}
 }
 
 // bodyStart is where a line's body starts: after "<op> <crc> <key> ".
 const bodyStart = 11 + 64 + 1
 
-func parseLine(line []byte) (op byte, key string, body []byte, err error) {
+// parseLine checks a journal line and returns its parts; key and body are slices of line.
+func parseLine(line []byte) (op byte, key, body []byte, err error) {
 	line = bytes.TrimSuffix(line, []byte("\n"))
 	if len(line) < bodyStart || line[1] != ' ' || line[10] != ' ' || (line[0] != opPut && line[0] != opDelete) {
-		return 0, "", nil, errors.New("not a journal line")
+		return 0, nil, nil, errors.New("not a journal line")
 	}
 	op = line[0]
-	sum, err := strconv.ParseUint(string(line[2:10]), 16, 32)
-	if err != nil {
-		return 0, "", nil, errors.New("not a journal line")
+	sum, ok := parseHex32(line[2:10])
+	if !ok {
+		return 0, nil, nil, errors.New("not a journal line")
 	}
 	rest := line[11:]
-	if crc32.Update(crc32.Checksum([]byte{op}, castagnoli), castagnoli, rest) != uint32(sum) {
-		return 0, "", nil, errors.New("checksum mismatch")
+	if crc32.Update(opChecksum(op), castagnoli, rest) != sum {
+		return 0, nil, nil, errors.New("checksum mismatch")
 	}
 	if rest[64] != ' ' {
-		return 0, "", nil, errors.New("not a journal line")
+		return 0, nil, nil, errors.New("not a journal line")
 	}
-	return op, string(rest[:64]), rest[65:], nil
+	return op, rest[:64], rest[65:], nil
+}
+
+// parseHex32 parses the 8 hex digits of a line's checksum.
+func parseHex32(b []byte) (uint32, bool) {
+	var v uint32
+	for _, ch := range b {
+		switch {
+		case '0' <= ch && ch <= '9':
+			ch -= '0'
+		case 'a' <= ch && ch <= 'f':
+			ch -= 'a' - 10
+		case 'A' <= ch && ch <= 'F':
+			ch -= 'A' - 10
+		default:
+			return 0, false
+		}
+		v = v<<4 | uint32(ch)
+	}
+	return v, len(b) == 8
 }
 
 func (c codec) decodePut(key string, line []byte) (*Record, error) {
@@ -370,21 +440,25 @@ func (c codec) decodePut(key string, line []byte) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	r, _, err := c.decodeBody(key, body, nil)
-	return r, err
+	d := decoder{c: c}
+	r := new(Record)
+	if _, err := d.decodeBody(r, key, body); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
-// decodeBody decodes the body of a checked Put line whose key is key; current is false when
-// it is in an earlier version's encoding.
-func (c codec) decodeBody(key string, body []byte, paths map[string]string) (_ *Record, current bool, _ error) {
-	r, current, err := c.decodeRecord(key, body, paths)
+// decodeBody decodes the body of a checked Put line whose key is key into r; current is false
+// when it is in an earlier version's encoding.
+func (d *decoder) decodeBody(r *Record, key string, body []byte) (current bool, _ error) {
+	current, err := d.decode(r, key, body)
 	if err != nil {
-		return nil, false, fmt.Errorf("state record %s is corrupt: %w", key, err)
+		return false, fmt.Errorf("state record %s is corrupt: %w", key, err)
 	}
-	if Key(r.VolumeID, r.TargetPath) != key {
-		return nil, false, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
+	if !d.keyMatches(key, r.VolumeID, r.TargetPath) {
+		return false, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
 	}
-	return r, current, nil
+	return current, nil
 }
 
 func readLegacy(path string) (*Record, error) {
@@ -574,15 +648,27 @@ func (s *Store) Sync() error {
 // List returns every record. What Open could not read is reported in the error (and kept in a
 // copy of the journal for a person to inspect); the other records are still returned.
 func (s *Store) List() ([]*Record, error) {
+	return s.list(true)
+}
+
+// Index returns every record as List does, but without its Attributes (nil), which only
+// diagnostics read (Get returns them): what start-up needs, the first time without decoding
+// anything (Open decoded it).
+func (s *Store) Index() ([]*Record, error) {
+	return s.list(false)
+}
+
+func (s *Store) list(attributes bool) ([]*Record, error) {
 	s.mu.Lock()
 	out := make([]*Record, 0, len(s.live))
 	var errs []error
+	d := decoder{c: s.c, skipAttributes: !attributes}
 	for key, e := range s.live {
 		r := e.rec
-		e.rec = nil // handed out: the next List decodes afresh
-		if r == nil {
-			var err error
-			if r, err = s.c.decodePut(key, e.line); err != nil {
+		e.rec = nil // handed out (or not wanted): the next call decodes afresh
+		if r == nil || attributes {
+			r = new(Record)
+			if _, err := d.decodeBody(r, key, e.line[bodyStart:len(e.line)-1]); err != nil {
 				errs = append(errs, err)
 				continue
 			}
@@ -620,7 +706,7 @@ func Read(stateDir string) ([]*Record, error) {
 		return nil, err
 	}
 	s := &Store{c: newCodec(stateDir), live: map[string]*entry{}}
-	_, _, errs := s.replay(data)
+	_, _, errs := s.replay(data, true)
 	out := make([]*Record, 0, len(s.live))
 	for _, e := range s.live {
 		out = append(out, e.rec)

@@ -163,3 +163,19 @@ func TestOpenTakesInRecordsOfEarlierVersions(t *testing.T) {
 		t.Fatalf("the damaged file was not left for inspection: %v", err)
 	}
 }
+
+// TestHasKeyAgreesWithKey: HasKey accepts a record's own key only, for ids and targets of
+// any length (longer ones than its buffer too).
+func TestHasKeyAgreesWithKey(t *testing.T) {
+	long := "/var/lib/kubelet/pods/" + strings.Repeat("u", 300) + "/volumes/kubernetes.io~csi/v/mount"
+	for _, r := range []*Record{{VolumeID: "v", TargetPath: "/t"}, {VolumeID: "v", TargetPath: long}, {}} {
+		if !r.HasKey(r.Key()) {
+			t.Fatalf("HasKey(Key()) is false for %+v", r)
+		}
+		other := *r
+		other.TargetPath += "x"
+		if r.HasKey(other.Key()) || r.HasKey("") || r.HasKey(r.Key()[:63]) {
+			t.Fatalf("HasKey accepts a key that is not the record's: %+v", r)
+		}
+	}
+}

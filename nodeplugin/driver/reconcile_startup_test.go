@@ -1,0 +1,136 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/apm-csi/apm-csi/nodeplugin/mounter"
+	"github.com/apm-csi/apm-csi/nodeplugin/state"
+	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
+	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+)
+
+// TestRestartKeepsEveryFieldOfARecord: start-up loads the records without their attributes
+// (nothing but diagnostics reads them), yet what Records shows after a restart is the record
+// as published, attributes included, and a volume published after the restart has its own.
+func TestRestartKeepsEveryFieldOfARecord(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	attrs := libraryAttrs("r.local/a:v1", "r.local/b:v2")
+	attrs["csi.storage.k8s.io/pod.name"] = "app"
+	if _, err := f.d.NodePublishVolume(ctx, f.publishReq("vol-a", f.target("pod-a"), attrs)); err != nil {
+		t.Fatal(err)
+	}
+	before := f.d.Records()
+	if len(before) != 1 || len(before[0].Attributes) == 0 {
+		t.Fatalf("records before the restart: %+v", before)
+	}
+
+	d2, err := New(Config{NodeID: "node-1", KubeletDir: f.kubelet, StateDir: f.state, Mounter: f.m, WritableLayers: f.wl, Libraries: f.store, Logger: slog.New(slog.NewTextHandler(f.logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d2.Close() })
+	if err := d2.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	after := d2.Records()
+	if len(after) != 1 || !after[0].Created.Equal(before[0].Created) {
+		t.Fatalf("records after the restart: %+v\nwant %+v", after, before)
+	}
+	after[0].Created = before[0].Created
+	if !reflect.DeepEqual(after[0], before[0]) {
+		t.Fatalf("record after the restart %+v\nwant %+v", after[0], before[0])
+	}
+
+	if _, err := d2.NodePublishVolume(ctx, f.publishReq("vol-b", f.target("pod-b"), libraryAttrs("r.local/c:v3"))); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range d2.Records() {
+		if r.VolumeID == "vol-b" && r.Attributes[volumeattrs.LibraryKey(0, "image")] != "r.local/c:v3" {
+			t.Fatalf("record of a volume published after the restart: %+v", r)
+		}
+	}
+}
+
+// BenchmarkStartWith2000Records: what a start-up costs until ready (New and Start) with 2,000
+// records of writable library volumes, as the driver writes them. Run it with -cpu 1, so
+// that the background check of the targets, stopped right after, does not run meanwhile.
+func BenchmarkStartWith2000Records(b *testing.B) {
+	root := b.TempDir()
+	kubelet, stateDir := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
+	store, err := state.Open(stateDir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := range 2000 {
+		pod := fmt.Sprintf("pod-%d-0123-4567-89ab-cdef01234567", i)
+		r := &state.Record{
+			VolumeID:   "csi-" + pod,
+			TargetPath: filepath.Join(kubelet, "pods", pod, "volumes/kubernetes.io~csi/apm/mount"),
+			Kind:       "library",
+			Type:       "library",
+			Attributes: map[string]string{
+				"csi.storage.k8s.io/ephemeral":     "true",
+				"csi.storage.k8s.io/pod.name":      pod,
+				"csi.storage.k8s.io/pod.namespace": "default",
+				"library.0.image":                  "registry.local:5000/datadog/apm-inject:1.0.0",
+				"library.1.image":                  "registry.local:5000/datadog/dd-lib-python-init:1.0.0",
+				"type":                             "library",
+			},
+			WritableLimit: 256 << 20,
+			WritableLayer: "tmpfs",
+			Pod:           state.Pod{Namespace: "default", Name: pod, UID: pod},
+			Ephemeral:     true,
+			Created:       time.Now(),
+		}
+		r.OverlayDir = filepath.Join(OverlaysDir(stateDir), r.Key())
+		r.UpperDir, r.WorkDir = r.OverlayDir+"/upper", r.OverlayDir+"/work"
+		for _, h := range []string{"c914a152f7024fc971d364a43d7c732592bd7d4d821590cf6e4a517f1cdb506e", "ea994367cb7753e8b2e004710b4fdde04622b3a863686e58ac8b1acaf459d218"} {
+			r.Layers = append(r.Layers, state.Layer{Dir: stateDir + "/store/views/" + h + "/root", Digest: "sha256:" + h})
+		}
+		if err := os.MkdirAll(r.UpperDir, 0o700); err != nil {
+			b.Fatal(err)
+		}
+		if err := store.Put(r); err != nil {
+			b.Fatal(err)
+		}
+	}
+	store.Close()
+	cfg := Config{NodeID: "node-1", KubeletDir: kubelet, StateDir: stateDir, Mounter: mounter.NewFake(), WritableLayers: writablelayer.NewFake(), Logger: slog.New(slog.DiscardHandler)}
+	// CPU time, which a loaded machine inflates less than the wall time.
+	cpu := func() time.Duration {
+		var ru unix.Rusage
+		if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+			b.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	cpu0, n := cpu(), 0
+	for b.Loop() {
+		n++
+		d, err := New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := d.Start(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		d.mu.Lock()
+		n := len(d.byTarget)
+		d.mu.Unlock()
+		if n != 2000 {
+			b.Fatalf("%d records", n)
+		}
+		d.Close()
+	}
+	b.ReportMetric(float64(cpu()-cpu0)/float64(n)/1e6, "cpu-ms/op")
+}
