@@ -99,8 +99,10 @@ type Driver struct {
 	releaseEmpty func() error
 	writable     writablelayer.Interface
 	metrics      *Metrics
-	locks        callLocks
-	ready        atomic.Bool
+	// locks serialises the calls on one volume and one target: every caller takes
+	// "volume/<id>" then "target/<path>", in that order.
+	locks keylock.Locks
+	ready atomic.Bool
 	// verified is closed when Start's background check of the records is done; stopVerify
 	// stops it (Close).
 	verified   chan struct{}
@@ -281,11 +283,3 @@ func (d *Driver) Name() string { return d.cfg.DriverName }
 
 // Ready reports whether the startup reconcile has completed.
 func (d *Driver) Ready() bool { return d.ready.Load() }
-
-// callLocks serialises the calls on one volume and one target (keylock.Locks): every caller
-// takes "volume/<id>" then "target/<path>", in that order.
-type callLocks struct{ keylock.Locks }
-
-func (l *callLocks) lock(ctx context.Context, keys ...string) (unlock func(), err error) {
-	return l.Lock(ctx, keys...)
-}

@@ -122,7 +122,7 @@ func (d *Driver) CollectKeptLayers(ctx context.Context) (int, error) {
 // collectKept looks at one kept layer: stillKept when its target is not mounted and it stays,
 // gone when it was removed because its pod dir was gone for the grace period.
 func (d *Driver) collectKept(ctx context.Context, rec *state.Record) (stillKept, gone bool, _ error) {
-	unlock, err := d.locks.lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
+	unlock, err := d.locks.Lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
 	if err != nil {
 		return false, false, err
 	}
@@ -211,7 +211,7 @@ func (d *Driver) enforceKeptBudget(ctx context.Context, kept []*state.Record) (i
 }
 
 func (d *Driver) removeKeptForBudget(ctx context.Context, rec *state.Record, total, budget int64) error {
-	unlock, err := d.locks.lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
+	unlock, err := d.locks.Lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
 	if err != nil {
 		return err
 	}

@@ -74,7 +74,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if !d.Ready() {
 		return nil, status.Error(codes.Unavailable, "the node plugin is starting (reconciling its state with the mount table); kubelet will retry")
 	}
-	unlock, err := d.locks.lock(ctx, "volume/"+r.volumeID, "target/"+r.target)
+	unlock, err := d.locks.Lock(ctx, "volume/"+r.volumeID, "target/"+r.target)
 	if err != nil {
 		return nil, status.FromContextError(err).Err()
 	}

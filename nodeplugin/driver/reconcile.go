@@ -51,7 +51,7 @@ func (d *Driver) Start(ctx context.Context) error {
 	records, listErr := d.store.Index()
 	if listErr != nil {
 		// Unreadable records are left on disk for a person; everything else proceeds.
-		d.log.Error("some state records cannot be read; they are left in place", "error", listErr)
+		d.log.Error("some state records cannot be read; they are left in place", "err", listErr)
 	}
 	// The overlay dirs records reference, by name in the overlays dir.
 	referenced := make(map[string]bool, len(records))
@@ -70,7 +70,7 @@ func (d *Driver) Start(ctx context.Context) error {
 			}
 		}
 		if err := d.checkRecord(rec); err != nil {
-			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "error", err)
+			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "err", err)
 			continue
 		}
 		d.byTarget[rec.TargetPath] = rec
@@ -156,7 +156,7 @@ const (
 // verifyRecord confirms, under the record's locks, whether the target of rec is mounted, and
 // drops rec when it is not.
 func (d *Driver) verifyRecord(ctx context.Context, rec *state.Record) verifyResult {
-	unlock, err := d.locks.lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
+	unlock, err := d.locks.Lock(ctx, "volume/"+rec.VolumeID, "target/"+rec.TargetPath)
 	if err != nil {
 		return recordKept
 	}
@@ -169,7 +169,7 @@ func (d *Driver) verifyRecord(ctx context.Context, rec *state.Record) verifyResu
 	if err != nil {
 		// Unknown is treated as mounted: forgetting a live mount is worse than keeping a
 		// record that a later unpublish removes.
-		d.recordLog(rec).Error("cannot tell whether the target is mounted; keeping its record", "error", err)
+		d.recordLog(rec).Error("cannot tell whether the target is mounted; keeping its record", "err", err)
 		return recordKept
 	}
 	if mounted {
@@ -180,7 +180,7 @@ func (d *Driver) verifyRecord(ctx context.Context, rec *state.Record) verifyResu
 		return recordKept
 	}
 	if err := d.release(rec); err != nil {
-		d.recordLog(rec).Error("cannot drop the record of an unmounted target; keeping it", "error", err)
+		d.recordLog(rec).Error("cannot drop the record of an unmounted target; keeping it", "err", err)
 		return recordKept
 	}
 	d.recordLog(rec).Info("dropped the record of a volume that is no longer mounted")
@@ -226,7 +226,7 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 
 // recordLog is the logger for messages about rec.
 func (d *Driver) recordLog(rec *state.Record) *slog.Logger {
-	return d.log.With("volume", rec.VolumeID, "target", rec.TargetPath, "type", rec.Type)
+	return d.log.With("volumeID", rec.VolumeID, "targetPath", rec.TargetPath, "volumeType", rec.Type)
 }
 
 // removeOrphanOverlayDirs removes overlay dirs that no kept record references, unless a mounted

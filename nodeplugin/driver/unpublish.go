@@ -42,7 +42,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		call.atLeast(slog.LevelWarn)
 		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
-	unlock, err := d.locks.lock(ctx, "volume/"+req.GetVolumeId(), "target/"+target)
+	unlock, err := d.locks.Lock(ctx, "volume/"+req.GetVolumeId(), "target/"+target)
 	if err != nil {
 		return nil, status.FromContextError(err).Err()
 	}
