@@ -20,6 +20,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	testingclock "k8s.io/utils/clock/testing"
+
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/shared/libref"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
@@ -453,7 +455,8 @@ func recordIDs(p *plugin) []string {
 func TestGCThroughDriver(t *testing.T) {
 	const grace = 3 * time.Second
 	reg := libimages.Start(t)
-	p := startPlugin(t, options{registry: reg, grace: grace})
+	clk := testingclock.NewFakeClock(time.Now())
+	p := startPlugin(t, options{registry: reg, grace: grace, clock: clk})
 	vol := pushInjectorVolume(t, reg, "2.0.0")
 	python := vol.libs["python"]
 
@@ -496,7 +499,7 @@ func TestGCThroughDriver(t *testing.T) {
 
 	// Mounted, grace period long past: nothing goes.
 	p.gc()
-	time.Sleep(grace + 200*time.Millisecond)
+	clk.Step(grace + time.Second)
 	p.gc()
 	for id, dirs := range layers {
 		for _, d := range dirs {
@@ -523,7 +526,7 @@ func TestGCThroughDriver(t *testing.T) {
 	// ...and after it, what only pod-a used goes: apm-inject and js (images and views) and the
 	// python view. The python image stays (pod-b's overlay stacks it), so does the preload file
 	// (pod-c bind-mounts it).
-	time.Sleep(grace + 200*time.Millisecond)
+	clk.Step(grace + time.Second)
 	p.gc()
 	for _, d := range layers["csi-a"][1:] {
 		if exists(d) {
@@ -547,7 +550,7 @@ func TestGCThroughDriver(t *testing.T) {
 	if got := p.storeEntries(); !slices.Equal(got, entriesAfter) {
 		t.Errorf("cache entries right after the last unpublish: %q, want %q kept for the grace period", got, entriesAfter)
 	}
-	time.Sleep(grace + 200*time.Millisecond)
+	clk.Step(grace + time.Second)
 	p.gc()
 	if left := p.storeEntries(); len(left) != 0 {
 		t.Errorf("cache entries left after every volume went and the grace period passed: %q", left)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/utils/clock"
 
 	"github.com/apm-csi/apm-csi/nodeplugin/library"
 	"github.com/apm-csi/apm-csi/nodeplugin/librarycache"
@@ -40,6 +41,9 @@ type options struct {
 	grace time.Duration
 	// tagTTL is how long the cache trusts a tag.
 	tagTTL time.Duration
+	// clock is where the cache reads time (default the real clock); a fake one lets a test
+	// pass the GC grace period without waiting it out.
+	clock clock.Clock
 	// downloads is the cache's --max-parallel-downloads.
 	downloads int
 	// stateDir replaces the plugin's state dir (default: a dir in the plugin's temporary root).
@@ -109,6 +113,7 @@ func (p *plugin) openCache() (library.Store, func() error, error) {
 		StoreDir:             p.store,
 		GCGracePeriod:        p.opts.grace,
 		TagTTL:               p.opts.tagTTL,
+		Clock:                p.opts.clock,
 		MaxParallelDownloads: p.opts.downloads,
 		Logger:               p.Log,
 		Registerer:           prometheus.NewRegistry(),
