@@ -88,6 +88,11 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, dir := range []string{o.KubeletDir, o.containerdRoot()} {
+		if err := checkDiskHeadroom(dir, headroomPercent); err != nil {
+			return nil, err
+		}
+	}
 	if prev, err := Attach(o.Root); err == nil {
 		prev.opts.Logf = o.Logf
 		if prev.Healthy(ctx) {

@@ -299,7 +299,7 @@ func (o Options) writeKubeletConfig() (string, error) {
 		// space is freed: after evictionPressureTransitionPeriod, shortened from 5m so that
 		// a test does not wait five minutes after freeing the disk.
 		"evictionHard": map[string]string{
-			"memory.available": "100Mi", "nodefs.available": "10%", "nodefs.inodesFree": "5%", "imagefs.available": "15%",
+			"memory.available": "100Mi", "nodefs.available": "10%", "nodefs.inodesFree": "5%", "imagefs.available": fmt.Sprintf("%d%%", imagefsEvictionPercent),
 		},
 		"evictionPressureTransitionPeriod": "30s",
 		"imageGCHighThresholdPercent":      85,
