@@ -25,6 +25,7 @@ import (
 
 	"github.com/apm-csi/apm-csi/nodeplugin/hostdir"
 	"github.com/apm-csi/apm-csi/nodeplugin/registration"
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 // events is the ordered list of what happened in a run: sockets listening and closing,
@@ -489,9 +490,7 @@ func TestInvalidOptionsAreRefusedBeforeAnySocket(t *testing.T) {
 // root): the node id is served, the store is a mount while the plugin runs and is released
 // after it stops.
 func TestRunServesTheDriver(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the library store's own mount needs root")
-	}
+	testenv.RequireRoot(t)
 	h := newHarness(t)
 	h.opts.newNode = nil
 	h.opts.Cache.StoreDir = filepath.Join(h.opts.StateDir, "store")

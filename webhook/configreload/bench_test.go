@@ -2,10 +2,12 @@ package configreload
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"testing"
 	"time"
 
+	"github.com/apm-csi/apm-csi/test/eventually"
 	"github.com/apm-csi/apm-csi/webhook/configreload/configreloadtest"
 )
 
@@ -30,10 +32,13 @@ func BenchmarkReloadAfterSwap(b *testing.B) {
 		}
 	}()
 	// Until the watch is set up.
-	for s.Hash() != configreloadtest.Hash(t, javaV2) {
-		m.Update(t, javaV2)
-		time.Sleep(10 * time.Millisecond)
-	}
+	eventually.Require(b, ctx, 30*time.Second, 10*time.Millisecond, "the first reload after the watch is set up", func(context.Context) error {
+		if got, want := s.Hash(), configreloadtest.Hash(t, javaV2); got != want {
+			m.Update(t, javaV2)
+			return fmt.Errorf("config hash %s in force, want %s", got, want)
+		}
+		return nil
+	})
 	versions := [2]string{javaV1, javaV2}
 	hashes := [2]string{configreloadtest.Hash(t, javaV1), configreloadtest.Hash(t, javaV2)}
 	var lat []time.Duration
