@@ -99,6 +99,8 @@ type Driver struct {
 	releaseEmpty func() error
 	writable     writablelayer.Interface
 	metrics      *Metrics
+	// lateClose closes the targets unpublish removes, after it returns.
+	lateClose lateCloser
 	// locks serialises the calls on one volume and one target: every caller takes
 	// "volume/<id>" then "target/<path>", in that order.
 	locks keylock.Locks
@@ -275,6 +277,7 @@ func (d *Driver) Close() error {
 		d.stopVerify()
 		<-d.verified
 	}
+	d.lateClose.stop()
 	return errors.Join(d.store.Close(), d.releaseEmpty())
 }
 

@@ -242,6 +242,11 @@ func (d *Driver) removeTarget(dirfd int, target string) error {
 		}
 	case unix.S_IFDIR:
 		flags = unix.AT_REMOVEDIR
+		// Held open while it is removed, and closed in the background: the block of the
+		// directory is freed at that close, not in this call (lateclose.go).
+		if held, err := unix.Openat(dirfd, targetName, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0); err == nil {
+			defer d.lateClose.close(held)
+		}
 	}
 	err = unix.Unlinkat(dirfd, targetName, flags)
 	switch {

@@ -22,6 +22,7 @@ type driverNode struct {
 	log          *slog.Logger
 	cache        *librarycache.Cache
 	releaseStore func() error
+	writable     *writablelayer.Manager
 	gcInterval   time.Duration
 	stopGC       context.CancelFunc
 	gcDone       chan struct{}
@@ -54,10 +55,11 @@ func newDriverNode(ctx context.Context, o Options, hostDirs *hostdir.Set) (_ nod
 		return nil, fmt.Errorf("library cache: %w", err)
 	}
 
-	writable, err := writablelayer.New(driver.OverlaysDir(o.StateDir), o.WritableLayer)
+	writable, err := writablelayer.New(driver.OverlaysDir(o.StateDir), o.WritableLayer, writablelayer.WithLogger(log))
 	if err != nil {
 		return nil, fmt.Errorf("writable layers (--writable-layer-mechanism=%s): %w", o.WritableLayer, err)
 	}
+	n.writable = writable
 	log.Info("writable layers of library volumes", "mechanism", writable.Mechanism(), "reason", writable.Reason(),
 		"default", writablelayer.FormatBytes(o.DefaultWritableLayer), "max", writablelayer.FormatBytes(o.MaxWritableLayer))
 
@@ -116,7 +118,12 @@ func (n *driverNode) Close() error {
 	return err
 }
 
+// closeCache closes the library cache and undoes the store's own mount, and stops removing
+// released writable layers (the next start removes what is left).
 func (n *driverNode) closeCache() {
+	if n.writable != nil {
+		n.writable.Close()
+	}
 	if n.cache != nil {
 		n.cache.Close()
 	}

@@ -3,13 +3,16 @@
 package writablelayer
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"unsafe"
 
@@ -115,16 +118,33 @@ type Manager struct {
 	reason    string
 	// mu makes choosing a free project id and charging the volume dir to it one step.
 	mu sync.Mutex
+	// removal removes released layer dirs in the background.
+	removal *remover
+	log     *slog.Logger
 }
+
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithLogger makes the Manager log what goes wrong in the background (removing released
+// layers) to log.
+func WithLogger(log *slog.Logger) Option { return func(m *Manager) { m.log = log } }
 
 // New chooses the mechanism for the volume dirs that will live in dir: want, or with Auto
 // project quotas where dir's filesystem enforces them and tmpfs elsewhere. Asking for
 // ProjectQuota on a filesystem that does not enforce them is an error saying why.
-func New(dir string, want Mechanism) (*Manager, error) {
+//
+// Released layer dirs are removed in the background (see removal.go); Close stops that, and
+// layers released by an earlier process that were not removed yet are removed from New on.
+func New(dir string, want Mechanism, opts ...Option) (*Manager, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	m := &Manager{dir: dir}
+	for _, o := range opts {
+		o(m)
+	}
+	m.removal = newRemover(dir, m.log, m.removeLayer)
 	switch want {
 	case Auto, "":
 		if err := probeProjectQuota(dir); err != nil {
@@ -142,7 +162,22 @@ func New(dir string, want Mechanism) (*Manager, error) {
 	default:
 		return nil, fmt.Errorf("unknown writable layer mechanism %q; use one of %v", want, Mechanisms)
 	}
+	if m.removal.leftovers() {
+		if err := m.removal.start(); err != nil {
+			return nil, err
+		}
+	}
 	return m, nil
+}
+
+// Flush waits until every layer released so far is removed from the disk, or ctx ends.
+func (m *Manager) Flush(ctx context.Context) error { return m.removal.flush(ctx.Done()) }
+
+// Close stops removing released layers in the background, after the one being removed; the
+// next Manager over the same dir removes the rest.
+func (m *Manager) Close() error {
+	m.removal.close()
+	return nil
 }
 
 // Mechanism implements Interface.
@@ -450,8 +485,12 @@ func (m *Manager) Used(dir string) (int64, error) {
 	return int64(st.Blocks-st.Bfree) * st.Bsize, nil
 }
 
-// Release implements Interface.
+// Release implements Interface: the tmpfs is unmounted now, and the dir set aside for removal
+// in the background (removal.go), or removed now where it cannot be set aside.
 func (m *Manager) Release(dir string) error {
+	if filepath.Dir(dir) != filepath.Clean(m.dir) {
+		return fmt.Errorf("refusing to remove %s: not a writable layer dir under %s", dir, m.dir)
+	}
 	// A tmpfs (or a stack of them, after a crash and a retried publish) on the dir.
 	for range 16 {
 		err := unix.Unmount(dir, unix.UMOUNT_NOFOLLOW)
@@ -465,10 +504,39 @@ func (m *Manager) Release(dir string) error {
 			return fmt.Errorf("unmounting the writable layer at %s: %w", dir, err)
 		}
 	}
-	// A project quota: the id is read from the dir itself, so an orphan dir (no record) is
-	// released as well as a recorded one.
-	id, idErr := projectOf(dir)
-	if err := m.removeLayerDir(dir); err != nil {
+	setAsideErr := m.removal.setAsideDir(dir)
+	if setAsideErr == nil {
+		return nil
+	}
+	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil // released already
+	}
+	if m.log != nil {
+		m.log.Warn("removing a released writable layer in the call: it cannot be set aside for background removal", "dir", dir, "err", setAsideErr)
+	}
+	return m.removeLayer(m.dir, filepath.Base(dir))
+}
+
+// removeLayer removes the layer dir name, a direct child of parent (the manager's dir, or a
+// removal batch), and clears its project's limits. The removal goes through a handle on
+// parent: it follows no link and cannot leave parent, whatever a pod left in its upper dir.
+// The project id is read from the dir itself, so an orphan dir (no record) is released as
+// well as a recorded one.
+func (m *Manager) removeLayer(parent, name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') {
+		return fmt.Errorf("refusing to remove %q in %s: not a plain name", name, parent)
+	}
+	id, idErr := projectOf(filepath.Join(parent, name))
+	root, err := os.OpenRoot(parent)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	err = root.RemoveAll(name)
+	root.Close()
+	if err != nil {
 		return err
 	}
 	if idErr != nil || id < firstProjectID || id-firstProjectID >= projectIDSpan {
@@ -484,22 +552,4 @@ func (m *Manager) Release(dir string) error {
 		return nil // quotas are off now: nothing to clear
 	}
 	return err
-}
-
-// removeLayerDir removes a volume's layer dir, a direct child of the manager's dir, through a
-// handle on that dir: the removal follows no link and cannot leave it, whatever a pod left in
-// its upper dir.
-func (m *Manager) removeLayerDir(dir string) error {
-	if filepath.Dir(dir) != filepath.Clean(m.dir) {
-		return fmt.Errorf("refusing to remove %s: not a writable layer dir under %s", dir, m.dir)
-	}
-	root, err := os.OpenRoot(m.dir)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	defer root.Close()
-	return root.RemoveAll(filepath.Base(dir))
 }

@@ -1,6 +1,7 @@
 package writablelayer_test
 
 import (
+	"context"
 	"errors"
 	"io/fs"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -308,5 +310,104 @@ func TestResumeRefusesATmpfsLayer(t *testing.T) {
 	}
 	if err := m.Resume(filepath.Join(dir, "vol"), testLimit); err == nil || !strings.Contains(err.Error(), "cannot be resumed") {
 		t.Fatalf("Resume of a tmpfs layer: %v", err)
+	}
+}
+
+// removalBatches lists what the removal dir next to dir (dir-removing/a and b) holds.
+func removalBatches(t *testing.T, dir string) []string {
+	t.Helper()
+	var out []string
+	for _, b := range []string{"a", "b"} {
+		entries, err := os.ReadDir(filepath.Join(dir+"-removing", b))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Fatal(err)
+		}
+		for _, e := range entries {
+			out = append(out, b+"/"+e.Name())
+		}
+	}
+	return out
+}
+
+// TestReleaseUnmountsAtOnceAndRemovesTheLayerLater: a released layer's tmpfs is gone when
+// Release returns, and so is its dir from the layers dir; the dir itself is removed in the
+// background, without following what a pod left in it: a link to a file outside removes the
+// link, not the file.
+func TestReleaseUnmountsAtOnceAndRemovesTheLayerLater(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := filepath.Join(t.TempDir(), "overlays")
+	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	outside := filepath.Join(t.TempDir(), "host-file")
+	if err := os.WriteFile(outside, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	vol := filepath.Join(dir, "vol")
+	if err := m.Prepare(vol, testLimit); err != nil {
+		t.Fatal(err)
+	}
+	upper, _ := writablelayer.Paths(vol)
+	// What a pod can leave in its upper dir.
+	if err := os.Symlink(outside, filepath.Join(upper, "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Dir(outside), filepath.Join(upper, "dirlink")); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Release(vol); err != nil {
+		t.Fatal(err)
+	}
+	if n := nodeplugintest.CountMounts(t, dir); n != 0 {
+		t.Errorf("%d mounts left in the layers dir after Release", n)
+	}
+	if _, err := os.Lstat(vol); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("layer dir still in the layers dir after Release: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := m.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left := removalBatches(t, dir); len(left) != 0 {
+		t.Errorf("after Flush the removal dir still holds %v", left)
+	}
+	if b, err := os.ReadFile(outside); err != nil || string(b) != "keep" {
+		t.Errorf("the file a pod's link pointed to: %q, %v", b, err)
+	}
+}
+
+// TestReleaseRemovesInPlaceWhereTheLayerCannotBeSetAside: with the removal dir on another
+// filesystem (the rename fails with EXDEV), Release removes the layer itself, as it did
+// before layers were removed in the background.
+func TestReleaseRemovesInPlaceWhereTheLayerCannotBeSetAside(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := filepath.Join(t.TempDir(), "overlays")
+	if err := os.MkdirAll(dir+"-removing", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("elsewhere", dir+"-removing", "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir+"-removing", unix.MNT_DETACH) })
+	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	vol := filepath.Join(dir, "vol")
+	if err := m.Prepare(vol, testLimit); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Release(vol); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(vol); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("layer dir still there after Release: %v", err)
+	}
+	if left := removalBatches(t, dir); len(left) != 0 {
+		t.Errorf("the removal dir on another filesystem holds %v", left)
 	}
 }

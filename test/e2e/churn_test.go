@@ -171,8 +171,8 @@ func scenarioChurn(t *testing.T, ctx context.Context, e *env) {
 const libraryGCTimeout = 4 * time.Minute
 
 // checkNoLeftovers checks the node once no pod uses an apm-csi volume: no apm-csi mount below
-// kubelet's pods dir, no overlay using the plugin's state, no per-volume upper/work dir or
-// record, and (once the GC grace period has passed) no library in the cache.
+// kubelet's pods dir, no overlay using the plugin's state, no per-volume upper/work dir (in
+// the overlays dir or set aside for removal) or record, and (once the GC grace period has passed) no library in the cache.
 func checkNoLeftovers(t *testing.T, ctx context.Context, e *env) {
 	t.Helper()
 	overlays := filepath.Join(e.d.StateDir, "overlays")
@@ -189,12 +189,16 @@ func checkNoLeftovers(t *testing.T, ctx context.Context, e *env) {
 		for _, m := range framework.MountsWithOptionUnder(all, e.d.StateDir) {
 			left = append(left, "overlay "+m.MountPoint)
 		}
-		names, err := framework.Entries(overlays)
-		if err != nil {
-			return false, err
-		}
-		for _, n := range names {
-			left = append(left, filepath.Join(overlays, n))
+		// Released layers are set aside in <overlays>-removing/{a,b} and removed in the
+		// background: they must be gone too.
+		for _, dir := range []string{overlays, overlays + "-removing/a", overlays + "-removing/b"} {
+			names, err := framework.Entries(dir)
+			if err != nil {
+				return false, err
+			}
+			for _, n := range names {
+				left = append(left, filepath.Join(dir, n))
+			}
 		}
 		records, err := state.Read(e.d.StateDir)
 		if err != nil {

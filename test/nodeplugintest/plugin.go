@@ -153,7 +153,7 @@ func (p *Plugin) StartReady() {
 	}
 	writable := p.Config.WritableLayers
 	if writable == nil {
-		manager, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer)
+		manager, err := writablelayer.New(driver.OverlaysDir(p.State), p.Config.WritableLayer, writablelayer.WithLogger(p.Log))
 		if err != nil {
 			p.T.Fatal(err)
 		}
@@ -212,6 +212,17 @@ func (p *Plugin) Stop() {
 		p.srv, p.served, p.conn = nil, nil, nil
 		if err := p.Driver.Close(); err != nil {
 			p.T.Errorf("closing the driver: %v", err)
+		}
+		if p.Writable != nil {
+			// Released layers are removed in the background: waiting for that here makes
+			// every test that stops the plugin check that they are.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			if err := p.Writable.Flush(ctx); err != nil {
+				p.T.Errorf("removing released writable layers: %v", err)
+			}
+			cancel()
+			p.Writable.Close()
+			p.Writable = nil
 		}
 	}
 	if p.closeLibraries != nil {
