@@ -391,7 +391,11 @@ func TestReleaseRemovesInPlaceWhereTheLayerCannotBeSetAside(t *testing.T) {
 	if err := unix.Mount("elsewhere", dir+"-removing", "tmpfs", 0, "size=1m"); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Unmount(dir+"-removing", unix.MNT_DETACH) })
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir+"-removing", unix.MNT_DETACH); err != nil {
+			t.Errorf("unmounting the test's tmpfs: %v", err)
+		}
+	})
 	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)
