@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
@@ -33,21 +34,24 @@ type Linux struct {
 	// mountInfo is the mount table to read; /proc/self/mountinfo.
 	mountInfo string
 	// detector answers IsMountPoint. mount-utils' implementation uses openat2/statx to detect
-	// bind mounts of the same filesystem, which a device-number comparison would miss.
-	detector mount.Interface
+	// bind mounts of the same filesystem, which a device-number comparison would miss. It is
+	// made on first use: making it runs umount(8) once (to learn how it reports a dir that is
+	// not mounted), which start-up does not need on a kernel that IsMountPointAt answers with
+	// statx alone (Linux 5.8).
+	detector func() mount.Interface
 }
 
 var _ Interface = (*Linux)(nil)
 
 // New returns the real mounter.
 func New() *Linux {
-	return &Linux{mountInfo: "/proc/self/mountinfo", detector: mount.New("")}
+	return &Linux{mountInfo: "/proc/self/mountinfo", detector: sync.OnceValue(func() mount.Interface { return mount.New("") })}
 }
 
 // IsMountPoint reports whether path is a mount point (symlinks followed), including a bind
 // mount of a directory of the same filesystem.
 func (l *Linux) IsMountPoint(path string) (bool, error) {
-	return l.detector.IsMountPoint(path)
+	return l.detector().IsMountPoint(path)
 }
 
 // Bind bind-mounts source onto target, both given by path (symlinks followed): BindFrom for
@@ -460,7 +464,7 @@ func (l *Linux) IsMountPointAt(dirfd int, name string) (bool, error) {
 	if st.Dev_major != parent.Dev_major || st.Dev_minor != parent.Dev_minor {
 		return true, nil
 	}
-	return l.detector.IsMountPoint(fdpath.Path(dirfd) + "/" + name)
+	return l.detector().IsMountPoint(fdpath.Path(dirfd) + "/" + name)
 }
 
 // SurelyMountRoot implements Interface: one statx(2), trusted only where the kernel reports
