@@ -2,11 +2,14 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -133,4 +136,44 @@ func BenchmarkStartWith2000Records(b *testing.B) {
 		d.Close()
 	}
 	b.ReportMetric(float64(cpu()-cpu0)/float64(n)/1e6, "cpu-ms/op")
+}
+
+// TestUnreferencedEntriesReadsEveryEntry: the overlays dir is read in several getdents calls
+// when it holds many entries (here about 60 KB of them, beyond one 32 KB buffer); every entry
+// that no record references is returned, once, and none that one references.
+func TestUnreferencedEntriesReadsEveryEntry(t *testing.T) {
+	dir := t.TempDir()
+	referenced := map[string]bool{}
+	var want []string
+	for i := range 700 {
+		name := state.Key(fmt.Sprintf("vol-%d", i), "/t")
+		if i%7 == 3 {
+			name += ".x" // another length, so that entries are not all the same size
+		}
+		if err := os.Mkdir(filepath.Join(dir, name), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if i%3 == 0 {
+			want = append(want, name)
+		} else {
+			referenced[name] = true
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "a-file"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, "a-file")
+	referenced["not-there"] = true
+	got, err := unreferencedEntries(dir, referenced)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %d names, want %d:\n got %q\nwant %q", len(got), len(want), got, want)
+	}
+	if _, err := unreferencedEntries(filepath.Join(dir, "missing"), nil); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a missing dir: %v, want not-exist", err)
+	}
 }
