@@ -50,7 +50,7 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 // record stays durable before its mount exists.
 func (d *Driver) Start(ctx context.Context) error {
 	// The records without their attributes, which only diagnostics read (Records).
-	records, listErr := d.store.Index()
+	records, keys, listErr := d.store.Index()
 	if listErr != nil {
 		// Unreadable records are left on disk for a person; everything else proceeds.
 		d.log.Error("some state records cannot be read; they are left in place", "err", listErr)
@@ -62,11 +62,11 @@ func (d *Driver) Start(ctx context.Context) error {
 	if len(d.byTarget) == 0 {
 		d.byTarget = make(map[string]*state.Record, len(records))
 	}
-	for _, rec := range records {
+	for i, rec := range records {
 		// Records are read back from disk: untrusted input. One that is not what this
 		// plugin writes is never acted on; its overlay dir, if it names one of ours, is kept
 		// too.
-		err := d.checkRecord(rec)
+		err := d.checkRecord(rec, keys[i])
 		if rec.OverlayDir != "" {
 			if err == nil {
 				// Checked to be exactly <overlays>/<key>: its name, without allocating.
@@ -217,8 +217,9 @@ func (d *Driver) surelyMounted(pods int, rec *state.Record) bool {
 
 // checkRecord validates a record read from the state dir: its target must be exactly of
 // kubelet's CSI target shape under this plugin's pods dir, and its overlay dirs exactly
-// <overlays>/<record key>/{upper,work}.
-func (d *Driver) checkRecord(rec *state.Record) error {
+// <overlays>/<record key>/{upper,work}. key is the record's key as the store checked it when
+// it read the record (state.Store.Index), or "" to compute it.
+func (d *Driver) checkRecord(rec *state.Record, key string) error {
 	if _, ok := parseTarget(d.podsDir, rec.TargetPath); !ok {
 		return fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
 	}
@@ -227,7 +228,11 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 	}
 	// Compared piece by piece, without allocating: start-up runs this for every record.
 	dir, ok := strings.CutPrefix(rec.OverlayDir, d.overlaysDir)
-	ok = ok && len(dir) > 1 && dir[0] == '/' && rec.HasKey(dir[1:])
+	if ok = ok && len(dir) > 1 && dir[0] == '/'; ok && key != "" {
+		ok = dir[1:] == key
+	} else if ok {
+		ok = rec.HasKey(dir[1:])
+	}
 	if upper, found := strings.CutPrefix(rec.UpperDir, rec.OverlayDir); !ok || !found || upper != "/upper" {
 		ok = false
 	}

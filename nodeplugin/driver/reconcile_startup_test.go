@@ -177,3 +177,53 @@ func TestUnreferencedEntriesReadsEveryEntry(t *testing.T) {
 		t.Fatalf("a missing dir: %v, want not-exist", err)
 	}
 }
+
+// TestStartRefusesARecordWithAnotherRecordsOverlayDir: a record whose overlay dirs are of the
+// right shape but under another record's key (a journal written by hand, or damaged and
+// re-checksummed) is not adopted, and the dir it names is left in place: start-up compares
+// the overlay dir with the key the store checked, as it did with a hash of its own.
+func TestStartRefusesARecordWithAnotherRecordsOverlayDir(t *testing.T) {
+	root := t.TempDir()
+	kubelet, stateDir := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
+	store, err := state.Open(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := func(pod string) string {
+		return filepath.Join(kubelet, "pods", pod, "volumes/kubernetes.io~csi/apm/mount")
+	}
+	own := &state.Record{VolumeID: "csi-own", TargetPath: target("pod-own"), Kind: "library", Type: "library", Created: time.Now()}
+	own.OverlayDir = filepath.Join(OverlaysDir(stateDir), own.Key())
+	own.UpperDir, own.WorkDir = own.OverlayDir+"/upper", own.OverlayDir+"/work"
+	other := state.Key("csi-other", target("pod-other"))
+	swapped := &state.Record{VolumeID: "csi-swapped", TargetPath: target("pod-swapped"), Kind: "library", Type: "library", Created: time.Now()}
+	swapped.OverlayDir = filepath.Join(OverlaysDir(stateDir), other)
+	swapped.UpperDir, swapped.WorkDir = swapped.OverlayDir+"/upper", swapped.OverlayDir+"/work"
+	for _, r := range []*state.Record{own, swapped} {
+		if err := os.MkdirAll(r.UpperDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := store.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	store.Close()
+
+	d, err := New(Config{NodeID: "node-1", KubeletDir: kubelet, StateDir: stateDir, Mounter: mounter.NewFake(), WritableLayers: writablelayer.NewFake(), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d.mu.Lock()
+	adoptedOwn, adoptedSwapped := d.byTarget[own.TargetPath] != nil, d.byTarget[swapped.TargetPath] != nil
+	d.mu.Unlock()
+	if !adoptedOwn || adoptedSwapped {
+		t.Fatalf("adopted: own record %t (want true), record with another's overlay dir %t (want false)", adoptedOwn, adoptedSwapped)
+	}
+	if _, err := os.Stat(swapped.UpperDir); err != nil {
+		t.Fatalf("the dir a refused record names was removed: %v", err)
+	}
+}

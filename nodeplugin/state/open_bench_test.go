@@ -68,7 +68,7 @@ func BenchmarkOpenWith2000Records(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		recs, err := s.Index()
+		recs, _, err := s.Index()
 		if err != nil || len(recs) != 2000 {
 			b.Fatalf("%d records, %v", len(recs), err)
 		}
