@@ -19,6 +19,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 // TestRestartKeepsEveryFieldOfARecord: start-up loads the records without their attributes
@@ -225,5 +226,40 @@ func TestStartRefusesARecordWithAnotherRecordsOverlayDir(t *testing.T) {
 	}
 	if _, err := os.Stat(swapped.UpperDir); err != nil {
 		t.Fatalf("the dir a refused record names was removed: %v", err)
+	}
+}
+
+// TestStartReusesTheEmptyDirMountACrashLeft: the empty lower dir's own mount (a read-only
+// tmpfs with the real mounter) left by a process that did not stop cleanly is used as it is
+// by the next start, which neither fails on it nor stacks another; and a clean stop removes
+// the one it made.
+func TestStartReusesTheEmptyDirMountACrashLeft(t *testing.T) {
+	testenv.RequireRoot(t)
+	stateDir := t.TempDir()
+	m := mounter.New()
+	empty, releaseCrashed, err := prepareEmptyDir(m, stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(empty, unix.MNT_DETACH) })
+	// No release: the process "crashed". The next start:
+	again, release, err := prepareEmptyDir(m, stateDir)
+	if err != nil || again != empty {
+		t.Fatalf("start after a crash: %q, %v", again, err)
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, err := m.IsMountPoint(empty); err != nil || !mounted {
+		t.Fatalf("the reused mount after the second start's release: mounted %v, %v; want still mounted", mounted, err)
+	}
+	if err := releaseCrashed(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, _ := m.IsMountPoint(empty); mounted {
+		t.Fatal("the empty dir is still a mount point after its release")
+	}
+	if fi, err := os.Stat(empty); err != nil || fi.Mode().Perm() != 0o555 {
+		t.Fatalf("the empty dir itself: %v, %v; want mode 0555", fi, err)
 	}
 }

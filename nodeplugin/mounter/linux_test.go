@@ -1,6 +1,7 @@
 package mounter
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -108,5 +109,54 @@ func TestMounterRunsUmountOnlyWhenTheFallbackNeedsIt(t *testing.T) {
 	}
 	if n := runs(); n != 1 {
 		t.Fatalf("umount ran %d times after two path-based checks; want 1 (the detector, made once)", n)
+	}
+}
+
+// TestEmptyMountIsAnEmptyReadOnlyMountOfItsOwn: EmptyMount gives the dir a mount of its own
+// that is empty and refuses writes; made again while it is there, it stacks nothing (and that
+// release does nothing); its release unmounts it, and the dir's own content, hidden
+// meanwhile, is there again.
+func TestEmptyMountIsAnEmptyReadOnlyMountOfItsOwn(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := filepath.Join(t.TempDir(), "empty")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "hidden"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m := New()
+	release, err := m.EmptyMount(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	if mounted, err := m.IsMountPoint(dir); err != nil || !mounted {
+		t.Fatalf("IsMountPoint after EmptyMount = %v, %v", mounted, err)
+	}
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Fatalf("the empty mount holds %v (%v)", entries, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "planted"), nil, 0o600); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("writing into the empty mount: %v, want EROFS", err)
+	}
+	again, err := m.EmptyMount(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := again(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, _ := m.IsMountPoint(dir); !mounted {
+		t.Fatal("releasing the second EmptyMount removed the first one's mount")
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, _ := m.IsMountPoint(dir); mounted {
+		t.Fatal("still a mount point after release")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "hidden")); err != nil {
+		t.Fatalf("the dir's own content after release: %v", err)
 	}
 }
