@@ -256,6 +256,31 @@ func (f *fields) skip() {
 	}
 }
 
+// skipN passes over n fields, checking their escapes as next does.
+func (f *fields) skipN(n int) {
+	if f.escaped {
+		for range n {
+			f.skip()
+		}
+		return
+	}
+	if f.err != nil || n <= 0 {
+		return
+	}
+	// No escape anywhere: the n-th tab ends them (a byte loop: the fields are short, too
+	// short for IndexByte's start-up cost to pay).
+	s := f.s
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\t' {
+			if n--; n == 0 {
+				f.s = s[i+1:]
+				return
+			}
+		}
+	}
+	f.err = errCompact
+}
+
 func (f *fields) count() int {
 	n, err := strconv.Atoi(f.next())
 	if f.err == nil && (err != nil || n < 0 || n > len(f.s)) {
@@ -416,9 +441,7 @@ func (d *decoder) decode(r *Record, key string, body []byte) (current bool, _ er
 	created := f.next()
 	r.Pod.Namespace, r.Pod.Name, r.Pod.UID = f.next(), f.next(), f.next()
 	if n := f.count(); n > 0 && d.skipAttributes && current {
-		for range 2 * n {
-			f.skip()
-		}
+		f.skipN(2 * n)
 	} else if n > 0 {
 		r.Attributes = make(map[string]string, n)
 		for range n {
