@@ -332,7 +332,9 @@ func (s *Store) replay(f *os.File, attributes bool) (size, good int64, torn bool
 				start = 0
 			}
 			if end == len(buf) {
-				buf = append(buf, make([]byte, len(buf))...)[:cap(buf)*2]
+				larger := make([]byte, 2*len(buf))
+				copy(larger, buf[:end])
+				buf = larger
 			}
 			n, rerr := f.Read(buf[end:])
 			end += n
