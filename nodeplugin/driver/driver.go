@@ -231,13 +231,17 @@ func prepareEmptyDir(m mounter.Interface, stateDir string) (dir string, release 
 	if err := os.MkdirAll(empty, 0o755); err != nil {
 		return "", nil, fmt.Errorf("state dir: %w", err)
 	}
-	if fi, err := os.Lstat(empty); err != nil {
+	fi, err := os.Lstat(empty)
+	if err != nil {
 		return "", nil, fmt.Errorf("state dir: %w", err)
 	} else if !fi.IsDir() {
 		return "", nil, fmt.Errorf("state dir: %s must be a directory (the empty lower dir of read-only library overlays); remove it and start again", empty)
 	}
-	if err := os.Chmod(empty, 0o555); err != nil {
-		return "", nil, fmt.Errorf("state dir: %w", err)
+	// Left as it is when it is already (the read-only mount a crash left is).
+	if fi.Mode().Perm() != 0o555 {
+		if err := os.Chmod(empty, 0o555); err != nil {
+			return "", nil, fmt.Errorf("state dir: %w", err)
+		}
 	}
 	names, err := os.ReadDir(empty)
 	if err != nil {
@@ -250,8 +254,16 @@ func prepareEmptyDir(m mounter.Interface, stateDir string) (dir string, release 
 	// dir and walks that mount's children, and the state dir's mount has every writable
 	// layer's tmpfs and often every pod's target below it, so an overlay with the empty dir
 	// as a lower would cost time in proportion to the volumes published
-	// (mounter.OwnMount). Released by Close; a crash leaves it for the next start to reuse.
-	releaseEmpty, err := m.OwnMount(empty)
+	// (mounter.OwnMount). An empty read-only tmpfs where the mounter makes one
+	// (mounter.Linux.EmptyMount): a bind mount would itself walk those mounts at every
+	// start. Released by Close; a crash leaves it for the next start to reuse.
+	own := m.OwnMount
+	if e, ok := m.(interface {
+		EmptyMount(dir string) (release func() error, err error)
+	}); ok {
+		own = e.EmptyMount
+	}
+	releaseEmpty, err := own(empty)
 	if err != nil {
 		return "", nil, fmt.Errorf("state dir: the empty lower dir %s: %w", empty, err)
 	}

@@ -1,7 +1,9 @@
 package driver
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -48,7 +50,7 @@ func (d *Driver) Reconcile(ctx context.Context) error {
 // record stays durable before its mount exists.
 func (d *Driver) Start(ctx context.Context) error {
 	// The records without their attributes, which only diagnostics read (Records).
-	records, listErr := d.store.Index()
+	records, keys, listErr := d.store.Index()
 	if listErr != nil {
 		// Unreadable records are left on disk for a person; everything else proceeds.
 		d.log.Error("some state records cannot be read; they are left in place", "err", listErr)
@@ -60,16 +62,20 @@ func (d *Driver) Start(ctx context.Context) error {
 	if len(d.byTarget) == 0 {
 		d.byTarget = make(map[string]*state.Record, len(records))
 	}
-	for _, rec := range records {
+	for i, rec := range records {
 		// Records are read back from disk: untrusted input. One that is not what this
 		// plugin writes is never acted on; its overlay dir, if it names one of ours, is kept
 		// too.
+		err := d.checkRecord(rec, keys[i])
 		if rec.OverlayDir != "" {
-			if name, ok := d.overlayKey(rec.OverlayDir); ok {
+			if err == nil {
+				// Checked to be exactly <overlays>/<key>: its name, without allocating.
+				referenced[rec.OverlayDir[len(d.overlaysDir)+1:]] = true
+			} else if name, ok := d.overlayKey(rec.OverlayDir); ok {
 				referenced[name] = true
 			}
 		}
-		if err := d.checkRecord(rec); err != nil {
+		if err != nil {
 			d.recordLog(rec).Error("state record is not one this plugin writes; left alone (was --kubelet-dir or --state-dir changed?)", "err", err)
 			continue
 		}
@@ -98,13 +104,24 @@ func (d *Driver) Start(ctx context.Context) error {
 // context or Close).
 func (d *Driver) Verified() <-chan struct{} { return d.verified }
 
-// updatePublishedMetric sets the published-volumes gauge from the index.
+// updatePublishedMetric sets the published-volumes gauge from the index, counted in one pass.
 func (d *Driver) updatePublishedMetric() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for _, kind := range []string{"hostdir", "library", "preload"} {
-		d.metrics.published.WithLabelValues(kind).Set(float64(d.countKind(kind)))
+	var hostdir, library, preload int
+	for _, r := range d.byTarget {
+		switch r.Kind {
+		case "hostdir":
+			hostdir++
+		case "library":
+			library++
+		case "preload":
+			preload++
+		}
 	}
+	d.metrics.published.WithLabelValues("hostdir").Set(float64(hostdir))
+	d.metrics.published.WithLabelValues("library").Set(float64(library))
+	d.metrics.published.WithLabelValues("preload").Set(float64(preload))
 }
 
 // verifyRecords keeps the records whose targets are mounted and drops the others (see Start).
@@ -200,8 +217,9 @@ func (d *Driver) surelyMounted(pods int, rec *state.Record) bool {
 
 // checkRecord validates a record read from the state dir: its target must be exactly of
 // kubelet's CSI target shape under this plugin's pods dir, and its overlay dirs exactly
-// <overlays>/<record key>/{upper,work}.
-func (d *Driver) checkRecord(rec *state.Record) error {
+// <overlays>/<record key>/{upper,work}. key is the record's key as the store checked it when
+// it read the record (state.Store.Index), or "" to compute it.
+func (d *Driver) checkRecord(rec *state.Record, key string) error {
 	if _, ok := parseTarget(d.podsDir, rec.TargetPath); !ok {
 		return fmt.Errorf("target %q is not of the shape %s", rec.TargetPath, d.targetShape())
 	}
@@ -210,7 +228,11 @@ func (d *Driver) checkRecord(rec *state.Record) error {
 	}
 	// Compared piece by piece, without allocating: start-up runs this for every record.
 	dir, ok := strings.CutPrefix(rec.OverlayDir, d.overlaysDir)
-	ok = ok && len(dir) > 1 && dir[0] == '/' && rec.HasKey(dir[1:])
+	if ok = ok && len(dir) > 1 && dir[0] == '/'; ok && key != "" {
+		ok = dir[1:] == key
+	} else if ok {
+		ok = rec.HasKey(dir[1:])
+	}
 	if upper, found := strings.CutPrefix(rec.UpperDir, rec.OverlayDir); !ok || !found || upper != "/upper" {
 		ok = false
 	}
@@ -236,20 +258,9 @@ func (d *Driver) recordLog(rec *state.Record) *slog.Logger {
 // The mount table is read only when some dir is not referenced by a record: a node with
 // thousands of volumes and nothing orphaned does not parse thousands of mount entries.
 func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error) {
-	f, err := os.Open(d.overlaysDir)
+	orphans, err := unreferencedEntries(d.overlaysDir, referenced)
 	if err != nil {
 		return 0, fmt.Errorf("reconcile: %w", err)
-	}
-	names, err := f.Readdirnames(-1)
-	f.Close()
-	if err != nil {
-		return 0, fmt.Errorf("reconcile: %w", err)
-	}
-	var orphans []string
-	for _, name := range names {
-		if !referenced[name] {
-			orphans = append(orphans, name)
-		}
 	}
 	if len(orphans) == 0 {
 		return 0, nil
@@ -280,6 +291,48 @@ func (d *Driver) removeOrphanOverlayDirs(referenced map[string]bool) (int, error
 		removed++
 	}
 	return removed, errors.Join(errs...)
+}
+
+// unreferencedEntries returns the names in dir that referenced does not hold. The dir is read
+// with getdents(2) into one buffer, and a name is made a string only when it is returned:
+// start-up runs this over one entry per writable volume.
+func unreferencedEntries(dir string, referenced map[string]bool) ([]string, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(fd)
+	var out []string
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := unix.Getdents(fd, buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &os.PathError{Op: "getdents", Path: dir, Err: err}
+		}
+		if n <= 0 {
+			return out, nil
+		}
+		// struct linux_dirent64: ino (8 bytes), off (8), reclen (2), type (1), name
+		// (NUL-terminated).
+		for b := buf[:n]; len(b) >= 19; {
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen < 19 || reclen > len(b) {
+				return nil, &os.PathError{Op: "getdents", Path: dir, Err: errors.New("malformed directory entry")}
+			}
+			name := b[19:reclen]
+			if i := bytes.IndexByte(name, 0); i >= 0 {
+				name = name[:i]
+			}
+			b = b[reclen:]
+			if string(name) == "." || string(name) == ".." || referenced[string(name)] {
+				continue
+			}
+			out = append(out, string(name))
+		}
+	}
 }
 
 // Records returns a copy of the published targets' records, for diagnostics and tests. The

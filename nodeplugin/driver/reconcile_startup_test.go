@@ -2,11 +2,14 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -16,6 +19,7 @@ import (
 	"github.com/apm-csi/apm-csi/nodeplugin/state"
 	"github.com/apm-csi/apm-csi/nodeplugin/writablelayer"
 	"github.com/apm-csi/apm-csi/shared/volumeattrs"
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 // TestRestartKeepsEveryFieldOfARecord: start-up loads the records without their attributes
@@ -62,8 +66,9 @@ func TestRestartKeepsEveryFieldOfARecord(t *testing.T) {
 }
 
 // BenchmarkStartWith2000Records: what a start-up costs until ready (New and Start) with 2,000
-// records of writable library volumes, as the driver writes them. Run it with -cpu 1, so
-// that the background check of the targets, stopped right after, does not run meanwhile.
+// records of writable library volumes, as the driver writes them. Start gets a context that
+// is done already, so that the background check of the targets stops before its first record:
+// it would drop them all (the fake mounter has nothing mounted). Run it with -cpu 1.
 func BenchmarkStartWith2000Records(b *testing.B) {
 	root := b.TempDir()
 	kubelet, stateDir := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
@@ -114,6 +119,8 @@ func BenchmarkStartWith2000Records(b *testing.B) {
 		}
 		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
+	stopped, stop := context.WithCancel(context.Background())
+	stop()
 	cpu0, n := cpu(), 0
 	for b.Loop() {
 		n++
@@ -121,7 +128,7 @@ func BenchmarkStartWith2000Records(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if err := d.Start(context.Background()); err != nil {
+		if err := d.Start(stopped); err != nil {
 			b.Fatal(err)
 		}
 		d.mu.Lock()
@@ -133,4 +140,129 @@ func BenchmarkStartWith2000Records(b *testing.B) {
 		d.Close()
 	}
 	b.ReportMetric(float64(cpu()-cpu0)/float64(n)/1e6, "cpu-ms/op")
+}
+
+// TestUnreferencedEntriesReadsEveryEntry: the overlays dir is read in several getdents calls
+// when it holds many entries (here about 60 KB of them, beyond one 32 KB buffer); every entry
+// that no record references is returned, once, and none that one references.
+func TestUnreferencedEntriesReadsEveryEntry(t *testing.T) {
+	dir := t.TempDir()
+	referenced := map[string]bool{}
+	var want []string
+	for i := range 700 {
+		name := state.Key(fmt.Sprintf("vol-%d", i), "/t")
+		if i%7 == 3 {
+			name += ".x" // another length, so that entries are not all the same size
+		}
+		if err := os.Mkdir(filepath.Join(dir, name), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if i%3 == 0 {
+			want = append(want, name)
+		} else {
+			referenced[name] = true
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "a-file"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, "a-file")
+	referenced["not-there"] = true
+	got, err := unreferencedEntries(dir, referenced)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %d names, want %d:\n got %q\nwant %q", len(got), len(want), got, want)
+	}
+	if _, err := unreferencedEntries(filepath.Join(dir, "missing"), nil); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a missing dir: %v, want not-exist", err)
+	}
+}
+
+// TestStartRefusesARecordWithAnotherRecordsOverlayDir: a record whose overlay dirs are of the
+// right shape but under another record's key (a journal written by hand, or damaged and
+// re-checksummed) is not adopted, and the dir it names is left in place: start-up compares
+// the overlay dir with the key the store checked, as it did with a hash of its own.
+func TestStartRefusesARecordWithAnotherRecordsOverlayDir(t *testing.T) {
+	root := t.TempDir()
+	kubelet, stateDir := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
+	store, err := state.Open(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := func(pod string) string {
+		return filepath.Join(kubelet, "pods", pod, "volumes/kubernetes.io~csi/apm/mount")
+	}
+	own := &state.Record{VolumeID: "csi-own", TargetPath: target("pod-own"), Kind: "library", Type: "library", Created: time.Now()}
+	own.OverlayDir = filepath.Join(OverlaysDir(stateDir), own.Key())
+	own.UpperDir, own.WorkDir = own.OverlayDir+"/upper", own.OverlayDir+"/work"
+	other := state.Key("csi-other", target("pod-other"))
+	swapped := &state.Record{VolumeID: "csi-swapped", TargetPath: target("pod-swapped"), Kind: "library", Type: "library", Created: time.Now()}
+	swapped.OverlayDir = filepath.Join(OverlaysDir(stateDir), other)
+	swapped.UpperDir, swapped.WorkDir = swapped.OverlayDir+"/upper", swapped.OverlayDir+"/work"
+	for _, r := range []*state.Record{own, swapped} {
+		if err := os.MkdirAll(r.UpperDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := store.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	store.Close()
+
+	d, err := New(Config{NodeID: "node-1", KubeletDir: kubelet, StateDir: stateDir, Mounter: mounter.NewFake(), WritableLayers: writablelayer.NewFake(), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d.mu.Lock()
+	adoptedOwn, adoptedSwapped := d.byTarget[own.TargetPath] != nil, d.byTarget[swapped.TargetPath] != nil
+	d.mu.Unlock()
+	if !adoptedOwn || adoptedSwapped {
+		t.Fatalf("adopted: own record %t (want true), record with another's overlay dir %t (want false)", adoptedOwn, adoptedSwapped)
+	}
+	if _, err := os.Stat(swapped.UpperDir); err != nil {
+		t.Fatalf("the dir a refused record names was removed: %v", err)
+	}
+}
+
+// TestStartReusesTheEmptyDirMountACrashLeft: the empty lower dir's own mount (a read-only
+// tmpfs with the real mounter) left by a process that did not stop cleanly is used as it is
+// by the next start, which neither fails on it nor stacks another; and a clean stop removes
+// the one it made.
+func TestStartReusesTheEmptyDirMountACrashLeft(t *testing.T) {
+	testenv.RequireRoot(t)
+	stateDir := t.TempDir()
+	m := mounter.New()
+	empty, releaseCrashed, err := prepareEmptyDir(m, stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(empty, unix.MNT_DETACH) })
+	// No release: the process "crashed". The next start:
+	again, release, err := prepareEmptyDir(m, stateDir)
+	if err != nil || again != empty {
+		t.Fatalf("start after a crash: %q, %v", again, err)
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, err := m.IsMountPoint(empty); err != nil || !mounted {
+		t.Fatalf("the reused mount after the second start's release: mounted %v, %v; want still mounted", mounted, err)
+	}
+	if err := releaseCrashed(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, _ := m.IsMountPoint(empty); mounted {
+		t.Fatal("the empty dir is still a mount point after its release")
+	}
+	if fi, err := os.Stat(empty); err != nil || fi.Mode().Perm() != 0o555 {
+		t.Fatalf("the empty dir itself: %v, %v; want mode 0555", fi, err)
+	}
 }

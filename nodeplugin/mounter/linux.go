@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
@@ -33,21 +34,24 @@ type Linux struct {
 	// mountInfo is the mount table to read; /proc/self/mountinfo.
 	mountInfo string
 	// detector answers IsMountPoint. mount-utils' implementation uses openat2/statx to detect
-	// bind mounts of the same filesystem, which a device-number comparison would miss.
-	detector mount.Interface
+	// bind mounts of the same filesystem, which a device-number comparison would miss. It is
+	// made on first use: making it runs umount(8) once (to learn how it reports a dir that is
+	// not mounted), which start-up does not need on a kernel that IsMountPointAt answers with
+	// statx alone (Linux 5.8).
+	detector func() mount.Interface
 }
 
 var _ Interface = (*Linux)(nil)
 
 // New returns the real mounter.
 func New() *Linux {
-	return &Linux{mountInfo: "/proc/self/mountinfo", detector: mount.New("")}
+	return &Linux{mountInfo: "/proc/self/mountinfo", detector: sync.OnceValue(func() mount.Interface { return mount.New("") })}
 }
 
 // IsMountPoint reports whether path is a mount point (symlinks followed), including a bind
 // mount of a directory of the same filesystem.
 func (l *Linux) IsMountPoint(path string) (bool, error) {
-	return l.detector.IsMountPoint(path)
+	return l.detector().IsMountPoint(path)
 }
 
 // Bind bind-mounts source onto target, both given by path (symlinks followed): BindFrom for
@@ -460,7 +464,7 @@ func (l *Linux) IsMountPointAt(dirfd int, name string) (bool, error) {
 	if st.Dev_major != parent.Dev_major || st.Dev_minor != parent.Dev_minor {
 		return true, nil
 	}
-	return l.detector.IsMountPoint(fdpath.Path(dirfd) + "/" + name)
+	return l.detector().IsMountPoint(fdpath.Path(dirfd) + "/" + name)
 }
 
 // SurelyMountRoot implements Interface: one statx(2), trusted only where the kernel reports
@@ -540,24 +544,53 @@ func (l *Linux) OwnMount(dir string) (release func() error, err error) { return 
 // the bind mount it made (lazily if something still holds it open); overlays made meanwhile
 // keep their own private copies of it and are unaffected.
 func OwnMount(dir string) (release func() error, err error) {
+	return ownMount(dir, "own mount", func(clean string) error {
+		if err := unix.Mount(clean, clean, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind-mounting %s onto itself: %w", dir, err)
+		}
+		return nil
+	})
+}
+
+// EmptyMount makes dir (created if missing) the root of an empty, read-only mount of its own,
+// a tmpfs, unless it is a mount point already (as OwnMount), and returns a function that
+// undoes what it did. It is for a dir that must stay empty: what the dir holds itself is
+// hidden while the tmpfs is mounted.
+//
+// Unlike the bind mount OwnMount makes, mounting a new filesystem does not walk the mounts
+// attached below the mount that holds dir (a non-recursive bind mount checks each of them for
+// a locked mount below the source), so it takes the same time however many volumes the node
+// has published.
+func (l *Linux) EmptyMount(dir string) (release func() error, err error) {
+	return ownMount(dir, "empty mount", func(clean string) error {
+		flags := uintptr(unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+		if err := unix.Mount(overlaySource, clean, "tmpfs", flags, "mode=0555,size=4k,nr_inodes=16"); err != nil {
+			return fmt.Errorf("mounting an empty tmpfs on %s: %w", dir, err)
+		}
+		return nil
+	})
+}
+
+// ownMount is OwnMount and EmptyMount: mount makes the mount on the clean path of dir.
+func ownMount(dir, what string, mount func(clean string) error) (release func() error, err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+		return nil, fmt.Errorf("%s for %s: %w", what, dir, err)
 	}
 	clean := filepath.Clean(dir)
 	parent, err := unix.Open(filepath.Dir(clean), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+		return nil, fmt.Errorf("%s for %s: %w", what, dir, err)
 	}
 	defer unix.Close(parent)
 	mounted, err := New().IsMountPointAt(parent, filepath.Base(clean))
 	if err != nil {
-		return nil, fmt.Errorf("own mount for %s: %w", dir, err)
+		return nil, fmt.Errorf("%s for %s: %w", what, dir, err)
 	}
 	if mounted {
 		return func() error { return nil }, nil
 	}
-	if err := unix.Mount(clean, clean, "", unix.MS_BIND, ""); err != nil {
-		return nil, fmt.Errorf("bind-mounting %s onto itself: %w", dir, err)
+	if err := mount(clean); err != nil {
+		return nil, err
 	}
 	return func() error {
 		err := unix.Unmount(clean, unix.UMOUNT_NOFOLLOW)
@@ -565,7 +598,7 @@ func OwnMount(dir string) (release func() error, err error) {
 			err = unix.Unmount(clean, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
 		}
 		if err != nil && !errors.Is(err, unix.EINVAL) {
-			return fmt.Errorf("unmounting the own mount of %s: %w", dir, err)
+			return fmt.Errorf("unmounting the %s of %s: %w", what, dir, err)
 		}
 		return nil
 	}, nil

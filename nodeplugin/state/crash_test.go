@@ -129,9 +129,14 @@ func TestStoreSurvivesKillAtAnyPoint(t *testing.T) {
 		}
 		// What start-up reads (the records Open decoded, without their attributes) first,
 		// then every record whole.
-		index, err := s.Index()
+		index, keys, err := s.Index()
 		if err != nil {
 			t.Fatalf("round %d: %v", round, err)
+		}
+		for i, r := range index {
+			if keys[i] != r.Key() {
+				t.Fatalf("round %d: Index gives key %s for the record of key %s", round, keys[i], r.Key())
+			}
 		}
 		got, err := s.List()
 		if err != nil {

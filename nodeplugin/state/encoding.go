@@ -256,6 +256,31 @@ func (f *fields) skip() {
 	}
 }
 
+// skipN passes over n fields, checking their escapes as next does.
+func (f *fields) skipN(n int) {
+	if f.escaped {
+		for range n {
+			f.skip()
+		}
+		return
+	}
+	if f.err != nil || n <= 0 {
+		return
+	}
+	// No escape anywhere: the n-th tab ends them (a byte loop: the fields are short, too
+	// short for IndexByte's start-up cost to pay).
+	s := f.s
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\t' {
+			if n--; n == 0 {
+				f.s = s[i+1:]
+				return
+			}
+		}
+	}
+	f.err = errCompact
+}
+
 func (f *fields) count() int {
 	n, err := strconv.Atoi(f.next())
 	if f.err == nil && (err != nil || n < 0 || n > len(f.s)) {
@@ -300,6 +325,12 @@ type decoder struct {
 	skipAttributes bool
 	// keyBuf holds what a record's key is the hash of, while checking it.
 	keyBuf []byte
+	// detach is set when the body decoded is a buffer that is used again (Open reads the
+	// journal through one): what the record keeps of it is copied into the text blocks, the
+	// values that repeat from record to record (kind, type, namespace, digests) once per
+	// interned.
+	detach   bool
+	interned map[string]string
 }
 
 // Block sizes: a block serves about 64 records of the usual shape.
@@ -329,6 +360,9 @@ func (d *decoder) join(parts ...string) string {
 		n += len(p)
 	}
 	if d.paths == nil || n > textBlock/4 {
+		if len(parts) == 1 {
+			return strings.Clone(parts[0]) // a copy (Join returns a single part as it is)
+		}
 		return strings.Join(parts, "")
 	}
 	if cap(d.text)-len(d.text) < n {
@@ -407,9 +441,7 @@ func (d *decoder) decode(r *Record, key string, body []byte) (current bool, _ er
 	created := f.next()
 	r.Pod.Namespace, r.Pod.Name, r.Pod.UID = f.next(), f.next(), f.next()
 	if n := f.count(); n > 0 && d.skipAttributes && current {
-		for range 2 * n {
-			f.skip()
-		}
+		f.skipN(2 * n)
 	} else if n > 0 {
 		r.Attributes = make(map[string]string, n)
 		for range n {
@@ -440,4 +472,67 @@ func (d *decoder) decode(r *Record, key string, body []byte) (current bool, _ er
 		return false, fmt.Errorf("%w: created: %v", errCompact, err)
 	}
 	return current, nil
+}
+
+// detachFrom copies every string of r that is a slice of body (see decoder.detach): the
+// fields before the attributes, which lie in the body's first few hundred bytes, are copied
+// in one piece, the layers' digests and dirs are interned, and attributes copied one by one.
+func (d *decoder) detachFrom(r *Record, body []byte) {
+	if len(body) == 0 {
+		return
+	}
+	lo := uintptr(unsafe.Pointer(unsafe.SliceData(body)))
+	hi := lo + uintptr(len(body))
+	offset := func(v string) (uintptr, bool) {
+		p := uintptr(unsafe.Pointer(unsafe.StringData(v)))
+		return p - lo, v != "" && p >= lo && p < hi
+	}
+	fields := [...]*string{
+		&r.VolumeID, &r.TargetPath, &r.Kind, &r.Type, &r.HostDir, &r.Source,
+		&r.OverlayDir, &r.UpperDir, &r.WorkDir, &r.WritableLayer,
+		&r.Pod.Namespace, &r.Pod.Name, &r.Pod.UID,
+	}
+	var span uintptr
+	for _, f := range fields {
+		if off, ok := offset(*f); ok {
+			span = max(span, off+uintptr(len(*f)))
+		}
+	}
+	if span > 0 {
+		c := d.join(unsafe.String(unsafe.SliceData(body), int(span)))
+		for _, f := range fields {
+			if off, ok := offset(*f); ok {
+				*f = c[off : off+uintptr(len(*f))]
+			}
+		}
+	}
+	own := func(v string) string {
+		if _, ok := offset(v); !ok {
+			return v
+		}
+		return d.join(v)
+	}
+	intern := func(v string) string {
+		if _, ok := offset(v); !ok {
+			return v
+		}
+		if s, ok := d.interned[v]; ok {
+			return s
+		}
+		s := d.join(v)
+		if d.interned != nil {
+			d.interned[s] = s
+		}
+		return s
+	}
+	for i := range r.Layers {
+		r.Layers[i].Dir, r.Layers[i].Digest = intern(r.Layers[i].Dir), intern(r.Layers[i].Digest)
+	}
+	if len(r.Attributes) > 0 {
+		attrs := make(map[string]string, len(r.Attributes))
+		for k, v := range r.Attributes {
+			attrs[own(k)] = own(v)
+		}
+		r.Attributes = attrs
+	}
 }

@@ -245,10 +245,23 @@ func TestIndexIsListWithoutAttributes(t *testing.T) {
 		}
 	}
 	// The records Open decoded, then decoded afresh, then whole.
-	list, err := st.Index()
+	checkKeys := func(name string, list []*Record, keys []string) {
+		t.Helper()
+		if len(keys) != len(list) {
+			t.Fatalf("%s: %d keys for %d records", name, len(keys), len(list))
+		}
+		for i, r := range list {
+			if keys[i] != r.Key() {
+				t.Fatalf("%s: key %s given for the record of key %s", name, keys[i], r.Key())
+			}
+		}
+	}
+	list, keys, err := st.Index()
 	check("first Index", list, err, false)
-	list, err = st.Index()
+	checkKeys("first Index", list, keys)
+	list, keys, err = st.Index()
 	check("second Index", list, err, false)
+	checkKeys("second Index", list, keys)
 	list, err = st.List()
 	check("List", list, err, true)
 	got, ok, err := st.Get(odd.VolumeID, odd.TargetPath)

@@ -15,9 +15,12 @@
 // or damaged line.
 //
 // A record is written in a compact tab-separated encoding (encoding.go), with the paths below
-// the state dir written relative to it. Open reads the journal once and decodes its records
-// without allocating per record, and without their attributes, which only diagnostics read
-// (Index hands these records out; List and Get decode records whole). Journals whose records
+// the state dir written relative to it. Open reads the journal once, through one small
+// buffer, and decodes its records without allocating per record, and without their
+// attributes, which only diagnostics read (Index hands these records out; List and Get decode
+// records whole). The journal is not kept in memory: the Store knows where each live record's
+// line lies in it, and reads the line back (checking its CRC and key again) when it rewrites
+// the journal or decodes a record whole. Journals whose records
 // earlier versions wrote in full (the first compact encoding) or as JSON are read and
 // rewritten by Open (those versions cannot read what this one writes). Records of still
 // earlier versions, one JSON file per record in the same directory, are taken into the
@@ -27,6 +30,7 @@ package state
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -37,7 +41,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -152,7 +156,8 @@ type Store struct {
 	// syncMu serialises fdatasync and rewrites, and is taken before mu.
 	syncMu sync.Mutex
 
-	mu      sync.Mutex
+	mu sync.Mutex
+	// f is the journal, open for reading the live lines back and for appending.
 	f       *os.File
 	size    int64             // bytes in the journal
 	synced  int64             // bytes known to be on disk
@@ -165,11 +170,18 @@ type Store struct {
 	converted int
 }
 
-// entry is a live record: its journal line, and the record decoded from it by Open (without
-// its Attributes) until Index hands it out.
+// entry is a live record: where its line lies in the journal, and the record decoded from it
+// by Open (without its Attributes) until Index hands it out.
 type entry struct {
+	// off and n locate the line in the journal (n includes the newline).
+	off int64
+	n   int
+	// line is set instead while the line is not yet in the journal: a record Open re-encoded
+	// or took in from an earlier version, until the rewrite that Open then makes.
 	line []byte
 	rec  *Record
+	// err is why Open could not decode the line (reported if the record is live at the end).
+	err error
 }
 
 // Open opens (creating it if needed) the journal under stateDir, reads its records, takes in
@@ -198,16 +210,30 @@ func Open(stateDir string) (*Store, error) {
 			legacy = append(legacy, name)
 		}
 	}
-	data, err := os.ReadFile(s.journalPath())
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("read state journal: %w", err)
+	f, err := os.OpenFile(s.journalPath(), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open state journal: %w", err)
 	}
-	good, torn, lineErrs := s.replay(data, false)
+	s.f = f
+	if err := s.load(legacy); err != nil {
+		s.f.Close() // f, or the journal a rewrite replaced it by
+		return nil, err
+	}
+	return s, nil
+}
+
+// load is Open once the journal is open (s.f).
+func (s *Store) load(legacy []string) error {
+	dir := s.dir
+	size, good, torn, lineErrs, err := s.replay(s.f, false)
+	if err != nil {
+		return fmt.Errorf("read state journal: %w", err)
+	}
 	var errs []error
 	if len(lineErrs) > 0 {
 		aside := s.journalPath() + ".unreadable-" + strconv.FormatInt(time.Now().Unix(), 10)
-		if err := os.WriteFile(aside, data, 0o600); err != nil {
-			return nil, fmt.Errorf("state journal has unreadable lines and cannot be copied aside: %w", err)
+		if err := copyFile(aside, s.f, size); err != nil {
+			return fmt.Errorf("state journal has unreadable lines and cannot be copied aside: %w", err)
 		}
 		errs = append(errs, fmt.Errorf("state journal %s has unreadable lines (a copy is kept at %s): %w", s.journalPath(), aside, errors.Join(lineErrs...)))
 	}
@@ -234,133 +260,158 @@ func Open(stateDir string) (*Store, error) {
 	// is ready.
 	if torn || len(lineErrs) > 0 || len(migrated) > 0 || s.converted > 0 {
 		if err := s.rewrite(); err != nil {
-			return nil, err
+			return err
 		}
 		for _, name := range migrated {
 			if err := os.Remove(filepath.Join(dir, name)); err != nil {
-				return nil, fmt.Errorf("state dir: removing a record taken into the journal: %w", err)
+				return fmt.Errorf("state dir: removing a record taken into the journal: %w", err)
 			}
 		}
-		return s, nil
+		return nil
 	}
-	f, err := os.OpenFile(s.journalPath(), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open state journal: %w", err)
-	}
-	s.f, s.size, s.synced = f, good, good
-	if len(data) == 0 {
+	s.size, s.synced = good, good
+	if size == 0 {
 		// A new journal: its directory entry must be durable before a record in it is.
 		if err := syncDir(dir); err != nil {
-			f.Close()
-			return nil, err
+			return err
 		}
 	}
-	return s, nil
+	return nil
+}
+
+// copyFile writes the first size bytes of f to a new file at path.
+func copyFile(path string, f *os.File, size int64) error {
+	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(out, io.NewSectionReader(f, 0, size))
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 func (s *Store) journalPath() string { return filepath.Join(s.dir, journalName) }
 
-// replay applies the journal's lines in order. good is the length of the part made of whole,
-// valid lines up to the last one; torn reports that something follows it (an append a crash
-// interrupted). A bad line followed by good ones is not a torn append: it is reported.
+// replay applies the journal's lines in order, read from f's start through one buffer, and
+// decodes each Put's record as it goes, copying what the record keeps out of the buffer.
+// size is what it read; good is the length of the part made of whole, valid lines up to the
+// last one; torn reports that something follows it (an append a crash interrupted). A bad
+// line followed by good ones is not a torn append: it is reported.
 //
 // The surviving records are decoded (entry.rec), with their Attributes only if attributes is
 // set.
-func (s *Store) replay(data []byte, attributes bool) (good int64, torn bool, errs []error) {
-	// The entries are carved out of blocks of many, and the map is sized for a journal of
-	// records of about 1.5 KB.
+func (s *Store) replay(f *os.File, attributes bool) (size, good int64, torn bool, errs []error, err error) {
+	// The entries and records are carved out of blocks of many, and the map is sized for a
+	// journal of records of about 1.5 KB.
 	var block []entry
-	if len(s.live) == 0 {
-		s.live = make(map[string]*entry, len(data)/1536)
+	var records []Record
+	if fi, err := f.Stat(); err == nil && len(s.live) == 0 {
+		s.live = make(map[string]*entry, fi.Size()/1536)
 	}
+	d := decoder{c: s.c, paths: map[string]string{}, interned: map[string]string{}, skipAttributes: !attributes, detach: true}
+	buf := make([]byte, readBuffer)
+	var base int64 // the journal offset of buf[0]
+	start, end := 0, 0
+	eof := false
 	var pending []error
-	off := 0
 	lineNo := 0
-	for off < len(data) {
-		lineNo++
-		end := bytes.IndexByte(data[off:], '\n')
-		if end < 0 {
-			torn = true // no newline: the last append was cut short
-			break
-		}
-		line := data[off : off+end+1]
-		off += end + 1
-		op, keyBytes, _, err := parseLine(line)
-		if err != nil {
-			pending = append(pending, fmt.Errorf("line %d: %w", lineNo, err))
+	for {
+		i := bytes.IndexByte(buf[start:end], '\n')
+		if i < 0 {
+			if eof {
+				break
+			}
+			// Keep the start of a line the buffer cut, and read on (into a larger buffer if
+			// that line fills this one).
+			if start > 0 {
+				copy(buf, buf[start:end])
+				base += int64(start)
+				end -= start
+				start = 0
+			}
+			if end == len(buf) {
+				larger := make([]byte, 2*len(buf))
+				copy(larger, buf[:end])
+				buf = larger
+			}
+			n, rerr := f.Read(buf[end:])
+			end += n
+			if errors.Is(rerr, io.EOF) {
+				eof = true
+			} else if rerr != nil {
+				return 0, 0, false, nil, rerr
+			}
 			continue
 		}
-		// The key is a slice of the journal as read, like the line that holds it (neither
-		// is ever changed).
-		key := unsafe.String(unsafe.SliceData(keyBytes), len(keyBytes))
+		lineNo++
+		line := buf[start : start+i+1]
+		off := base + int64(start)
+		start += i + 1
+		op, keyBytes, _, perr := parseLine(line)
+		if perr != nil {
+			pending = append(pending, fmt.Errorf("line %d: %w", lineNo, perr))
+			continue
+		}
 		// Bad lines followed by a good one are damage, not a torn tail.
 		errs = append(errs, pending...)
 		pending = nil
-		good = int64(off)
-		if _, ok := s.live[key]; ok {
+		good = off + int64(len(line))
+		key := unsafe.String(unsafe.SliceData(keyBytes), len(keyBytes)) // a slice of buf
+		e, ok := s.live[key]
+		if ok {
 			s.dead++
 		}
-		switch op {
-		case opPut:
-			if len(block) == 0 {
-				block = make([]entry, 512)
-			}
-			e := &block[0]
-			block = block[1:]
-			e.line = line
-			s.live[key] = e
-		case opDelete:
+		if op == opDelete {
 			delete(s.live, key)
 			s.dead++
+			continue
 		}
-	}
-	if len(pending) > 0 {
-		torn = true
-	}
-	// Decode what survived, on every CPU, into one block of records. A record in an earlier
-	// version's encoding (JSON, c1) is re-encoded, for Open to rewrite the journal with.
-	keys := make([]string, 0, len(s.live))
-	for k := range s.live {
-		keys = append(keys, k)
-	}
-	records := make([]Record, len(keys))
-	results := make([]error, len(keys))
-	converted := make([]bool, len(keys))
-	var wg sync.WaitGroup
-	workers := min(runtime.GOMAXPROCS(0), 1+len(keys)/256)
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			d := decoder{c: s.c, paths: map[string]string{}, skipAttributes: !attributes}
-			for i := w; i < len(keys); i += workers {
-				e := s.live[keys[i]]
-				// replay checked the line already: decode its body.
-				var current bool
-				current, results[i] = d.decodeBody(&records[i], keys[i], e.line[bodyStart:len(e.line)-1])
-				if results[i] != nil {
-					continue
-				}
-				e.rec = &records[i]
-				if !current {
-					e.line = s.encodePut(e.rec)
-					converted[i] = true
-				}
+		if !ok {
+			if len(block) == 0 {
+				block = make([]entry, 256)
 			}
-		}()
-	}
-	wg.Wait()
-	for i, err := range results {
-		if err != nil {
-			delete(s.live, keys[i])
-			errs = append(errs, err)
+			e = &block[0]
+			block = block[1:]
+			s.live[d.join(key)] = e
 		}
-		if converted[i] {
+		if len(records) == 0 {
+			records = make([]Record, 256)
+		}
+		rec := &records[0]
+		records = records[1:]
+		*e = entry{off: off, n: len(line)}
+		current, derr := d.decodeBody(rec, key, line[bodyStart:len(line)-1])
+		switch {
+		case derr != nil:
+			e.err = derr
+		case !current:
+			// An earlier version's encoding: re-encoded, for Open to rewrite the journal with.
+			e.rec, e.line = rec, s.encodePut(rec)
+		default:
+			e.rec = rec
+		}
+	}
+	size = base + int64(end)
+	if end > start || len(pending) > 0 {
+		torn = true // no newline, or no whole line after the last good one: an append cut short
+	}
+	for key, e := range s.live {
+		switch {
+		case e.err != nil:
+			delete(s.live, key)
+			errs = append(errs, e.err)
+		case e.line != nil:
 			s.converted++
 		}
 	}
-	return good, torn, errs
+	return size, good, torn, errs, nil
 }
+
+// readBuffer is the size of the buffer the journal is read through at Open: a line longer
+// than it is read into a larger one.
+const readBuffer = 64 << 10
 
 // A journal line is "<op> <crc32c of the rest, 8 hex digits> <key> <body>\n": for a Put the
 // body is the record (encoding.go; neither encoding holds a raw newline), for a Delete it is
@@ -435,6 +486,69 @@ func parseHex32(b []byte) (uint32, bool) {
 	return v, len(b) == 8
 }
 
+// journalChanged reports a line that no longer reads back as what the Store wrote or read.
+var errJournalChanged = errors.New("state journal changed on disk under the node plugin (another process wrote it?); restart the node plugin")
+
+// checkStored checks that line, read back from the journal at off, is the Put of key.
+func checkStored(line []byte, key string, off int64) error {
+	op, k, _, err := parseLine(line)
+	if err == nil && (op != opPut || string(k) != key || line[len(line)-1] != '\n') {
+		err = errors.New("another line")
+	}
+	if err != nil {
+		return fmt.Errorf("%w: the record %s at offset %d: %v", errJournalChanged, key, off, err)
+	}
+	return nil
+}
+
+// readLine returns e's line (key's), read back from the journal into a buffer of its own if
+// it is not held in memory. Called with s.mu held.
+func (s *Store) readLine(key string, e *entry) ([]byte, error) {
+	if e.line != nil {
+		return e.line, nil
+	}
+	if s.f == nil {
+		return nil, errors.New("state journal closed")
+	}
+	line := make([]byte, e.n)
+	if _, err := s.f.ReadAt(line, e.off); err != nil {
+		return nil, fmt.Errorf("%w: the record %s at offset %d: %v", errJournalChanged, key, e.off, err)
+	}
+	if err := checkStored(line, key, e.off); err != nil {
+		return nil, err
+	}
+	return line, nil
+}
+
+// lineReader reads the lines of live records back from a journal in the order they lie in
+// it, through one buffer (a rewrite).
+type lineReader struct {
+	f   *os.File
+	buf []byte
+	at  int64 // the journal offset of buf[0]
+	n   int   // bytes read into buf
+}
+
+// line returns key's line at off, n bytes long: a slice of the buffer, valid until the next
+// call.
+func (r *lineReader) line(key string, off int64, n int) ([]byte, error) {
+	if off < r.at || off+int64(n) > r.at+int64(r.n) {
+		if len(r.buf) < n {
+			r.buf = make([]byte, max(n, readBuffer))
+		}
+		m, err := r.f.ReadAt(r.buf, off)
+		if m < n {
+			return nil, fmt.Errorf("%w: the record %s at offset %d: %v", errJournalChanged, key, off, err)
+		}
+		r.at, r.n = off, m
+	}
+	line := r.buf[off-r.at : off-r.at+int64(n)]
+	if err := checkStored(line, key, off); err != nil {
+		return nil, err
+	}
+	return line, nil
+}
+
 func (c codec) decodePut(key string, line []byte) (*Record, error) {
 	_, _, body, err := parseLine(line)
 	if err != nil {
@@ -458,6 +572,9 @@ func (d *decoder) decodeBody(r *Record, key string, body []byte) (current bool, 
 	if !d.keyMatches(key, r.VolumeID, r.TargetPath) {
 		return false, fmt.Errorf("state record %s holds volume %q at %q, which has another key", key, r.VolumeID, r.TargetPath)
 	}
+	if d.detach {
+		d.detachFrom(r, body)
+	}
 	return current, nil
 }
 
@@ -473,22 +590,54 @@ func readLegacy(path string) (*Record, error) {
 	return &r, nil
 }
 
-// rewrite replaces the journal by one holding the live records only: written to a temporary
-// file, synced, renamed over the journal, and the directory synced. Called with s.mu held (or
-// before s is shared).
+// rewrite replaces the journal by one holding the live records only, in the order they had:
+// their lines read back from the journal (or from memory, for those not in it yet), written
+// to a temporary file, synced, renamed over the journal, and the directory synced. Called with
+// s.mu held (or before s is shared). A line that no longer reads back as it was written
+// leaves the Store broken (see errJournalChanged) and the journal as it was.
 func (s *Store) rewrite() error {
+	type live struct {
+		key string
+		e   *entry
+	}
+	lines := make([]live, 0, len(s.live))
+	for k, e := range s.live {
+		lines = append(lines, live{k, e})
+	}
+	slices.SortFunc(lines, func(a, b live) int {
+		// Those in memory last, in no particular order.
+		if (a.e.line == nil) != (b.e.line == nil) {
+			if a.e.line == nil {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(a.e.off, b.e.off)
+	})
 	f, err := os.CreateTemp(s.dir, tempPrefix)
 	if err != nil {
 		return fmt.Errorf("rewrite state journal: %w", err)
 	}
 	tmp := f.Name()
 	w := bufio.NewWriterSize(f, 1<<16)
+	r := lineReader{f: s.f}
+	offs := make([]int64, len(lines))
 	var size int64
-	for _, e := range s.live {
-		n, _ := w.Write(e.line)
+	for i, l := range lines {
+		line := l.e.line
+		if line == nil {
+			if line, err = r.line(l.key, l.e.off, l.e.n); err != nil {
+				s.broken = err
+				break
+			}
+		}
+		offs[i] = size
+		n, _ := w.Write(line)
 		size += int64(n)
 	}
-	err = w.Flush()
+	if err == nil {
+		err = w.Flush()
+	}
 	if err == nil {
 		err = f.Sync()
 	}
@@ -505,9 +654,17 @@ func (s *Store) rewrite() error {
 	}
 	// The descriptor stays valid across the rename; appends need O_APPEND.
 	f.Close()
-	nf, err := os.OpenFile(s.journalPath(), os.O_WRONLY|os.O_APPEND, 0o600)
+	nf, err := os.OpenFile(s.journalPath(), os.O_RDWR|os.O_APPEND, 0o600)
 	if err != nil {
+		// The lines are in the new journal, which this Store can no longer reach.
+		s.broken = fmt.Errorf("state journal unusable after a rewrite (%v); restart the node plugin", err)
 		return fmt.Errorf("reopen state journal: %w", err)
+	}
+	for i, l := range lines {
+		l.e.off = offs[i]
+		if l.e.line != nil {
+			l.e.n, l.e.line = len(l.e.line), nil
+		}
 	}
 	if s.f != nil {
 		s.f.Close()
@@ -532,6 +689,7 @@ func (s *Store) append(op byte, key string, line []byte) (int64, error) {
 			return 0, nil
 		}
 	}
+	off := s.size
 	if _, err := s.f.Write(line); err != nil {
 		// Take back a partial line so that the next one starts clean.
 		if terr := s.f.Truncate(s.size); terr != nil {
@@ -544,7 +702,7 @@ func (s *Store) append(op byte, key string, line []byte) (int64, error) {
 		s.dead++
 	}
 	if op == opPut {
-		s.live[key] = &entry{line: line}
+		s.live[key] = &entry{off: off, n: len(line)}
 	} else {
 		delete(s.live, key)
 		s.dead++
@@ -616,11 +774,18 @@ func (s *Store) Get(volumeID, targetPath string) (rec *Record, ok bool, err erro
 	key := Key(volumeID, targetPath)
 	s.mu.Lock()
 	e, ok := s.live[key]
+	var line []byte
+	if ok {
+		line, err = s.readLine(key, e)
+	}
 	s.mu.Unlock()
 	if !ok {
 		return nil, false, nil
 	}
-	r, err := s.c.decodePut(key, e.line)
+	if err != nil {
+		return nil, false, err
+	}
+	r, err := s.c.decodePut(key, line)
 	if err != nil {
 		return nil, false, err
 	}
@@ -648,36 +813,45 @@ func (s *Store) Sync() error {
 // List returns every record. What Open could not read is reported in the error (and kept in a
 // copy of the journal for a person to inspect); the other records are still returned.
 func (s *Store) List() ([]*Record, error) {
-	return s.list(true)
+	records, _, err := s.list(true)
+	return records, err
 }
 
 // Index returns every record as List does, but without its Attributes (nil), which only
 // diagnostics read (Get returns them): what start-up needs, the first time without decoding
-// anything (Open decoded it).
-func (s *Store) Index() ([]*Record, error) {
+// anything (Open decoded it). keys[i] is the key of records[i], checked against its volume
+// id and target when it was read (what Record.HasKey would compute again).
+func (s *Store) Index() (records []*Record, keys []string, err error) {
 	return s.list(false)
 }
 
-func (s *Store) list(attributes bool) ([]*Record, error) {
+func (s *Store) list(attributes bool) ([]*Record, []string, error) {
 	s.mu.Lock()
 	out := make([]*Record, 0, len(s.live))
+	keys := make([]string, 0, len(s.live))
 	var errs []error
 	d := decoder{c: s.c, skipAttributes: !attributes}
 	for key, e := range s.live {
 		r := e.rec
 		e.rec = nil // handed out (or not wanted): the next call decodes afresh
 		if r == nil || attributes {
+			line, err := s.readLine(key, e)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
 			r = new(Record)
-			if _, err := d.decodeBody(r, key, e.line[bodyStart:len(e.line)-1]); err != nil {
+			if _, err := d.decodeBody(r, key, line[bodyStart:len(line)-1]); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 		}
 		out = append(out, r)
+		keys = append(keys, key)
 	}
 	loadErr := s.loadErr
 	s.mu.Unlock()
-	return out, errors.Join(append([]error{loadErr}, errs...)...)
+	return out, keys, errors.Join(append([]error{loadErr}, errs...)...)
 }
 
 // Close closes the journal.
@@ -698,15 +872,19 @@ func (s *Store) Close() error {
 // Read returns the records of the journal under stateDir without changing anything on disk,
 // for diagnostics and tests while a Store may have it open.
 func Read(stateDir string) ([]*Record, error) {
-	data, err := os.ReadFile(filepath.Join(stateDir, "volumes", journalName))
+	f, err := os.Open(filepath.Join(stateDir, "volumes", journalName))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
 	}
+	defer f.Close()
 	s := &Store{c: newCodec(stateDir), live: map[string]*entry{}}
-	_, _, errs := s.replay(data, true)
+	_, _, _, errs, err := s.replay(f, true)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]*Record, 0, len(s.live))
 	for _, e := range s.live {
 		out = append(out, e.rec)
