@@ -69,30 +69,29 @@ func BenchmarkNodePluginStartToReady(b *testing.B) {
 	}
 
 	// The earlier process: it publishes the volumes and is stopped as a DaemonSet pod is
-	// replaced; the mounts stay.
-	cmd, _, _, drained := e.startTimed(b, fullState)
-	conn, err := grpc.NewClient("unix://"+e.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		b.Fatal(err)
+	// replaced; the mounts stay. At the end a last one unpublishes them, as kubelet would.
+	target := func(i int) string {
+		return filepath.Join(e.kubelet, "pods", fmt.Sprintf("uid-%d", i), "volumes", "kubernetes.io~csi", "lib", "mount")
 	}
-	node := csi.NewNodeClient(conn)
-	for i := range startupVolumes {
-		target := filepath.Join(e.kubelet, "pods", fmt.Sprintf("uid-%d", i), "volumes", "kubernetes.io~csi", "lib", "mount")
-		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
-			b.Fatal(err)
+	e.withPlugin(b, fullState, func(node csi.NodeClient) {
+		for i := range startupVolumes {
+			if err := os.MkdirAll(filepath.Dir(target(i)), 0o750); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := node.NodePublishVolume(context.Background(), e.libraryRequest(fmt.Sprintf("csi-lib-%d", i), target(i)), grpc.WaitForReady(true)); err != nil {
+				b.Fatalf("publish %d: %v", i, err)
+			}
 		}
-		if _, err := node.NodePublishVolume(context.Background(), e.libraryRequest(fmt.Sprintf("csi-lib-%d", i), target), grpc.WaitForReady(true)); err != nil {
-			b.Fatalf("publish %d: %v", i, err)
-		}
-	}
-	conn.Close()
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		b.Fatal(err)
-	}
-	<-drained
-	if err := cmd.Wait(); err != nil {
-		b.Fatal(err)
-	}
+	})
+	b.Cleanup(func() {
+		e.withPlugin(b, fullState, func(node csi.NodeClient) {
+			for i := range startupVolumes {
+				if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprintf("csi-lib-%d", i), TargetPath: target(i)}); err != nil {
+					b.Errorf("unpublish %d: %v", i, err)
+				}
+			}
+		})
+	})
 
 	for range startupRuns {
 		empty = append(empty, measure(emptyState))
@@ -124,6 +123,25 @@ func BenchmarkNodePluginStartToReady(b *testing.B) {
 		b.ReportMetric(float64(median(full, cpu))/float64(median(base.starts, cpu)), "start-2000/"+base.name+"-cpu-x")
 	}
 	b.ReportMetric(0, "ns/op")
+}
+
+// withPlugin runs the binary over state while f calls it, then stops it with SIGTERM.
+func (e *binaryEnv) withPlugin(tb testing.TB, state string, f func(csi.NodeClient)) {
+	tb.Helper()
+	cmd, _, _, drained := e.startTimed(tb, state)
+	conn, err := grpc.NewClient("unix://"+e.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	f(csi.NewNodeClient(conn))
+	conn.Close()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		tb.Fatal(err)
+	}
+	<-drained
+	if err := cmd.Wait(); err != nil {
+		tb.Fatalf("exit after SIGTERM: %v", err)
+	}
 }
 
 // startTimed execs the binary over state (no prefetch, no health or metrics server, so that
