@@ -7,15 +7,15 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/apm-csi/apm-csi/test/testenv"
 )
 
 // TestClusterRefusesToStartOnADiskAtTheEvictionThreshold: a cluster whose disk is already
 // below kubelet's imagefs eviction threshold would leave its pods Pending on DiskPressure;
 // Up says so before starting anything, with the figures, and starts on a disk with room.
 func TestClusterRefusesToStartOnADiskAtTheEvictionThreshold(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs")
-	}
+	testenv.RequireRoot(t) // to mount a tmpfs
 	dir := t.TempDir()
 	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64m"); err != nil {
 		t.Fatal(err)
