@@ -254,16 +254,10 @@ func prepareEmptyDir(m mounter.Interface, stateDir string) (dir string, release 
 	// dir and walks that mount's children, and the state dir's mount has every writable
 	// layer's tmpfs and often every pod's target below it, so an overlay with the empty dir
 	// as a lower would cost time in proportion to the volumes published
-	// (mounter.OwnMount). An empty read-only tmpfs where the mounter makes one
-	// (mounter.Linux.EmptyMount): a bind mount would itself walk those mounts at every
-	// start. Released by Close; a crash leaves it for the next start to reuse.
-	own := m.OwnMount
-	if e, ok := m.(interface {
-		EmptyMount(dir string) (release func() error, err error)
-	}); ok {
-		own = e.EmptyMount
-	}
-	releaseEmpty, err := own(empty)
+	// (mounter.OwnMount). It is an empty read-only tmpfs (mounter.Interface.EmptyMount): a
+	// bind mount would itself walk those mounts at every start. Released by Close; a crash
+	// leaves it for the next start to reuse.
+	releaseEmpty, err := m.EmptyMount(empty)
 	if err != nil {
 		return "", nil, fmt.Errorf("state dir: the empty lower dir %s: %w", empty, err)
 	}

@@ -21,7 +21,6 @@ type Fake struct {
 	Errors map[string]error
 	// Calls records each operation as "op target".
 	Calls []string
-	own   []string
 }
 
 var _ Interface = (*Fake)(nil)
@@ -236,23 +235,7 @@ func (f *Fake) Forget(target string) error {
 	return fmt.Errorf("forget %s: %w", target, ErrNotMounted)
 }
 
-// OwnMount implements Interface: the fake records the dirs it was asked for (OwnMounts) and
-// mounts nothing.
-func (f *Fake) OwnMount(dir string) (release func() error, err error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.own = append(f.own, dir)
-	return func() error {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		f.own = slices.DeleteFunc(f.own, func(d string) bool { return d == dir })
-		return nil
-	}, nil
-}
-
-// OwnMounts lists the dirs OwnMount holds.
-func (f *Fake) OwnMounts() []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return slices.Clone(f.own)
+// EmptyMount implements Interface: the fake mounts nothing.
+func (f *Fake) EmptyMount(string) (release func() error, err error) {
+	return func() error { return nil }, nil
 }

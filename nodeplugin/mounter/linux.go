@@ -524,9 +524,6 @@ func (l *Linux) Features() string {
 	return strings.Join(parts, "; ")
 }
 
-// OwnMount implements Interface with the function OwnMount.
-func (l *Linux) OwnMount(dir string) (release func() error, err error) { return OwnMount(dir) }
-
 // OwnMount makes dir (created if missing) the root of a mount of its own, with no mount below
 // it, by bind-mounting it onto itself (not recursively) unless it is a mount point already,
 // and returns a function that undoes what it did.
@@ -552,7 +549,7 @@ func OwnMount(dir string) (release func() error, err error) {
 	})
 }
 
-// EmptyMount makes dir (created if missing) the root of an empty, read-only mount of its own,
+// EmptyMount implements Interface: it makes dir (created if missing) the root of an empty, read-only mount of its own,
 // a tmpfs, unless it is a mount point already (as OwnMount), and returns a function that
 // undoes what it did. It is for a dir that must stay empty: what the dir holds itself is
 // hidden while the tmpfs is mounted.

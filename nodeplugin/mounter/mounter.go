@@ -36,9 +36,9 @@ type Interface interface {
 	UnmountAt(dirfd int, name string) error
 	// MountTable lists the mounts of the plugin's mount namespace.
 	MountTable() ([]Entry, error)
-	// OwnMount makes dir the root of a mount of its own, with nothing mounted below it, and
-	// returns what undoes that (the function OwnMount).
-	OwnMount(dir string) (release func() error, err error)
+	// EmptyMount makes dir the root of an empty, read-only mount of its own, with nothing
+	// mounted below it, and returns what undoes that.
+	EmptyMount(dir string) (release func() error, err error)
 }
 
 // ErrNotMounted is wrapped by Unmount when there is nothing mounted at the target.

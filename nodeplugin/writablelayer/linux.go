@@ -140,7 +140,7 @@ func New(dir string, want Mechanism, opts ...Option) (*Manager, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	m := &Manager{dir: dir}
+	m := &Manager{dir: dir, log: slog.New(slog.DiscardHandler)}
 	for _, o := range opts {
 		o(m)
 	}
@@ -511,9 +511,7 @@ func (m *Manager) Release(dir string) error {
 	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
 		return nil // released already
 	}
-	if m.log != nil {
-		m.log.Warn("removing a released writable layer in the call: it cannot be set aside for background removal", "dir", dir, "err", setAsideErr)
-	}
+	m.log.Warn("removing a released writable layer in the call: it cannot be set aside for background removal", "dir", dir, "err", setAsideErr)
 	return m.removeLayer(m.dir, filepath.Base(dir))
 }
 

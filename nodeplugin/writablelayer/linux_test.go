@@ -21,6 +21,16 @@ import (
 
 const testLimit = 8 << 20
 
+// newManager is writablelayer.New, with the manager closed when the test ends: its background
+// removal must not hold the test's filesystem when that is unmounted.
+func newManager(t *testing.T, dir string, want writablelayer.Mechanism) (*writablelayer.Manager, error) {
+	m, err := writablelayer.New(dir, want)
+	if err == nil {
+		t.Cleanup(func() { m.Close() })
+	}
+	return m, err
+}
+
 // quotaFS is an ext4 filesystem that enforces project quotas, with a dir for volume dirs.
 func quotaFS(t *testing.T) string {
 	mnt := nodeplugintest.Ext4(t, 128, "quota,project", "prjquota")
@@ -43,7 +53,7 @@ func TestNewChoosesProjectQuotasOnlyWhereTheyAreEnforced(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := nodeplugintest.Ext4(t, 64, tc.features, tc.options)
-			m, err := writablelayer.New(dir, writablelayer.Auto)
+			m, err := newManager(t, dir, writablelayer.Auto)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -121,7 +131,7 @@ func checkFilledToLimit(t *testing.T, res nodeplugintest.FillResult, limit int64
 
 func TestProjectQuotaStopsAPodAtItsLimit(t *testing.T) {
 	dir := quotaFS(t)
-	m, err := writablelayer.New(dir, writablelayer.Auto)
+	m, err := newManager(t, dir, writablelayer.Auto)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +186,7 @@ func TestTmpfsStopsAPodAtItsLimit(t *testing.T) {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	m, err := newManager(t, dir, writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,7 +232,7 @@ func effectiveCaps(t *testing.T) uint32 {
 func TestMountRunsWithoutTheQuotaOverride(t *testing.T) {
 	testenv.RequireRoot(t)
 	const bit = 1 << unix.CAP_SYS_RESOURCE
-	m, err := writablelayer.New(t.TempDir(), writablelayer.Tmpfs)
+	m, err := newManager(t, t.TempDir(), writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,7 +273,7 @@ func checkVolumeSize(t *testing.T, target string, limit int64) {
 // stays charged to its project and takes the new limit; a tmpfs layer cannot be resumed.
 func TestResumeKeepsTheUpperDirWithAFreshWorkDirAndTheLimit(t *testing.T) {
 	dir := quotaFS(t)
-	m, err := writablelayer.New(dir, writablelayer.ProjectQuota)
+	m, err := newManager(t, dir, writablelayer.ProjectQuota)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,7 +314,7 @@ func TestResumeKeepsTheUpperDirWithAFreshWorkDirAndTheLimit(t *testing.T) {
 // rather than mounting an empty layer as if it were the kept one.
 func TestResumeRefusesATmpfsLayer(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "overlays")
-	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	m, err := newManager(t, dir, writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,11 +346,10 @@ func removalBatches(t *testing.T, dir string) []string {
 func TestReleaseUnmountsAtOnceAndRemovesTheLayerLater(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := filepath.Join(t.TempDir(), "overlays")
-	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	m, err := newManager(t, dir, writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Close() })
 	outside := filepath.Join(t.TempDir(), "host-file")
 	if err := os.WriteFile(outside, []byte("keep"), 0o600); err != nil {
 		t.Fatal(err)
@@ -396,11 +405,10 @@ func TestReleaseRemovesInPlaceWhereTheLayerCannotBeSetAside(t *testing.T) {
 			t.Errorf("unmounting the test's tmpfs: %v", err)
 		}
 	})
-	m, err := writablelayer.New(dir, writablelayer.Tmpfs)
+	m, err := newManager(t, dir, writablelayer.Tmpfs)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Close() })
 	vol := filepath.Join(dir, "vol")
 	if err := m.Prepare(vol, testLimit); err != nil {
 		t.Fatal(err)

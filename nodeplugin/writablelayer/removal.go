@@ -76,9 +76,6 @@ type remover struct {
 }
 
 func newRemover(layersDir string, log *slog.Logger, remove func(parent, name string) error) *remover {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
 	return &remover{
 		dir:      filepath.Clean(layersDir) + removalSuffix,
 		log:      log,

@@ -5,6 +5,7 @@ package writablelayer
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -64,7 +65,7 @@ func TestSettingAsideNeverWaitsForARemovalInProgress(t *testing.T) {
 	unblock := make(chan struct{})
 	var mu sync.Mutex
 	var removed []string
-	r := newRemover(layers, nil, func(parent, name string) error {
+	r := newRemover(layers, slog.New(slog.DiscardHandler), func(parent, name string) error {
 		<-unblock
 		mu.Lock()
 		removed = append(removed, name)
@@ -139,7 +140,7 @@ func TestALayerThatCannotBeRemovedIsReportedAndRetried(t *testing.T) {
 	layers, dirs := layerDirs(t, 1)
 	var failing sync.Mutex
 	fail := true
-	r := newRemover(layers, nil, func(parent, name string) error {
+	r := newRemover(layers, slog.New(slog.DiscardHandler), func(parent, name string) error {
 		failing.Lock()
 		defer failing.Unlock()
 		if fail {

@@ -171,5 +171,7 @@ func WritableLayerMechanism(stateDir string) (writablelayer.Mechanism, string, e
 	if err != nil {
 		return "", "", err
 	}
+	// Only the choice is wanted: the plugin removes its released layers itself.
+	defer m.Close()
 	return m.Mechanism(), m.Reason(), nil
 }

@@ -454,8 +454,14 @@ func TestBinary(t *testing.T) {
 	// Restart: the mounted volume is reconciled, kubelet's republish is a no-op.
 	if !testenv.Step(t, "after a restart keeps the mounted volume and republishing it stacks no mount", func(t *testing.T) {
 		cmd, logs = e.start(t)
-		if !strings.Contains(logs.String(), `"kept":1`) {
-			t.Fatalf("restart did not keep the mounted volume:\n%s", logs.String())
+		// The targets are checked in the background once the plugin is ready.
+		if err := eventually.Wait(context.Background(), 15*time.Second, 20*time.Millisecond, "the start-up check to keep the mounted volume", func(context.Context) error {
+			if !strings.Contains(logs.String(), `"kept":1`) {
+				return errors.New("no start-up check line with kept=1 yet")
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("restart did not keep the mounted volume: %v\n%s", err, logs.String())
 		}
 		if _, err := node.NodePublishVolume(context.Background(), req); err != nil {
 			t.Fatal(err)
