@@ -447,8 +447,15 @@ func TestGCWaitsForAnEntryBeingRecordedDurable(t *testing.T) {
 	gcCouldRun := make(chan bool, 1)
 	gcDone := make(chan error, 1)
 	var once sync.Once
+	// The pass may start only once Layer has returned: until then nothing holds the entry,
+	// and a pass with a grace period of 1 ns would rightly evict it under the download.
+	layerReturned := make(chan struct{})
 	c.store.beforeDurableRewrite = func() {
 		once.Do(func() {
+			select {
+			case <-layerReturned:
+			case <-time.After(time.Minute):
+			}
 			free := c.store.gcMu.TryLock()
 			if free {
 				c.store.gcMu.Unlock()
@@ -458,6 +465,7 @@ func TestGCWaitsForAnEntryBeingRecordedDurable(t *testing.T) {
 		})
 	}
 	layer, err := c.Layer(t.Context(), volumeattrs.Library{Image: ref})
+	close(layerReturned)
 	if err != nil {
 		t.Fatal(err)
 	}
